@@ -1,0 +1,67 @@
+"""k2store: the storage engine, shards, node process, gRPC API, client, CLI and cluster launcher.
+
+How data flows::
+
+    Client/AsyncClient --gRPC--> Node (any) --forward--> Node leading the key's shard
+                                                     |-- BatchClient -> region oracle (K2-TB)
+                                                     |-- ShardLeader (MVTO rules, no I/O)
+                                                     '-- VersionedStore: RocksEngine | MemoryEngine
+
+Invariants: a write is fsynced before it is acknowledged, and acknowledged only after its
+timestamp has certainly passed (commit-wait); a read returns a version only once its timestamp has
+certainly passed; bad input is refused before anything changes. Failure modes a caller sees are
+the typed errors exported here: retryable ones (`Unavailable`, `WriteTooOld`, `ClockUncertain`,
+`DeadlineExceeded`) and terminal ones (`InvalidArgument` and its kinds, `BelowHorizon`).
+"""
+
+from k2store.client import AsyncClient, Client, ReadResult, RetryPolicy, WriteResult
+from k2store.cluster import ClusterConfig, ClusterSettings, NodeConfig, RegionConfig, ShardConfig
+from k2store.errors import (
+    BelowHorizon,
+    ClockUncertain,
+    ClusterFileError,
+    DataDirLockedError,
+    DeadlineExceeded,
+    InvalidArgument,
+    K2Error,
+    KeyTooLarge,
+    NotLeader,
+    Unavailable,
+    UnknownNode,
+    UnknownShard,
+    ValueTooLarge,
+    WriteTooOld,
+)
+from k2store.memengine import MemoryEngine
+from k2store.storage import Intent, Version, VersionedStore
+
+__all__ = [
+    "AsyncClient",
+    "BelowHorizon",
+    "Client",
+    "ClockUncertain",
+    "ClusterConfig",
+    "ClusterFileError",
+    "ClusterSettings",
+    "DataDirLockedError",
+    "DeadlineExceeded",
+    "Intent",
+    "InvalidArgument",
+    "K2Error",
+    "KeyTooLarge",
+    "MemoryEngine",
+    "NodeConfig",
+    "NotLeader",
+    "ReadResult",
+    "RegionConfig",
+    "RetryPolicy",
+    "ShardConfig",
+    "Unavailable",
+    "UnknownNode",
+    "UnknownShard",
+    "ValueTooLarge",
+    "Version",
+    "VersionedStore",
+    "WriteResult",
+    "WriteTooOld",
+]

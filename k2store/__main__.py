@@ -1,0 +1,3 @@
+from k2store.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,352 @@
+"""The K2 client: `AsyncClient` for asyncio code, `Client` for everything else.
+
+The client reads the cluster's shard map (from a cluster file, or from any node's ClusterInfo),
+routes each key to its shard's leader, puts a deadline on every call, and retries what is safe to
+retry (an unavailable or restarting node, a clock momentarily too uncertain, a write that lost an
+MVTO race and needs a fresh timestamp) with bounded exponential backoff and jitter. Everything else
+surfaces as a typed `K2Error` (see k2store/errors.py) naming the key and the rule.
+
+Keys and values are bytes; `str` keys are encoded as UTF-8 for convenience.
+
+    with Client.connect("k2-data/cluster.toml") as c:
+        c.put("us-east/user/1", b"alice")
+        c.get("us-east/user/1")            # b"alice"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from k2store import cluster as cluster_mod
+from k2store.cluster import ClusterConfig, ClusterSettings, NodeConfig, RegionConfig, ShardConfig
+from k2store.errors import InvalidArgument, K2Error, Unavailable
+from k2store.proto import k2_pb2 as pb
+from k2store.transport import CHANNEL_OPTIONS, GrpcTransport, rpc_error_to_k2
+
+T = TypeVar("T")
+K = "/k2.v1.K2/"
+KeyLike = bytes | str
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    value: bytes | None
+    version_ts: int
+    """Commit timestamp of the version read (0 when the key has no live value)."""
+    read_ts: int
+    served_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    commit_ts: int
+    served_by: str
+    existed: bool = False
+    """For deletes: whether the key had a live value."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 6
+    initial_backoff_s: float = 0.02
+    max_backoff_s: float = 1.0
+
+
+def _key(k: KeyLike, what: str = "key") -> bytes:
+    if isinstance(k, bytes):
+        return k
+    if isinstance(k, str):
+        return k.encode()
+    raise TypeError(f"{what} must be bytes or str, not {type(k).__name__}")
+
+
+def _value(v: bytes | bytearray | memoryview) -> bytes:
+    if isinstance(v, bytes):
+        return v
+    if isinstance(v, bytearray | memoryview):
+        return bytes(v)
+    raise TypeError(f"value must be bytes, not {type(v).__name__}")
+
+
+class AsyncClient:
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        *,
+        timeout_s: float | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.timeout_s = timeout_s or cluster.settings.request_timeout_s
+        self.retry = retry or RetryPolicy()
+        self._transport = GrpcTransport({n.name: n.address for n in cluster.nodes})
+        self.retries = 0
+        """Attempts retried after a retryable error (a metric for callers and tests)."""
+
+    @classmethod
+    async def connect(cls, target: str | Path | ClusterConfig, **kw: Any) -> AsyncClient:
+        """`target`: a ClusterConfig, a cluster file path, or a node's host:port."""
+        if isinstance(target, ClusterConfig):
+            return cls(target, **kw)
+        s = str(target)
+        if Path(s).exists() or s.endswith(".toml"):
+            return cls(cluster_mod.load(s), **kw)
+        return cls(await fetch_cluster_info(s), **kw)
+
+    async def close(self) -> None:
+        await self._transport.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- retries -------------------------------------------------------------------------------
+
+    async def _with_retry(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        backoff = self.retry.initial_backoff_s
+        for i in range(self.retry.max_attempts):
+            try:
+                return await attempt()
+            except K2Error as e:
+                if not e.retryable or i == self.retry.max_attempts - 1:
+                    raise
+                self.retries += 1
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, self.retry.max_backoff_s)
+        raise AssertionError("unreachable")
+
+    async def _call(self, node: str, method: str, request: Any, response_type: type[T]) -> T:
+        result: T = await self._transport.call(
+            node, K + method, request, response_type, timeout_s=self.timeout_s
+        )  # type: ignore[type-var]
+        return result
+
+    def _route(self, key: bytes, via: str | None) -> str:
+        if via is not None:
+            self.cluster.node(via)  # UnknownNode on a typo, before anything is sent
+            return via
+        return self.cluster.shard_for_key(key).leader
+
+    # -- operations ----------------------------------------------------------------------------
+
+    async def get(
+        self, key: KeyLike, *, at_ts: int | None = None, via: str | None = None
+    ) -> bytes | None:
+        return (await self.get_versioned(key, at_ts=at_ts, via=via)).value
+
+    async def get_versioned(
+        self, key: KeyLike, *, at_ts: int | None = None, via: str | None = None
+    ) -> ReadResult:
+        """Read key at `at_ts` (default: the latest committed value). `via` sends the request to a
+        named node, which forwards it to the leader when it is not the leader itself."""
+        k = _key(key)
+        node = self._route(k, via)
+        req = pb.GetRequest(key=k, at_ts=at_ts or 0)
+        r = await self._with_retry(lambda: self._call(node, "Get", req, pb.GetResponse))
+        return ReadResult(r.value if r.found else None, r.version_ts, r.read_ts, r.served_by)
+
+    async def put(self, key: KeyLike, value: bytes, *, via: str | None = None) -> WriteResult:
+        k, v = _key(key), _value(value)
+        node = self._route(k, via)
+        req = pb.PutRequest(key=k, value=v)
+        r = await self._with_retry(lambda: self._call(node, "Put", req, pb.PutResponse))
+        return WriteResult(r.commit_ts, r.served_by)
+
+    async def delete(self, key: KeyLike, *, via: str | None = None) -> WriteResult:
+        k = _key(key)
+        node = self._route(k, via)
+        req = pb.DeleteRequest(key=k)
+        r = await self._with_retry(lambda: self._call(node, "Delete", req, pb.DeleteResponse))
+        return WriteResult(r.commit_ts, r.served_by, existed=r.existed)
+
+    async def scan(
+        self,
+        start: KeyLike = b"",
+        end: KeyLike | None = None,
+        *,
+        limit: int | None = None,
+        at_ts: int | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        """Live keys in [start, end) in key order, all read at one timestamp (one snapshot)."""
+        return [
+            (k, v) for k, v, _ in await self.scan_versioned(start, end, limit=limit, at_ts=at_ts)
+        ]
+
+    async def scan_versioned(
+        self,
+        start: KeyLike = b"",
+        end: KeyLike | None = None,
+        *,
+        limit: int | None = None,
+        at_ts: int | None = None,
+    ) -> list[tuple[bytes, bytes, int]]:
+        s = _key(start, "start")
+        e = None if end is None else _key(end, "end")
+        if limit is not None and limit <= 0:
+            raise InvalidArgument(f"scan limit must be positive, got {limit}")
+        if e is not None and e <= s:
+            raise InvalidArgument(f"scan end {e!r} must sort after start {s!r}")
+        ts = at_ts or 0
+        out: list[tuple[bytes, bytes, int]] = []
+        hashed = self.cluster.settings.partitioning == "hash"
+        for shard in self.cluster.shards_for_range(s, e):
+            lo = s if hashed else max(s, shard.start)
+            hi = e if hashed else _min_end(e, shard.end)
+            while True:
+                want = 0 if limit is None else (limit if hashed else limit - len(out))
+                req = pb.ScanRequest(
+                    start=lo,
+                    end=hi or b"",
+                    has_end=hi is not None,
+                    limit=want,
+                    at_ts=ts,
+                    shard_id=shard.id,
+                )
+                r = await self._with_retry(
+                    functools.partial(self._call, shard.leader, "Scan", req, pb.ScanResponse)
+                )
+                ts = ts or r.read_ts  # the first answer fixes the snapshot for the rest
+                out.extend((kv.key, kv.value, kv.version_ts) for kv in r.items)
+                if not r.more or (limit is not None and not hashed and len(out) >= limit):
+                    break
+                lo = r.resume_key
+            if limit is not None and not hashed and len(out) >= limit:
+                break
+        if hashed:
+            out.sort(key=lambda row: row[0])
+        return out[:limit] if limit is not None else out
+
+
+def _min_end(a: bytes | None, b: bytes | None) -> bytes | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+async def fetch_cluster_info(address: str, timeout_s: float = 5.0) -> ClusterConfig:
+    """Build a ClusterConfig from a live node's ClusterInfo (no cluster file needed)."""
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+        stub: Any = ch.unary_unary(
+            K + "ClusterInfo",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=pb.ClusterInfoResponse.FromString,
+        )
+        try:
+            info: pb.ClusterInfoResponse = await stub(pb.ClusterInfoRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise rpc_error_to_k2(e, address) from None
+    regions: dict[str, str] = {}
+    for n in info.nodes:
+        regions.setdefault(n.region, n.name)
+    shards = tuple(
+        ShardConfig(s.id, s.start, s.end if s.has_end else None, s.home_region, s.leader)
+        for s in info.shards
+    )
+    return ClusterConfig(
+        settings=ClusterSettings(
+            name=info.cluster_name,
+            partitioning=info.partitioning,
+            max_key_bytes=info.max_key_bytes,
+            max_value_bytes=info.max_value_bytes,
+        ),
+        regions=tuple(RegionConfig(r, o) for r, o in regions.items()),
+        nodes=tuple(NodeConfig(n.name, n.region, n.address, Path()) for n in info.nodes),
+        shards=shards,
+        _range_starts=tuple(s.start for s in shards),
+    )
+
+
+class Client:
+    """Synchronous facade over `AsyncClient`; runs its own event loop on a daemon thread.
+
+    Safe to share between threads. Close it (or use `with`) to stop the thread.
+    """
+
+    def __init__(self, cluster: ClusterConfig, **kw: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="k2-client", daemon=True
+        )
+        self._thread.start()
+        self._async: AsyncClient = self._run(_make_async(cluster, kw))
+
+    @classmethod
+    def connect(cls, target: str | Path | ClusterConfig, **kw: Any) -> Client:
+        if isinstance(target, ClusterConfig):
+            return cls(target, **kw)
+        s = str(target)
+        if Path(s).exists() or s.endswith(".toml"):
+            return cls(cluster_mod.load(s), **kw)
+        loop = asyncio.new_event_loop()
+        try:
+            cfg = loop.run_until_complete(fetch_cluster_info(s))
+        finally:
+            loop.close()
+        return cls(cfg, **kw)
+
+    @property
+    def cluster(self) -> ClusterConfig:
+        return self._async.cluster
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if not self._thread.is_alive():
+            coro.close()
+            raise Unavailable("client is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def get(
+        self, key: KeyLike, *, at_ts: int | None = None, via: str | None = None
+    ) -> bytes | None:
+        return self._run(self._async.get(key, at_ts=at_ts, via=via))
+
+    def get_versioned(
+        self, key: KeyLike, *, at_ts: int | None = None, via: str | None = None
+    ) -> ReadResult:
+        return self._run(self._async.get_versioned(key, at_ts=at_ts, via=via))
+
+    def put(self, key: KeyLike, value: bytes, *, via: str | None = None) -> WriteResult:
+        return self._run(self._async.put(key, value, via=via))
+
+    def delete(self, key: KeyLike, *, via: str | None = None) -> WriteResult:
+        return self._run(self._async.delete(key, via=via))
+
+    def scan(
+        self,
+        start: KeyLike = b"",
+        end: KeyLike | None = None,
+        *,
+        limit: int | None = None,
+        at_ts: int | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        return self._run(self._async.scan(start, end, limit=limit, at_ts=at_ts))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._run(self._async.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+            self._loop.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def _make_async(cluster: ClusterConfig, kw: dict[str, Any]) -> AsyncClient:
+    # Channels bind to the loop they are created on: build the AsyncClient on the client's thread.
+    return AsyncClient(cluster, **kw)

@@ -1,0 +1,525 @@
+"""Cluster files: the one description of a K2 cluster that nodes, clients and tools share.
+
+A cluster file is TOML::
+
+    [cluster]
+    name = "local"
+    partitioning = "range"          # "range" (default) or "hash"
+    epsilon_us = 400                # assumed clock error when the clock reports none
+    max_uncertainty_us = 5000       # a node refuses to issue timestamps beyond this
+    oracle_ttl_us = 2000            # K2-TB batch lifetime
+    max_key_bytes = 4096
+    max_value_bytes = 67108864
+    request_timeout_s = 10.0
+
+    [[regions]]
+    name = "us-east"
+    oracle = "us-east-1"            # the node that runs this region's time oracle
+
+    [[nodes]]
+    name = "us-east-1"
+    region = "us-east"
+    address = "127.0.0.1:7001"
+    data_dir = "us-east-1"          # relative to the cluster file's directory
+
+    [[shards]]
+    id = 0
+    start = ""                      # keys are bytes; boundaries are UTF-8 strings, or
+    end = "eu-west/"                # start_hex / end_hex for arbitrary bytes; no end = unbounded
+    home_region = "us-east"
+    leader = "us-east-1"
+
+Range shards must tile the key space exactly (sorted, no gaps, no overlap, first starts at b"",
+last unbounded) so that every key has exactly one shard. Hash shards need no bounds: a key belongs
+to shard ``blake2b(key) mod n`` (stable across processes; never Python's ``hash()``).
+
+Every error names the file and the field (``shards[2].leader: node 'x' is not in [[nodes]]``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from k2store.errors import ClusterFileError, UnknownNode, UnknownShard
+
+DEFAULT_REGIONS = ("us-east", "eu-west", "ap-southeast")
+
+
+@dataclass(frozen=True, slots=True)
+class RegionConfig:
+    name: str
+    oracle: str
+    """Name of the node that serves this region's K2-TB timestamp batches."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    name: str
+    region: str
+    address: str
+    """host:port the node serves gRPC on (loopback for local clusters)."""
+    data_dir: Path
+    """Absolute; relative paths in the file are resolved against the file's directory."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShardConfig:
+    id: int
+    start: bytes
+    end: bytes | None
+    """Exclusive; None means unbounded. Unused (None) under hash partitioning."""
+    home_region: str
+    leader: str
+
+    def contains(self, key: bytes) -> bool:
+        return self.start <= key and (self.end is None or key < self.end)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    name: str = "k2"
+    partitioning: str = "range"
+    epsilon_us: int = 400
+    """Clock error assumed when the clock source reports no bound of its own."""
+    max_uncertainty_us: int = 5_000
+    """Above this uncertainty a node refuses to issue timestamps rather than risk order."""
+    oracle_ttl_us: int = 2_000
+    """Lifetime of a K2-TB batch: timestamps are this far ahead of the oracle's latest."""
+    max_key_bytes: int = 4096
+    max_value_bytes: int = 64 * 1024 * 1024
+    request_timeout_s: float = 10.0
+    scan_page_rows: int = 1000
+    """Rows per scan page when the request asks for no limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    settings: ClusterSettings
+    regions: tuple[RegionConfig, ...]
+    nodes: tuple[NodeConfig, ...]
+    shards: tuple[ShardConfig, ...]
+    path: Path | None = None
+    _range_starts: tuple[bytes, ...] = field(default=(), repr=False, compare=False)
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def node(self, name: str) -> NodeConfig:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise UnknownNode(f"unknown node {name!r}; the cluster has {[n.name for n in self.nodes]}")
+
+    def region(self, name: str) -> RegionConfig:
+        for r in self.regions:
+            if r.name == name:
+                return r
+        raise UnknownNode(f"unknown region {name!r}; the cluster has {self.region_names()}")
+
+    def region_names(self) -> list[str]:
+        return [r.name for r in self.regions]
+
+    def nodes_in(self, region: str) -> list[NodeConfig]:
+        return [n for n in self.nodes if n.region == region]
+
+    def shard(self, shard_id: int) -> ShardConfig:
+        for s in self.shards:
+            if s.id == shard_id:
+                return s
+        raise UnknownShard(
+            f"unknown shard {shard_id}; the cluster has shards {[s.id for s in self.shards]}"
+        )
+
+    def shards_led_by(self, node: str) -> list[ShardConfig]:
+        return [s for s in self.shards if s.leader == node]
+
+    def shard_for_key(self, key: bytes) -> ShardConfig:
+        if self.settings.partitioning == "hash":
+            digest = hashlib.blake2b(key, digest_size=8).digest()
+            return self.shards[int.from_bytes(digest, "big") % len(self.shards)]
+        starts = self._range_starts or tuple(s.start for s in self.shards)
+        return self.shards[bisect.bisect_right(starts, key) - 1]
+
+    def shards_for_range(self, start: bytes, end: bytes | None) -> list[ShardConfig]:
+        """Shards that may hold keys in [start, end), in key order (all shards under hash)."""
+        if self.settings.partitioning == "hash":
+            return list(self.shards)
+        return [
+            s
+            for s in self.shards
+            if (end is None or s.start < end) and (s.end is None or start < s.end)
+        ]
+
+    # -- serialisation ------------------------------------------------------------------------
+
+    def to_toml(self) -> str:
+        base = self.path.parent if self.path else None
+        st = self.settings
+        out = [
+            "# K2 cluster file (see k2store/cluster.py for every field).",
+            "[cluster]",
+            f"name = {_q(st.name)}",
+            f"partitioning = {_q(st.partitioning)}",
+            f"epsilon_us = {st.epsilon_us}",
+            f"max_uncertainty_us = {st.max_uncertainty_us}",
+            f"oracle_ttl_us = {st.oracle_ttl_us}",
+            f"max_key_bytes = {st.max_key_bytes}",
+            f"max_value_bytes = {st.max_value_bytes}",
+            f"request_timeout_s = {st.request_timeout_s}",
+            f"scan_page_rows = {st.scan_page_rows}",
+        ]
+        for r in self.regions:
+            out += ["", "[[regions]]", f"name = {_q(r.name)}", f"oracle = {_q(r.oracle)}"]
+        for n in self.nodes:
+            data_dir = n.data_dir
+            if base is not None and data_dir.is_relative_to(base):
+                data_dir = data_dir.relative_to(base)
+            out += [
+                "",
+                "[[nodes]]",
+                f"name = {_q(n.name)}",
+                f"region = {_q(n.region)}",
+                f"address = {_q(n.address)}",
+                f"data_dir = {_q(str(data_dir))}",
+            ]
+        for s in self.shards:
+            out += ["", "[[shards]]", f"id = {s.id}"]
+            out.append(_bound_line("start", s.start))
+            if s.end is not None:
+                out.append(_bound_line("end", s.end))
+            out += [f"home_region = {_q(s.home_region)}", f"leader = {_q(s.leader)}"]
+        return "\n".join(out) + "\n"
+
+    def write(self, path: Path) -> ClusterConfig:
+        path = path.resolve()
+        cfg = replace(self, path=path)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(cfg.to_toml())
+        tmp.replace(path)
+        return cfg
+
+
+def _q(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _bound_line(name: str, value: bytes) -> str:
+    try:
+        text = value.decode("utf-8")
+        if text.isprintable():
+            return f"{name} = {_q(text)}"
+    except UnicodeDecodeError:
+        pass
+    return f"{name}_hex = {_q(value.hex())}"
+
+
+# -- parsing ------------------------------------------------------------------------------------
+
+
+def load(path: str | Path) -> ClusterConfig:
+    """Read and validate a cluster file; ClusterFileError names the file and the field."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ClusterFileError(f"{p}: no such cluster file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClusterFileError(f"{p}: cannot read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ClusterFileError(f"{p}: not valid TOML: {e}") from None
+    return parse(raw, path=p.resolve())
+
+
+def parse(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterConfig:
+    where = f"{path}: " if path else ""
+
+    def fail(field_name: str, msg: str) -> ClusterFileError:
+        return ClusterFileError(f"{where}{field_name}: {msg}")
+
+    base = path.parent if path else Path.cwd()
+    known_top = {"cluster", "regions", "nodes", "shards"}
+    for k in raw:
+        if k not in known_top:
+            raise fail(k, f"unknown section; expected one of {sorted(known_top)}")
+
+    settings = _parse_settings(raw.get("cluster", {}), fail)
+    regions_raw = _table_list(raw, "regions", fail)
+    nodes_raw = _table_list(raw, "nodes", fail)
+    shards_raw = _table_list(raw, "shards", fail)
+
+    nodes: list[NodeConfig] = []
+    for i, t in enumerate(nodes_raw):
+        f = f"nodes[{i}]"
+        _no_unknown(t, {"name", "region", "address", "data_dir"}, f, fail)
+        name = _req_str(t, "name", f, fail)
+        address = _req_str(t, "address", f, fail)
+        _check_address(address, f"{f}.address", fail)
+        data_dir = Path(str(t.get("data_dir", name)))
+        nodes.append(
+            NodeConfig(
+                name=name,
+                region=_req_str(t, "region", f, fail),
+                address=address,
+                data_dir=(base / data_dir).resolve() if not data_dir.is_absolute() else data_dir,
+            )
+        )
+    _unique([n.name for n in nodes], "nodes", "name", fail)
+    _unique([n.address for n in nodes], "nodes", "address", fail)
+    node_names = {n.name for n in nodes}
+
+    declared = {t.get("name") for t in regions_raw}
+    for i, n in enumerate(nodes):
+        if n.region not in declared:
+            raise fail(f"nodes[{i}].region", f"region {n.region!r} is not in [[regions]]")
+    regions: list[RegionConfig] = []
+    for i, t in enumerate(regions_raw):
+        f = f"regions[{i}]"
+        _no_unknown(t, {"name", "oracle"}, f, fail)
+        name = _req_str(t, "name", f, fail)
+        in_region = [n.name for n in nodes if n.region == name]
+        if not in_region:
+            raise fail(f"{f}.name", f"region {name!r} has no node in [[nodes]]")
+        oracle = str(t.get("oracle", in_region[0]))
+        if oracle not in in_region:
+            raise fail(
+                f"{f}.oracle", f"node {oracle!r} is not a node of region {name!r} ({in_region})"
+            )
+        regions.append(RegionConfig(name=name, oracle=oracle))
+    _unique([r.name for r in regions], "regions", "name", fail)
+    region_names = {r.name for r in regions}
+    if not regions:
+        raise fail("regions", "a cluster needs at least one [[regions]] entry")
+
+    shards: list[ShardConfig] = []
+    for i, t in enumerate(shards_raw):
+        f = f"shards[{i}]"
+        _no_unknown(
+            t, {"id", "start", "end", "start_hex", "end_hex", "home_region", "leader"}, f, fail
+        )
+        sid = t.get("id", i)
+        if not isinstance(sid, int) or isinstance(sid, bool) or sid < 0 or sid >= 2**32:
+            raise fail(f"{f}.id", f"must be an integer in [0, 2^32), got {sid!r}")
+        leader = _req_str(t, "leader", f, fail)
+        if leader not in node_names:
+            raise fail(f"{f}.leader", f"node {leader!r} is not in [[nodes]]")
+        home = str(t.get("home_region", next(n.region for n in nodes if n.name == leader)))
+        if home not in region_names:
+            raise fail(f"{f}.home_region", f"region {home!r} is not in [[regions]]")
+        leader_region = next(n.region for n in nodes if n.name == leader)
+        if leader_region != home:
+            raise fail(
+                f"{f}.leader",
+                f"leader {leader!r} is in {leader_region!r}, not in the home region {home!r}",
+            )
+        start = _bound(t, "start", f, fail) or b""
+        end = _bound(t, "end", f, fail)
+        if end is not None and end <= start:
+            raise fail(f"{f}.end", "must sort after start")
+        shards.append(ShardConfig(id=sid, start=start, end=end, home_region=home, leader=leader))
+    if not shards:
+        raise fail("shards", "a cluster needs at least one [[shards]] entry")
+    _unique([s.id for s in shards], "shards", "id", fail)
+
+    if settings.partitioning == "range":
+        shards.sort(key=lambda s: s.start)
+        if shards[0].start != b"":
+            raise fail(
+                "shards",
+                f"the first range shard must start at the empty key, not {shards[0].start!r}",
+            )
+        for a, b in itertools.pairwise(shards):
+            if a.end != b.start:
+                raise fail(
+                    "shards",
+                    f"range shards must tile the key space: shard {a.id} ends at {a.end!r} "
+                    f"but the next (shard {b.id}) starts at {b.start!r}",
+                )
+        if shards[-1].end is not None:
+            raise fail("shards", f"the last range shard (shard {shards[-1].id}) must have no end")
+    else:
+        shards.sort(key=lambda s: s.id)
+
+    return ClusterConfig(
+        settings=settings,
+        regions=tuple(regions),
+        nodes=tuple(nodes),
+        shards=tuple(shards),
+        path=path,
+        _range_starts=tuple(s.start for s in shards),
+    )
+
+
+def _parse_settings(t: Any, fail: Any) -> ClusterSettings:
+    if not isinstance(t, Mapping):
+        raise fail("cluster", "must be a table")
+    d = ClusterSettings()
+    fields: dict[str, type | tuple[type, ...]] = {
+        "name": str,
+        "partitioning": str,
+        "epsilon_us": int,
+        "max_uncertainty_us": int,
+        "oracle_ttl_us": int,
+        "max_key_bytes": int,
+        "max_value_bytes": int,
+        "request_timeout_s": (int, float),
+        "scan_page_rows": int,
+    }
+    _no_unknown(t, set(fields), "cluster", fail)
+    values: dict[str, Any] = {}
+    for k, typ in fields.items():
+        if k not in t:
+            continue
+        v: Any = t[k]
+        if not _is_instance(v, typ):
+            raise fail(
+                f"cluster.{k}", f"expected {getattr(typ, '__name__', 'a number')}, got {v!r}"
+            )
+        if k not in ("name", "partitioning") and v <= 0:
+            raise fail(f"cluster.{k}", f"must be positive, got {v!r}")
+        values[k] = float(v) if k == "request_timeout_s" else v
+    if values.get("partitioning", d.partitioning) not in ("range", "hash"):
+        raise fail(
+            "cluster.partitioning", f"must be 'range' or 'hash', got {values['partitioning']!r}"
+        )
+    s = replace(d, **values)
+    if s.max_uncertainty_us < s.epsilon_us:
+        raise fail("cluster.max_uncertainty_us", f"must be at least epsilon_us ({s.epsilon_us})")
+    return s
+
+
+def _is_instance(v: object, typ: type | tuple[type, ...]) -> bool:
+    # bool is an int to Python, but `epsilon_us = true` is a mistake, not 1 us.
+    return not isinstance(v, bool) and isinstance(v, typ)
+
+
+def _table_list(raw: Mapping[str, Any], name: str, fail: Any) -> list[Mapping[str, Any]]:
+    v = raw.get(name, [])
+    if not isinstance(v, list) or not all(isinstance(x, Mapping) for x in v):
+        raise fail(name, f"must be an array of tables ([[{name}]])")
+    return v
+
+
+def _no_unknown(t: Mapping[str, Any], allowed: set[str], where: str, fail: Any) -> None:
+    for k in t:
+        if k not in allowed:
+            raise fail(f"{where}.{k}", f"unknown field; expected one of {sorted(allowed)}")
+
+
+def _req_str(t: Mapping[str, Any], key: str, where: str, fail: Any) -> str:
+    v = t.get(key)
+    if not isinstance(v, str) or not v:
+        raise fail(
+            f"{where}.{key}", "missing" if v is None else f"expected a non-empty string, got {v!r}"
+        )
+    return v
+
+
+def _bound(t: Mapping[str, Any], key: str, where: str, fail: Any) -> bytes | None:
+    if key in t and f"{key}_hex" in t:
+        raise fail(f"{where}.{key}", f"give {key} or {key}_hex, not both")
+    if key in t:
+        if not isinstance(t[key], str):
+            raise fail(f"{where}.{key}", f"expected a string, got {t[key]!r}")
+        return str(t[key]).encode()
+    if f"{key}_hex" in t:
+        try:
+            return bytes.fromhex(str(t[f"{key}_hex"]))
+        except ValueError:
+            raise fail(f"{where}.{key}_hex", f"not hex: {t[f'{key}_hex']!r}") from None
+    return None
+
+
+def _unique(values: Sequence[Any], table: str, key: str, fail: Any) -> None:
+    seen: set[Any] = set()
+    for i, v in enumerate(values):
+        if v in seen:
+            raise fail(f"{table}[{i}].{key}", f"duplicate {key} {v!r}")
+        seen.add(v)
+
+
+def _check_address(address: str, where: str, fail: Any) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise fail(where, f"expected host:port, got {address!r}")
+
+
+# -- building local clusters --------------------------------------------------------------------
+
+
+def local_cluster(
+    regions: Sequence[str],
+    ports: Sequence[int],
+    *,
+    nodes_per_region: int = 1,
+    shards_per_region: int = 1,
+    root: Path,
+    name: str = "local",
+    settings: ClusterSettings | None = None,
+) -> ClusterConfig:
+    """A loopback cluster: regions x nodes_per_region nodes, range shards homed by key prefix.
+
+    Keys under ``<region>/`` are homed in that region (a session created in eu-west lives on a
+    shard led there); each region's prefix is split into `shards_per_region` shards spread over the
+    region's nodes. The gaps between prefixes go to the regions in turn.
+    """
+    if not regions:
+        raise ClusterFileError("a cluster needs at least one region")
+    if len(set(regions)) != len(regions):
+        raise ClusterFileError(f"duplicate region names in {list(regions)}")
+    for r in regions:
+        if not r or "/" in r or not r.isprintable():
+            raise ClusterFileError(f"region name {r!r}: use letters, digits and '-'")
+    if nodes_per_region < 1 or shards_per_region < 1:
+        raise ClusterFileError("nodes_per_region and shards_per_region must be at least 1")
+    if len(ports) != len(regions) * nodes_per_region:
+        raise ValueError("one port per node")
+    st = settings or ClusterSettings()
+    st = replace(st, name=name)
+    root = root.resolve()
+    nodes: list[NodeConfig] = []
+    it = iter(ports)
+    for r in regions:
+        for j in range(nodes_per_region):
+            nm = f"{r}-{j + 1}"
+            nodes.append(NodeConfig(nm, r, f"127.0.0.1:{next(it)}", root / nm))
+    region_cfgs = [RegionConfig(r, f"{r}-1") for r in regions]
+
+    # Boundaries: for each region prefix p = "<r>/", the prefix range [p, p_end) split evenly.
+    pieces: list[tuple[bytes, str]] = []  # (start, home region) in key order
+    for r in sorted(regions):
+        p = f"{r}/".encode()
+        pieces.append((p, r))
+        for k in range(1, shards_per_region):
+            pieces.append((p + bytes([k * 256 // shards_per_region]), r))
+        pieces.append((p[:-1] + b"0", ""))  # end of the prefix range: a gap shard follows
+    bounds: list[tuple[bytes, str]] = [(b"", ""), *pieces]
+    shards: list[ShardConfig] = []
+    gap_turn = 0
+    node_turn: dict[str, int] = dict.fromkeys(regions, 0)
+    for i, (start, home) in enumerate(bounds):
+        end = bounds[i + 1][0] if i + 1 < len(bounds) else None
+        if end is not None and end <= start:
+            continue
+        if not home:
+            home = list(regions)[gap_turn % len(regions)]
+            gap_turn += 1
+        members = [n for n in nodes if n.region == home]
+        leader = members[node_turn[home] % len(members)].name
+        node_turn[home] += 1
+        shards.append(ShardConfig(len(shards), start, end, home, leader))
+    cfg = ClusterConfig(
+        settings=st,
+        regions=tuple(region_cfgs),
+        nodes=tuple(nodes),
+        shards=tuple(shards),
+        path=root / "cluster.toml",
+        _range_starts=tuple(s.start for s in shards),
+    )
+    # Round-trip through the parser: the generated file must satisfy the same rules.
+    return parse(tomllib.loads(cfg.to_toml()), path=root / "cluster.toml")

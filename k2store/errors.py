@@ -1,0 +1,136 @@
+"""Typed errors of the K2 API, and how they cross the wire.
+
+Every error a caller can act on is a subclass of `K2Error` with two facts attached:
+
+- `retryable`: True when the same request may succeed if sent again (a conflict with a
+  concurrent transaction, a node that is restarting, a clock whose uncertainty is momentarily too
+  wide). False when it never will (bad input, a read below the retention horizon).
+- `reason`: a stable identifier that travels in the gRPC trailing metadata key ``k2-error``, so the
+  client re-raises the same type the server raised. The gRPC status code is chosen so that plain
+  gRPC tooling also classifies the failure sensibly.
+
+Messages name the key, timestamp and rule involved; they never include values.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+ERROR_METADATA_KEY = "k2-error"
+
+
+class K2Error(Exception):
+    """Base of every error K2 raises to its users."""
+
+    reason: ClassVar[str] = "internal"
+    retryable: ClassVar[bool] = False
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(K2Error):
+    """The request is malformed; nothing was changed."""
+
+    reason = "invalid-argument"
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class KeyTooLarge(InvalidArgument):
+    reason = "key-too-large"
+
+
+class ValueTooLarge(InvalidArgument):
+    reason = "value-too-large"
+
+
+class UnknownShard(InvalidArgument):
+    reason = "unknown-shard"
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class UnknownNode(InvalidArgument):
+    reason = "unknown-node"
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ClusterFileError(InvalidArgument):
+    """A cluster file could not be read; the message names the file and the field."""
+
+    reason = "cluster-file"
+
+
+class BelowHorizon(K2Error):
+    """A read asked for a timestamp whose versions were garbage-collected."""
+
+    reason = "below-horizon"
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class Unavailable(K2Error):
+    """The node (or the node it needed) cannot serve right now; try again."""
+
+    reason = "unavailable"
+    retryable = True
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class NotLeader(Unavailable):
+    """The node does not lead the shard the request was sent for (stale routing)."""
+
+    reason = "not-leader"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ClockUncertain(Unavailable):
+    """The node's clock uncertainty exceeds the configured bound: it refuses to order writes."""
+
+    reason = "clock-uncertain"
+
+
+class DeadlineExceeded(K2Error):
+    reason = "deadline-exceeded"
+    retryable = True
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class WriteTooOld(K2Error):
+    """An MVTO rule rejected a write: a later read or a later version already exists.
+
+    Retrying with a fresh (larger) timestamp succeeds unless the conflict repeats.
+    """
+
+    reason = "write-too-old"
+    retryable = True
+    code = grpc.StatusCode.ABORTED
+
+
+class DataDirLockedError(K2Error):
+    reason = "data-dir-locked"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+_BY_REASON: dict[str, type[K2Error]] = {}
+
+
+def _register(cls: type[K2Error]) -> None:
+    _BY_REASON[cls.reason] = cls
+    for sub in cls.__subclasses__():
+        _register(sub)
+
+
+_register(K2Error)
+
+
+def error_for(reason: str | None, code: grpc.StatusCode, message: str) -> K2Error:
+    """Rebuild the typed error from a failed RPC (client side)."""
+    cls = _BY_REASON.get(reason or "")
+    if cls is None:
+        cls = {
+            grpc.StatusCode.UNAVAILABLE: Unavailable,
+            grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+            grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+            grpc.StatusCode.RESOURCE_EXHAUSTED: InvalidArgument,
+            grpc.StatusCode.ABORTED: WriteTooOld,
+        }.get(code, K2Error)
+    return cls(message)

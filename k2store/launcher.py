@@ -1,0 +1,330 @@
+"""Local clusters: start, inspect and stop K2 node processes on loopback.
+
+`up` writes a cluster file into the data directory, starts one `k2 node` process per node in its
+own session (so a Ctrl-C in the terminal does not reach it), sends each node's output to
+``<data>/<node>/node.log``, and returns only once every node answers gRPC health checks. If any
+node fails to come up, `up` stops the others and raises with the tail of that node's log.
+
+`down` finds the nodes through the lock files in their data directories (each holds its owner's
+pid, and a node restarted by hand with `k2 node` is found the same way), sends SIGTERM, waits, and
+SIGKILLs stragglers: no process is left behind. `status` asks each node's Admin service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from k2store import cluster as cluster_mod
+from k2store.cluster import DEFAULT_REGIONS, ClusterConfig, NodeConfig
+from k2store.errors import K2Error, Unavailable
+from k2store.proto import k2_pb2 as pb
+
+CLUSTER_FILE = "cluster.toml"
+
+
+class LaunchError(K2Error):
+    reason = "launch"
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (held open together while choosing, so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def node_command(cluster_file: Path, node: str) -> list[str]:
+    return [sys.executable, "-m", "k2store", "node", "--cluster", str(cluster_file), "--node", node]
+
+
+_children: dict[int, subprocess.Popen[bytes]] = {}
+"""Node processes this process started. Kept so they are reaped (`down`, `_reap`) rather than
+garbage-collected while running: a node outlives the `up` call that started it."""
+
+
+def start_node(cfg: ClusterConfig, node: NodeConfig) -> subprocess.Popen[bytes]:
+    """Start `k2 node` for node in its own session, appending its output to <data_dir>/node.log."""
+    assert cfg.path is not None
+    node.data_dir.mkdir(parents=True, exist_ok=True)
+    log = open(node.data_dir / "node.log", "ab")  # noqa: SIM115 - handed to the child
+    try:
+        proc = subprocess.Popen(
+            node_command(cfg.path, node.name),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        log.close()
+    _children[proc.pid] = proc
+    return proc
+
+
+def check_health(address: str, timeout_s: float = 1.0) -> bool:
+    with grpc.insecure_channel(address) as ch:
+        try:
+            r = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+        return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def log_tail(node: NodeConfig, lines: int = 15) -> str:
+    try:
+        text = (node.data_dir / "node.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + ln for ln in text[-lines:])
+
+
+def wait_healthy(
+    cfg: ClusterConfig,
+    procs: dict[str, subprocess.Popen[bytes]],
+    timeout_s: float,
+    progress: bool = True,
+) -> None:
+    from tqdm import tqdm
+
+    pending = {n.name: n for n in cfg.nodes if n.name in procs}
+    deadline = time.monotonic() + timeout_s
+    with tqdm(
+        total=len(pending), desc="nodes healthy", unit="node", disable=not progress, leave=False
+    ) as bar:
+        while pending:
+            for name, n in list(pending.items()):
+                code = procs[name].poll()
+                if code is not None:
+                    raise LaunchError(
+                        f"node {name} exited with status {code} while starting:\n{log_tail(n)}"
+                    )
+                if check_health(n.address, 0.5):
+                    del pending[name]
+                    bar.update(1)
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(sorted(pending))
+                raise LaunchError(
+                    f"nodes not healthy after {timeout_s:.0f}s: {names}\n"
+                    + "\n".join(f"  {m}:\n{log_tail(pending[m])}" for m in sorted(pending))
+                )
+            if pending:
+                time.sleep(0.1)
+
+
+def up(
+    data: Path,
+    *,
+    regions: Sequence[str] = DEFAULT_REGIONS,
+    nodes_per_region: int = 1,
+    shards_per_region: int = 1,
+    timeout_s: float = 60.0,
+    progress: bool = True,
+) -> ClusterConfig:
+    data = data.resolve()
+    cluster_file = data / CLUSTER_FILE
+    if cluster_file.exists():
+        running = running_nodes(cluster_mod.load(cluster_file))
+        if running:
+            raise LaunchError(
+                f"a cluster is already running from {data} (nodes {', '.join(sorted(running))}); "
+                f"run `k2 cluster down --data {data}` first"
+            )
+    data.mkdir(parents=True, exist_ok=True)
+    ports = free_ports(len(regions) * nodes_per_region)
+    cfg = cluster_mod.local_cluster(
+        regions,
+        ports,
+        nodes_per_region=nodes_per_region,
+        shards_per_region=shards_per_region,
+        root=data,
+    ).write(cluster_file)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for n in cfg.nodes:
+            procs[n.name] = start_node(cfg, n)
+        wait_healthy(cfg, procs, timeout_s, progress)
+    except BaseException:
+        for p in procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+        for p in procs.values():
+            p.wait()
+        raise
+    (data / "pids.json").write_text(json.dumps({k: p.pid for k, p in procs.items()}))
+    return cfg
+
+
+def _node_pid(node: NodeConfig) -> int | None:
+    """The pid holding the node's data-dir lock, if that process is alive and is a K2 node."""
+    try:
+        text = (node.data_dir / "LOCK.k2").read_text().strip()
+        pid = int(text)
+    except (OSError, ValueError):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    if b"k2" not in cmdline or node.name.encode() not in cmdline:
+        return None  # a recycled pid that belongs to someone else
+    return pid
+
+
+def running_nodes(cfg: ClusterConfig) -> dict[str, int]:
+    out = {}
+    for n in cfg.nodes:
+        pid = _node_pid(n)
+        if pid is not None and _alive(pid):
+            out[n.name] = pid
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def down(cfg: ClusterConfig, *, timeout_s: float = 15.0) -> dict[str, str]:
+    """Stop every node of cfg; returns node -> how it ended ("stopped", "killed", "not running")."""
+    result = {n.name: "not running" for n in cfg.nodes}
+    pids = running_nodes(cfg)
+    if cfg.path is not None:
+        with contextlib.suppress(OSError, ValueError):
+            for name, pid in json.loads((cfg.path.parent / "pids.json").read_text()).items():
+                node = next((n for n in cfg.nodes if n.name == name), None)
+                if (
+                    node is not None
+                    and name not in pids
+                    and _alive(pid)
+                    and _node_pid(node) in (None, pid)
+                ):
+                    cmd = (
+                        Path(f"/proc/{pid}/cmdline").read_bytes()
+                        if Path(f"/proc/{pid}/cmdline").exists()
+                        else b""
+                    )
+                    if name.encode() in cmd:
+                        pids[name] = pid
+    for name, pid in pids.items():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)  # a paused node cannot handle SIGTERM
+            os.kill(pid, signal.SIGTERM)
+            result[name] = "stopped"
+    deadline = time.monotonic() + timeout_s
+    while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+        _reap()
+        time.sleep(0.05)
+    for name, pid in pids.items():
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            result[name] = "killed"
+    for pid in pids.values():
+        while _alive(pid):
+            _reap()
+            time.sleep(0.01)
+    if cfg.path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            (cfg.path.parent / "pids.json").unlink()
+    return result
+
+
+def _reap() -> None:
+    """Collect exit statuses of our own node children, so killed ones do not linger as zombies."""
+    for pid, proc in list(_children.items()):
+        if proc.poll() is not None:
+            del _children[pid]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    name: str
+    region: str
+    address: str
+    up: bool
+    pid: int | None = None
+    shards: tuple[int, ...] = ()
+    keys: int = 0
+    uncertainty_us: float = 0.0
+    uptime_s: float = 0.0
+    oracle: bool = False
+    error: str = ""
+
+
+def status(cfg: ClusterConfig, timeout_s: float = 2.0) -> list[NodeStatus]:
+    out = []
+    for n in cfg.nodes:
+        with grpc.insecure_channel(n.address) as ch:
+            stub: Any = ch.unary_unary(
+                "/k2.v1.Admin/Status",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=pb.StatusResponse.FromString,
+            )
+            try:
+                r: pb.StatusResponse = stub(pb.StatusRequest(), timeout=timeout_s)
+            except grpc.RpcError as e:
+                detail = e.details() if isinstance(e, grpc.Call) else str(e)
+                out.append(
+                    NodeStatus(n.name, n.region, n.address, False, error=detail or "unreachable")
+                )
+                continue
+        out.append(
+            NodeStatus(
+                n.name,
+                n.region,
+                n.address,
+                True,
+                pid=r.pid,
+                shards=tuple(s.id for s in r.shards),
+                keys=sum(s.keys_estimate for s in r.shards),
+                uncertainty_us=r.uncertainty_ns / 1000,
+                uptime_s=r.uptime_s,
+                oracle=r.is_oracle,
+            )
+        )
+    return out
+
+
+def load_cluster(data: Path | None, cluster_file: Path | None) -> ClusterConfig:
+    if cluster_file is not None:
+        return cluster_mod.load(cluster_file)
+    assert data is not None
+    path = data / CLUSTER_FILE
+    if not path.exists():
+        raise Unavailable(
+            f"no cluster at {data.resolve()} (no {CLUSTER_FILE}); start one with `k2 cluster up`"
+        )
+    return cluster_mod.load(path)
