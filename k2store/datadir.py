@@ -42,3 +42,40 @@ class DataDirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+class DurableCeiling:
+    """A number that only grows and survives crashes, written ahead of use in coarse steps.
+
+    Used for what a restarted node must stay above although it was never logged item by item:
+    the oracle's issued timestamps and the shard reads' timestamps (whose read marks live in
+    memory). `cover(t)` returns once the persisted value is >= t; it fsyncs only when t passes the
+    recorded ceiling, and then records t + step, so steady use costs one small write per step.
+    """
+
+    def __init__(self, path: Path, step: int) -> None:
+        self.path = path
+        self.step = step
+        self.writes = 0
+        try:
+            self.value = int(path.read_text().strip() or 0)
+        except FileNotFoundError:
+            self.value = 0
+        except ValueError:
+            raise DataDirLockedError(
+                f"{path} is corrupt; it guards timestamp order after restarts, so it is not "
+                "silently reset: remove it only if the node never served"
+            ) from None
+
+    def cover(self, t: int) -> None:
+        if t < self.value:
+            return
+        ceiling = t + self.step
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write(f"{ceiling}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+        self.value = ceiling
+        self.writes += 1
