@@ -51,6 +51,7 @@ from truetime.errors import (
     UncertaintyExceeded,
 )
 from truetime.format import format_ts
+from truetime.hlc import HybridLogicalClock
 from truetime.interval import Timestamp, TTInterval
 from truetime.oracle import (
     MAX_ORACLES,
@@ -73,6 +74,7 @@ __all__ = [
     "BatchClientStats",
     "BatchExpired",
     "ClockSource",
+    "HybridLogicalClock",
     "ManualClock",
     "OracleUnavailable",
     "SkewedClock",
