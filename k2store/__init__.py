@@ -33,7 +33,7 @@ from k2store.errors import (
     WriteTooOld,
 )
 from k2store.memengine import MemoryEngine
-from k2store.storage import Intent, Version, VersionedStore
+from txn.storage import Intent, Version, VersionedStore
 
 __all__ = [
     "AsyncClient",

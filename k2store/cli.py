@@ -96,6 +96,18 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("end", nargs="?", default=None)
     sc.add_argument("--limit", type=int, default=None)
     sc.add_argument("--at", type=int, default=None)
+
+    from k2store.bench import txn as bench_txn
+
+    be = sub.add_parser("bench", help="benchmarks against a real cluster of node processes")
+    bsub = be.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    bench_txn.add_arguments(
+        bsub.add_parser(
+            "txn",
+            help="YCSB-T transactions: throughput, latency, aborts by rule and region",
+            description=(bench_txn.__doc__ or "").split("\n\n", 1)[0],
+        )
+    )
     return p
 
 
@@ -112,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from k2store.demo import run_demo
 
             return run_demo(data=args.data, keep=args.keep)
+        if args.cmd == "bench":
+            from k2store.bench import txn as bench_txn
+
+            return bench_txn.main(args)
     except K2Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, InvalidArgument) else 1

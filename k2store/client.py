@@ -16,10 +16,11 @@ Keys and values are bytes; `str` keys are encoded as UTF-8 for convenience.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import random
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,9 +29,16 @@ import grpc
 
 from k2store import cluster as cluster_mod
 from k2store.cluster import ClusterConfig, ClusterSettings, NodeConfig, RegionConfig, ShardConfig
-from k2store.errors import InvalidArgument, K2Error, Unavailable
+from k2store.errors import (
+    CommitOutcomeUnknown,
+    InvalidArgument,
+    K2Error,
+    TransactionRetry,
+    TxnAborted,
+    Unavailable,
+)
 from k2store.proto import k2_pb2 as pb
-from k2store.transport import CHANNEL_OPTIONS, GrpcTransport, rpc_error_to_k2
+from k2store.transport import CHANNEL_OPTIONS, GrpcTransport, Transport, rpc_error_to_k2
 
 T = TypeVar("T")
 K = "/k2.v1.K2/"
@@ -84,11 +92,25 @@ class AsyncClient:
         *,
         timeout_s: float | None = None,
         retry: RetryPolicy | None = None,
+        region: str | None = None,
+        transport: Transport | None = None,
+        rng: random.Random | None = None,
     ) -> None:
+        """`region`: where this client runs; its transactions are coordinated by a node there
+        (default: the first region of the cluster). `transport` and `rng` (backoff jitter) are
+        injectable: the deterministic simulator passes its network and a seeded generator."""
         self.cluster = cluster
+        self.region = region or cluster.regions[0].name
+        self._coordinators = [n.name for n in cluster.nodes_in(self.region)]
+        if not self._coordinators:
+            raise InvalidArgument(f"region {self.region!r} has no nodes")
+        self._next_coordinator = 0
         self.timeout_s = timeout_s or cluster.settings.request_timeout_s
         self.retry = retry or RetryPolicy()
-        self._transport = GrpcTransport({n.name: n.address for n in cluster.nodes})
+        self._transport: Transport = transport or GrpcTransport(
+            {n.name: n.address for n in cluster.nodes}
+        )
+        self._rng = rng or random.Random()
         self.retries = 0
         """Attempts retried after a retryable error (a metric for callers and tests)."""
 
@@ -122,7 +144,7 @@ class AsyncClient:
                 if not e.retryable or i == self.retry.max_attempts - 1:
                     raise
                 self.retries += 1
-                await asyncio.sleep(backoff * (0.5 + random.random()))
+                await asyncio.sleep(backoff * (0.5 + self._rng.random()))
                 backoff = min(backoff * 2, self.retry.max_backoff_s)
         raise AssertionError("unreachable")
 
@@ -226,6 +248,197 @@ class AsyncClient:
         if hashed:
             out.sort(key=lambda row: row[0])
         return out[:limit] if limit is not None else out
+
+    # -- transactions ------------------------------------------------------------------------
+
+    async def begin(
+        self, *, read_only: bool = False, keys: Sequence[KeyLike] = ()
+    ) -> AsyncTransaction:
+        """Start a transaction at a coordinator in this client's region. Prefer `run(fn)`,
+        which also retries; a transaction begun here must be committed or aborted."""
+        node = self._coordinators[self._next_coordinator % len(self._coordinators)]
+        self._next_coordinator += 1
+        req = pb.BeginTxnRequest(read_only=read_only, keys=[_key(k) for k in keys])
+        r = await self._with_retry(lambda: self._call(node, "BeginTxn", req, pb.BeginTxnResponse))
+        return AsyncTransaction(self, node, r.txn_id, r.ts, read_only)
+
+    async def run(
+        self,
+        fn: Callable[[AsyncTransaction], Awaitable[T]],
+        *,
+        read_only: bool = False,
+        max_attempts: int | None = None,
+        keys: Sequence[KeyLike] = (),
+    ) -> T:
+        """Run `fn(tx)` in a transaction and commit it; `keys` (optional) names the keys it
+        will touch, which lets a transaction that reaches other regions use a future timestamp; on a retryable abort, run it again in a
+        new transaction (new timestamp) with backoff, up to `max_attempts`. Returns fn's result.
+        fn must be safe to run more than once (only its last, committed run takes effect)."""
+        attempts = max_attempts or self.retry.max_attempts
+        backoff = self.retry.initial_backoff_s
+        for i in range(attempts):
+            tx = await self.begin(read_only=read_only, keys=keys)
+            try:
+                result = await fn(tx)
+                await tx.commit()
+                return result
+            except K2Error as e:
+                await tx.abort()
+                if not e.retryable or i == attempts - 1:
+                    raise
+                self.retries += 1
+                await asyncio.sleep(backoff * (0.5 + self._rng.random()))
+                backoff = min(backoff * 2, self.retry.max_backoff_s)
+            except BaseException:
+                await tx.abort()
+                raise
+        raise AssertionError("unreachable")
+
+    def transaction(self, *, read_only: bool = False) -> _TxnContext:
+        """`async with client.transaction() as tx:` commits on success and aborts on error. It
+        cannot re-run its body: a retryable abort surfaces as TransactionRetry (use `run`)."""
+        return _TxnContext(self, read_only)
+
+
+class AsyncTransaction:
+    """One transaction: every read and write happens at its timestamp `ts`.
+
+    Writes are sent at once (early writes), so a conflict surfaces at the operation that meets
+    it. `batch` sends several independent operations to their shards in one parallel round.
+    """
+
+    def __init__(
+        self, client: AsyncClient, coordinator: str, txn_id: bytes, ts: int, read_only: bool
+    ) -> None:
+        self._client = client
+        self.coordinator = coordinator
+        self.txn_id = txn_id
+        self.ts = ts
+        self.read_only = read_only
+        self.commit_ts: int | None = None
+        self._ended = False
+
+    async def _ops(self, ops: list[pb.TxnOp]) -> list[pb.TxnOpResult]:
+        if self._ended:
+            raise InvalidArgument("the transaction has already ended")
+        req = pb.TxnOpsRequest(txn_id=self.txn_id, ops=ops)
+        try:
+            r = await self._client._call(self.coordinator, "TxnOps", req, pb.TxnOpsResponse)
+        except K2Error as e:
+            if e.retryable:
+                self._ended = True  # the coordinator aborted it
+            raise
+        return list(r.results)
+
+    async def get(self, key: KeyLike) -> bytes | None:
+        (r,) = await self._ops([pb.TxnOp(kind=pb.OP_GET, key=_key(key))])
+        return r.value if r.found else None
+
+    async def get_many(self, keys: list[KeyLike]) -> list[bytes | None]:
+        """Read several keys in one parallel round."""
+        rs = await self._ops([pb.TxnOp(kind=pb.OP_GET, key=_key(k)) for k in keys])
+        return [r.value if r.found else None for r in rs]
+
+    async def put(self, key: KeyLike, value: bytes) -> None:
+        await self._ops([pb.TxnOp(kind=pb.OP_PUT, key=_key(key), value=_value(value))])
+
+    async def delete(self, key: KeyLike) -> None:
+        await self._ops([pb.TxnOp(kind=pb.OP_DELETE, key=_key(key))])
+
+    async def put_many(self, items: dict[KeyLike, bytes | None]) -> None:
+        """Write (None deletes) several keys in one parallel round."""
+        await self._ops(
+            [
+                pb.TxnOp(kind=pb.OP_PUT, key=_key(k), value=_value(v))
+                if v is not None
+                else pb.TxnOp(kind=pb.OP_DELETE, key=_key(k))
+                for k, v in items.items()
+            ]
+        )
+
+    async def scan(
+        self, start: KeyLike = b"", end: KeyLike | None = None, *, limit: int = 1000
+    ) -> list[tuple[bytes, bytes]]:
+        e = None if end is None else _key(end, "end")
+        (r,) = await self._ops(
+            [
+                pb.TxnOp(
+                    kind=pb.OP_SCAN,
+                    key=_key(start, "start"),
+                    end=e or b"",
+                    has_end=e is not None,
+                    limit=limit,
+                )
+            ]
+        )
+        return [(kv.key, kv.value) for kv in r.items]
+
+    async def commit(self) -> int:
+        """Commit; returns the commit timestamp. Raises TxnAborted (retryable) if it lost."""
+        if self._ended:
+            raise InvalidArgument("the transaction has already ended")
+        self._ended = True
+        req = pb.CommitTxnRequest(txn_id=self.txn_id)
+        try:
+            r = await self._client._call(self.coordinator, "CommitTxn", req, pb.CommitTxnResponse)
+        except TxnAborted:
+            raise
+        except K2Error as e:
+            if not e.retryable:
+                raise
+            raise CommitOutcomeUnknown(
+                f"commit of transaction {self.txn_id.hex()[:12]} at {self.ts}: outcome unknown "
+                f"({e}); it was not retried, since that could apply it twice"
+            ) from e
+        self.commit_ts = r.commit_ts
+        return r.commit_ts
+
+    async def abort(self) -> None:
+        """Abort (best effort, idempotent): nothing the transaction wrote becomes visible."""
+        if self._ended:
+            return
+        self._ended = True
+        with contextlib.suppress(K2Error):
+            await self._client._call(
+                self.coordinator,
+                "AbortTxn",
+                pb.AbortTxnRequest(txn_id=self.txn_id),
+                pb.AbortTxnResponse,
+            )
+
+
+class _TxnContext:
+    def __init__(self, client: AsyncClient, read_only: bool) -> None:
+        self._client = client
+        self._read_only = read_only
+        self._tx: AsyncTransaction | None = None
+
+    async def __aenter__(self) -> AsyncTransaction:
+        self._tx = await self._client.begin(read_only=self._read_only)
+        return self._tx
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        assert self._tx is not None
+        if exc is not None:
+            await self._tx.abort()
+            if isinstance(exc, K2Error) and exc.retryable and not isinstance(exc, TransactionRetry):
+                raise _retry_error(exc) from exc
+            return
+        try:
+            await self._tx.commit()
+        except K2Error as e:
+            if e.retryable:
+                raise _retry_error(e) from e
+            raise
+
+
+def _retry_error(e: K2Error) -> TransactionRetry:
+    return TransactionRetry(
+        f"{e} -- this transaction must be retried, but a `with client.transaction()` block "
+        "cannot re-run its body: use client.run(fn), which retries"
+    )
 
 
 def _min_end(a: bytes | None, b: bytes | None) -> bytes | None:
@@ -333,6 +546,40 @@ class Client:
     ) -> list[tuple[bytes, bytes]]:
         return self._run(self._async.scan(start, end, limit=limit, at_ts=at_ts))
 
+    def transaction(self, *, read_only: bool = False) -> Transaction:
+        """`with client.transaction() as tx:` commits on success, aborts on error; it cannot
+        re-run its body, so a retryable abort raises TransactionRetry. Prefer `run(fn)`."""
+        return Transaction(self, self._run(self._async.begin(read_only=read_only)))
+
+    def run(
+        self,
+        fn: Callable[[Transaction], T],
+        *,
+        read_only: bool = False,
+        max_attempts: int | None = None,
+    ) -> T:
+        """Run `fn(tx)` in a transaction and commit; retry retryable aborts (see AsyncClient.run).
+        fn runs on the calling thread; its operations go through the client's loop."""
+        attempts = max_attempts or self._async.retry.max_attempts
+        backoff = self._async.retry.initial_backoff_s
+        for i in range(attempts):
+            tx = Transaction(self, self._run(self._async.begin(read_only=read_only)))
+            try:
+                result = fn(tx)
+                tx.commit()
+                return result
+            except K2Error as e:
+                tx.abort()
+                if not e.retryable or i == attempts - 1:
+                    raise
+                self._async.retries += 1
+                threading.Event().wait(backoff * (0.5 + self._async._rng.random()))
+                backoff = min(backoff * 2, self._async.retry.max_backoff_s)
+            except BaseException:
+                tx.abort()
+                raise
+        raise AssertionError("unreachable")
+
     def close(self) -> None:
         if self._thread.is_alive():
             self._run(self._async.close())
@@ -345,6 +592,66 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Transaction:
+    """Synchronous view of an AsyncTransaction (see there); also a context manager."""
+
+    def __init__(self, client: Client, tx: AsyncTransaction) -> None:
+        self._client = client
+        self._tx = tx
+
+    @property
+    def ts(self) -> int:
+        return self._tx.ts
+
+    @property
+    def commit_ts(self) -> int | None:
+        return self._tx.commit_ts
+
+    def get(self, key: KeyLike) -> bytes | None:
+        return self._client._run(self._tx.get(key))
+
+    def get_many(self, keys: list[KeyLike]) -> list[bytes | None]:
+        return self._client._run(self._tx.get_many(keys))
+
+    def put(self, key: KeyLike, value: bytes) -> None:
+        self._client._run(self._tx.put(key, value))
+
+    def delete(self, key: KeyLike) -> None:
+        self._client._run(self._tx.delete(key))
+
+    def put_many(self, items: dict[KeyLike, bytes | None]) -> None:
+        self._client._run(self._tx.put_many(items))
+
+    def scan(
+        self, start: KeyLike = b"", end: KeyLike | None = None, *, limit: int = 1000
+    ) -> list[tuple[bytes, bytes]]:
+        return self._client._run(self._tx.scan(start, end, limit=limit))
+
+    def commit(self) -> int:
+        return self._client._run(self._tx.commit())
+
+    def abort(self) -> None:
+        self._client._run(self._tx.abort())
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc is not None:
+            self.abort()
+            if isinstance(exc, K2Error) and exc.retryable and not isinstance(exc, TransactionRetry):
+                raise _retry_error(exc) from exc
+            return
+        try:
+            self.commit()
+        except K2Error as e:
+            if e.retryable:
+                raise _retry_error(e) from e
+            raise
 
 
 async def _make_async(cluster: ClusterConfig, kw: dict[str, Any]) -> AsyncClient:

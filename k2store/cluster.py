@@ -7,7 +7,7 @@ A cluster file is TOML::
     partitioning = "range"          # "range" (default) or "hash"
     epsilon_us = 400                # assumed clock error when the clock reports none
     max_uncertainty_us = 5000       # a node refuses to issue timestamps beyond this
-    oracle_ttl_us = 2000            # K2-TB batch lifetime
+    oracle_ttl_us = 5000            # K2-TB batch lifetime
     max_key_bytes = 4096
     max_value_bytes = 67108864
     request_timeout_s = 10.0
@@ -43,13 +43,14 @@ import hashlib
 import itertools
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from k2store.errors import ClusterFileError, UnknownNode, UnknownShard
 
 DEFAULT_REGIONS = ("us-east", "eu-west", "ap-southeast")
+TXN_PROTOCOLS = ("k2-mvto", "d2pl-ttc", "mvto-hlc")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,39 @@ class ShardConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TxnSettings:
+    """Transaction protocol and its knobs: the `[txn]` table of a cluster file.
+
+    The refinement switches exist for the ablation benchmark.
+    """
+
+    protocol: str = "k2-mvto"
+    """k2-mvto (default), or a baseline: d2pl-ttc (Spanner-like 2PL + 2PC + commit-wait) or
+    mvto-hlc (MVTO on hybrid logical clocks with uncertainty restarts, CockroachDB-like)."""
+
+    wait_for_lower: bool = True
+    """Wait on an intent of a lower-timestamp transaction instead of aborting (refinement)."""
+    one_shot: bool = True
+    """Send independent operations to their shards in one parallel round (refinement)."""
+    record_at_home: bool = True
+    """Keep the record on the shard of the first written key (refinement); else on a shard led
+    by the coordinator, wherever the transaction writes."""
+    async_resolve: bool = True
+    """Acknowledge the commit before resolving intents (refinement, with record_at_home)."""
+    future_ts: bool = True
+    """Transactions that declare keys of other regions get ts = now().latest + the largest
+    measured one-way delay to their leaders, and each operation is held back to reach its
+    leader at about ts (refinement: aligned dispatch)."""
+    heartbeat_s: float = 1.0
+    expiry_s: float = 5.0
+    """A pending transaction whose record heard no heartbeat for this long is aborted."""
+    push_after_s: float = 0.25
+    """How long a waiter waits for a resolution before asking the record itself."""
+    client_timeout_s: float = 30.0
+    """A coordinator aborts a transaction whose client went silent for this long."""
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterSettings:
     name: str = "k2"
     partitioning: str = "range"
@@ -90,13 +124,17 @@ class ClusterSettings:
     """Clock error assumed when the clock source reports no bound of its own."""
     max_uncertainty_us: int = 5_000
     """Above this uncertainty a node refuses to issue timestamps rather than risk order."""
-    oracle_ttl_us: int = 2_000
-    """Lifetime of a K2-TB batch: timestamps are this far ahead of the oracle's latest."""
+    oracle_ttl_us: int = 5_000
+    """Lifetime of a K2-TB batch: timestamps are this far ahead of the oracle's latest, and a
+    coordinator must receive and use the batch within it. Commit-wait grows with it; 5 ms leaves
+    room for a loaded 2-core machine's scheduling and an occasional fsync of the oracle's
+    ceiling (2 ms expired about one batch in ten in `k2 bench txn` here)."""
     max_key_bytes: int = 4096
     max_value_bytes: int = 64 * 1024 * 1024
     request_timeout_s: float = 10.0
     scan_page_rows: int = 1000
     """Rows per scan page when the request asks for no limit."""
+    txn: TxnSettings = field(default_factory=lambda: TxnSettings())
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +211,9 @@ class ClusterConfig:
             f"max_value_bytes = {st.max_value_bytes}",
             f"request_timeout_s = {st.request_timeout_s}",
             f"scan_page_rows = {st.scan_page_rows}",
+            "",
+            "[txn]",
+            *(f"{k} = {_toml_value(getattr(st.txn, k))}" for k in _TXN_FIELDS),
         ]
         for r in self.regions:
             out += ["", "[[regions]]", f"name = {_q(r.name)}", f"oracle = {_q(r.oracle)}"]
@@ -203,6 +244,17 @@ class ClusterConfig:
         tmp.write_text(cfg.to_toml())
         tmp.replace(path)
         return cfg
+
+
+_TXN_FIELDS = [f.name for f in fields(TxnSettings)]
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return _q(v)
+    return repr(v)
 
 
 def _q(s: str) -> str:
@@ -243,12 +295,13 @@ def parse(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterConfig:
         return ClusterFileError(f"{where}{field_name}: {msg}")
 
     base = path.parent if path else Path.cwd()
-    known_top = {"cluster", "regions", "nodes", "shards"}
+    known_top = {"cluster", "regions", "nodes", "shards", "txn"}
     for k in raw:
         if k not in known_top:
             raise fail(k, f"unknown section; expected one of {sorted(known_top)}")
 
     settings = _parse_settings(raw.get("cluster", {}), fail)
+    settings = replace(settings, txn=_parse_txn(raw.get("txn", {}), fail))
     regions_raw = _table_list(raw, "regions", fail)
     nodes_raw = _table_list(raw, "nodes", fail)
     shards_raw = _table_list(raw, "shards", fail)
@@ -391,6 +444,26 @@ def _parse_settings(t: Any, fail: Any) -> ClusterSettings:
     if s.max_uncertainty_us < s.epsilon_us:
         raise fail("cluster.max_uncertainty_us", f"must be at least epsilon_us ({s.epsilon_us})")
     return s
+
+
+def _parse_txn(t: Any, fail: Any) -> TxnSettings:
+    if not isinstance(t, Mapping):
+        raise fail("txn", "must be a table")
+    d = TxnSettings()
+    _no_unknown(t, set(_TXN_FIELDS), "txn", fail)
+    values: dict[str, Any] = {}
+    for k, v in t.items():
+        default = getattr(d, k)
+        if k == "protocol":
+            if v not in TXN_PROTOCOLS:
+                raise fail("txn.protocol", f"must be one of {list(TXN_PROTOCOLS)}, got {v!r}")
+        elif isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise fail(f"txn.{k}", f"expected true or false, got {v!r}")
+        elif not _is_instance(v, (int, float)) or v <= 0:
+            raise fail(f"txn.{k}", f"expected a positive number of seconds, got {v!r}")
+        values[k] = float(v) if isinstance(default, float) and not isinstance(v, str) else v
+    return replace(d, **values)
 
 
 def _is_instance(v: object, typ: type | tuple[type, ...]) -> bool:

@@ -134,3 +134,43 @@ def error_for(reason: str | None, code: grpc.StatusCode, message: str) -> K2Erro
             grpc.StatusCode.ABORTED: WriteTooOld,
         }.get(code, K2Error)
     return cls(message)
+
+
+class TxnAborted(K2Error):
+    """The transaction was aborted by a K2-MVTO rule (or its record was aborted) and did nothing.
+
+    Retryable: a new attempt gets a new, larger timestamp. The message names the rule, the key and
+    the timestamps involved; `rule` extracts the rule's name.
+    """
+
+    reason = "txn-aborted"
+    retryable = True
+    code = grpc.StatusCode.ABORTED
+
+    @property
+    def rule(self) -> str:
+        text = str(self)
+        marker = "by rule "
+        if marker not in text:
+            return "unknown"
+        return text.split(marker, 1)[1].split(":", 1)[0].split()[0]
+
+
+class TransactionRetry(TxnAborted):
+    """A retryable abort inside a bare `with client.transaction()` block, which cannot re-run its
+    body: use `client.run(fn)` or `client.attempts()` to retry automatically."""
+
+    reason = "txn-retry"
+
+
+class CommitOutcomeUnknown(K2Error):
+    """The commit request failed in a way that leaves its outcome unknown (the record may or may
+    not be durable). Not retried automatically: re-running the transaction could apply it twice.
+    Read back what it wrote to learn the outcome."""
+
+    reason = "commit-unknown"
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+_register(TxnAborted)
+_register(CommitOutcomeUnknown)

@@ -29,11 +29,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from k2store import cluster as cluster_mod
-from k2store.cluster import DEFAULT_REGIONS, ClusterConfig, NodeConfig
+from k2store.cluster import DEFAULT_REGIONS, ClusterConfig, ClusterSettings, NodeConfig
 from k2store.errors import K2Error, Unavailable
 from k2store.proto import k2_pb2 as pb
+from truetime import SystemClock
 
 CLUSTER_FILE = "cluster.toml"
+_CLOCK = SystemClock()
 
 
 class LaunchError(K2Error):
@@ -110,7 +112,7 @@ def wait_healthy(
     from tqdm import tqdm
 
     pending = {n.name: n for n in cfg.nodes if n.name in procs}
-    deadline = time.monotonic() + timeout_s
+    deadline = _CLOCK.monotonic_ns() / 1e9 + timeout_s
     with tqdm(
         total=len(pending), desc="nodes healthy", unit="node", disable=not progress, leave=False
     ) as bar:
@@ -124,7 +126,7 @@ def wait_healthy(
                 if check_health(n.address, 0.5):
                     del pending[name]
                     bar.update(1)
-            if pending and time.monotonic() > deadline:
+            if pending and _CLOCK.monotonic_ns() / 1e9 > deadline:
                 names = ", ".join(sorted(pending))
                 raise LaunchError(
                     f"nodes not healthy after {timeout_s:.0f}s: {names}\n"
@@ -142,7 +144,9 @@ def up(
     shards_per_region: int = 1,
     timeout_s: float = 60.0,
     progress: bool = True,
+    settings: ClusterSettings | None = None,
 ) -> ClusterConfig:
+    """Start a local cluster in data; `settings` (e.g. the [txn] protocol) go into its file."""
     data = data.resolve()
     cluster_file = data / CLUSTER_FILE
     if cluster_file.exists():
@@ -243,8 +247,8 @@ def down(cfg: ClusterConfig, *, timeout_s: float = 15.0) -> dict[str, str]:
             os.kill(pid, signal.SIGCONT)  # a paused node cannot handle SIGTERM
             os.kill(pid, signal.SIGTERM)
             result[name] = "stopped"
-    deadline = time.monotonic() + timeout_s
-    while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+    deadline = _CLOCK.monotonic_ns() / 1e9 + timeout_s
+    while any(_alive(p) for p in pids.values()) and _CLOCK.monotonic_ns() / 1e9 < deadline:
         _reap()
         time.sleep(0.05)
     for name, pid in pids.items():

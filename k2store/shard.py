@@ -34,8 +34,8 @@ from k2store.errors import (
     ValueTooLarge,
     WriteTooOld,
 )
-from k2store.storage import BelowRetentionHorizon, PutVersion, Version, VersionedStore
 from truetime import format_ts
+from txn.storage import BelowRetentionHorizon, PutVersion, Version, VersionedStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +88,20 @@ class ShardLeader:
 
     # -- operations ---------------------------------------------------------------------------
 
+    def _refuse_under_intent(self, key: bytes, intent_ts: int, txn_id: bytes, ts: int) -> None:
+        self.counters.aborts += 1
+        raise WriteTooOld(
+            f"read of key {key[:64]!r} at {format_ts(ts)} aborted by rule intent: "
+            f"transaction {txn_id.hex()} holds an intent at {format_ts(intent_ts)}"
+        )
+
     def read(self, key: bytes, ts: int) -> Version | None:
+        """A non-transactional read. It cannot wait, so it refuses (retryable) when a pending
+        intent at or below ts could still commit under it (transactions wait instead)."""
         self.check_key(key)
+        intent = self.store.get_intent(key)
+        if intent is not None and intent.ts <= ts:
+            self._refuse_under_intent(key, intent.ts, intent.txn_id, ts)
         try:
             v = self.store.get(key, ts)
         except BelowRetentionHorizon as e:
@@ -144,6 +156,9 @@ class ShardLeader:
                 raise NotLeader(f"scan start {start[:64]!r} is not in shard {self.shard.id}")
             if self.shard.end is not None and (hi is None or hi > self.shard.end):
                 hi = self.shard.end
+        for key, intent in self.store.scan_intents(lo, hi):
+            if intent.ts <= ts:
+                self._refuse_under_intent(key, intent.ts, intent.txn_id, ts)
         try:
             rows = self.store.scan(lo, hi, ts, limit + 1)
         except BelowRetentionHorizon as e:

@@ -19,6 +19,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -29,6 +30,49 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _OpKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OpKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OpKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OP_GET: _OpKind.ValueType  # 0
+    OP_PUT: _OpKind.ValueType  # 1
+    OP_DELETE: _OpKind.ValueType  # 2
+    OP_SCAN: _OpKind.ValueType  # 3
+
+class OpKind(_OpKind, metaclass=_OpKindEnumTypeWrapper):
+    """---- Transactions -------------------------------------------------------------------------
+    A client runs a transaction through a coordinator node (usually one in its own region):
+    BeginTxn, then TxnOps as often as it likes, then CommitTxn or AbortTxn. The coordinator sends
+    the operations to shard leaders (Exec), keeps the transaction record at one shard (EndTxn,
+    Heartbeat), and resolves intents after the outcome is durable (Resolve). Leaders that meet an
+    intent ask its record for the outcome (QueryTxn).
+    """
+
+OP_GET: OpKind.ValueType  # 0
+OP_PUT: OpKind.ValueType  # 1
+OP_DELETE: OpKind.ValueType  # 2
+OP_SCAN: OpKind.ValueType  # 3
+Global___OpKind: _TypeAlias = OpKind  # noqa: Y015
+
+class _TxnStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TxnStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TxnStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TXN_PENDING: _TxnStatus.ValueType  # 0
+    TXN_COMMITTED: _TxnStatus.ValueType  # 1
+    TXN_ABORTED: _TxnStatus.ValueType  # 2
+
+class TxnStatus(_TxnStatus, metaclass=_TxnStatusEnumTypeWrapper): ...
+
+TXN_PENDING: TxnStatus.ValueType  # 0
+TXN_COMMITTED: TxnStatus.ValueType  # 1
+TXN_ABORTED: TxnStatus.ValueType  # 2
+Global___TxnStatus: _TypeAlias = TxnStatus  # noqa: Y015
 
 @_typing.final
 class KeyValue(_message.Message):
@@ -562,3 +606,603 @@ class StatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusResponse: _TypeAlias = StatusResponse  # noqa: Y015
+
+@_typing.final
+class TxnOp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    HAS_END_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    kind: Global___OpKind.ValueType
+    key: _builtins.bytes
+    """start key for OP_SCAN"""
+    value: _builtins.bytes
+    end: _builtins.bytes
+    """OP_SCAN only"""
+    has_end: _builtins.bool
+    limit: _builtins.int
+    """OP_SCAN only; 0: the node's page size"""
+    def __init__(
+        self,
+        *,
+        kind: Global___OpKind.ValueType = ...,
+        key: _builtins.bytes = ...,
+        value: _builtins.bytes = ...,
+        end: _builtins.bytes = ...,
+        has_end: _builtins.bool = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "has_end", b"has_end", "key", b"key", "kind", b"kind", "limit", b"limit", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TxnOp: _TypeAlias = TxnOp  # noqa: Y015
+
+@_typing.final
+class TxnOpResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOUND_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    VERSION_TS_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    found: _builtins.bool
+    value: _builtins.bytes
+    version_ts: _builtins.int
+    more: _builtins.bool
+    """OP_SCAN: rows left beyond the limit"""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyValue]:
+        """OP_SCAN"""
+
+    def __init__(
+        self,
+        *,
+        found: _builtins.bool = ...,
+        value: _builtins.bytes = ...,
+        version_ts: _builtins.int = ...,
+        items: _abc.Iterable[Global___KeyValue] | None = ...,
+        more: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "items", b"items", "more", b"more", "value", b"value", "version_ts", b"version_ts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TxnOpResult: _TypeAlias = TxnOpResult  # noqa: Y015
+
+@_typing.final
+class TxnHeader(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TXN_ID_FIELD_NUMBER: _builtins.int
+    TS_FIELD_NUMBER: _builtins.int
+    RECORD_KEY_FIELD_NUMBER: _builtins.int
+    COORDINATOR_FIELD_NUMBER: _builtins.int
+    READ_ONLY_FIELD_NUMBER: _builtins.int
+    txn_id: _builtins.bytes
+    ts: _builtins.int
+    record_key: _builtins.bytes
+    """the key whose shard holds the record; empty while nothing is written"""
+    coordinator: _builtins.str
+    read_only: _builtins.bool
+    def __init__(
+        self,
+        *,
+        txn_id: _builtins.bytes = ...,
+        ts: _builtins.int = ...,
+        record_key: _builtins.bytes = ...,
+        coordinator: _builtins.str = ...,
+        read_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator", b"coordinator", "read_only", b"read_only", "record_key", b"record_key", "ts", b"ts", "txn_id", b"txn_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TxnHeader: _TypeAlias = TxnHeader  # noqa: Y015
+
+@_typing.final
+class BeginTxnRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READ_ONLY_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    READ_TS_FIELD_NUMBER: _builtins.int
+    read_only: _builtins.bool
+    read_ts: _builtins.int
+    """Read-only transactions only: read at this timestamp instead of a fresh one."""
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Keys the transaction will touch, when known: lets the coordinator place the record and pick
+        a future timestamp for transactions that reach other regions.
+        """
+
+    def __init__(
+        self,
+        *,
+        read_only: _builtins.bool = ...,
+        keys: _abc.Iterable[_builtins.bytes] | None = ...,
+        read_ts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "read_only", b"read_only", "read_ts", b"read_ts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BeginTxnRequest: _TypeAlias = BeginTxnRequest  # noqa: Y015
+
+@_typing.final
+class BeginTxnResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TXN_ID_FIELD_NUMBER: _builtins.int
+    TS_FIELD_NUMBER: _builtins.int
+    COORDINATOR_FIELD_NUMBER: _builtins.int
+    txn_id: _builtins.bytes
+    ts: _builtins.int
+    coordinator: _builtins.str
+    def __init__(
+        self,
+        *,
+        txn_id: _builtins.bytes = ...,
+        ts: _builtins.int = ...,
+        coordinator: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator", b"coordinator", "ts", b"ts", "txn_id", b"txn_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BeginTxnResponse: _TypeAlias = BeginTxnResponse  # noqa: Y015
+
+@_typing.final
+class TxnOpsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TXN_ID_FIELD_NUMBER: _builtins.int
+    OPS_FIELD_NUMBER: _builtins.int
+    txn_id: _builtins.bytes
+    @_builtins.property
+    def ops(self) -> _containers.RepeatedCompositeFieldContainer[Global___TxnOp]: ...
+    def __init__(
+        self,
+        *,
+        txn_id: _builtins.bytes = ...,
+        ops: _abc.Iterable[Global___TxnOp] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ops", b"ops", "txn_id", b"txn_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TxnOpsRequest: _TypeAlias = TxnOpsRequest  # noqa: Y015
+
+@_typing.final
+class TxnOpsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TxnOpResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___TxnOpResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TxnOpsResponse: _TypeAlias = TxnOpsResponse  # noqa: Y015
+
+@_typing.final
+class CommitTxnRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TXN_ID_FIELD_NUMBER: _builtins.int
+    txn_id: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        txn_id: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["txn_id", b"txn_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitTxnRequest: _TypeAlias = CommitTxnRequest  # noqa: Y015
+
+@_typing.final
+class CommitTxnResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMIT_TS_FIELD_NUMBER: _builtins.int
+    READ_ONLY_FIELD_NUMBER: _builtins.int
+    commit_ts: _builtins.int
+    read_only: _builtins.bool
+    def __init__(
+        self,
+        *,
+        commit_ts: _builtins.int = ...,
+        read_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_ts", b"commit_ts", "read_only", b"read_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitTxnResponse: _TypeAlias = CommitTxnResponse  # noqa: Y015
+
+@_typing.final
+class AbortTxnRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TXN_ID_FIELD_NUMBER: _builtins.int
+    txn_id: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        txn_id: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["txn_id", b"txn_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortTxnRequest: _TypeAlias = AbortTxnRequest  # noqa: Y015
+
+@_typing.final
+class AbortTxnResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortTxnResponse: _TypeAlias = AbortTxnResponse  # noqa: Y015
+
+@_typing.final
+class ExecRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TXN_FIELD_NUMBER: _builtins.int
+    SHARD_ID_FIELD_NUMBER: _builtins.int
+    OPS_FIELD_NUMBER: _builtins.int
+    shard_id: _builtins.int
+    @_builtins.property
+    def txn(self) -> Global___TxnHeader: ...
+    @_builtins.property
+    def ops(self) -> _containers.RepeatedCompositeFieldContainer[Global___TxnOp]: ...
+    def __init__(
+        self,
+        *,
+        txn: Global___TxnHeader | None = ...,
+        shard_id: _builtins.int = ...,
+        ops: _abc.Iterable[Global___TxnOp] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["txn", b"txn"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ops", b"ops", "shard_id", b"shard_id", "txn", b"txn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecRequest: _TypeAlias = ExecRequest  # noqa: Y015
+
+@_typing.final
+class ExecResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TxnOpResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___TxnOpResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecResponse: _TypeAlias = ExecResponse  # noqa: Y015
+
+@_typing.final
+class EndTxnRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TXN_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
+    COMMIT_TS_FIELD_NUMBER: _builtins.int
+    commit: _builtins.bool
+    commit_ts: _builtins.int
+    """0: the transaction's timestamp (K2-MVTO, MVTO-HLC)"""
+    @_builtins.property
+    def txn(self) -> Global___TxnHeader: ...
+    def __init__(
+        self,
+        *,
+        txn: Global___TxnHeader | None = ...,
+        commit: _builtins.bool = ...,
+        commit_ts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["txn", b"txn"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "commit_ts", b"commit_ts", "txn", b"txn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndTxnRequest: _TypeAlias = EndTxnRequest  # noqa: Y015
+
+@_typing.final
+class PrepareRequest(_message.Message):
+    """d2PL-TTC only: the first phase of two-phase commit at one participant shard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TXN_FIELD_NUMBER: _builtins.int
+    SHARD_ID_FIELD_NUMBER: _builtins.int
+    shard_id: _builtins.int
+    @_builtins.property
+    def txn(self) -> Global___TxnHeader: ...
+    def __init__(
+        self,
+        *,
+        txn: Global___TxnHeader | None = ...,
+        shard_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["txn", b"txn"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shard_id", b"shard_id", "txn", b"txn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareRequest: _TypeAlias = PrepareRequest  # noqa: Y015
+
+@_typing.final
+class PrepareResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREPARE_TS_FIELD_NUMBER: _builtins.int
+    prepare_ts: _builtins.int
+    """the participant's lower bound for the commit timestamp"""
+    def __init__(
+        self,
+        *,
+        prepare_ts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prepare_ts", b"prepare_ts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareResponse: _TypeAlias = PrepareResponse  # noqa: Y015
+
+@_typing.final
+class EndTxnResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    COMMIT_TS_FIELD_NUMBER: _builtins.int
+    status: Global___TxnStatus.ValueType
+    commit_ts: _builtins.int
+    def __init__(
+        self,
+        *,
+        status: Global___TxnStatus.ValueType = ...,
+        commit_ts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_ts", b"commit_ts", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndTxnResponse: _TypeAlias = EndTxnResponse  # noqa: Y015
+
+@_typing.final
+class ResolveRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TXN_ID_FIELD_NUMBER: _builtins.int
+    COMMIT_TS_FIELD_NUMBER: _builtins.int
+    SHARD_ID_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    txn_id: _builtins.bytes
+    commit_ts: _builtins.int
+    """0: the transaction aborted"""
+    shard_id: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        txn_id: _builtins.bytes = ...,
+        commit_ts: _builtins.int = ...,
+        shard_id: _builtins.int = ...,
+        keys: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_ts", b"commit_ts", "keys", b"keys", "shard_id", b"shard_id", "txn_id", b"txn_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveRequest: _TypeAlias = ResolveRequest  # noqa: Y015
+
+@_typing.final
+class ResolveResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESOLVED_FIELD_NUMBER: _builtins.int
+    resolved: _builtins.int
+    def __init__(
+        self,
+        *,
+        resolved: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resolved", b"resolved"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveResponse: _TypeAlias = ResolveResponse  # noqa: Y015
+
+@_typing.final
+class QueryTxnRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TXN_ID_FIELD_NUMBER: _builtins.int
+    RECORD_KEY_FIELD_NUMBER: _builtins.int
+    TS_FIELD_NUMBER: _builtins.int
+    ABORT_IF_EXPIRED_FIELD_NUMBER: _builtins.int
+    txn_id: _builtins.bytes
+    record_key: _builtins.bytes
+    ts: _builtins.int
+    abort_if_expired: _builtins.bool
+    """Abort the transaction if it is pending and its heartbeat has expired (a pusher's request)."""
+    def __init__(
+        self,
+        *,
+        txn_id: _builtins.bytes = ...,
+        record_key: _builtins.bytes = ...,
+        ts: _builtins.int = ...,
+        abort_if_expired: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_if_expired", b"abort_if_expired", "record_key", b"record_key", "ts", b"ts", "txn_id", b"txn_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryTxnRequest: _TypeAlias = QueryTxnRequest  # noqa: Y015
+
+@_typing.final
+class QueryTxnResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    COMMIT_TS_FIELD_NUMBER: _builtins.int
+    status: Global___TxnStatus.ValueType
+    commit_ts: _builtins.int
+    def __init__(
+        self,
+        *,
+        status: Global___TxnStatus.ValueType = ...,
+        commit_ts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_ts", b"commit_ts", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryTxnResponse: _TypeAlias = QueryTxnResponse  # noqa: Y015
+
+@_typing.final
+class HeartbeatRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TXN_ID_FIELD_NUMBER: _builtins.int
+    RECORD_KEY_FIELD_NUMBER: _builtins.int
+    TS_FIELD_NUMBER: _builtins.int
+    txn_id: _builtins.bytes
+    record_key: _builtins.bytes
+    ts: _builtins.int
+    def __init__(
+        self,
+        *,
+        txn_id: _builtins.bytes = ...,
+        record_key: _builtins.bytes = ...,
+        ts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["record_key", b"record_key", "ts", b"ts", "txn_id", b"txn_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
+
+@_typing.final
+class HeartbeatResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    status: Global___TxnStatus.ValueType
+    def __init__(
+        self,
+        *,
+        status: Global___TxnStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatResponse: _TypeAlias = HeartbeatResponse  # noqa: Y015
+
+@_typing.final
+class ForgetTxnRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TXN_ID_FIELD_NUMBER: _builtins.int
+    RECORD_KEY_FIELD_NUMBER: _builtins.int
+    txn_id: _builtins.bytes
+    record_key: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        txn_id: _builtins.bytes = ...,
+        record_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["record_key", b"record_key", "txn_id", b"txn_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetTxnRequest: _TypeAlias = ForgetTxnRequest  # noqa: Y015
+
+@_typing.final
+class ForgetTxnResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetTxnResponse: _TypeAlias = ForgetTxnResponse  # noqa: Y015

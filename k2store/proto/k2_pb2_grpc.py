@@ -59,6 +59,26 @@ class K2Stub:
                 request_serializer=k2store_dot_proto_dot_k2__pb2.ClusterInfoRequest.SerializeToString,
                 response_deserializer=k2store_dot_proto_dot_k2__pb2.ClusterInfoResponse.FromString,
                 _registered_method=True)
+        self.BeginTxn = channel.unary_unary(
+                '/k2.v1.K2/BeginTxn',
+                request_serializer=k2store_dot_proto_dot_k2__pb2.BeginTxnRequest.SerializeToString,
+                response_deserializer=k2store_dot_proto_dot_k2__pb2.BeginTxnResponse.FromString,
+                _registered_method=True)
+        self.TxnOps = channel.unary_unary(
+                '/k2.v1.K2/TxnOps',
+                request_serializer=k2store_dot_proto_dot_k2__pb2.TxnOpsRequest.SerializeToString,
+                response_deserializer=k2store_dot_proto_dot_k2__pb2.TxnOpsResponse.FromString,
+                _registered_method=True)
+        self.CommitTxn = channel.unary_unary(
+                '/k2.v1.K2/CommitTxn',
+                request_serializer=k2store_dot_proto_dot_k2__pb2.CommitTxnRequest.SerializeToString,
+                response_deserializer=k2store_dot_proto_dot_k2__pb2.CommitTxnResponse.FromString,
+                _registered_method=True)
+        self.AbortTxn = channel.unary_unary(
+                '/k2.v1.K2/AbortTxn',
+                request_serializer=k2store_dot_proto_dot_k2__pb2.AbortTxnRequest.SerializeToString,
+                response_deserializer=k2store_dot_proto_dot_k2__pb2.AbortTxnResponse.FromString,
+                _registered_method=True)
 
 
 class K2Servicer:
@@ -94,6 +114,31 @@ class K2Servicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BeginTxn(self, request, context):
+        """Transactions, client to coordinator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TxnOps(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitTxn(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortTxn(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_K2Servicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +166,26 @@ def add_K2Servicer_to_server(servicer, server):
                     servicer.ClusterInfo,
                     request_deserializer=k2store_dot_proto_dot_k2__pb2.ClusterInfoRequest.FromString,
                     response_serializer=k2store_dot_proto_dot_k2__pb2.ClusterInfoResponse.SerializeToString,
+            ),
+            'BeginTxn': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginTxn,
+                    request_deserializer=k2store_dot_proto_dot_k2__pb2.BeginTxnRequest.FromString,
+                    response_serializer=k2store_dot_proto_dot_k2__pb2.BeginTxnResponse.SerializeToString,
+            ),
+            'TxnOps': grpc.unary_unary_rpc_method_handler(
+                    servicer.TxnOps,
+                    request_deserializer=k2store_dot_proto_dot_k2__pb2.TxnOpsRequest.FromString,
+                    response_serializer=k2store_dot_proto_dot_k2__pb2.TxnOpsResponse.SerializeToString,
+            ),
+            'CommitTxn': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitTxn,
+                    request_deserializer=k2store_dot_proto_dot_k2__pb2.CommitTxnRequest.FromString,
+                    response_serializer=k2store_dot_proto_dot_k2__pb2.CommitTxnResponse.SerializeToString,
+            ),
+            'AbortTxn': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortTxn,
+                    request_deserializer=k2store_dot_proto_dot_k2__pb2.AbortTxnRequest.FromString,
+                    response_serializer=k2store_dot_proto_dot_k2__pb2.AbortTxnResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +323,447 @@ class K2:
             '/k2.v1.K2/ClusterInfo',
             k2store_dot_proto_dot_k2__pb2.ClusterInfoRequest.SerializeToString,
             k2store_dot_proto_dot_k2__pb2.ClusterInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BeginTxn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2.v1.K2/BeginTxn',
+            k2store_dot_proto_dot_k2__pb2.BeginTxnRequest.SerializeToString,
+            k2store_dot_proto_dot_k2__pb2.BeginTxnResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TxnOps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2.v1.K2/TxnOps',
+            k2store_dot_proto_dot_k2__pb2.TxnOpsRequest.SerializeToString,
+            k2store_dot_proto_dot_k2__pb2.TxnOpsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitTxn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2.v1.K2/CommitTxn',
+            k2store_dot_proto_dot_k2__pb2.CommitTxnRequest.SerializeToString,
+            k2store_dot_proto_dot_k2__pb2.CommitTxnResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortTxn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2.v1.K2/AbortTxn',
+            k2store_dot_proto_dot_k2__pb2.AbortTxnRequest.SerializeToString,
+            k2store_dot_proto_dot_k2__pb2.AbortTxnResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ParticipantStub:
+    """Transaction participants: coordinator to shard leaders, and leader to leader.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Exec = channel.unary_unary(
+                '/k2.v1.Participant/Exec',
+                request_serializer=k2store_dot_proto_dot_k2__pb2.ExecRequest.SerializeToString,
+                response_deserializer=k2store_dot_proto_dot_k2__pb2.ExecResponse.FromString,
+                _registered_method=True)
+        self.EndTxn = channel.unary_unary(
+                '/k2.v1.Participant/EndTxn',
+                request_serializer=k2store_dot_proto_dot_k2__pb2.EndTxnRequest.SerializeToString,
+                response_deserializer=k2store_dot_proto_dot_k2__pb2.EndTxnResponse.FromString,
+                _registered_method=True)
+        self.Prepare = channel.unary_unary(
+                '/k2.v1.Participant/Prepare',
+                request_serializer=k2store_dot_proto_dot_k2__pb2.PrepareRequest.SerializeToString,
+                response_deserializer=k2store_dot_proto_dot_k2__pb2.PrepareResponse.FromString,
+                _registered_method=True)
+        self.Resolve = channel.unary_unary(
+                '/k2.v1.Participant/Resolve',
+                request_serializer=k2store_dot_proto_dot_k2__pb2.ResolveRequest.SerializeToString,
+                response_deserializer=k2store_dot_proto_dot_k2__pb2.ResolveResponse.FromString,
+                _registered_method=True)
+        self.QueryTxn = channel.unary_unary(
+                '/k2.v1.Participant/QueryTxn',
+                request_serializer=k2store_dot_proto_dot_k2__pb2.QueryTxnRequest.SerializeToString,
+                response_deserializer=k2store_dot_proto_dot_k2__pb2.QueryTxnResponse.FromString,
+                _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/k2.v1.Participant/Heartbeat',
+                request_serializer=k2store_dot_proto_dot_k2__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=k2store_dot_proto_dot_k2__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
+        self.ForgetTxn = channel.unary_unary(
+                '/k2.v1.Participant/ForgetTxn',
+                request_serializer=k2store_dot_proto_dot_k2__pb2.ForgetTxnRequest.SerializeToString,
+                response_deserializer=k2store_dot_proto_dot_k2__pb2.ForgetTxnResponse.FromString,
+                _registered_method=True)
+
+
+class ParticipantServicer:
+    """Transaction participants: coordinator to shard leaders, and leader to leader.
+    """
+
+    def Exec(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndTxn(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Prepare(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resolve(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryTxn(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetTxn(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ParticipantServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Exec': grpc.unary_unary_rpc_method_handler(
+                    servicer.Exec,
+                    request_deserializer=k2store_dot_proto_dot_k2__pb2.ExecRequest.FromString,
+                    response_serializer=k2store_dot_proto_dot_k2__pb2.ExecResponse.SerializeToString,
+            ),
+            'EndTxn': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndTxn,
+                    request_deserializer=k2store_dot_proto_dot_k2__pb2.EndTxnRequest.FromString,
+                    response_serializer=k2store_dot_proto_dot_k2__pb2.EndTxnResponse.SerializeToString,
+            ),
+            'Prepare': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prepare,
+                    request_deserializer=k2store_dot_proto_dot_k2__pb2.PrepareRequest.FromString,
+                    response_serializer=k2store_dot_proto_dot_k2__pb2.PrepareResponse.SerializeToString,
+            ),
+            'Resolve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resolve,
+                    request_deserializer=k2store_dot_proto_dot_k2__pb2.ResolveRequest.FromString,
+                    response_serializer=k2store_dot_proto_dot_k2__pb2.ResolveResponse.SerializeToString,
+            ),
+            'QueryTxn': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryTxn,
+                    request_deserializer=k2store_dot_proto_dot_k2__pb2.QueryTxnRequest.FromString,
+                    response_serializer=k2store_dot_proto_dot_k2__pb2.QueryTxnResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=k2store_dot_proto_dot_k2__pb2.HeartbeatRequest.FromString,
+                    response_serializer=k2store_dot_proto_dot_k2__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'ForgetTxn': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetTxn,
+                    request_deserializer=k2store_dot_proto_dot_k2__pb2.ForgetTxnRequest.FromString,
+                    response_serializer=k2store_dot_proto_dot_k2__pb2.ForgetTxnResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'k2.v1.Participant', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('k2.v1.Participant', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Participant:
+    """Transaction participants: coordinator to shard leaders, and leader to leader.
+    """
+
+    @staticmethod
+    def Exec(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2.v1.Participant/Exec',
+            k2store_dot_proto_dot_k2__pb2.ExecRequest.SerializeToString,
+            k2store_dot_proto_dot_k2__pb2.ExecResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndTxn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2.v1.Participant/EndTxn',
+            k2store_dot_proto_dot_k2__pb2.EndTxnRequest.SerializeToString,
+            k2store_dot_proto_dot_k2__pb2.EndTxnResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prepare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2.v1.Participant/Prepare',
+            k2store_dot_proto_dot_k2__pb2.PrepareRequest.SerializeToString,
+            k2store_dot_proto_dot_k2__pb2.PrepareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resolve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2.v1.Participant/Resolve',
+            k2store_dot_proto_dot_k2__pb2.ResolveRequest.SerializeToString,
+            k2store_dot_proto_dot_k2__pb2.ResolveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryTxn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2.v1.Participant/QueryTxn',
+            k2store_dot_proto_dot_k2__pb2.QueryTxnRequest.SerializeToString,
+            k2store_dot_proto_dot_k2__pb2.QueryTxnResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2.v1.Participant/Heartbeat',
+            k2store_dot_proto_dot_k2__pb2.HeartbeatRequest.SerializeToString,
+            k2store_dot_proto_dot_k2__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetTxn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2.v1.Participant/ForgetTxn',
+            k2store_dot_proto_dot_k2__pb2.ForgetTxnRequest.SerializeToString,
+            k2store_dot_proto_dot_k2__pb2.ForgetTxnResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,11 @@ class K2Stub:
     Delete: _grpc.UnaryUnaryMultiCallable[_k2_pb2.DeleteRequest, _k2_pb2.DeleteResponse]
     Scan: _grpc.UnaryUnaryMultiCallable[_k2_pb2.ScanRequest, _k2_pb2.ScanResponse]
     ClusterInfo: _grpc.UnaryUnaryMultiCallable[_k2_pb2.ClusterInfoRequest, _k2_pb2.ClusterInfoResponse]
+    BeginTxn: _grpc.UnaryUnaryMultiCallable[_k2_pb2.BeginTxnRequest, _k2_pb2.BeginTxnResponse]
+    """Transactions, client to coordinator."""
+    TxnOps: _grpc.UnaryUnaryMultiCallable[_k2_pb2.TxnOpsRequest, _k2_pb2.TxnOpsResponse]
+    CommitTxn: _grpc.UnaryUnaryMultiCallable[_k2_pb2.CommitTxnRequest, _k2_pb2.CommitTxnResponse]
+    AbortTxn: _grpc.UnaryUnaryMultiCallable[_k2_pb2.AbortTxnRequest, _k2_pb2.AbortTxnResponse]
 
 @_typing.type_check_only
 class K2AsyncStub(K2Stub):
@@ -57,6 +62,11 @@ class K2AsyncStub(K2Stub):
     Delete: _aio.UnaryUnaryMultiCallable[_k2_pb2.DeleteRequest, _k2_pb2.DeleteResponse]  # type: ignore[assignment]
     Scan: _aio.UnaryUnaryMultiCallable[_k2_pb2.ScanRequest, _k2_pb2.ScanResponse]  # type: ignore[assignment]
     ClusterInfo: _aio.UnaryUnaryMultiCallable[_k2_pb2.ClusterInfoRequest, _k2_pb2.ClusterInfoResponse]  # type: ignore[assignment]
+    BeginTxn: _aio.UnaryUnaryMultiCallable[_k2_pb2.BeginTxnRequest, _k2_pb2.BeginTxnResponse]  # type: ignore[assignment]
+    """Transactions, client to coordinator."""
+    TxnOps: _aio.UnaryUnaryMultiCallable[_k2_pb2.TxnOpsRequest, _k2_pb2.TxnOpsResponse]  # type: ignore[assignment]
+    CommitTxn: _aio.UnaryUnaryMultiCallable[_k2_pb2.CommitTxnRequest, _k2_pb2.CommitTxnResponse]  # type: ignore[assignment]
+    AbortTxn: _aio.UnaryUnaryMultiCallable[_k2_pb2.AbortTxnRequest, _k2_pb2.AbortTxnResponse]  # type: ignore[assignment]
 
 class K2Servicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -94,7 +104,118 @@ class K2Servicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_k2_pb2.ClusterInfoResponse, _abc.Awaitable[_k2_pb2.ClusterInfoResponse]]: ...
 
+    @_abc_1.abstractmethod
+    def BeginTxn(
+        self,
+        request: _k2_pb2.BeginTxnRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_k2_pb2.BeginTxnResponse, _abc.Awaitable[_k2_pb2.BeginTxnResponse]]:
+        """Transactions, client to coordinator."""
+
+    @_abc_1.abstractmethod
+    def TxnOps(
+        self,
+        request: _k2_pb2.TxnOpsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_k2_pb2.TxnOpsResponse, _abc.Awaitable[_k2_pb2.TxnOpsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CommitTxn(
+        self,
+        request: _k2_pb2.CommitTxnRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_k2_pb2.CommitTxnResponse, _abc.Awaitable[_k2_pb2.CommitTxnResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AbortTxn(
+        self,
+        request: _k2_pb2.AbortTxnRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_k2_pb2.AbortTxnResponse, _abc.Awaitable[_k2_pb2.AbortTxnResponse]]: ...
+
 def add_K2Servicer_to_server(servicer: K2Servicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class ParticipantStub:
+    """Transaction participants: coordinator to shard leaders, and leader to leader."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> ParticipantAsyncStub: ...
+    Exec: _grpc.UnaryUnaryMultiCallable[_k2_pb2.ExecRequest, _k2_pb2.ExecResponse]
+    EndTxn: _grpc.UnaryUnaryMultiCallable[_k2_pb2.EndTxnRequest, _k2_pb2.EndTxnResponse]
+    Prepare: _grpc.UnaryUnaryMultiCallable[_k2_pb2.PrepareRequest, _k2_pb2.PrepareResponse]
+    Resolve: _grpc.UnaryUnaryMultiCallable[_k2_pb2.ResolveRequest, _k2_pb2.ResolveResponse]
+    QueryTxn: _grpc.UnaryUnaryMultiCallable[_k2_pb2.QueryTxnRequest, _k2_pb2.QueryTxnResponse]
+    Heartbeat: _grpc.UnaryUnaryMultiCallable[_k2_pb2.HeartbeatRequest, _k2_pb2.HeartbeatResponse]
+    ForgetTxn: _grpc.UnaryUnaryMultiCallable[_k2_pb2.ForgetTxnRequest, _k2_pb2.ForgetTxnResponse]
+
+@_typing.type_check_only
+class ParticipantAsyncStub(ParticipantStub):
+    """Transaction participants: coordinator to shard leaders, and leader to leader."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Exec: _aio.UnaryUnaryMultiCallable[_k2_pb2.ExecRequest, _k2_pb2.ExecResponse]  # type: ignore[assignment]
+    EndTxn: _aio.UnaryUnaryMultiCallable[_k2_pb2.EndTxnRequest, _k2_pb2.EndTxnResponse]  # type: ignore[assignment]
+    Prepare: _aio.UnaryUnaryMultiCallable[_k2_pb2.PrepareRequest, _k2_pb2.PrepareResponse]  # type: ignore[assignment]
+    Resolve: _aio.UnaryUnaryMultiCallable[_k2_pb2.ResolveRequest, _k2_pb2.ResolveResponse]  # type: ignore[assignment]
+    QueryTxn: _aio.UnaryUnaryMultiCallable[_k2_pb2.QueryTxnRequest, _k2_pb2.QueryTxnResponse]  # type: ignore[assignment]
+    Heartbeat: _aio.UnaryUnaryMultiCallable[_k2_pb2.HeartbeatRequest, _k2_pb2.HeartbeatResponse]  # type: ignore[assignment]
+    ForgetTxn: _aio.UnaryUnaryMultiCallable[_k2_pb2.ForgetTxnRequest, _k2_pb2.ForgetTxnResponse]  # type: ignore[assignment]
+
+class ParticipantServicer(metaclass=_abc_1.ABCMeta):
+    """Transaction participants: coordinator to shard leaders, and leader to leader."""
+
+    @_abc_1.abstractmethod
+    def Exec(
+        self,
+        request: _k2_pb2.ExecRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_k2_pb2.ExecResponse, _abc.Awaitable[_k2_pb2.ExecResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def EndTxn(
+        self,
+        request: _k2_pb2.EndTxnRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_k2_pb2.EndTxnResponse, _abc.Awaitable[_k2_pb2.EndTxnResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Prepare(
+        self,
+        request: _k2_pb2.PrepareRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_k2_pb2.PrepareResponse, _abc.Awaitable[_k2_pb2.PrepareResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Resolve(
+        self,
+        request: _k2_pb2.ResolveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_k2_pb2.ResolveResponse, _abc.Awaitable[_k2_pb2.ResolveResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def QueryTxn(
+        self,
+        request: _k2_pb2.QueryTxnRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_k2_pb2.QueryTxnResponse, _abc.Awaitable[_k2_pb2.QueryTxnResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Heartbeat(
+        self,
+        request: _k2_pb2.HeartbeatRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_k2_pb2.HeartbeatResponse, _abc.Awaitable[_k2_pb2.HeartbeatResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ForgetTxn(
+        self,
+        request: _k2_pb2.ForgetTxnRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_k2_pb2.ForgetTxnResponse, _abc.Awaitable[_k2_pb2.ForgetTxnResponse]]: ...
+
+def add_ParticipantServicer_to_server(servicer: ParticipantServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class OracleStub:
     @_typing.overload

@@ -164,14 +164,20 @@ def test_restart_recovers_data_and_refuses_writes_below_earlier_reads(tmp_path: 
         async with running(cfg, clock):
             c = AsyncClient(cfg, timeout_s=5)
             w = await c.put("ap-southeast/s", b"kept")
+            r0 = await c.get_versioned("ap-southeast/s")
             await c.close()
+        # The restarted oracle must not repeat or undercut what it issued, even if the clock now
+        # reads earlier (stepped back 10 ms): it resumes above its persisted ceiling.
+        clock.set(clock.now_ns() - 10_000_000)
         async with running(cfg, clock) as nodes:
             c = AsyncClient(cfg, timeout_s=5)
             r = await c.get_versioned("ap-southeast/s", via="us-east-1")
             assert (r.value, r.version_ts) == (b"kept", w.commit_ts)
             # Read marks were lost with the old process: the floor stands in for them.
             leader = nodes["ap-southeast-1"].leaders[cfg.shard_for_key(b"ap-southeast/s").id]
-            assert leader.store.read_marks.floor >= w.commit_ts
+            assert leader.store.read_marks.floor >= r0.read_ts
+            w2 = await c.put("ap-southeast/t", b"later")
+            assert w2.commit_ts > w.commit_ts
             await c.close()
 
     asyncio.run(main())

@@ -15,7 +15,7 @@ from k2store.errors import (
 )
 from k2store.memengine import MemoryEngine
 from k2store.shard import Limits, ShardLeader
-from k2store.storage import Intent, PutIntent
+from txn.storage import Intent, PutIntent
 
 T = 1_700_000_000_000_000_000
 

@@ -1,0 +1,880 @@
+"""`k2 bench txn`: YCSB-T transactions against a real cluster of node processes.
+
+How a run goes::
+
+    cluster (a file, or a fresh local 3-region cluster in a temp dir, torn down afterwards)
+      load:  every key <region>/ycsb/<i> written once (a counter plus padding)
+      run:   clients_per_region closed-loop clients in every region, each its own AsyncClient
+             with region= its region; each transaction reads ops_per_txn keys in one round
+             (get_many) and writes back the read-modify-write ones (put_many), through
+             client.run(fn), which retries aborts with a new timestamp
+      report: throughput, latency percentiles, abort rate overall, by rule, by region and by
+             local versus cross-region transactions (starvation must not hide behind an average)
+
+Keys: each region's key space holds keys // regions keys, drawn by a seeded Zipfian (rank 0 the
+hottest). A transaction works on its own region's keys; a `remote_fraction` of them send one
+read-modify-write to another region's keys instead. The `hot-reads` mix turns half the operations
+into plain reads of the region's `hot_keys` hottest keys, the rows other transactions write: the
+case where MVTO's reads do not block writers and 2PL's read locks do.
+
+What is measured, per transaction: attempts, the abort rule (`TxnAborted.rule`) or error reason of
+every failed attempt, the latency of the committed attempt and end to end (first begin to commit).
+`client.run` does the retrying; a subclass of AsyncClient only observes each attempt's begin and
+commit, so aborts at commit are counted as well as aborts during execution.
+
+`--ablate` runs the same mix once with every refinement on and once with each switched off in turn
+(the cluster file's `[txn]` table), each on a fresh local cluster, and prints ratios to the default.
+
+All timing reads `truetime.SystemClock` (the one OS-clock reader in K2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import contextlib
+import importlib
+import itertools
+import json
+import math
+import random
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from k2store import cluster as cluster_mod
+from k2store import launcher
+from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
+from k2store.cluster import DEFAULT_REGIONS, ClusterConfig, ClusterSettings, TxnSettings
+from k2store.errors import InvalidArgument, K2Error, TxnAborted
+from truetime import SystemClock
+
+PROTOCOLS: tuple[str, ...] = ("k2-mvto",)
+"""Protocols this benchmark runs; each is set as the local cluster's `[txn] protocol`. d2pl-ttc
+and mvto-hlc join this list (one line) once they are built; nothing else here changes."""
+
+PLANNED_PROTOCOLS: tuple[str, ...] = ("d2pl-ttc", "mvto-hlc")
+
+MIXES: tuple[str, ...] = ("rmw", "hot-reads")
+
+REFINEMENTS: tuple[str, ...] = (
+    "wait_for_lower",
+    "one_shot",
+    "record_at_home",
+    "async_resolve",
+    "future_ts",
+)
+"""The `[txn]` switches that `--ablate` turns off one at a time (see cluster.TxnSettings)."""
+
+BATCH_EXPIRED = "begin:batch-expired"
+"""How a begin that failed on a stale timestamp batch is counted (see _ObservingClient.begin)."""
+
+_CLOCK = SystemClock()
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    """One benchmark run's workload. Defaults suit a laptop; `quick()` a CI smoke test."""
+
+    protocol: str = "k2-mvto"
+    mix: str = "rmw"
+    """`rmw`: every operation is a read-modify-write. `hot-reads`: half are reads of hot keys."""
+    theta: float = 0.99
+    """Zipfian skew: 0 is uniform; 0.99 is YCSB's default (the hottest key draws ~1 in 7)."""
+    keys: int = 3000
+    """Total keys, split evenly over the regions (<region>/ycsb/<i>)."""
+    clients_per_region: int = 4
+    ops_per_txn: int = 2
+    duration_s: float = 20.0
+    remote_fraction: float = 0.2
+    """Fraction of transactions that send one read-modify-write to another region's keys."""
+    hot_keys: int = 4
+    """`hot-reads`: reads go to this many hottest keys of the client's region."""
+    value_bytes: int = 100
+    max_attempts: int = 30
+    """Attempts per transaction before `client.run` gives up (the transaction counts as failed)."""
+    seed: int = 1
+
+    @staticmethod
+    def quick(**overrides: Any) -> BenchConfig:
+        base = BenchConfig(keys=300, clients_per_region=2, duration_s=6.0)
+        return replace(base, **overrides)
+
+    def validate(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            planned = (
+                f" ({self.protocol} is planned but not built yet)"
+                if self.protocol in PLANNED_PROTOCOLS
+                else ""
+            )
+            raise InvalidArgument(
+                f"unknown protocol {self.protocol!r}{planned}; available: {', '.join(PROTOCOLS)}"
+            )
+        if self.mix not in MIXES:
+            raise InvalidArgument(f"unknown mix {self.mix!r}; available: {', '.join(MIXES)}")
+        if not (math.isfinite(self.theta) and self.theta >= 0):
+            raise InvalidArgument(f"theta must be a finite number >= 0, got {self.theta}")
+        if self.ops_per_txn < 1:
+            raise InvalidArgument(f"ops-per-txn must be at least 1, got {self.ops_per_txn}")
+        if self.clients_per_region < 1:
+            raise InvalidArgument(
+                f"clients-per-region must be at least 1, got {self.clients_per_region}"
+            )
+        if not 0 <= self.remote_fraction <= 1:
+            raise InvalidArgument(f"remote fraction must be in [0, 1], got {self.remote_fraction}")
+        if self.duration_s <= 0:
+            raise InvalidArgument(f"duration must be positive, got {self.duration_s}")
+        if self.max_attempts < 1 or self.hot_keys < 1 or self.value_bytes < 8:
+            raise InvalidArgument("max-attempts and hot-keys must be >= 1, value-bytes >= 8")
+
+    def keys_per_region(self, regions: int) -> int:
+        return self.keys // regions
+
+    def check_keys(self, regions: int) -> None:
+        need = max(self.ops_per_txn, self.hot_keys if self.mix == "hot-reads" else 1)
+        if self.keys_per_region(regions) < need:
+            raise InvalidArgument(
+                f"--keys {self.keys} gives {self.keys_per_region(regions)} keys per region over "
+                f"{regions} regions; need at least {need} per region (ops-per-txn, and hot-keys "
+                "for the hot-reads mix)"
+            )
+
+
+# -- the workload -------------------------------------------------------------------------------
+
+
+class Zipfian:
+    """Ranks 0..n-1 with P(rank r) proportional to 1 / (r + 1)^theta, from a seeded Random.
+
+    Exact: draws invert the cumulative distribution (precomputed, O(n) memory, O(log n) a draw),
+    rather than YCSB's closed-form approximation, so any theta >= 0 works, 1 included.
+    """
+
+    def __init__(self, n: int, theta: float, rng: random.Random) -> None:
+        if n < 1:
+            raise ValueError(f"a Zipfian needs at least one item, got {n}")
+        if theta < 0:
+            raise ValueError(f"theta must be >= 0, got {theta}")
+        self.n = n
+        self.theta = theta
+        self._rng = rng
+        self._cdf = list(itertools.accumulate(1.0 / (r + 1) ** theta for r in range(n)))
+        self._total = self._cdf[-1]
+
+    def probability(self, rank: int) -> float:
+        return float(1.0 / (rank + 1) ** self.theta / self._total)
+
+    def next(self) -> int:
+        u = self._rng.random() * self._total
+        return min(bisect.bisect_right(self._cdf, u), self.n - 1)
+
+
+def ycsb_key(region: str, i: int) -> str:
+    return f"{region}/ycsb/{i}"
+
+
+@dataclass(frozen=True, slots=True)
+class TxnSpec:
+    reads: tuple[str, ...]
+    """Keys only read (the hot-reads mix)."""
+    rmw: tuple[str, ...]
+    """Keys read, then written back."""
+    remote: bool
+    """Whether one key belongs to another region."""
+
+
+class Workload:
+    """The transactions of one client: a seeded stream of TxnSpec for its region."""
+
+    def __init__(self, bc: BenchConfig, regions: Sequence[str], region: str, seed: int) -> None:
+        self._bc = bc
+        self._regions = list(regions)
+        self._region = region
+        self._others = [r for r in regions if r != region]
+        self._rng = random.Random(seed)
+        self._zipf = Zipfian(bc.keys_per_region(len(regions)), bc.theta, self._rng)
+        self._hot = Zipfian(bc.hot_keys, bc.theta, self._rng)
+        self.reads_per_txn = bc.ops_per_txn // 2 if bc.mix == "hot-reads" else 0
+        self.rmw_per_txn = bc.ops_per_txn - self.reads_per_txn
+
+    def _distinct(self, zipf: Zipfian, region: str, taken: set[str]) -> str:
+        for _ in range(64):
+            k = ycsb_key(region, zipf.next())
+            if k not in taken:
+                return k
+        # Extreme skew, or more hot reads than hot keys: the region's hottest key not yet taken
+        # (check_keys makes sure the region has enough keys).
+        return next(
+            ycsb_key(region, i) for i in range(self._zipf.n) if ycsb_key(region, i) not in taken
+        )
+
+    def next(self) -> TxnSpec:
+        remote = bool(self._others) and self._rng.random() < self._bc.remote_fraction
+        taken: set[str] = set()
+        rmw: list[str] = []
+        for j in range(self.rmw_per_txn):
+            region = self._region
+            if remote and j == self.rmw_per_txn - 1:
+                region = self._rng.choice(self._others)
+            k = self._distinct(self._zipf, region, taken)
+            taken.add(k)
+            rmw.append(k)
+        reads = []
+        for _ in range(self.reads_per_txn):
+            k = self._distinct(self._hot, self._region, taken)
+            taken.add(k)
+            reads.append(k)
+        return TxnSpec(tuple(reads), tuple(rmw), remote)
+
+
+def _bump(value: bytes | None, size: int) -> bytes:
+    n = int.from_bytes(value[:8], "big") + 1 if value else 1
+    return n.to_bytes(8, "big") + b"." * (size - 8)
+
+
+# -- observing attempts -------------------------------------------------------------------------
+
+
+class _ObservedTxn(AsyncTransaction):
+    """An AsyncTransaction that reports how its commit ended to the client that began it."""
+
+    _observer: _ObservingClient
+
+    async def commit(self) -> int:
+        try:
+            return await super().commit()
+        except K2Error as e:
+            self._observer.failed(e)
+            raise
+
+
+class _ObservingClient(AsyncClient):
+    """An AsyncClient that notes the start of every attempt and why each failed attempt failed.
+
+    `client.run` still does the retrying; this only watches `begin` (one per attempt) and
+    `commit`, plus the errors the transaction body raises (reported by the caller via `failed`).
+    One closed-loop client drives it, so the notes belong to one transaction at a time.
+    """
+
+    def __init__(self, cluster: ClusterConfig, **kw: Any) -> None:
+        super().__init__(cluster, **kw)
+        self.attempts = 0
+        self.attempt_started_ns = 0
+        self.failures: list[str] = []
+
+    def reset(self) -> None:
+        self.attempts = 0
+        self.failures = []
+
+    def failed(self, e: BaseException) -> None:
+        if isinstance(e, TxnAborted):
+            self.failures.append(e.rule)
+        elif isinstance(e, K2Error):
+            self.failures.append(f"error:{e.reason}")
+        else:
+            self.failures.append(f"error:{type(e).__name__}")
+
+    async def begin(self, **kw: Any) -> AsyncTransaction:
+        for i in range(self.retry.max_attempts):
+            self.attempts += 1
+            self.attempt_started_ns = _CLOCK.monotonic_ns()
+            try:
+                tx = await super().begin(**kw)
+            except K2Error as e:
+                # WORKAROUND: a node's timestamp batch that arrives stale (truetime BatchExpired,
+                # retryable) reaches clients as a non-retryable internal error, which would end
+                # client.run. Counted as a failed attempt under its own name, then retried,
+                # until NodeService.timestamp maps BatchExpired to a retryable K2Error.
+                if e.retryable or "BatchExpired" not in str(e) or i == self.retry.max_attempts - 1:
+                    raise
+                self.failures.append(BATCH_EXPIRED)
+                continue
+            observed = _ObservedTxn(self, tx.coordinator, tx.txn_id, tx.ts, tx.read_only)
+            observed._observer = self
+            return observed
+        raise AssertionError("unreachable")
+
+
+# -- results ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TxnRecord:
+    region: str
+    remote: bool
+    committed: bool
+    attempts: int
+    failures: tuple[str, ...]
+    """Abort rule (or `error:<reason>`) of each failed attempt, in order."""
+    attempt_ms: float
+    """Latency of the last attempt (the committed one when `committed`)."""
+    total_ms: float
+    """End to end: the first begin to the commit's reply (or the final failure)."""
+    finished_s: float
+    """When it finished, in seconds since the run started."""
+
+
+@dataclass
+class RunResult:
+    label: str
+    config: BenchConfig
+    txn_settings: TxnSettings
+    regions: list[str]
+    elapsed_s: float
+    records: list[TxnRecord] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    """Why the run could not complete (an ablation variant that broke); empty when it ran."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "error": self.error,
+            "txn_settings": asdict(self.txn_settings),
+            "regions": self.regions,
+            "elapsed_s": self.elapsed_s,
+            "summary": self.summary,
+            "transactions": {
+                "fields": [
+                    "region",
+                    "remote",
+                    "committed",
+                    "attempts",
+                    "failures",
+                    "attempt_ms",
+                    "total_ms",
+                    "finished_s",
+                ],
+                "rows": [
+                    [
+                        r.region,
+                        r.remote,
+                        r.committed,
+                        r.attempts,
+                        list(r.failures),
+                        round(r.attempt_ms, 3),
+                        round(r.total_ms, 3),
+                        round(r.finished_s, 3),
+                    ]
+                    for r in self.records
+                ],
+            },
+        }
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of an ascending sequence (nan when empty)."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def _group_summary(records: Sequence[TxnRecord], elapsed_s: float) -> dict[str, Any]:
+    done = [r for r in records if r.committed]
+    total = sorted(r.total_ms for r in done)
+    attempt = sorted(r.attempt_ms for r in done)
+    attempts = sum(r.attempts for r in records)
+    failed = sum(len(r.failures) for r in records)
+    return {
+        "transactions": len(records),
+        "committed": len(done),
+        "gave_up": len(records) - len(done),
+        "throughput_tps": len(done) / elapsed_s if elapsed_s > 0 else 0.0,
+        "p50_ms": percentile(total, 50),
+        "p99_ms": percentile(total, 99),
+        "attempt_p50_ms": percentile(attempt, 50),
+        "attempt_p99_ms": percentile(attempt, 99),
+        "attempts": attempts,
+        "failed_attempts": failed,
+        "abort_rate": failed / attempts if attempts else 0.0,
+        "max_attempts": max((r.attempts for r in records), default=0),
+    }
+
+
+def summarize(
+    records: Sequence[TxnRecord], elapsed_s: float, regions: Sequence[str]
+) -> dict[str, Any]:
+    """Overall, per-region and local/cross-region figures, and failed attempts by rule."""
+    rules = Counter(f for r in records for f in r.failures)
+    attempts = sum(r.attempts for r in records)
+    return {
+        "overall": _group_summary(records, elapsed_s),
+        "by_region": {
+            region: _group_summary([r for r in records if r.region == region], elapsed_s)
+            for region in regions
+        },
+        "by_kind": {
+            "local": _group_summary([r for r in records if not r.remote], elapsed_s),
+            "cross-region": _group_summary([r for r in records if r.remote], elapsed_s),
+        },
+        "aborts_by_rule": {
+            rule: {"attempts": n, "share_of_attempts": n / attempts if attempts else 0.0}
+            for rule, n in rules.most_common()
+        },
+    }
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+async def _load(cfg: ClusterConfig, bc: BenchConfig, regions: Sequence[str]) -> None:
+    """Write every key once, in transactions of up to 100 keys homed in one region."""
+    per_region = bc.keys_per_region(len(regions))
+    retry = RetryPolicy(max_attempts=bc.max_attempts, initial_backoff_s=0.005, max_backoff_s=0.2)
+
+    async def load_region(region: str) -> None:
+        async with _ObservingClient(cfg, region=region, retry=retry) as client:
+            for lo in range(0, per_region, 100):
+                batch: dict[bytes | str, bytes | None] = {
+                    ycsb_key(region, i): _bump(None, bc.value_bytes)
+                    for i in range(lo, min(lo + 100, per_region))
+                }
+
+                async def write(
+                    tx: AsyncTransaction, b: dict[bytes | str, bytes | None] = batch
+                ) -> None:
+                    await tx.put_many(b)
+
+                await client.run(write)
+
+    await asyncio.gather(*(load_region(r) for r in regions))
+
+
+async def run_mix(
+    cfg: ClusterConfig,
+    bc: BenchConfig,
+    *,
+    label: str = "default",
+    progress: bool = True,
+) -> RunResult:
+    """Load the keys, run the closed-loop clients for `bc.duration_s`, and summarize."""
+    from tqdm import tqdm
+
+    bc.validate()
+    regions = cfg.region_names()
+    bc.check_keys(len(regions))
+    await _load(cfg, bc, regions)
+
+    retry = RetryPolicy(max_attempts=10, initial_backoff_s=0.002, max_backoff_s=0.1)
+    clients = [
+        (region, _ObservingClient(cfg, region=region, retry=retry))
+        for region in regions
+        for _ in range(bc.clients_per_region)
+    ]
+    records: list[TxnRecord] = []
+    failed_attempts = 0
+    start_ns = _CLOCK.monotonic_ns()
+    stop_ns = start_ns + int(bc.duration_s * 1e9)
+
+    async def closed_loop(index: int, region: str, client: _ObservingClient) -> None:
+        nonlocal failed_attempts
+        workload = Workload(bc, regions, region, seed=bc.seed * 1_000_003 + index)
+        while _CLOCK.monotonic_ns() < stop_ns:
+            spec = workload.next()
+
+            async def body(tx: AsyncTransaction, spec: TxnSpec = spec) -> None:
+                try:
+                    values = await tx.get_many(list(spec.reads + spec.rmw))
+                    old = values[len(spec.reads) :]
+                    await tx.put_many(
+                        {k: _bump(v, bc.value_bytes) for k, v in zip(spec.rmw, old, strict=True)}
+                    )
+                except K2Error as e:
+                    client.failed(e)
+                    raise
+
+            client.reset()
+            t0 = _CLOCK.monotonic_ns()
+            committed = True
+            try:
+                # keys: lets a transaction that reaches another region take a future timestamp.
+                await client.run(body, max_attempts=bc.max_attempts, keys=spec.reads + spec.rmw)
+            except K2Error:
+                committed = False
+            t1 = _CLOCK.monotonic_ns()
+            failed_attempts += len(client.failures)
+            records.append(
+                TxnRecord(
+                    region=region,
+                    remote=spec.remote,
+                    committed=committed,
+                    attempts=client.attempts,
+                    failures=tuple(client.failures),
+                    attempt_ms=(t1 - client.attempt_started_ns) / 1e6,
+                    total_ms=(t1 - t0) / 1e6,
+                    finished_s=(t1 - start_ns) / 1e9,
+                )
+            )
+
+    async def show_progress(bar: Any) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            elapsed = min((_CLOCK.monotonic_ns() - start_ns) / 1e9, bc.duration_s)
+            bar.n = round(elapsed, 1)
+            attempts = sum(r.attempts for r in records) or 1
+            bar.set_postfix(
+                committed=sum(r.committed for r in records),
+                aborts=f"{failed_attempts / attempts:.1%}",
+                refresh=False,
+            )
+            bar.refresh()
+
+    with tqdm(
+        total=bc.duration_s,
+        desc=label,
+        unit="s",
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    ) as bar:
+        ticker = asyncio.ensure_future(show_progress(bar))
+        try:
+            await asyncio.gather(*(closed_loop(i, r, c) for i, (r, c) in enumerate(clients)))
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            await asyncio.gather(*(c.close() for _, c in clients), return_exceptions=True)
+    elapsed_s = (_CLOCK.monotonic_ns() - start_ns) / 1e9
+    result = RunResult(label, bc, cfg.settings.txn, regions, elapsed_s, records)
+    result.summary = summarize(records, elapsed_s, regions)
+    return result
+
+
+@contextlib.contextmanager
+def local_cluster(
+    data: Path, settings: ClusterSettings, *, progress: bool, timeout_s: float = 60.0
+) -> Iterator[ClusterConfig]:
+    """A fresh local cluster (DESIGN's three regions, one node each) with `settings`, stopped
+    on exit. (launcher.up cannot take ClusterSettings yet, so this writes the file itself.)"""
+    data.mkdir(parents=True, exist_ok=True)
+    ports = launcher.free_ports(len(DEFAULT_REGIONS))
+    cfg = cluster_mod.local_cluster(DEFAULT_REGIONS, ports, root=data, settings=settings).write(
+        data / launcher.CLUSTER_FILE
+    )
+    procs = {}
+    try:
+        for n in cfg.nodes:
+            procs[n.name] = launcher.start_node(cfg, n)
+        launcher.wait_healthy(cfg, procs, timeout_s, progress)
+        yield cfg
+    finally:
+        launcher.down(cfg)
+        for p in procs.values():  # nodes that never took their data-dir lock
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+# -- reporting ----------------------------------------------------------------------------------
+
+
+def _ms(v: float) -> str:
+    return "-" if math.isnan(v) else f"{v:.1f}"
+
+
+def format_run(result: RunResult) -> str:
+    bc = result.config
+    s = result.summary
+    if result.error:
+        return f"{bc.protocol} {bc.mix} [{result.label}]: FAILED: {result.error}"
+    lines = [
+        f"{bc.protocol} {bc.mix}: theta {bc.theta}, {bc.keys} keys, "
+        f"{bc.clients_per_region} clients/region, {bc.ops_per_txn} ops/txn, "
+        f"{bc.remote_fraction:.0%} cross-region, {result.elapsed_s:.1f} s [{result.label}]",
+        f"{'':<14} {'committed':>9} {'txn/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'att p50':>8} {'att p99':>8} {'aborts':>7} {'max att':>7} {'gave up':>7}",
+    ]
+
+    def row(name: str, g: dict[str, Any]) -> str:
+        return (
+            f"{name:<14} {g['committed']:>9} {g['throughput_tps']:>8.1f} {_ms(g['p50_ms']):>8} "
+            f"{_ms(g['p99_ms']):>8} {_ms(g['attempt_p50_ms']):>8} {_ms(g['attempt_p99_ms']):>8} "
+            f"{g['abort_rate']:>7.1%} {g['max_attempts']:>7} {g['gave_up']:>7}"
+        )
+
+    lines.append(row("all", s["overall"]))
+    lines += [row(region, g) for region, g in s["by_region"].items()]
+    lines += [row(kind, g) for kind, g in s["by_kind"].items()]
+    rules = s["aborts_by_rule"]
+    if rules:
+        lines.append(
+            "failed attempts by rule: "
+            + ", ".join(
+                f"{rule} {v['attempts']} ({v['share_of_attempts']:.1%})"
+                for rule, v in rules.items()
+            )
+        )
+    else:
+        lines.append("failed attempts by rule: none")
+    lines.append(
+        "(p50/p99: end to end, retries included; att: the committed attempt alone; "
+        "aborts: failed attempts / attempts)"
+    )
+    return "\n".join(lines)
+
+
+def format_ablation(results: Sequence[RunResult]) -> str:
+    base = results[0].summary["overall"]
+
+    def ratio(a: float, b: float) -> str:
+        return "-" if not b or math.isnan(a) or math.isnan(b) else f"{a / b:.2f}x"
+
+    lines = [
+        "ablation (each row one refinement off; ratios to the default run beside it)",
+        f"{'variant':<20} {'txn/s':>8} {'ratio':>7} {'p50 ms':>8} {'ratio':>7} {'p99 ms':>8} "
+        f"{'ratio':>7} {'aborts':>7} {'worst region aborts':>22} top failure",
+    ]
+    for r in results:
+        if r.error:
+            lines.append(f"{r.label:<20} FAILED: {r.error.splitlines()[0][:100]}")
+            continue
+        g = r.summary["overall"]
+        worst = max(r.summary["by_region"].items(), key=lambda kv: kv[1]["abort_rate"])
+        top = next(iter(r.summary["aborts_by_rule"]), "-")
+        lines.append(
+            f"{r.label:<20} {g['throughput_tps']:>8.1f} "
+            f"{ratio(g['throughput_tps'], base['throughput_tps']):>7} {_ms(g['p50_ms']):>8} "
+            f"{ratio(g['p50_ms'], base['p50_ms']):>7} {_ms(g['p99_ms']):>8} "
+            f"{ratio(g['p99_ms'], base['p99_ms']):>7} {g['abort_rate']:>7.1%} "
+            f"{worst[0] + ' ' + format(worst[1]['abort_rate'], '.1%'):>22} {top}"
+        )
+    return "\n".join(lines)
+
+
+def _pyplot() -> Any | None:
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
+    try:
+        matplotlib = importlib.import_module("matplotlib")
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    return importlib.import_module("matplotlib.pyplot")
+
+
+def plot(results: Sequence[RunResult], path: Path) -> bool:
+    """Draw latency CDFs by region and failed attempts by rule (and, for an ablation, throughput
+    per variant). Returns False, drawing nothing, when matplotlib is missing."""
+    plt = _pyplot()
+    results = [r for r in results if not r.error]
+    if plt is None or not results:
+        return False
+    ncols = 3 if len(results) > 1 else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4.2))
+    first = results[0]
+    ax = axes[0]
+    for region in first.regions:
+        lat = sorted(r.total_ms for r in first.records if r.committed and r.region == region)
+        if lat:
+            ax.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))], label=region)
+    ax.set_xscale("log")
+    ax.set_xlabel("end-to-end latency (ms)")
+    ax.set_ylabel("fraction of committed transactions")
+    ax.set_title(f"{first.config.mix}, {first.label}: latency by region")
+    ax.legend()
+    ax = axes[1]
+    rules = sorted({rule for r in results for rule in r.summary["aborts_by_rule"]})
+    width = 0.8 / len(results)
+    for j, r in enumerate(results):
+        shares = [
+            r.summary["aborts_by_rule"].get(rule, {}).get("share_of_attempts", 0.0) * 100
+            for rule in rules
+        ]
+        ax.bar([i + j * width for i in range(len(rules))], shares, width, label=r.label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rules))], rules, rotation=30, ha="right")
+    ax.set_ylabel("% of attempts")
+    ax.set_title("failed attempts by rule")
+    if len(results) > 1:
+        ax.legend(fontsize="small")
+        ax = axes[2]
+        labels = [r.label for r in results]
+        ax.bar(labels, [r.summary["overall"]["throughput_tps"] for r in results])
+        ax.set_ylabel("committed txn/s")
+        ax.set_title("throughput by variant")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _timestamp() -> str:
+    return datetime.fromtimestamp(_CLOCK.now_ns() / 1e9, tz=UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def write_results(
+    results: Sequence[RunResult], out: Path, *, cluster_file: Path | None, ablate: bool
+) -> tuple[Path, Path | None]:
+    """Write the JSON (and the PNG when matplotlib is there); returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"txn-{_timestamp()}"
+    doc = {
+        "benchmark": "txn",
+        "config": asdict(results[0].config),
+        "cluster_file": str(cluster_file) if cluster_file else None,
+        "ablation": ablate,
+        "runs": [r.to_json() for r in results],
+    }
+    json_path = stem.with_suffix(".json")
+    json_path.write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")
+    png_path = stem.with_suffix(".png")
+    return json_path, png_path if plot(results, png_path) else None
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (a percentile of nothing) as null: JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `k2 bench txn` (defaults None mean: BenchConfig's, or --quick's)."""
+    d = BenchConfig()
+    p.add_argument(
+        "--cluster",
+        type=Path,
+        default=None,
+        help="run against this cluster file (default: a fresh local 3-region cluster)",
+    )
+    p.add_argument("--protocol", default=d.protocol, help=f"one of {', '.join(PROTOCOLS)}")
+    p.add_argument("--mix", default=d.mix, help=f"one of {', '.join(MIXES)} (default: %(default)s)")
+    p.add_argument("--theta", type=float, default=None, help=f"Zipfian skew (default {d.theta})")
+    p.add_argument("--keys", type=int, default=None, help=f"total keys (default {d.keys})")
+    p.add_argument(
+        "--clients-per-region",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"closed-loop clients in each region (default {d.clients_per_region})",
+    )
+    p.add_argument("--ops-per-txn", type=int, default=None, help=f"default {d.ops_per_txn}")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"seconds (default {d.duration_s})",
+    )
+    p.add_argument(
+        "--remote-fraction",
+        type=float,
+        default=None,
+        help=f"fraction of cross-region transactions (default {d.remote_fraction})",
+    )
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--quick", action="store_true", help="a small, short run (CI smoke test, under a minute)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-results"),
+        help="directory for the JSON and PNG (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also run with each refinement of [txn] switched off in turn (local clusters only)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    overrides = {
+        k: v
+        for k, v in {
+            "protocol": args.protocol,
+            "mix": args.mix,
+            "theta": args.theta,
+            "keys": args.keys,
+            "clients_per_region": args.clients_per_region,
+            "ops_per_txn": args.ops_per_txn,
+            "duration_s": args.duration,
+            "remote_fraction": args.remote_fraction,
+            "seed": args.seed,
+        }.items()
+        if v is not None
+    }
+    if args.quick:
+        if args.ablate and args.duration is None:
+            overrides["duration_s"] = 3.0  # five clusters in a minute
+        return BenchConfig.quick(**overrides)
+    return BenchConfig(**overrides)
+
+
+def variants(protocol: str, ablate: bool) -> list[tuple[str, TxnSettings]]:
+    """The default [txn] settings, then (with ablate) each refinement switched off."""
+    base = TxnSettings(protocol=protocol)
+    out = [("default", base)]
+    if ablate:
+        for name in REFINEMENTS:
+            off: dict[str, Any] = {name: False}
+            out.append((f"no {name}", replace(base, **off)))
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    """`k2 bench txn`: run, print the tables, write JSON (and a PNG)."""
+    bc = config_from_args(args)
+    bc.validate()
+    if args.ablate and args.cluster is not None:
+        raise InvalidArgument(
+            "--ablate needs fresh local clusters (it changes each one's [txn] table); "
+            "drop --cluster"
+        )
+    progress = sys.stderr.isatty()
+    results: list[RunResult] = []
+    if args.cluster is not None:
+        cfg = cluster_mod.load(args.cluster)
+        if cfg.settings.txn.protocol != bc.protocol:
+            raise InvalidArgument(
+                f"{args.cluster} runs {cfg.settings.txn.protocol} ([txn] protocol), not "
+                f"{bc.protocol}; pass --protocol {cfg.settings.txn.protocol}"
+            )
+        bc.check_keys(len(cfg.regions))
+        results.append(asyncio.run(run_mix(cfg, bc, progress=progress)))
+        print(format_run(results[-1]), flush=True)
+    else:
+        bc.check_keys(len(DEFAULT_REGIONS))
+        with tempfile.TemporaryDirectory(prefix="k2-bench-") as tmp:
+            for i, (label, txn) in enumerate(variants(bc.protocol, args.ablate)):
+                print(
+                    f"[{label}] starting a local 3-region cluster ...", file=sys.stderr, flush=True
+                )
+                settings = replace(ClusterSettings(), txn=txn)
+                try:
+                    with local_cluster(Path(tmp) / f"run{i}", settings, progress=progress) as cfg:
+                        run = asyncio.run(run_mix(cfg, bc, label=label, progress=progress))
+                except K2Error as e:
+                    if i == 0:
+                        raise  # without the default run there is nothing to compare with
+                    # A variant that breaks is a finding, not a reason to lose the others.
+                    run = RunResult(label, bc, txn, list(DEFAULT_REGIONS), 0.0, error=str(e))
+                results.append(run)
+                print(format_run(run) + "\n", flush=True)
+    if len(results) > 1:
+        print(format_ablation(results), flush=True)
+    json_path, png_path = write_results(
+        results, args.out, cluster_file=args.cluster, ablate=args.ablate
+    )
+    print(f"results: {json_path}")
+    if png_path is not None:
+        print(f"plot:    {png_path}")
+    else:
+        print("plot:    skipped (matplotlib is not installed; pip install matplotlib)")
+    return 0

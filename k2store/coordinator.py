@@ -1,0 +1,513 @@
+"""The transaction coordinator in every node: runs clients' transactions against shard leaders.
+
+::
+
+    client ─BeginTxn─▶ Coordinator: ts from the region's K2-TB batch (no wide-area round trip)
+    client ─TxnOps──▶ Coordinator ─Exec (one parallel round per call)─▶ shard leaders
+    client ─CommitTxn▶ Coordinator ─EndTxn─▶ record shard (COMMITTED, fsynced: the commit point)
+                                    commit-wait until after(ts), then reply
+                                    ─Resolve─▶ participants (after the reply) ─ForgetTxn─▶ record
+
+Contracts:
+- A transaction's reads and writes all happen at its one timestamp; writes go out as intents
+  while it runs ("early writes"), so conflicts surface during execution, not at commit.
+- The record lives on the shard of the transaction's first written key (its home row) unless
+  `record_at_home` is off; while writes are pending the coordinator heartbeats it, and if this
+  coordinator dies the record's leader aborts the transaction after `expiry_s` once someone asks.
+- Commit is acknowledged only after the record is durable AND ts has certainly passed
+  (commit-wait), so timestamp order agrees with real-time order. Read-only transactions need no
+  record: they wait until the newest version they returned has certainly passed.
+- Any abort leaves nothing visible: intents of an aborted transaction are dropped.
+
+Transactions whose client goes silent for `client_timeout_s` are aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.message import Message
+
+from k2store.cluster import ClusterConfig, ShardConfig, TxnSettings
+from k2store.errors import InvalidArgument, K2Error, TxnAborted
+from k2store.proto import k2_pb2 as pb
+from truetime import STEP_GRANULARITY, HybridLogicalClock, TrueTime
+
+log = logging.getLogger("k2.coordinator")
+
+CallFn = Callable[[str, str, Message, type[Any]], Awaitable[Any]]
+P = "/k2.v1.Participant/"
+LOCAL_DELAY_NS = 5_000_000
+"""One-way delays below this are a region's own: no future timestamp for them."""
+
+
+@dataclass
+class _Txn:
+    txn_id: bytes
+    ts: int
+    read_only: bool
+    record_key: bytes = b""
+    writes: dict[int, set[bytes]] = field(default_factory=dict)
+    touched: set[int] = field(default_factory=set)
+    """Shards that ran operations of this transaction (d2PL: they hold its locks)."""
+    max_version_ts: int = 0
+    last_activity_ns: int = 0
+    heartbeat: asyncio.Task[None] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    done: bool = False
+    aligned: bool = False
+    """A future timestamp was chosen: dispatch each operation to arrive at about ts."""
+
+    def header(self, coordinator: str) -> pb.TxnHeader:
+        return pb.TxnHeader(
+            txn_id=self.txn_id,
+            ts=self.ts,
+            record_key=self.record_key,
+            coordinator=coordinator,
+            read_only=self.read_only,
+        )
+
+
+class Coordinator:
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        node_name: str,
+        tt: TrueTime,
+        timestamp: Callable[[], Awaitable[int]],
+        call: CallFn,
+        settings: TxnSettings,
+        *,
+        new_txn_id: Callable[[], bytes] = lambda: os.urandom(16),
+        hlc: HybridLogicalClock | None = None,
+        future_source: Callable[[], Awaitable[int]] | None = None,
+    ) -> None:
+        self.future_source = future_source or timestamp
+        self._last_future = 0
+        self._rtt_ns: dict[str, int] = {}
+        self.protocol = settings.protocol
+        self.hlc = hlc
+        self.cluster = cluster
+        self.node_name = node_name
+        self.tt = tt
+        self.timestamp = timestamp
+        self.call = call
+        self.settings = settings
+        self.new_txn_id = new_txn_id
+        self.txns: dict[bytes, _Txn] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+        self.stats: dict[str, int] = {"begun": 0, "committed": 0, "aborted": 0}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._reaper = asyncio.ensure_future(self._reap_silent())
+
+    async def stop(self) -> None:
+        tasks = [t for t in [self._reaper, *self._background] if t is not None]
+        for txn in self.txns.values():
+            if txn.heartbeat is not None:
+                tasks.append(txn.heartbeat)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _reap_silent(self) -> None:
+        limit = int(self.settings.client_timeout_s * 1e9)
+        while True:
+            await asyncio.sleep(self.settings.client_timeout_s / 4)
+            now = _now_ns()
+            for txn in list(self.txns.values()):
+                if not txn.done and now - txn.last_activity_ns > limit and not txn.lock.locked():
+                    log.info("aborting transaction %s: client silent", txn.txn_id.hex()[:12])
+                    await self._abort(txn)
+
+    def _txn(self, txn_id: bytes) -> _Txn:
+        txn = self.txns.get(txn_id)
+        if txn is None or txn.done:
+            raise TxnAborted(
+                f"transaction {txn_id.hex()[:12]} aborted by rule unknown-transaction: the "
+                f"coordinator {self.node_name} does not know it (it ended, timed out, or the "
+                "coordinator restarted)"
+            )
+        txn.last_activity_ns = _now_ns()
+        return txn
+
+    # -- client RPCs -----------------------------------------------------------------------------
+
+    async def begin(self, req: pb.BeginTxnRequest) -> pb.BeginTxnResponse:
+        # MVTO-HLC stamps with the node's hybrid logical clock; the others with K2-TB batches
+        # (d2PL-TTC uses the start timestamp only as its wound-wait priority and snapshot time).
+        if req.read_ts:
+            if not req.read_only:
+                raise InvalidArgument("read_ts is only for read-only transactions")
+            ts = req.read_ts
+        else:
+            ts = self.hlc.now() if self.hlc is not None else await self.timestamp()
+        future = False
+        if req.keys and self.hlc is None and self.settings.future_ts and not req.read_ts:
+            delay = max(self.one_way_ns(self.cluster.shard_for_key(k).leader) for k in req.keys)
+            if delay > LOCAL_DELAY_NS:
+                ts = await self._future_timestamp(self.tt.now().latest + delay)
+                future = True
+        txn = _Txn(self.new_txn_id(), ts, req.read_only, aligned=future)
+        txn.last_activity_ns = _now_ns()
+        self.txns[txn.txn_id] = txn
+        self.stats["begun"] += 1
+        return pb.BeginTxnResponse(txn_id=txn.txn_id, ts=ts, coordinator=self.node_name)
+
+    async def _future_timestamp(self, target: int) -> int:
+        """A unique timestamp >= target. Future timestamps come from a slot of their own
+        (coordinator name + "/future"), strictly increasing, so they can collide neither with
+        each other nor with the regular batch timestamps of any coordinator."""
+        base = await self.future_source()
+        low = base % STEP_GRANULARITY
+        aligned = (
+            -(-max(target, base, self._last_future + 1) // STEP_GRANULARITY) * STEP_GRANULARITY
+        )
+        self._last_future = aligned + low
+        return self._last_future
+
+    def one_way_ns(self, node: str) -> int:
+        """Measured one-way delay to node: half the smoothed round trip of recent calls."""
+        if node == self.node_name:
+            return 0
+        return self._rtt_ns.get(node, 0) // 2
+
+    async def _timed_call(self, node: str, path: str, req: Message, rtype: type[Any]) -> Any:
+        start = _now_ns()
+        result = await self.call(node, path, req, rtype)
+        rtt = _now_ns() - start
+        old = self._rtt_ns.get(node)
+        # EWMA, but a sample below the estimate counts fully: queueing only ever adds delay.
+        self._rtt_ns[node] = rtt if old is None or rtt < old else (7 * old + rtt) // 8
+        return result
+
+    async def ops(self, req: pb.TxnOpsRequest) -> pb.TxnOpsResponse:
+        txn = self._txn(req.txn_id)
+        async with txn.lock:
+            try:
+                results = await self._run_ops(txn, list(req.ops))
+            except TxnAborted as e:
+                if self.hlc is not None and e.rule == "uncertainty":
+                    # Restart above the uncertain value: move this clock past the whole window.
+                    self.hlc.update(txn.ts + 2 * self.tt.uncertainty_ns())
+                await self._abort(txn)
+                raise
+            txn.last_activity_ns = _now_ns()
+            return pb.TxnOpsResponse(results=results)
+
+    async def commit(self, req: pb.CommitTxnRequest) -> pb.CommitTxnResponse:
+        txn = self._txn(req.txn_id)
+        async with txn.lock:
+            if self.protocol == "d2pl-ttc" and not txn.read_only:
+                return await self._commit_2pl(txn)
+            if not txn.writes:
+                if self.protocol == "mvto-hlc":
+                    self._finish(txn)
+                    self.stats["committed"] += 1
+                    return pb.CommitTxnResponse(commit_ts=txn.ts, read_only=True)
+                # Read-only (or nothing written): no record, no intents. Wait until every version
+                # returned has certainly passed, so a later transaction sees them too.
+                # HAZARD: as commit-wait; with clock error beyond the bound the wait is too short.
+                await self.tt.wait_until_after(txn.max_version_ts)
+                self._finish(txn)
+                self.stats["committed"] += 1
+                return pb.CommitTxnResponse(commit_ts=txn.ts, read_only=True)
+            try:
+                await self.call(
+                    self._record_leader(txn),
+                    P + "EndTxn",
+                    pb.EndTxnRequest(txn=txn.header(self.node_name), commit=True),
+                    pb.EndTxnResponse,
+                )
+            except TxnAborted:
+                await self._abort(txn)
+                raise
+            except K2Error:
+                # Outcome unknown to us (the record may or may not be durable). Leave the intents:
+                # the record decides, and waiters or the sweep resolve them from it.
+                self._finish(txn)
+                raise
+            self._finish(txn)
+            if self.protocol != "mvto-hlc":  # HLC relies on uncertainty restarts instead
+                # HAZARD (commit-wait): the reply waits until ts has certainly passed; every
+                # transaction that begins after the client hears back gets a larger timestamp.
+                # With clock error beyond the bound this ordering can break.
+                await self.tt.wait_until_after(txn.ts)
+            self.stats["committed"] += 1
+            if self.settings.async_resolve:
+                self._spawn(self._resolve_all(txn, txn.ts))
+            else:
+                await self._resolve_all(txn, txn.ts)
+            return pb.CommitTxnResponse(commit_ts=txn.ts)
+
+    async def _commit_2pl(self, txn: _Txn) -> pb.CommitTxnResponse:
+        """Two-phase commit: prepare everywhere, commit_ts above every prepare timestamp and
+        now().latest, record it, commit-wait, then release (resolve) everywhere."""
+        try:
+            prepared = await asyncio.gather(
+                *(
+                    self.call(
+                        self.cluster.shard(sid).leader,
+                        P + "Prepare",
+                        pb.PrepareRequest(txn=txn.header(self.node_name), shard_id=sid),
+                        pb.PrepareResponse,
+                    )
+                    for sid in sorted(txn.touched)
+                )
+            )
+        except TxnAborted:
+            await self._abort(txn)
+            raise
+        commit_ts = max([self.tt.now().latest, txn.ts] + [p.prepare_ts for p in prepared])
+        if txn.writes:
+            try:
+                await self.call(
+                    self._record_leader(txn),
+                    P + "EndTxn",
+                    pb.EndTxnRequest(
+                        txn=txn.header(self.node_name), commit=True, commit_ts=commit_ts
+                    ),
+                    pb.EndTxnResponse,
+                )
+            except TxnAborted:
+                await self._abort(txn)
+                raise
+            except K2Error:
+                self._finish(txn)
+                raise
+        self._finish(txn)
+        # HAZARD (commit-wait, as in Spanner): locks are released only once commit_ts has
+        # certainly passed. With clock error beyond the bound, real-time order can break.
+        await self.tt.wait_until_after(commit_ts)
+        self.stats["committed"] += 1
+        if self.settings.async_resolve:
+            self._spawn(self._resolve_all(txn, commit_ts))
+        else:
+            await self._resolve_all(txn, commit_ts)
+        return pb.CommitTxnResponse(commit_ts=commit_ts)
+
+    async def abort(self, req: pb.AbortTxnRequest) -> pb.AbortTxnResponse:
+        txn = self.txns.get(req.txn_id)
+        if txn is not None and not txn.done:
+            async with txn.lock:
+                await self._abort(txn)
+        return pb.AbortTxnResponse()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _finish(self, txn: _Txn) -> None:
+        txn.done = True
+        self.txns.pop(txn.txn_id, None)
+        if txn.heartbeat is not None:
+            txn.heartbeat.cancel()
+
+    def _record_leader(self, txn: _Txn) -> str:
+        return self.cluster.shard_for_key(txn.record_key).leader
+
+    def _choose_record_key(self, first_write: bytes) -> bytes:
+        if self.settings.record_at_home:
+            return first_write
+        # Refinement off: the record sits on a shard this coordinator leads (or the first one).
+        led = self.cluster.shards_led_by(self.node_name) or list(self.cluster.shards)
+        return led[0].start + b"\x00"  # inside the shard, and never empty (empty = no record)
+
+    async def _abort(self, txn: _Txn) -> None:
+        if txn.done:
+            return
+        self._finish(txn)
+        self.stats["aborted"] += 1
+        if not txn.writes:
+            if self.protocol == "d2pl-ttc" and txn.touched:
+                self._spawn(self._resolve_all(txn, 0))  # release its read locks
+            return
+        try:
+            await self.call(
+                self._record_leader(txn),
+                P + "EndTxn",
+                pb.EndTxnRequest(txn=txn.header(self.node_name), commit=False),
+                pb.EndTxnResponse,
+            )
+        except K2Error as e:
+            # The record's leader could not be told; the intents stay until a waiter or the
+            # sweep finds the heartbeat expired and aborts the record itself.
+            log.info("abort of %s not recorded yet: %s", txn.txn_id.hex()[:12], e)
+            return
+        self._spawn(self._resolve_all(txn, 0))
+
+    async def _resolve_all(self, txn: _Txn, commit_ts: int) -> None:
+        calls = [
+            self.call(
+                self.cluster.shard(sid).leader,
+                P + "Resolve",
+                pb.ResolveRequest(
+                    txn_id=txn.txn_id, commit_ts=commit_ts, shard_id=sid, keys=sorted(keys)
+                ),
+                pb.ResolveResponse,
+            )
+            for sid, keys in [
+                *txn.writes.items(),
+                *((sid, set()) for sid in txn.touched if sid not in txn.writes),
+            ]
+        ]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        if any(isinstance(r, BaseException) for r in results):
+            return  # the record stays; waiters and sweeps resolve the rest from it
+        with contextlib.suppress(K2Error):
+            await self.call(
+                self._record_leader(txn),
+                P + "ForgetTxn",
+                pb.ForgetTxnRequest(txn_id=txn.txn_id, record_key=txn.record_key),
+                pb.ForgetTxnResponse,
+            )
+
+    async def _heartbeat_loop(self, txn: _Txn) -> None:
+        while not txn.done:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            if txn.done:
+                return
+            with contextlib.suppress(K2Error):
+                resp: pb.HeartbeatResponse = await self.call(
+                    self._record_leader(txn),
+                    P + "Heartbeat",
+                    pb.HeartbeatRequest(txn_id=txn.txn_id, record_key=txn.record_key, ts=txn.ts),
+                    pb.HeartbeatResponse,
+                )
+                if resp.status == pb.TXN_ABORTED:
+                    return
+
+    def _split(self, ops: list[pb.TxnOp]) -> list[tuple[ShardConfig, list[tuple[int, pb.TxnOp]]]]:
+        """Group ops by shard, keeping each op's index; scans are split per shard in key order."""
+        groups: dict[int, list[tuple[int, pb.TxnOp]]] = {}
+        shards: dict[int, ShardConfig] = {}
+        for i, op in enumerate(ops):
+            if op.kind == pb.OP_SCAN:
+                raise AssertionError("scans are run separately")
+            shard = self.cluster.shard_for_key(op.key)
+            shards[shard.id] = shard
+            groups.setdefault(shard.id, []).append((i, op))
+        return [(shards[sid], g) for sid, g in groups.items()]
+
+    async def _exec(self, txn: _Txn, shard: ShardConfig, ops: list[pb.TxnOp]) -> pb.ExecResponse:
+        if self.protocol == "d2pl-ttc" and not txn.read_only:
+            txn.touched.add(shard.id)
+        if txn.aligned:
+            # Aligned dispatch: hold the operation so it reaches its leader at about ts. Sent
+            # early, a future-stamped intent would sit on a hot local row and abort local
+            # writers with lower timestamps in the meantime.
+            await self.tt.wait_until_after(txn.ts - self.one_way_ns(shard.leader))
+        resp: pb.ExecResponse = await self._timed_call(
+            shard.leader,
+            P + "Exec",
+            pb.ExecRequest(txn=txn.header(self.node_name), shard_id=shard.id, ops=ops),
+            pb.ExecResponse,
+        )
+        return resp
+
+    async def _run_ops(self, txn: _Txn, ops: list[pb.TxnOp]) -> list[pb.TxnOpResult]:
+        limits = self.cluster.settings
+        for op in ops:
+            if len(op.key) > limits.max_key_bytes:
+                raise InvalidArgument(
+                    f"key of {len(op.key)} bytes exceeds the limit of {limits.max_key_bytes} bytes"
+                )
+            if op.kind in (pb.OP_PUT, pb.OP_DELETE):
+                if txn.read_only:
+                    raise InvalidArgument("a read-only transaction cannot write")
+                if op.kind == pb.OP_PUT and len(op.value) > limits.max_value_bytes:
+                    raise InvalidArgument(
+                        f"value of {len(op.value)} bytes exceeds the limit of "
+                        f"{limits.max_value_bytes} bytes"
+                    )
+                if not txn.record_key:
+                    txn.record_key = self._choose_record_key(op.key)
+                    txn.heartbeat = asyncio.ensure_future(self._heartbeat_loop(txn))
+        results: list[pb.TxnOpResult | None] = [None] * len(ops)
+        point = [(i, op) for i, op in enumerate(ops) if op.kind != pb.OP_SCAN]
+        if point:
+            groups = self._split([op for _, op in point])
+            for shard, group in groups:
+                keys = (
+                    txn.writes.setdefault(shard.id, set())
+                    if any(op.kind in (pb.OP_PUT, pb.OP_DELETE) for _, op in group)
+                    else None
+                )
+                if keys is not None:
+                    keys.update(op.key for _, op in group if op.kind in (pb.OP_PUT, pb.OP_DELETE))
+            if self.settings.one_shot:
+                responses = await asyncio.gather(
+                    *(self._exec(txn, shard, [op for _, op in g]) for shard, g in groups),
+                    return_exceptions=True,
+                )
+                for outcome in responses:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+            else:
+                responses = []
+                for shard, g in groups:  # one round trip per operation: the ablation baseline
+                    rs = pb.ExecResponse()
+                    for _, op in g:
+                        one = await self._exec(txn, shard, [op])
+                        rs.results.extend(one.results)
+                    responses.append(rs)
+            for (_, g), resp in zip(groups, responses, strict=True):
+                assert isinstance(resp, pb.ExecResponse)
+                for (j, _), res in zip(g, resp.results, strict=True):
+                    results[point[j][0]] = res
+        for i, op in enumerate(ops):
+            if op.kind == pb.OP_SCAN:
+                results[i] = await self._scan(txn, op)
+        out: list[pb.TxnOpResult] = []
+        for maybe in results:
+            assert maybe is not None
+            res = maybe
+            txn.max_version_ts = max(
+                txn.max_version_ts, res.version_ts, *(kv.version_ts for kv in res.items)
+            )
+            out.append(res)
+        return out
+
+    async def _scan(self, txn: _Txn, op: pb.TxnOp) -> pb.TxnOpResult:
+        end = op.end if op.has_end else None
+        limit = op.limit or self.cluster.settings.scan_page_rows
+        out = pb.TxnOpResult()
+        hashed = self.cluster.settings.partitioning == "hash"
+        for shard in self.cluster.shards_for_range(op.key, end):
+            start = op.key if hashed else max(op.key, shard.start)
+            want = limit if hashed else limit - len(out.items)
+            sub = pb.TxnOp(
+                kind=pb.OP_SCAN, key=start, end=end or b"", has_end=end is not None, limit=want
+            )
+            r = (await self._exec(txn, shard, [sub])).results[0]
+            out.items.extend(r.items)
+            if not hashed and (r.more or len(out.items) >= limit):
+                out.more = r.more or len(out.items) >= limit
+                break
+            out.more = out.more or r.more
+        if hashed:
+            items = sorted(out.items, key=lambda kv: kv.key)
+            del out.items[:]
+            out.items.extend(items[:limit])
+            out.more = out.more or len(items) > limit
+        return out
+
+
+def _now_ns() -> int:
+    """Local elapsed time for timeouts and heartbeats: the event loop's monotonic clock, which
+    the simulator makes virtual. Timestamps never come from here (they come from TrueTime)."""
+    return int(asyncio.get_running_loop().time() * 1e9)

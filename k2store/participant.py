@@ -1,0 +1,527 @@
+"""The participant side of transactions at a node: shard leaders running K2-MVTO for coordinators.
+
+Handles Exec (a group of one transaction's operations on one shard), EndTxn and Heartbeat (at the
+shard holding the transaction's record), QueryTxn (anyone asking a record for an outcome), Resolve
+(turning intents into versions, or dropping them) and ForgetTxn (dropping a record whose intents
+are all resolved).
+
+Waiting: when the rules answer `Wait(intent)` (a lower-timestamp transaction U holds the key), the
+request first flushes the intents it already installed, then waits for U's intents here to be
+resolved. If that takes longer than `push_after_s`, it asks U's record (QueryTxn with
+abort_if_expired): a COMMITTED or ABORTED record lets it resolve U's intent itself; a record whose
+heartbeat expired is aborted on the spot (U's coordinator died). Then the operation is evaluated
+again. The whole wait is bounded by the request timeout.
+
+Durability: intents, records and resolutions are fsynced before any reply. On start (`recover`)
+and then every `expiry_s`, a sweep asks the records of all intents present here, so in-doubt
+transactions (coordinator or node killed mid-way) are resolved even if no one reads their keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import Message
+
+from k2store.cluster import ClusterConfig, TxnSettings
+from k2store.errors import InvalidArgument, NotLeader, TxnAborted, Unavailable
+from k2store.proto import k2_pb2 as pb
+from k2store.shard import ShardLeader
+from truetime import HybridLogicalClock, TrueTime, format_ts
+from txn.locks import Granted, LockTable, Mode
+from txn.mvto import Abort, MvtoRules, ReadDone, ScanDone, Wait, WriteDone
+from txn.records import TxnRecord, TxnRef, TxnStatus, record_meta_name
+from txn.storage import Intent, Mutation, PutIntent, PutMeta, Version, VersionedStore
+
+log = logging.getLogger("k2.participant")
+
+CallFn = Callable[[str, str, Message, type[Any]], Awaitable[Any]]
+
+
+class Participant:
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        node_name: str,
+        leaders: dict[int, ShardLeader],
+        tt: TrueTime,
+        call: CallFn,
+        settings: TxnSettings,
+        timeout_s: float,
+        hlc: HybridLogicalClock | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.protocol = settings.protocol
+        self.hlc = hlc
+        self.node_name = node_name
+        self.leaders = leaders
+        self.tt = tt
+        self.call = call
+        self.settings = settings
+        self.timeout_s = timeout_s
+        self.rules = {
+            sid: MvtoRules(ld.store, wait_for_lower=settings.wait_for_lower)
+            for sid, ld in leaders.items()
+        }
+        self._resolved: dict[bytes, asyncio.Event] = {}
+        self._heartbeats: dict[bytes, int] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self.counters: dict[str, int] = {}
+        # d2PL-TTC state: locks, the transactions holding them, and those wounded here.
+        self.locks = LockTable()
+        self._locked: dict[bytes, _LockedTxn] = {}
+        self._wounded: dict[bytes, None] = {}
+        self._released: dict[bytes, asyncio.Event] = {}
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _leader(self, shard_id: int) -> tuple[ShardLeader, MvtoRules]:
+        leader = self.leaders.get(shard_id)
+        if leader is None:
+            raise NotLeader(f"node {self.node_name} does not lead shard {shard_id}")
+        return leader, self.rules[shard_id]
+
+    def _record_leader(self, record_key: bytes) -> ShardLeader:
+        shard = self.cluster.shard_for_key(record_key)
+        leader = self.leaders.get(shard.id)
+        if leader is None:
+            raise NotLeader(f"node {self.node_name} does not hold the record shard {shard.id}")
+        return leader
+
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    def _wake(self, txn_id: bytes) -> None:
+        ev = self._resolved.pop(txn_id, None)
+        if ev is not None:
+            ev.set()
+
+    # -- Exec ----------------------------------------------------------------------------------
+
+    async def exec(self, req: pb.ExecRequest) -> pb.ExecResponse:
+        leader, rules = self._leader(req.shard_id)
+        h = req.txn
+        if len(h.txn_id) != 16 or not h.ts:
+            raise InvalidArgument("transaction header needs a 16-byte txn_id and a timestamp")
+        txn = TxnRef(h.txn_id, h.ts, h.record_key)
+        if self.hlc is not None:
+            self.hlc.update(h.ts)  # causality: what this node stamps next is above txn.ts
+        if self.protocol == "d2pl-ttc" and not h.read_only:
+            return await self._exec_2pl(leader, req)
+        results: list[pb.TxnOpResult] = []
+        pending: list[Mutation] = []
+        waited_s = 0.0
+
+        def flush() -> None:
+            if pending:
+                leader.store.apply(pending, sync=True)
+                pending.clear()
+
+        for op in req.ops:
+            leader.check_key(op.key)
+            writes = op.kind in (pb.OP_PUT, pb.OP_DELETE)
+            if writes and (h.read_only or not h.record_key):
+                raise InvalidArgument("a write needs a read-write transaction with a record key")
+            if op.kind == pb.OP_PUT:
+                leader.check_value(op.key, op.value)
+            while True:
+                out: ReadDone | ScanDone | WriteDone | Wait | Abort
+                if op.kind == pb.OP_GET:
+                    flush()
+                    out = rules.read(txn, op.key, txn.ts)
+                elif op.kind == pb.OP_SCAN:
+                    flush()
+                    end = op.end if op.has_end else None
+                    if leader.shard.end is not None and (end is None or end > leader.shard.end):
+                        end = leader.shard.end
+                    limit = op.limit or self.cluster.settings.scan_page_rows
+                    out = rules.scan(txn, op.key, end, txn.ts, limit)
+                elif writes:
+                    value = op.value if op.kind == pb.OP_PUT else None
+                    out = rules.write(txn, op.key, value)
+                else:
+                    raise InvalidArgument(f"unknown operation kind {op.kind}")
+                if isinstance(out, Wait):
+                    flush()  # what this request installed must not stay unflushed while waiting
+                    self._count("waits")
+                    waited_s += await self._wait_for(
+                        out.key, out.intent.txn_id, out.intent.record_key, out.intent.ts
+                    )
+                    if waited_s > self.timeout_s:
+                        raise Unavailable(
+                            f"timed out after {waited_s:.1f}s waiting for transaction "
+                            f"{out.intent.txn_id.hex()[:12]} on key {out.key[:64]!r}"
+                        )
+                    continue
+                if self.hlc is not None and isinstance(out, ReadDone | ScanDone):
+                    out = self._uncertainty(leader, txn, op, out)
+                break
+            if isinstance(out, Abort):
+                flush()
+                self._count(f"abort:{out.rule}")
+                leader.counters.aborts += 1
+                raise TxnAborted(out.message)
+            if isinstance(out, WriteDone):
+                pending.append(out.mutation)
+                leader.counters.writes += 1
+                results.append(pb.TxnOpResult())
+            elif isinstance(out, ReadDone):
+                leader.counters.reads += 1
+                results.append(_read_result(out.version))
+            elif isinstance(out, ScanDone):
+                leader.counters.reads += 1
+                results.append(
+                    pb.TxnOpResult(
+                        items=[
+                            pb.KeyValue(key=k, value=v.value or b"", version_ts=v.ts)
+                            for k, v in out.rows
+                        ],
+                        more=out.more,
+                    )
+                )
+        flush()
+        return pb.ExecResponse(results=results)
+
+    def _uncertainty(
+        self, leader: ShardLeader, txn: TxnRef, op: pb.TxnOp, out: ReadDone | ScanDone
+    ) -> ReadDone | ScanDone | Abort:
+        """MVTO-HLC: a value in (ts, ts + max_offset] may have been written before this read
+        began in real time, so the read must restart above it (rule ``uncertainty``)."""
+        window = txn.ts + self.max_offset_ns()
+        if isinstance(out, ReadDone):
+            spans: list[tuple[bytes, bytes | None]] = [(op.key, op.key + b"\x00")]
+        else:
+            spans = [(op.key, out.marked_end)]
+        for start, end in spans:
+            for key, v in leader.store.scan(start, end, window, None):
+                if v.ts > txn.ts:
+                    return _uncertain(key, txn.ts, v.ts)
+            for key, intent in leader.store.scan_intents(start, end):
+                if intent.txn_id != txn.txn_id and txn.ts < intent.ts <= window:
+                    return _uncertain(key, txn.ts, intent.ts)
+        return out
+
+    def max_offset_ns(self) -> int:
+        """The largest distance between two nodes' clocks: each may be off by the bound."""
+        return 2 * self.tt.uncertainty_ns()
+
+    # -- d2PL-TTC ------------------------------------------------------------------------------
+
+    async def _exec_2pl(self, leader: ShardLeader, req: pb.ExecRequest) -> pb.ExecResponse:
+        """Two-phase locking: shared locks for reads (latest committed value), exclusive locks
+        for writes (installed as intents at the start timestamp, not visible), wound-wait."""
+        h = req.txn
+        info = self._locked.setdefault(h.txn_id, _LockedTxn(h.ts))
+        info.last_ns = _now_ns()
+        if h.record_key:
+            info.record_key = h.record_key
+        results: list[pb.TxnOpResult] = []
+        waited_s = 0.0
+        for op in req.ops:
+            self._check_not_wounded(h.txn_id)
+            leader.check_key(op.key)
+            if op.kind == pb.OP_SCAN:
+                raise InvalidArgument(
+                    "scans in read-write d2pl-ttc transactions are not supported (no range "
+                    "locks); scan in a read-only transaction"
+                )
+            writes = op.kind in (pb.OP_PUT, pb.OP_DELETE)
+            if writes and not h.record_key:
+                raise InvalidArgument("a write needs a record key")
+            if op.kind == pb.OP_PUT:
+                leader.check_value(op.key, op.value)
+            mode = Mode.EXCLUSIVE if writes else Mode.SHARED
+            while True:
+                self._check_not_wounded(h.txn_id)
+                got = self.locks.acquire(h.txn_id, h.ts, op.key, mode)
+                if isinstance(got, Granted):
+                    intent = leader.store.get_intent(op.key)
+                    if intent is None or intent.txn_id == h.txn_id:
+                        break
+                    # An intent without a lock: left by a transaction in doubt across a restart.
+                    waited_s += await self._wait_for(
+                        op.key, intent.txn_id, intent.record_key, intent.ts
+                    )
+                else:
+                    for victim in got.wounded:
+                        self._wound(victim)
+                    remaining = got.blockers - got.wounded
+                    if remaining:
+                        waited_s += await self._wait_locks(remaining)
+                if waited_s > self.timeout_s:
+                    raise Unavailable(
+                        f"timed out after {waited_s:.1f}s waiting for locks on {op.key[:64]!r}"
+                    )
+            if writes:
+                value = op.value if op.kind == pb.OP_PUT else None
+                leader.store.apply(
+                    [PutIntent(op.key, Intent(h.txn_id, h.ts, value, h.record_key))], sync=True
+                )
+                leader.counters.writes += 1
+                results.append(pb.TxnOpResult())
+            else:
+                intent = leader.store.get_intent(op.key)
+                if intent is not None and intent.txn_id == h.txn_id:
+                    version: Version | None = Version(intent.ts, intent.value)
+                else:
+                    version = leader.store.latest_version(op.key)
+                leader.counters.reads += 1
+                results.append(_read_result(version))
+        return pb.ExecResponse(results=results)
+
+    def _check_not_wounded(self, txn_id: bytes) -> None:
+        if txn_id in self._wounded:
+            raise TxnAborted(
+                f"transaction {txn_id.hex()[:12]} aborted by rule wounded: an older transaction "
+                f"needed its locks at node {self.node_name} (wound-wait)"
+            )
+
+    def _wound(self, victim: bytes) -> None:
+        """Abort a younger, unprepared lock holder here: drop its locks and intents."""
+        self._wounded[victim] = None
+        while len(self._wounded) > 100_000:
+            self._wounded.pop(next(iter(self._wounded)))
+        self._count("wounds")
+        self._release(victim, commit_ts=None)
+
+    def _release(self, txn_id: bytes, commit_ts: int | None) -> None:
+        keys = self.locks.release(txn_id)
+        self._locked.pop(txn_id, None)
+        by_shard: dict[int, list[bytes]] = {}
+        for k in keys:
+            by_shard.setdefault(self.cluster.shard_for_key(k).id, []).append(k)
+        for sid, ks in by_shard.items():
+            if sid in self.rules:
+                self.rules[sid].resolve(txn_id, commit_ts, ks)
+        ev = self._released.pop(txn_id, None)
+        if ev is not None:
+            ev.set()
+        self._wake(txn_id)
+
+    async def _wait_locks(self, blockers: frozenset[bytes]) -> float:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        events = [self._released.setdefault(b, asyncio.Event()) for b in blockers]
+        waits = [asyncio.ensure_future(e.wait()) for e in events]
+        done, pending = await asyncio.wait(
+            waits, timeout=self.settings.push_after_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        for w in pending:
+            w.cancel()
+        if not done:
+            # Is a blocker abandoned? Ask its record, or drop it when it went silent here.
+            for b in blockers:
+                info = self._locked.get(b)
+                if info is None:
+                    continue
+                if info.record_key:
+                    try:
+                        status, commit_ts = await self._query(
+                            b, info.record_key, info.ts, abort_if_expired=True
+                        )
+                    except Exception:
+                        continue
+                    if status != TxnStatus.PENDING:
+                        self._release(b, commit_ts if status == TxnStatus.COMMITTED else None)
+                elif (
+                    _now_ns() - info.last_ns > self.settings.expiry_s * 1e9
+                    and b not in self.locks.prepared
+                ):
+                    self._wound(b)
+        return loop.time() - start
+
+    async def prepare(self, req: pb.PrepareRequest) -> pb.PrepareResponse:
+        h = req.txn
+        self._check_not_wounded(h.txn_id)
+        info = self._locked.get(h.txn_id)
+        if info is None:
+            raise TxnAborted(
+                f"transaction {h.txn_id.hex()[:12]} aborted by rule locks-lost: node "
+                f"{self.node_name} holds no locks for it (it restarted)"
+            )
+        self.locks.prepared.add(h.txn_id)
+        # HAZARD: the commit timestamp must exceed every snapshot read already served on these
+        # keys (their read marks) and now().latest; commit-wait then orders it in real time.
+        floor = max(
+            [self.tt.now().latest, h.ts]
+            + [self._store_for(k).read_marks.get(k) + 1 for k in self.locks.held_by(h.txn_id)]
+        )
+        return pb.PrepareResponse(prepare_ts=floor)
+
+    def _store_for(self, key: bytes) -> VersionedStore:
+        return self.leaders[self.cluster.shard_for_key(key).id].store
+
+    async def _wait_for(self, key: bytes, txn_id: bytes, record_key: bytes, ts: int) -> float:
+        """Wait for txn_id's intents here to resolve, pushing its record if it takes long.
+        Returns the (loop-clock) seconds spent."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        ev = self._resolved.setdefault(txn_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(ev.wait(), self.settings.push_after_s)
+            return loop.time() - start
+        except TimeoutError:
+            pass
+        status, commit_ts = await self._query(txn_id, record_key, ts, abort_if_expired=True)
+        if status != TxnStatus.PENDING:
+            self._count("pushes-resolved")
+            shard = self.cluster.shard_for_key(key)
+            if shard.id in self.rules:
+                self.rules[shard.id].resolve(
+                    txn_id, commit_ts if status == TxnStatus.COMMITTED else None, [key]
+                )
+            self._wake(txn_id)
+        return loop.time() - start
+
+    async def _query(
+        self, txn_id: bytes, record_key: bytes, ts: int, *, abort_if_expired: bool
+    ) -> tuple[TxnStatus, int]:
+        req = pb.QueryTxnRequest(
+            txn_id=txn_id, record_key=record_key, ts=ts, abort_if_expired=abort_if_expired
+        )
+        leader = self.cluster.shard_for_key(record_key).leader
+        resp: pb.QueryTxnResponse = await self.call(
+            leader, "/k2.v1.Participant/QueryTxn", req, pb.QueryTxnResponse
+        )
+        return TxnStatus(resp.status), resp.commit_ts
+
+    # -- records -------------------------------------------------------------------------------
+
+    def _get_record(self, leader: ShardLeader, txn_id: bytes) -> TxnRecord | None:
+        raw = leader.store.get_meta(record_meta_name(txn_id))
+        return None if raw is None else TxnRecord.decode(raw)
+
+    def _put_record(self, leader: ShardLeader, rec: TxnRecord) -> None:
+        leader.store.apply([PutMeta(record_meta_name(rec.txn_id), rec.encode())], sync=True)
+
+    async def end_txn(self, req: pb.EndTxnRequest) -> pb.EndTxnResponse:
+        h = req.txn
+        leader = self._record_leader(h.record_key)
+        rec = self._get_record(leader, h.txn_id)
+        if rec is None:
+            status = TxnStatus.COMMITTED if req.commit else TxnStatus.ABORTED
+            commit_ts = (req.commit_ts or h.ts) if req.commit else 0
+            rec = TxnRecord(h.txn_id, status, h.ts, commit_ts)
+            self._put_record(leader, rec)  # the commit point: durable before the reply
+        self._heartbeats.pop(h.txn_id, None)
+        if req.commit and rec.status != TxnStatus.COMMITTED:
+            self._count("abort:record-aborted")
+            raise TxnAborted(
+                f"commit of transaction {h.txn_id.hex()[:12]} aborted by rule record-aborted: "
+                "its heartbeat expired and a waiting transaction aborted it"
+            )
+        return pb.EndTxnResponse(status=int(rec.status), commit_ts=rec.commit_ts)  # type: ignore[arg-type]
+
+    async def query_txn(self, req: pb.QueryTxnRequest) -> pb.QueryTxnResponse:
+        leader = self._record_leader(req.record_key)
+        rec = self._get_record(leader, req.txn_id)
+        if rec is not None:
+            return pb.QueryTxnResponse(status=int(rec.status), commit_ts=rec.commit_ts)  # type: ignore[arg-type]
+        now = _now_ns()
+        seen = self._heartbeats.setdefault(req.txn_id, now)
+        if req.abort_if_expired and now - seen > self.settings.expiry_s * 1e9:
+            rec = TxnRecord(req.txn_id, TxnStatus.ABORTED, req.ts, 0)
+            self._put_record(leader, rec)
+            self._heartbeats.pop(req.txn_id, None)
+            self._count("expired-aborted")
+            log.info("aborted transaction %s: heartbeat expired", req.txn_id.hex()[:12])
+            return pb.QueryTxnResponse(status=pb.TXN_ABORTED)
+        return pb.QueryTxnResponse(status=pb.TXN_PENDING)
+
+    async def heartbeat(self, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+        leader = self._record_leader(req.record_key)
+        rec = self._get_record(leader, req.txn_id)
+        if rec is not None:
+            return pb.HeartbeatResponse(status=int(rec.status))  # type: ignore[arg-type]
+        self._heartbeats[req.txn_id] = _now_ns()
+        return pb.HeartbeatResponse(status=pb.TXN_PENDING)
+
+    async def forget_txn(self, req: pb.ForgetTxnRequest) -> pb.ForgetTxnResponse:
+        leader = self._record_leader(req.record_key)
+        leader.store.apply([PutMeta(record_meta_name(req.txn_id), None)], sync=False)
+        return pb.ForgetTxnResponse()
+
+    async def resolve(self, req: pb.ResolveRequest) -> pb.ResolveResponse:
+        _, rules = self._leader(req.shard_id)
+        n = rules.resolve(req.txn_id, req.commit_ts or None, list(req.keys))
+        if self.protocol == "d2pl-ttc":
+            self._release(req.txn_id, req.commit_ts or None)  # strict 2PL: locks go at the end
+            self._wounded.pop(req.txn_id, None)
+        self._wake(req.txn_id)
+        return pb.ResolveResponse(resolved=n)
+
+    # -- recovery ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._sweeper = asyncio.ensure_future(self._sweep_forever())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a sweep is retried; it must never stop for good
+                log.warning("intent sweep failed: %s", e)
+            await asyncio.sleep(self.settings.expiry_s)
+
+    async def sweep(self) -> int:
+        """Ask the records of every intent here and resolve the decided ones. Returns how many."""
+        resolved = 0
+        for sid, leader in list(self.leaders.items()):
+            by_txn: dict[bytes, tuple[bytes, int, list[bytes]]] = {}
+            for key, intent in leader.store.scan_intents(b"", None):
+                entry = by_txn.setdefault(intent.txn_id, (intent.record_key, intent.ts, []))
+                entry[2].append(key)
+            for txn_id, (record_key, ts, keys) in by_txn.items():
+                try:
+                    status, commit_ts = await self._query(
+                        txn_id, record_key, ts, abort_if_expired=True
+                    )
+                except Exception as e:
+                    log.debug("sweep: record of %s unreachable: %s", txn_id.hex()[:12], e)
+                    continue
+                if status != TxnStatus.PENDING and sid in self.rules:
+                    resolved += self.rules[sid].resolve(
+                        txn_id, commit_ts if status == TxnStatus.COMMITTED else None, keys
+                    )
+                    self._wake(txn_id)
+        return resolved
+
+
+@dataclass
+class _LockedTxn:
+    ts: int
+    record_key: bytes = b""
+    last_ns: int = 0
+
+
+def _uncertain(key: bytes, ts: int, seen: int) -> Abort:
+    return Abort(
+        "uncertainty",
+        f"read of key {key[:64]!r} at {format_ts(ts)} aborted by rule uncertainty: a value at "
+        f"{format_ts(seen)} lies within the clock uncertainty window; restart above it",
+    )
+
+
+def _read_result(version: Version | None) -> pb.TxnOpResult:
+    if version is None or version.value is None:
+        return pb.TxnOpResult(found=False, version_ts=version.ts if version else 0)
+    return pb.TxnOpResult(found=True, value=version.value, version_ts=version.ts)
+
+
+def _now_ns() -> int:
+    """Local elapsed time for timeouts and heartbeats: the event loop's monotonic clock, which
+    the simulator makes virtual. Timestamps never come from here (they come from TrueTime)."""
+    return int(asyncio.get_running_loop().time() * 1e9)

@@ -1,0 +1,367 @@
+"""K2-MVTO transactions end to end: in-process nodes on loopback, a manual clock.
+
+Each rule of txn/mvto.py is exercised through the client API, plus the waits, the record, the
+retry loop, abandoned transactions, and a serializability check against a replay in timestamp
+order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
+from k2store.cluster import ClusterConfig, ClusterSettings, TxnSettings, local_cluster
+from k2store.errors import InvalidArgument, TransactionRetry, TxnAborted
+from k2store.launcher import free_ports
+from k2store.node import Node
+from truetime import ManualClock
+
+REGIONS = ["us-east", "eu-west", "ap-southeast"]
+FAST = TxnSettings(push_after_s=0.02, expiry_s=0.3, heartbeat_s=0.05, client_timeout_s=5.0)
+
+
+def make_cluster(tmp_path: Path, txn: TxnSettings = FAST) -> ClusterConfig:
+    settings = replace(ClusterSettings(), txn=txn)
+    cfg = local_cluster(REGIONS, free_ports(3), root=tmp_path, settings=settings)
+    return cfg.write(tmp_path / "cluster.toml")
+
+
+@asynccontextmanager
+async def cluster(
+    tmp_path: Path, txn: TxnSettings = FAST
+) -> AsyncIterator[tuple[ClusterConfig, dict[str, Node], AsyncClient]]:
+    cfg = make_cluster(tmp_path, txn)
+    clock = ManualClock()
+    nodes = {n.name: Node(cfg, n.name, clock=clock) for n in cfg.nodes}
+    for node in nodes.values():
+        await node.start()
+    client = AsyncClient(
+        cfg,
+        timeout_s=5,
+        retry=RetryPolicy(max_attempts=30, initial_backoff_s=0.001, max_backoff_s=0.01),
+    )
+    try:
+        yield cfg, nodes, client
+    finally:
+        await client.close()
+        for node in nodes.values():
+            await node.stop(grace_s=0)
+
+
+def run(body: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(body())
+
+
+def test_commit_spans_regions_and_is_atomic(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            tx = await c.begin()
+            await tx.put_many({"us-east/a": b"1", "eu-west/b": b"2", "ap-southeast/c": b"3"})
+            assert await tx.get("eu-west/b") == b"2"  # reads its own writes
+            # Nobody else sees them: a read below tx.ts ignores the intent; one above would wait
+            # for tx's outcome (see test_reader_waits_for_a_lower_intent_then_sees_its_outcome).
+            assert await c.get("eu-west/b", at_ts=tx.ts - 1) is None
+            ts = await tx.commit()
+            assert ts == tx.ts
+            for k, v in [("us-east/a", b"1"), ("eu-west/b", b"2"), ("ap-southeast/c", b"3")]:
+                r = await c.get_versioned(k, via="ap-southeast-1")
+                assert (r.value, r.version_ts) == (v, ts)
+
+    run(body)
+
+
+def test_abort_leaves_nothing(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            await c.put("us-east/a", b"old")
+            tx = await c.begin()
+            await tx.put("us-east/a", b"new")
+            await tx.put("eu-west/b", b"new")
+            await tx.abort()
+            assert await c.get("us-east/a") == b"old"
+            assert await c.get("eu-west/b") is None
+            for _ in range(100):  # resolution is asynchronous
+                if not any(
+                    ld.store.scan_intents(b"", None)
+                    for n in nodes.values()
+                    for ld in n.leaders.values()
+                ):
+                    break
+                await asyncio.sleep(0.01)
+            assert not any(
+                ld.store.scan_intents(b"", None)
+                for n in nodes.values()
+                for ld in n.leaders.values()
+            )
+
+    run(body)
+
+
+def test_write_under_a_later_read_aborts_by_read_mark(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            t1 = await c.begin()
+            t2 = await c.begin()
+            assert t1.ts < t2.ts
+            assert await t2.get("us-east/k") is None
+            with pytest.raises(TxnAborted) as e:
+                await t1.put("us-east/k", b"late")
+            assert e.value.rule == "read-mark" and "us-east/k" in str(e.value)
+            await t2.commit()
+
+    run(body)
+
+
+def test_write_under_a_newer_committed_version_aborts(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            t1 = await c.begin()
+            t2 = await c.begin()
+            await t2.put("eu-west/k", b"t2")
+            await t2.commit()
+            with pytest.raises(TxnAborted) as e:
+                await t1.put("eu-west/k", b"t1")
+            assert e.value.rule == "newer-version"
+
+    run(body)
+
+
+def test_write_meeting_a_higher_intent_aborts(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            t1 = await c.begin()
+            t2 = await c.begin()
+            await t2.put("eu-west/k", b"t2")
+            with pytest.raises(TxnAborted) as e:
+                await t1.put("eu-west/k", b"t1")
+            assert e.value.rule == "intent-higher"
+            await t2.commit()
+            assert await c.get("eu-west/k") == b"t2"
+
+    run(body)
+
+
+@pytest.mark.parametrize("outcome", ["commit", "abort"])
+def test_reader_waits_for_a_lower_intent_then_sees_its_outcome(
+    tmp_path: Path, outcome: str
+) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            await c.put("us-east/k", b"before")
+            t1 = await c.begin()
+            t2 = await c.begin()
+            await t1.put("us-east/k", b"t1")
+            read = asyncio.ensure_future(t2.get("us-east/k"))
+            await asyncio.sleep(0.01)
+            assert not read.done()  # waiting on t1's intent (lower timestamp), not aborted
+            if outcome == "commit":
+                await t1.commit()
+            else:
+                await t1.abort()
+            assert await read == (b"t1" if outcome == "commit" else b"before")
+            await t2.commit()
+
+    run(body)
+
+
+def test_without_the_wait_rule_any_intent_aborts(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path, replace(FAST, wait_for_lower=False)) as (cfg, nodes, c):
+            t1 = await c.begin()
+            t2 = await c.begin()
+            await t1.put("us-east/k", b"t1")
+            with pytest.raises(TxnAborted) as e:
+                await t2.get("us-east/k")
+            assert e.value.rule == "intent"
+
+    run(body)
+
+
+def test_an_abandoned_transaction_is_aborted_after_its_heartbeat_expires(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            await c.put("eu-west/k", b"before")
+            t1 = await c.begin()
+            await t1.put("eu-west/k", b"orphan")
+            # The coordinator "dies": it forgets the transaction and stops heartbeating it.
+            coord = nodes[t1.coordinator].service.coordinator  # type: ignore[union-attr]
+            state = coord.txns.pop(t1.txn_id)
+            assert state.heartbeat is not None
+            state.heartbeat.cancel()
+            t2 = await c.begin()
+            assert await t2.get("eu-west/k") == b"before"  # waited, pushed, aborted the orphan
+            await t2.commit()
+            with pytest.raises(TxnAborted):
+                await t1.commit()
+
+    run(body)
+
+
+def test_bare_with_block_says_how_to_retry(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            with pytest.raises(TransactionRetry, match=r"client\.run") as e:
+                async with c.transaction() as t1:
+                    t3 = await c.begin()  # newer than t1
+                    await t3.put("us-east/k", b"t3")
+                    await t3.commit()
+                    await t1.put("us-east/k", b"t1")  # under a newer committed version
+            assert e.value.rule == "newer-version" and e.value.retryable
+            assert await c.get("us-east/k") == b"t3"
+
+    run(body)
+
+
+def test_read_only_transactions_refuse_writes(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            tx = await c.begin(read_only=True)
+            with pytest.raises(InvalidArgument, match="read-only"):
+                await tx.put("us-east/k", b"v")
+            await tx.abort()
+
+    run(body)
+
+
+PROTOCOLS = ["k2-mvto", "d2pl-ttc", "mvto-hlc"]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_concurrent_increments_are_serializable(tmp_path: Path, protocol: str) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path, replace(FAST, protocol=protocol)) as (cfg, nodes, c):
+            clients = [AsyncClient(cfg, region=r, timeout_s=5, retry=c.retry) for r in REGIONS]
+
+            async def incr(tx: AsyncTransaction) -> None:
+                v = await tx.get("eu-west/counter")
+                await tx.put("eu-west/counter", str(int(v or b"0") + 1).encode())
+
+            await asyncio.gather(*(clients[i % 3].run(incr, max_attempts=100) for i in range(24)))
+            assert await c.get("eu-west/counter") == b"24"
+            for cl in clients:
+                await cl.close()
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "seed"), [(p, s) for p in PROTOCOLS for s in (1, 2)] + [("k2-mvto", 3)]
+)
+def test_random_transactions_equal_a_replay_in_timestamp_order(
+    tmp_path: Path, protocol: str, seed: int
+) -> None:
+    """Every committed transaction's reads equal what a serial replay in commit-timestamp order
+    gives (for the MVTO protocols the commit timestamp is the start timestamp)."""
+    rng = random.Random(seed)
+    keys = [f"{r}/k{i}" for r in REGIONS for i in range(3)]
+    committed: list[tuple[int, dict[str, bytes | None], dict[str, bytes]]] = []
+
+    async def body() -> None:
+        async with cluster(tmp_path, replace(FAST, protocol=protocol)) as (cfg, nodes, c):
+            clients = [AsyncClient(cfg, region=r, timeout_s=5, retry=c.retry) for r in REGIONS]
+
+            async def worker(w: int) -> None:
+                for j in range(6):
+                    reads_keys = rng.sample(keys, 2)
+                    write_keys = rng.sample(keys, rng.randint(0, 2))
+                    value = f"w{w}-{j}".encode()
+                    seen: dict[str, bytes | None] = {}
+
+                    async def fn(tx: AsyncTransaction) -> None:
+                        seen.clear()
+                        vals = await tx.get_many(list(reads_keys))
+                        seen.update(zip(reads_keys, vals, strict=True))
+                        if write_keys:
+                            await tx.put_many({k: value for k in write_keys})
+
+                    tx_holder: list[AsyncTransaction] = []
+
+                    async def tracked(tx: AsyncTransaction) -> None:
+                        tx_holder.append(tx)
+                        await fn(tx)
+
+                    try:
+                        await clients[w % 3].run(tracked, read_only=not write_keys, max_attempts=50)
+                    except TxnAborted:
+                        continue
+                    commit_ts = tx_holder[-1].commit_ts
+                    assert commit_ts is not None
+                    committed.append((commit_ts, dict(seen), {k: value for k in write_keys}))
+
+            await asyncio.gather(*(worker(w) for w in range(6)))
+            for cl in clients:
+                await cl.close()
+
+    run(body)
+    assert len(committed) >= 30
+    state: dict[str, bytes | None] = {}
+    for ts, reads, writes in sorted(committed, key=lambda t: t[0]):
+        for k, v in reads.items():
+            assert state.get(k) == v, f"txn at {ts} read {k}={v!r}, replay says {state.get(k)!r}"
+        state.update(writes)
+
+
+def test_mvto_hlc_restarts_reads_within_the_uncertainty_window(tmp_path: Path) -> None:
+    """us-east's clock runs 300 us ahead, eu-west's 300 us behind (each within the 400 us bound):
+    a read that begins at eu-west after a write at us-east finished gets a LOWER HLC timestamp.
+    Without the uncertainty restart it would return the old value."""
+    from truetime import SkewedClock
+
+    cfg = make_cluster(tmp_path, replace(FAST, protocol="mvto-hlc"))
+    base = ManualClock()
+    skew = {"us-east-1": 300_000, "eu-west-1": -300_000, "ap-southeast-1": 0}
+
+    async def body() -> None:
+        nodes = {
+            n.name: Node(cfg, n.name, clock=SkewedClock(base, skew[n.name])) for n in cfg.nodes
+        }
+        for node in nodes.values():
+            await node.start()
+        c = AsyncClient(
+            cfg, timeout_s=5, retry=RetryPolicy(max_attempts=5, initial_backoff_s=0.001)
+        )
+        try:
+            base.advance(5_000_000)  # past the read floor every node set when it started
+            await c.put("us-east/k", b"old", via="us-east-1")
+            base.advance(5_000_000)
+            w = await c.put("us-east/k", b"new", via="us-east-1")
+            r = await c.get_versioned("us-east/k", via="eu-west-1")
+            assert r.value == b"new" and r.version_ts == w.commit_ts
+            participant = nodes["us-east-1"].service.participant  # type: ignore[union-attr]
+            assert participant.counters.get("abort:uncertainty", 0) >= 1
+        finally:
+            await c.close()
+            for node in nodes.values():
+                await node.stop(grace_s=0)
+
+    run(body)
+
+
+def test_future_timestamp_for_transactions_that_reach_a_far_region(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            coord_node = nodes["us-east-1"]
+            coord = coord_node.service.coordinator  # type: ignore[union-attr]
+            coord._rtt_ns["ap-southeast-1"] = 210_000_000  # as measured over the default link
+            local = await c.begin(keys=["us-east/a"])
+            assert not coord.txns[local.txn_id].aligned
+            now = coord_node.tt.now().latest
+            far = await c.begin(keys=["us-east/a", "ap-southeast/b"])
+            assert far.ts >= now + 105_000_000  # the one-way delay to ap-southeast
+            far2 = await c.begin(keys=["ap-southeast/c"])
+            assert far2.ts > far.ts and far2.ts % 4096 == far.ts % 4096 != local.ts % 4096
+            await far.put_many({"us-east/a": b"1", "ap-southeast/b": b"2"})
+            await far.commit()
+            assert coord_node.tt.after(far.ts)  # commit-wait covered the future timestamp
+            assert await c.get("ap-southeast/b") == b"2"
+            await far2.abort()
+            await local.abort()
+
+    run(body)
