@@ -271,8 +271,9 @@ class AsyncClient:
         keys: Sequence[KeyLike] = (),
     ) -> T:
         """Run `fn(tx)` in a transaction and commit it; `keys` (optional) names the keys it
-        will touch, which lets a transaction that reaches other regions use a future timestamp; on a retryable abort, run it again in a
-        new transaction (new timestamp) with backoff, up to `max_attempts`. Returns fn's result.
+        will touch, which lets a transaction that reaches other regions use a future timestamp.
+        On a retryable abort, run it again in a new transaction (new timestamp) with backoff, up
+        to `max_attempts`. Returns fn's result.
         fn must be safe to run more than once (only its last, committed run takes effect)."""
         attempts = max_attempts or self.retry.max_attempts
         backoff = self.retry.initial_backoff_s
@@ -557,13 +558,15 @@ class Client:
         *,
         read_only: bool = False,
         max_attempts: int | None = None,
+        keys: Sequence[KeyLike] = (),
     ) -> T:
         """Run `fn(tx)` in a transaction and commit; retry retryable aborts (see AsyncClient.run).
         fn runs on the calling thread; its operations go through the client's loop."""
         attempts = max_attempts or self._async.retry.max_attempts
         backoff = self._async.retry.initial_backoff_s
         for i in range(attempts):
-            tx = Transaction(self, self._run(self._async.begin(read_only=read_only)))
+            begin = self._async.begin(read_only=read_only, keys=keys)
+            tx = Transaction(self, self._run(begin))
             try:
                 result = fn(tx)
                 tx.commit()

@@ -226,10 +226,9 @@ class Participant:
             self._check_not_wounded(h.txn_id)
             leader.check_key(op.key)
             if op.kind == pb.OP_SCAN:
-                raise InvalidArgument(
-                    "scans in read-write d2pl-ttc transactions are not supported (no range "
-                    "locks); scan in a read-only transaction"
-                )
+                waited_s += await self._scan_2pl(leader, h, op, waited_s)
+                results.append(self._scan_rows_2pl(leader, h.txn_id, op))
+                continue
             writes = op.kind in (pb.OP_PUT, pb.OP_DELETE)
             if writes and not h.record_key:
                 raise InvalidArgument("a write needs a record key")
@@ -273,6 +272,59 @@ class Participant:
                 leader.counters.reads += 1
                 results.append(_read_result(version))
         return pb.ExecResponse(results=results)
+
+    def _scan_span(self, leader: ShardLeader, op: pb.TxnOp) -> tuple[bytes, bytes | None]:
+        end = op.end if op.has_end else None
+        if leader.shard.end is not None and (end is None or end > leader.shard.end):
+            end = leader.shard.end
+        return op.key, end
+
+    async def _scan_2pl(
+        self, leader: ShardLeader, h: pb.TxnHeader, op: pb.TxnOp, waited_s: float
+    ) -> float:
+        """Lock the scanned range SHARED (no phantoms), then wait out intents left in it by
+        transactions in doubt across a restart. Returns the seconds waited."""
+        start, end = self._scan_span(leader, op)
+        waited = 0.0
+        while True:
+            self._check_not_wounded(h.txn_id)
+            got = self.locks.acquire_range(h.txn_id, h.ts, start, end)
+            if isinstance(got, Granted):
+                foreign = [
+                    (k, i) for k, i in leader.store.scan_intents(start, end) if i.txn_id != h.txn_id
+                ]
+                if not foreign:
+                    return waited
+                key, intent = foreign[0]
+                waited += await self._wait_for(key, intent.txn_id, intent.record_key, intent.ts)
+            else:
+                for victim in got.wounded:
+                    self._wound(victim)
+                remaining = got.blockers - got.wounded
+                if remaining:
+                    waited += await self._wait_locks(remaining)
+            if waited_s + waited > self.timeout_s:
+                raise Unavailable(
+                    f"timed out after {waited_s + waited:.1f}s waiting for range locks on "
+                    f"[{start[:64]!r}, {end[:64] if end else end!r})"
+                )
+
+    def _scan_rows_2pl(self, leader: ShardLeader, txn_id: bytes, op: pb.TxnOp) -> pb.TxnOpResult:
+        """The latest committed rows of the locked range, with the transaction's own intents."""
+        start, end = self._scan_span(leader, op)
+        limit = op.limit or self.cluster.settings.scan_page_rows
+        own = [(k, i) for k, i in leader.store.scan_intents(start, end) if i.txn_id == txn_id]
+        rows = dict(leader.store.scan(start, end, _LATEST_TS, limit + 1 + len(own)))
+        for key, intent in own:
+            rows[key] = Version(intent.ts, intent.value)
+        live = sorted((k, v) for k, v in rows.items() if v.value is not None)
+        leader.counters.reads += 1
+        return pb.TxnOpResult(
+            items=[
+                pb.KeyValue(key=k, value=v.value or b"", version_ts=v.ts) for k, v in live[:limit]
+            ],
+            more=len(live) > limit,
+        )
 
     def _check_not_wounded(self, txn_id: bytes) -> None:
         if txn_id in self._wounded:
@@ -498,6 +550,10 @@ class Participant:
                     )
                     self._wake(txn_id)
         return resolved
+
+
+_LATEST_TS = (1 << 63) - 1
+"""Reads under 2PL see the latest committed version: the lock, not a timestamp, isolates them."""
 
 
 @dataclass

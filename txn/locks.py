@@ -15,6 +15,12 @@ holders are never wounded: they wait for their coordinator's decision (2PC).
 
 `acquire` answers Granted, Wait(blockers) or Wounded(victims) + Wait; the caller parks waiters
 and calls `acquire` again when a blocker releases (`release` returns the keys that changed).
+
+Scans take a SHARED lock on a key range `[start, end)` (`acquire_range`), which also covers keys
+that do not exist yet: an exclusive lock on any key inside a range another transaction holds
+conflicts with it, so a scan's result cannot gain or lose rows (phantoms) before it commits.
+Ranges are few per transaction and held briefly; they are kept in a plain list, and a range
+request checks the exclusive holders one by one (the baseline's cost, not K2's).
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ class LockTable:
         self._held: dict[bytes, set[bytes]] = {}
         self._priority: dict[bytes, int] = {}
         self.prepared: set[bytes] = set()
+        self._ranges: dict[bytes, list[tuple[bytes, bytes | None]]] = {}
+        """txn -> shared key ranges it holds."""
 
     def holders(self, key: bytes) -> tuple[frozenset[bytes], bytes | None]:
         kl = self._keys.get(key)
@@ -70,6 +78,11 @@ class LockTable:
             conflicting = set(kl.shared) - {txn}
             if kl.exclusive not in (None, txn):
                 conflicting.add(kl.exclusive)
+            conflicting |= {
+                holder
+                for holder, ranges in self._ranges.items()
+                if holder != txn and any(_covers(s, e, key) for s, e in ranges)
+            }
         if not conflicting:
             if mode is Mode.SHARED:
                 if kl.exclusive != txn:
@@ -79,6 +92,27 @@ class LockTable:
                 kl.exclusive = txn
             self._held.setdefault(txn, set()).add(key)
             return Granted()
+        if not kl.shared and kl.exclusive is None:
+            del self._keys[key]
+        return self._blocked(conflicting, priority)
+
+    def acquire_range(
+        self, txn: bytes, priority: int, start: bytes, end: bytes | None
+    ) -> Granted | Blocked:
+        """Try to lock every key of `[start, end)` (`end None`: unbounded) SHARED for txn."""
+        self._priority[txn] = priority
+        conflicting = {
+            kl.exclusive
+            for key, kl in self._keys.items()
+            if kl.exclusive is not None and kl.exclusive != txn and _covers(start, end, key)
+        }
+        if not conflicting:
+            self._ranges.setdefault(txn, []).append((start, end))
+            self._held.setdefault(txn, set())
+            return Granted()
+        return self._blocked(conflicting, priority)
+
+    def _blocked(self, conflicting: set[bytes], priority: int) -> Blocked:
         wounded = frozenset(
             h for h in conflicting if self._priority.get(h, 0) > priority and h not in self.prepared
         )
@@ -87,6 +121,7 @@ class LockTable:
     def release(self, txn: bytes) -> list[bytes]:
         """Drop every lock of txn; returns the keys it held (their waiters may retry)."""
         keys = self._held.pop(txn, set())
+        self._ranges.pop(txn, None)
         for key in keys:
             kl = self._keys.get(key)
             if kl is None:
@@ -105,3 +140,7 @@ class LockTable:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+def _covers(start: bytes, end: bytes | None, key: bytes) -> bool:
+    return start <= key and (end is None or key < end)

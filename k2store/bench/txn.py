@@ -55,11 +55,8 @@ from k2store.cluster import DEFAULT_REGIONS, ClusterConfig, ClusterSettings, Txn
 from k2store.errors import InvalidArgument, K2Error, TxnAborted
 from truetime import SystemClock
 
-PROTOCOLS: tuple[str, ...] = ("k2-mvto",)
-"""Protocols this benchmark runs; each is set as the local cluster's `[txn] protocol`. d2pl-ttc
-and mvto-hlc join this list (one line) once they are built; nothing else here changes."""
-
-PLANNED_PROTOCOLS: tuple[str, ...] = ("d2pl-ttc", "mvto-hlc")
+PROTOCOLS: tuple[str, ...] = ("k2-mvto", "d2pl-ttc", "mvto-hlc")
+"""Protocols this benchmark runs; each is set as the local cluster's `[txn] protocol`."""
 
 MIXES: tuple[str, ...] = ("rmw", "hot-reads")
 
@@ -108,13 +105,8 @@ class BenchConfig:
 
     def validate(self) -> None:
         if self.protocol not in PROTOCOLS:
-            planned = (
-                f" ({self.protocol} is planned but not built yet)"
-                if self.protocol in PLANNED_PROTOCOLS
-                else ""
-            )
             raise InvalidArgument(
-                f"unknown protocol {self.protocol!r}{planned}; available: {', '.join(PROTOCOLS)}"
+                f"unknown protocol {self.protocol!r}; available: {', '.join(PROTOCOLS)}"
             )
         if self.mix not in MIXES:
             raise InvalidArgument(f"unknown mix {self.mix!r}; available: {', '.join(MIXES)}")
