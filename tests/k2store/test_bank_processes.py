@@ -1,4 +1,5 @@
-"""The bank workload on real node processes, with two nodes killed by SIGKILL and restarted.
+"""The bank workload on real node processes, with two nodes killed by SIGKILL and restarted,
+under each of the three protocols.
 
 Twelve accounts, four homed in each region, hold a known total. Clients in every region transfer
 money between random accounts (cross-region transfers included) while read-only transactions in
@@ -67,10 +68,11 @@ def _now_s() -> float:
     return _CLOCK.monotonic_ns() / 1e9
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[ClusterConfig]:
+@pytest.fixture(params=["k2-mvto", "d2pl-ttc", "mvto-hlc"])
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ClusterConfig]:
+    settings = replace(SETTINGS, txn=replace(SETTINGS.txn, protocol=request.param))
     cfg = local_cluster(
-        DEFAULT_REGIONS, launcher.free_ports(len(DEFAULT_REGIONS)), root=tmp_path, settings=SETTINGS
+        DEFAULT_REGIONS, launcher.free_ports(len(DEFAULT_REGIONS)), root=tmp_path, settings=settings
     ).write(tmp_path / launcher.CLUSTER_FILE)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
