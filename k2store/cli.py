@@ -2,8 +2,11 @@
 
     k2 demo                                  the main job: a local 3-region cluster, used and torn down
     k2 cluster up|down|status                a local cluster of node processes on loopback
+    k2 cluster net show|set|partition|heal|reset   its emulated wide-area network, at run time
     k2 node --cluster FILE --node NAME       run one node (what `cluster up` starts per node)
+    k2 blockstore --region R --port P --data DIR   run one KV-cache block store node
     k2 kv get|put|delete|scan                talk to a cluster
+    k2 router --broker URL --node NAME=REGION ...   the cache-aware router (kvtier events)
 
 Run any command with --help for its options. Exit status: 0 success, 1 failure, 2 bad input.
 """
@@ -12,13 +15,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from k2store.errors import InvalidArgument, K2Error
+
+if TYPE_CHECKING:
+    from k2store.cluster import ClusterConfig
 
 DEFAULT_DATA = Path(os.environ.get("K2_DATA", "k2-data"))
 
@@ -44,6 +52,29 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--node", required=True, help="name of this node in the cluster file")
     n.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
+    bs = sub.add_parser("blockstore", help="run one KV-cache block store node (kvtier)")
+    bs.add_argument("--cluster", type=Path, default=None, help="cluster file: register there")
+    bs.add_argument("--region", required=True, help="region this block store serves")
+    bs.add_argument("--port", type=int, required=True, help="loopback port to serve on")
+    bs.add_argument("--data", type=Path, required=True, help="data directory (RocksDB tier)")
+    bs.add_argument("--memory-mb", type=int, default=256, help="memory tier (default: 256)")
+    bs.add_argument("--disk-mb", type=int, default=4096, help="disk tier (default: 4096)")
+    bs.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    ro = sub.add_parser("router", help="run the cache-aware KV router (kvtier)")
+    ro.add_argument("--broker", required=True, help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883")
+    ro.add_argument(
+        "--node", action="append", default=[], metavar="NAME=REGION", help="a serving node"
+    )
+    ro.add_argument(
+        "--region", action="append", default=None, help="only this region's events (repeatable)"
+    )
+    ro.add_argument(
+        "--rtt", action="append", default=[], metavar="A:B=MS", help="a region pair's RTT"
+    )
+    ro.add_argument("--port", type=int, default=0, help="HTTP port on 127.0.0.1 (default: any)")
+    ro.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
     c = sub.add_parser("cluster", help="a local cluster of node processes on loopback")
     csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
     up = csub.add_parser("up", help="start a local cluster and wait until every node is healthy")
@@ -60,6 +91,17 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for health (default: 60)"
     )
+    up.add_argument(
+        "--blockstores",
+        action="store_true",
+        help="also start one KV-cache block store per region (kvtier; `k2 blockstore`)",
+    )
+    up.add_argument(
+        "--no-wan",
+        action="store_true",
+        help="no emulated wide-area latency between regions (default: DESIGN.md's round trips "
+        "and 1 Gbit/s links; `k2 cluster net` can still add latency or partitions later)",
+    )
     down = csub.add_parser("down", help="stop every node of the cluster (SIGTERM, then SIGKILL)")
     down.add_argument("--data", type=Path, default=DEFAULT_DATA)
     down.add_argument("--cluster", type=Path, default=None, help="cluster file instead of --data")
@@ -68,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--data", type=Path, default=DEFAULT_DATA)
     st.add_argument("--cluster", type=Path, default=None, help="cluster file instead of --data")
+
+    _add_net_parser(csub)
 
     kv = sub.add_parser("kv", help="read and write keys")
     kv.add_argument(
@@ -79,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     kv.add_argument(
         "--hex", action="store_true", help="keys and values are given and printed in hex"
+    )
+    kv.add_argument(
+        "--region",
+        default=None,
+        help="act as a client in this region, paying the emulated latency from there "
+        "(default: the cluster's first region)",
     )
     ksub = kv.add_subparsers(dest="op", required=True, metavar="OP")
     g = ksub.add_parser("get", help="print the value of KEY")
@@ -111,11 +161,75 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+_NET_HELP = """\
+Every node and client of a cluster made by `k2 cluster up` delays each message to another region
+by half the pair's round-trip time, plus size / bandwidth, plus jitter (uniform in [0, jitter]),
+so a call across regions costs one round trip. The base values are the cluster file's [network]
+table. These commands write overrides to net.toml beside the cluster file (atomically); every
+process re-reads it within about 0.1 s, so changes apply to a running cluster and its clients.
+
+Partitions: a call whose request is cut fails at once with Unavailable (nothing was sent); one
+whose reply is cut (a one-way partition) fails with DeadlineExceeded at its timeout, as the
+request may have run.
+
+examples:
+  k2 cluster net show
+  k2 cluster net set us-east eu-west --rtt-ms 150 --jitter-ms 5
+  k2 cluster net set --jitter-ms 2                 every inter-region link
+  k2 cluster net set us-east --rtt-ms 5            inside us-east
+  k2 cluster net partition ap-southeast            isolate a region (or a node) from the rest
+  k2 cluster net partition us-east eu-west --one-way   drop us-east -> eu-west only
+  k2 cluster net heal                              remove every partition, keep latencies
+  k2 cluster net reset                             back to the cluster file's [network] table
+"""
+
+
+def _add_net_parser(csub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    where.add_argument("--cluster", type=Path, default=None, help="cluster file instead of --data")
+    net = csub.add_parser(
+        "net",
+        help="show or change the emulated wide-area network (latency, jitter, partitions)",
+        description=_NET_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    nsub = net.add_subparsers(dest="net_action", required=True, metavar="NET_ACTION")
+    nsub.add_parser("show", parents=[where], help="the links and partitions in force now")
+    st = nsub.add_parser(
+        "set",
+        parents=[where],
+        help="change a link: two regions (a pair), one (inside it), none (every inter-region pair)",
+    )
+    st.add_argument("regions", nargs="*", metavar="REGION")
+    st.add_argument("--rtt-ms", type=float, default=None, help="round-trip time")
+    st.add_argument("--jitter-ms", type=float, default=None, help="extra one-way delay, at most")
+    st.add_argument(
+        "--bandwidth-mbit", type=float, default=None, help="per direction; 0 = unlimited"
+    )
+    pa = nsub.add_parser(
+        "partition", parents=[where], help="cut A from B, or isolate A (a region or a node)"
+    )
+    pa.add_argument("a", metavar="A")
+    pa.add_argument("b", metavar="B", nargs="?", default=None)
+    pa.add_argument("--one-way", action="store_true", help="cut only messages from A to B")
+    he = nsub.add_parser(
+        "heal", parents=[where], help="remove every partition, or those of A, or A<->B"
+    )
+    he.add_argument("a", metavar="A", nargs="?", default=None)
+    he.add_argument("b", metavar="B", nargs="?", default=None)
+    nsub.add_parser("reset", parents=[where], help="remove every override (delete net.toml)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.cmd == "node":
             return _node(args)
+        if args.cmd == "blockstore":
+            return _blockstore(args)
+        if args.cmd == "router":
+            return _router(args)
         if args.cmd == "cluster":
             return _cluster(args)
         if args.cmd == "kv":
@@ -151,6 +265,65 @@ def _node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _blockstore(args: argparse.Namespace) -> int:
+    # kvtier sits above k2store; the import is deferred so k2store never loads it otherwise.
+    from kvtier.blocknode import serve_blockstore
+    from kvtier.blockstore import BlockStoreConfig
+
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.cluster is not None:
+        from k2store import cluster as cluster_mod
+
+        cluster_mod.load(args.cluster).region(args.region)  # bad input before anything starts
+    config = BlockStoreConfig(
+        memory_bytes=args.memory_mb * 1024 * 1024, disk_bytes=args.disk_mb * 1024 * 1024
+    )
+    asyncio.run(
+        serve_blockstore(
+            args.region,
+            f"127.0.0.1:{args.port}",
+            args.data,
+            config=config,
+            cluster_file=args.cluster,
+        )
+    )
+    return 0
+
+
+def _router(args: argparse.Namespace) -> int:
+    from kvtier.router import (
+        DEFAULT_REGION_RTT_MS,
+        RouterConfig,
+        parse_node_spec,
+        parse_rtt_spec,
+        serve_router,
+    )
+
+    logging.basicConfig(level=args.log_level, stream=sys.stderr)
+    nodes = [parse_node_spec(n) for n in args.node]
+    rtt = dict(DEFAULT_REGION_RTT_MS)
+    rtt.update(parse_rtt_spec(r) for r in args.rtt)
+
+    def started(port: int) -> None:
+        print(f"router: http://127.0.0.1:{port}/route  (events from {args.broker})", flush=True)
+
+    asyncio.run(
+        serve_router(
+            args.broker,
+            nodes,
+            port=args.port,
+            regions=args.region,
+            config=RouterConfig(region_rtt_ms=rtt),
+            started=started,
+        )
+    )
+    return 0
+
+
 def _cluster(args: argparse.Namespace) -> int:
     from k2store import launcher
 
@@ -163,15 +336,24 @@ def _cluster(args: argparse.Namespace) -> int:
             shards_per_region=args.shards_per_region,
             timeout_s=args.timeout,
             progress=sys.stderr.isatty(),
+            wan=not args.no_wan,
+            blockstores=args.blockstores,
         )
         print(
             f"cluster up: {len(cfg.nodes)} nodes in {len(cfg.regions)} regions, {len(cfg.shards)} shards"
         )
         for n in cfg.nodes:
             print(f"  {n.name:<20} {n.region:<14} {n.address:<21} log {n.data_dir / 'node.log'}")
+        if args.blockstores and cfg.path is not None:
+            stores = json.loads((cfg.path.parent / launcher.BLOCKSTORES_FILE).read_text())
+            for region, entry in stores.items():
+                name = f"blockstore-{region}"
+                print(f"  {name:<20} {region:<14} {entry['address']:<21} pid {entry['pid']}")
         print(f"cluster file: {cfg.path}")
         return 0
     cfg = launcher.load_cluster(args.data, args.cluster)
+    if args.action == "net":
+        return _net(cfg, args)
     if args.action == "down":
         result = launcher.down(cfg)
         for name, how in result.items():
@@ -209,7 +391,7 @@ def _kv(args: argparse.Namespace) -> int:
     def enc(b: bytes) -> str:
         return b.hex() if args.hex else b.decode("utf-8", errors="backslashreplace")
 
-    with Client(cfg) as c:
+    with Client(cfg, region=args.region) as c:
         if args.op == "get":
             r = c.get_versioned(dec(args.key), at_ts=args.at, via=args.via)
             if r.value is None:
@@ -240,3 +422,67 @@ def _kv(args: argparse.Namespace) -> int:
                 print(f"{enc(k)}\t{enc(v)}")
             print(f"({len(rows)} keys)", file=sys.stderr)
     return 0
+
+
+def _net(cfg: ClusterConfig, args: argparse.Namespace) -> int:
+    from k2store import launcher
+    from k2store.wan import LinkOverride
+
+    o = launcher.read_net_overrides(cfg)
+    act = args.net_action
+    if act == "set":
+        if len(args.regions) > 2:
+            raise InvalidArgument(f"set takes at most two regions, got {args.regions}")
+        for r in args.regions:
+            cfg.region(r)  # UnknownNode names the cluster's regions
+        change = LinkOverride(args.rtt_ms, args.jitter_ms, args.bandwidth_mbit)
+        if change.is_empty():
+            raise InvalidArgument("give at least one of --rtt-ms, --jitter-ms, --bandwidth-mbit")
+        for name in ("rtt_ms", "jitter_ms", "bandwidth_mbit"):
+            v = getattr(args, name)
+            if v is not None and not 0 <= v < float("inf"):
+                flag = "--" + name.replace("_", "-")
+                raise InvalidArgument(f"{flag} must be a finite number >= 0, got {v}")
+        a, b = [*args.regions, None, None][:2]
+        o = o.with_link(a, b, change)
+    elif act == "partition":
+        if args.b is None:
+            if args.one_way:
+                raise InvalidArgument("--one-way needs two sides: partition A B --one-way")
+            o = o.with_isolated(args.a)
+        elif args.a == args.b:
+            raise InvalidArgument(f"cannot cut {args.a!r} from itself")
+        else:
+            o = o.with_cut(args.a, args.b, one_way=args.one_way)
+    elif act == "heal":
+        o = o.healed(args.a, args.b)
+    elif act == "reset":
+        o = type(o)()
+    if act != "show":
+        launcher.write_net_overrides(cfg, o)
+    _print_net(cfg)
+    return 0
+
+
+def _print_net(cfg: ClusterConfig) -> None:
+    from k2store import launcher
+
+    model = launcher.net_model(cfg)
+    path = launcher.net_overrides_path(cfg)
+    base = "on" if cfg.settings.network.enabled else "off"
+    print(f"emulation: {base} in the cluster file; overrides: {path if path.exists() else 'none'}")
+    print(f"{'link':<32} {'rtt ms':>8} {'jitter ms':>10} {'bandwidth':>12}")
+    for a, b, p in model.describe(cfg.region_names()):
+        link = f"inside {a}" if a == b else f"{a} <-> {b}"
+        bw = "unlimited" if p.bandwidth_mbit <= 0 else f"{p.bandwidth_mbit:g} Mbit/s"
+        print(f"{link:<32} {p.rtt_ms:>8g} {p.jitter_ms:>10g} {bw:>12}")
+    o = model.overrides
+    for name in sorted(o.isolated):
+        print(f"partition: {name} is isolated from the rest")
+    for a, b in sorted(o.cuts):
+        both = (b, a) in o.cuts
+        if both and a > b:
+            continue
+        print(f"partition: {a} {'<->' if both else '->'} {b} cut")
+    if not o.isolated and not o.cuts:
+        print("partitions: none")

@@ -38,7 +38,12 @@ from k2store.errors import (
     Unavailable,
 )
 from k2store.proto import k2_pb2 as pb
-from k2store.transport import CHANNEL_OPTIONS, GrpcTransport, Transport, rpc_error_to_k2
+from k2store.transport import (
+    CHANNEL_OPTIONS,
+    Transport,
+    cluster_transport,
+    rpc_error_to_k2,
+)
 
 T = TypeVar("T")
 K = "/k2.v1.K2/"
@@ -107,9 +112,8 @@ class AsyncClient:
         self._next_coordinator = 0
         self.timeout_s = timeout_s or cluster.settings.request_timeout_s
         self.retry = retry or RetryPolicy()
-        self._transport: Transport = transport or GrpcTransport(
-            {n.name: n.address for n in cluster.nodes}
-        )
+        # Pays the cluster's wide-area emulation, if any, from this client's region.
+        self._transport: Transport = transport or cluster_transport(cluster, region=self.region)
         self._rng = rng or random.Random()
         self.retries = 0
         """Attempts retried after a retryable error (a metric for callers and tests)."""

@@ -29,6 +29,15 @@ A cluster file is TOML::
     home_region = "us-east"
     leader = "us-east-1"
 
+    [network]                       # wide-area emulation (k2store/wan.py); off if absent
+    enabled = true
+    intra_region_rtt_ms = 1.0
+    jitter_ms = 0.0
+    bandwidth_mbit = 1000.0         # per inter-region link and direction; 0 = unlimited
+
+    [network.rtt_ms]                # round trips per region pair (DESIGN.md's by default)
+    us-east = { eu-west = 75.0, ap-southeast = 210.0 }
+
 Range shards must tile the key space exactly (sorted, no gaps, no overlap, first starts at b"",
 last unbounded) so that every key has exactly one shard. Hash shards need no bounds: a key belongs
 to shard ``blake2b(key) mod n`` (stable across processes; never Python's ``hash()``).
@@ -48,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from k2store.errors import ClusterFileError, UnknownNode, UnknownShard
+from k2store.wan import NetworkSettings, network_to_toml, parse_network
 
 DEFAULT_REGIONS = ("us-east", "eu-west", "ap-southeast")
 TXN_PROTOCOLS = ("k2-mvto", "d2pl-ttc", "mvto-hlc")
@@ -116,6 +126,39 @@ class TxnSettings:
     """A coordinator aborts a transaction whose client went silent for this long."""
 
 
+REPLICATION_POLICIES = ("vcr", "watermark", "closed-ts")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationSettings:
+    """Log shipping to replicas and visibility control: the `[replication]` table.
+
+    Every shard has one asynchronous replica in each region other than its home (on a node of
+    that region); reads at a region's visible timestamp are served there (see replication/)."""
+
+    enabled: bool = True
+    policy: str = "vcr"
+    """How leaders seal: vcr (K2-VCR epochs), watermark (oldest in-flight write, with a maximum
+    transaction lifetime) or closed-ts (a fixed target lag, CockroachDB's closed timestamps)."""
+    epoch_ms: float = 100.0
+    """K2-VCR epoch length L."""
+    grace_ms: float = 25.0
+    """How long after an epoch's end its leader still accepts writes into it. Future timestamps
+    make writes arrive before their timestamp; the grace covers a local transaction's own
+    duration, so it rarely has to retry across an epoch boundary."""
+    max_txn_lifetime_ms: float = 1000.0
+    """watermark: a transaction older than this cannot write any more (it is refused)."""
+    closed_ts_lag_ms: float = 3000.0
+    """closed-ts: the target lag (CockroachDB's default is 3 s)."""
+    tick_ms: float = 5.0
+    """How often leaders step their sealer and nodes recompute their region's visible ts."""
+    pull_wait_ms: float = 200.0
+    """Long-poll: how long a leader holds a replica's pull when it has nothing new."""
+    pull_max_entries: int = 512
+    max_log_entries: int = 200_000
+    """A leader keeps at most this many log entries; a replica further behind gets a snapshot."""
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterSettings:
     name: str = "k2"
@@ -135,6 +178,9 @@ class ClusterSettings:
     scan_page_rows: int = 1000
     """Rows per scan page when the request asks for no limit."""
     txn: TxnSettings = field(default_factory=lambda: TxnSettings())
+    replication: ReplicationSettings = field(default_factory=lambda: ReplicationSettings())
+    network: NetworkSettings = field(default_factory=lambda: NetworkSettings())
+    """Wide-area emulation between regions (the `[network]` table; k2store/wan.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +223,24 @@ class ClusterConfig:
     def shards_led_by(self, node: str) -> list[ShardConfig]:
         return [s for s in self.shards if s.leader == node]
 
+    def replica_node(self, shard: ShardConfig, region: str) -> str | None:
+        """The node that holds `shard`'s replica in `region` (None: the shard is homed there
+        and its leader serves the region; or the region has no nodes). Replicas spread over a
+        region's nodes by shard id."""
+        if region == shard.home_region:
+            return None
+        nodes = sorted(n.name for n in self.nodes if n.region == region)
+        return nodes[shard.id % len(nodes)] if nodes else None
+
+    def replicas_on(self, node: str) -> list[ShardConfig]:
+        """Shards whose replica for node's region lives on `node`."""
+        region = self.node(node).region
+        return [s for s in self.shards if self.replica_node(s, region) == node]
+
+    def local_holder(self, shard: ShardConfig, region: str) -> str:
+        """Who serves replica reads of `shard` in `region`: its replica there, or its leader."""
+        return self.replica_node(shard, region) or shard.leader
+
     def shard_for_key(self, key: bytes) -> ShardConfig:
         if self.settings.partitioning == "hash":
             digest = hashlib.blake2b(key, digest_size=8).digest()
@@ -214,6 +278,11 @@ class ClusterConfig:
             "",
             "[txn]",
             *(f"{k} = {_toml_value(getattr(st.txn, k))}" for k in _TXN_FIELDS),
+            "",
+            "[replication]",
+            *(f"{k} = {_toml_value(getattr(st.replication, k))}" for k in _REPL_FIELDS),
+            "",
+            *network_to_toml(st.network, self.region_names()),
         ]
         for r in self.regions:
             out += ["", "[[regions]]", f"name = {_q(r.name)}", f"oracle = {_q(r.oracle)}"]
@@ -247,6 +316,7 @@ class ClusterConfig:
 
 
 _TXN_FIELDS = [f.name for f in fields(TxnSettings)]
+_REPL_FIELDS = [f.name for f in fields(ReplicationSettings)]
 
 
 def _toml_value(v: object) -> str:
@@ -295,13 +365,14 @@ def parse(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterConfig:
         return ClusterFileError(f"{where}{field_name}: {msg}")
 
     base = path.parent if path else Path.cwd()
-    known_top = {"cluster", "regions", "nodes", "shards", "txn"}
+    known_top = {"cluster", "regions", "nodes", "shards", "txn", "network", "replication"}
     for k in raw:
         if k not in known_top:
             raise fail(k, f"unknown section; expected one of {sorted(known_top)}")
 
     settings = _parse_settings(raw.get("cluster", {}), fail)
     settings = replace(settings, txn=_parse_txn(raw.get("txn", {}), fail))
+    settings = replace(settings, replication=_parse_replication(raw.get("replication", {}), fail))
     regions_raw = _table_list(raw, "regions", fail)
     nodes_raw = _table_list(raw, "nodes", fail)
     shards_raw = _table_list(raw, "shards", fail)
@@ -348,6 +419,8 @@ def parse(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterConfig:
     region_names = {r.name for r in regions}
     if not regions:
         raise fail("regions", "a cluster needs at least one [[regions]] entry")
+    network = parse_network(raw.get("network", {}), regions=region_names, fail=fail)
+    settings = replace(settings, network=network)
 
     shards: list[ShardConfig] = []
     for i, t in enumerate(shards_raw):
@@ -463,6 +536,33 @@ def _parse_txn(t: Any, fail: Any) -> TxnSettings:
         elif not _is_instance(v, (int, float)) or v <= 0:
             raise fail(f"txn.{k}", f"expected a positive number of seconds, got {v!r}")
         values[k] = float(v) if isinstance(default, float) and not isinstance(v, str) else v
+    return replace(d, **values)
+
+
+def _parse_replication(t: Any, fail: Any) -> ReplicationSettings:
+    if not isinstance(t, Mapping):
+        raise fail("replication", "must be a table")
+    d = ReplicationSettings()
+    _no_unknown(t, set(_REPL_FIELDS), "replication", fail)
+    values: dict[str, Any] = {}
+    for k, v in t.items():
+        default = getattr(d, k)
+        where = f"replication.{k}"
+        if k == "policy":
+            if v not in REPLICATION_POLICIES:
+                raise fail(where, f"must be one of {list(REPLICATION_POLICIES)}, got {v!r}")
+        elif isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise fail(where, f"expected true or false, got {v!r}")
+        elif isinstance(default, int):
+            if not _is_instance(v, int) or v <= 0:
+                raise fail(where, f"expected a positive integer, got {v!r}")
+        elif k == "grace_ms":
+            if not _is_instance(v, (int, float)) or v < 0:
+                raise fail(where, f"expected a number of milliseconds >= 0, got {v!r}")
+        elif not _is_instance(v, (int, float)) or v <= 0:
+            raise fail(where, f"expected a positive number of milliseconds, got {v!r}")
+        values[k] = float(v) if isinstance(default, float) else v
     return replace(d, **values)
 
 

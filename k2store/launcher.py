@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from k2store import cluster as cluster_mod
 from k2store.cluster import DEFAULT_REGIONS, ClusterConfig, ClusterSettings, NodeConfig
-from k2store.errors import K2Error, Unavailable
+from k2store.errors import ClusterFileError, K2Error, Unavailable
 from k2store.proto import k2_pb2 as pb
+from k2store.wan import OVERRIDES_FILE, LinkModel, NetOverrides, read_overrides, write_overrides
 from truetime import SystemClock
 
 CLUSTER_FILE = "cluster.toml"
@@ -145,8 +146,17 @@ def up(
     timeout_s: float = 60.0,
     progress: bool = True,
     settings: ClusterSettings | None = None,
+    wan: bool = True,
+    blockstores: bool = False,
 ) -> ClusterConfig:
-    """Start a local cluster in data; `settings` (e.g. the [txn] protocol) go into its file."""
+    """Start a local cluster in data; `settings` (e.g. the [txn] protocol) go into its file.
+
+    `wan`: emulate DESIGN.md's wide-area latency and bandwidth between regions (sets `[network]
+    enabled`, keeping the other `[network]` values of `settings`). Stale run-time overrides
+    (net.toml) of an earlier cluster in `data` are removed.
+
+    `blockstores`: also start one KV-cache block store per region (`k2 blockstore`, see
+    `start_blockstores`) once the nodes are healthy."""
     data = data.resolve()
     cluster_file = data / CLUSTER_FILE
     if cluster_file.exists():
@@ -157,6 +167,9 @@ def up(
                 f"run `k2 cluster down --data {data}` first"
             )
     data.mkdir(parents=True, exist_ok=True)
+    (data / OVERRIDES_FILE).unlink(missing_ok=True)
+    st = settings or ClusterSettings()
+    st = replace(st, network=replace(st.network, enabled=wan))
     ports = free_ports(len(regions) * nodes_per_region)
     cfg = cluster_mod.local_cluster(
         regions,
@@ -164,12 +177,15 @@ def up(
         nodes_per_region=nodes_per_region,
         shards_per_region=shards_per_region,
         root=data,
+        settings=st,
     ).write(cluster_file)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for n in cfg.nodes:
             procs[n.name] = start_node(cfg, n)
         wait_healthy(cfg, procs, timeout_s, progress)
+        if blockstores:
+            start_blockstores(cfg, timeout_s=timeout_s)
     except BaseException:
         for p in procs.values():
             with contextlib.suppress(ProcessLookupError):
@@ -263,6 +279,7 @@ def down(cfg: ClusterConfig, *, timeout_s: float = 15.0) -> dict[str, str]:
     if cfg.path is not None:
         with contextlib.suppress(FileNotFoundError):
             (cfg.path.parent / "pids.json").unlink()
+    result.update(stop_blockstores(cfg, timeout_s=timeout_s))
     return result
 
 
@@ -332,3 +349,163 @@ def load_cluster(data: Path | None, cluster_file: Path | None) -> ClusterConfig:
             f"no cluster at {data.resolve()} (no {CLUSTER_FILE}); start one with `k2 cluster up`"
         )
     return cluster_mod.load(path)
+
+
+# -- run-time network overrides (`k2 cluster net`) -----------------------------------------------
+
+
+def net_overrides_path(cfg: ClusterConfig) -> Path:
+    """The overrides file every node and client of `cfg` watches: net.toml beside the file."""
+    if cfg.path is None:
+        raise Unavailable("the cluster has no cluster file, so no network overrides file")
+    return cfg.path.parent / OVERRIDES_FILE
+
+
+def net_model(cfg: ClusterConfig) -> LinkModel:
+    """The link model the cluster's processes are (or will be within ~0.1 s) using."""
+    return LinkModel(cfg.settings.network, read_net_overrides(cfg))
+
+
+def read_net_overrides(cfg: ClusterConfig) -> NetOverrides:
+    try:
+        return read_overrides(net_overrides_path(cfg))
+    except ValueError as e:
+        raise ClusterFileError(str(e)) from None
+
+
+def write_net_overrides(cfg: ClusterConfig, overrides: NetOverrides) -> None:
+    """Atomically replace the overrides file (or remove it when `overrides` is empty); every
+    name in it must be a region or a node of `cfg`, so a typo fails here, not silently."""
+    known = set(cfg.region_names()) | {n.name for n in cfg.nodes}
+    names = {x for c in overrides.cuts for x in c} | set(overrides.isolated)
+    names |= {x for key in overrides.links for x in key}
+    unknown = sorted(names - known)
+    if unknown:
+        raise ClusterFileError(
+            f"unknown region or node {', '.join(map(repr, unknown))}; the cluster has regions "
+            f"{cfg.region_names()} and nodes {[n.name for n in cfg.nodes]}"
+        )
+    write_overrides(net_overrides_path(cfg), overrides)
+
+
+# -- KV-cache block stores (kvtier), one per region ----------------------------------------------
+
+BLOCKSTORES_FILE = "blockstores.json"
+_BLOCKSTORE_STATS = "/k2.kvtier.v1.BlockStore/Stats"
+
+
+def blockstore_command(cluster_file: Path, region: str, port: int, data_dir: Path) -> list[str]:
+    return [
+        *(sys.executable, "-m", "k2store", "blockstore", "--cluster", str(cluster_file)),
+        *("--region", region, "--port", str(port), "--data", str(data_dir)),
+    ]
+
+
+def _blockstore_answers(address: str, timeout_s: float = 0.5) -> bool:
+    # A raw call (empty StatsRequest, response left unparsed): k2store does not import kvtier.
+    with grpc.insecure_channel(address) as ch:
+        stub: Any = ch.unary_unary(
+            _BLOCKSTORE_STATS,
+            request_serializer=lambda _: b"",
+            response_deserializer=lambda b: b,
+        )
+        try:
+            stub(None, timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+        return True
+
+
+def start_blockstores(cfg: ClusterConfig, *, timeout_s: float = 60.0) -> dict[str, str]:
+    """Start one block store process per region (data in <data>/blockstore-<region>, output in
+    its blockstore.log) and wait until each answers. A block store registers its address in its
+    region's metadata row before it serves, so once this returns connectors can find it.
+    Returns region -> address; on failure stops the ones it started and raises LaunchError."""
+    assert cfg.path is not None
+    root = cfg.path.parent
+    ports = free_ports(len(cfg.regions))
+    started: dict[str, tuple[subprocess.Popen[bytes], str, Path]] = {}
+    try:
+        for region, port in zip(cfg.region_names(), ports, strict=True):
+            d = root / f"blockstore-{region}"
+            d.mkdir(parents=True, exist_ok=True)
+            with open(d / "blockstore.log", "ab") as log:
+                proc = subprocess.Popen(
+                    blockstore_command(cfg.path, region, port, d),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            _children[proc.pid] = proc
+            started[region] = (proc, f"127.0.0.1:{port}", d)
+        deadline = _CLOCK.monotonic_ns() / 1e9 + timeout_s
+        pending = dict(started)
+        while pending:
+            for region, (proc, address, d) in list(pending.items()):
+                if proc.poll() is not None:
+                    tail = (d / "blockstore.log").read_text(errors="replace").splitlines()[-15:]
+                    raise LaunchError(
+                        f"block store for {region} exited with status {proc.returncode}:\n"
+                        + "\n".join("    " + ln for ln in tail)
+                    )
+                if _blockstore_answers(address):
+                    del pending[region]
+            if pending and _CLOCK.monotonic_ns() / 1e9 > deadline:
+                raise LaunchError(f"block stores not up after {timeout_s:.0f}s: {sorted(pending)}")
+            if pending:
+                time.sleep(0.1)
+    except BaseException:
+        for proc, _, _ in started.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+        raise
+    (root / BLOCKSTORES_FILE).write_text(
+        json.dumps({r: {"pid": p.pid, "address": a} for r, (p, a, _) in started.items()})
+    )
+    return {r: a for r, (_, a, _) in started.items()}
+
+
+def stop_blockstores(cfg: ClusterConfig, *, timeout_s: float = 15.0) -> dict[str, str]:
+    """Stop the block stores `start_blockstores` recorded for cfg (SIGTERM, then SIGKILL);
+    returns "blockstore-<region>" -> how it ended. Only processes whose command line is that
+    region's block store are signalled (a recycled pid is left alone)."""
+    if cfg.path is None:
+        return {}
+    path = cfg.path.parent / BLOCKSTORES_FILE
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    result: dict[str, str] = {}
+    pids: dict[str, int] = {}
+    for region, entry in recorded.items():
+        name = f"blockstore-{region}"
+        result[name] = "not running"
+        pid = int(entry.get("pid", 0))
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"blockstore" in cmd and region.encode() in cmd and _alive(pid):
+            pids[name] = pid
+    for name, pid in pids.items():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGTERM)
+            result[name] = "stopped"
+    deadline = _CLOCK.monotonic_ns() / 1e9 + timeout_s
+    while any(_alive(p) for p in pids.values()) and _CLOCK.monotonic_ns() / 1e9 < deadline:
+        _reap()
+        time.sleep(0.05)
+    for name, pid in pids.items():
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            result[name] = "killed"
+        while _alive(pid):
+            _reap()
+            time.sleep(0.01)
+    path.unlink(missing_ok=True)
+    return result

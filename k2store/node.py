@@ -32,7 +32,7 @@ from k2store.errors import ERROR_METADATA_KEY, K2Error, Unavailable
 from k2store.rocksengine import RocksEngine
 from k2store.service import METHODS, Method, NodeService
 from k2store.shard import Limits, ShardLeader
-from k2store.transport import CHANNEL_OPTIONS, GrpcTransport, Transport
+from k2store.transport import CHANNEL_OPTIONS, Transport, cluster_transport
 from truetime import ClockSource, SystemClock, TimestampOracle, TrueTime
 from txn.storage import DataDirLocked, VersionedStore
 
@@ -73,9 +73,8 @@ class Node:
         st = cluster.settings
         self.clock: ClockSource = clock or SystemClock()
         self.tt = TrueTime(self.clock, st.epsilon_us * 1000, st.max_uncertainty_us * 1000)
-        self.transport: Transport = transport or GrpcTransport(
-            {n.name: n.address for n in cluster.nodes}
-        )
+        # Pays the cluster's wide-area emulation, if any, as this node (k2store/wan.py).
+        self.transport: Transport = transport or cluster_transport(cluster, node=name)
         self._engine_factory = engine_factory or (lambda p: RocksEngine(p))
         self.service: NodeService | None = None
         self._lock = DataDirLock(self.me.data_dir)
@@ -83,6 +82,7 @@ class Node:
         self._health = health.aio.HealthServicer()
         self._stopped = asyncio.Event()
         self._leaders: dict[int, ShardLeader] = {}
+        self._replica_stores: dict[int, VersionedStore] = {}
 
     @property
     def leaders(self) -> dict[int, ShardLeader]:
@@ -118,6 +118,7 @@ class Node:
                 read_ceiling=read_ceiling,
                 batch_size=self.options.batch_size,
                 data_dir=str(self.me.data_dir),
+                replica_stores=self._replica_stores,
             )
             self.service.start()
             server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
@@ -175,12 +176,25 @@ class Node:
             # such a read. With clock error beyond the bound, now().latest may not cover it.
             store.read_marks.raise_floor(self.tt.now().latest)
             self._leaders[shard.id] = ShardLeader(shard, store, limits, hashed=hashed)
+        if not st.replication.enabled:
+            return
+        for shard in self.cluster.replicas_on(self.me.name):
+            path = self.me.data_dir / "replicas" / str(shard.id)
+            path.mkdir(parents=True, exist_ok=True)
+            try:
+                self._replica_stores[shard.id] = self._engine_factory(path)
+            except DataDirLocked as e:
+                raise Unavailable(str(e)) from None
 
     def _close_engines(self) -> None:
         for leader in self._leaders.values():
             with contextlib.suppress(Exception):
                 leader.store.close()
         self._leaders.clear()
+        for store in self._replica_stores.values():
+            with contextlib.suppress(Exception):
+                store.close()
+        self._replica_stores.clear()
 
     async def stop(self, grace_s: float | None = None) -> None:
         if self._stopped.is_set():
