@@ -220,6 +220,8 @@ class Coordinator:
                 if self.protocol == "mvto-hlc":
                     self._finish(txn)
                     self.stats["committed"] += 1
+                    if txn.touched:
+                        self._spawn(self._resolve_all(txn, 0))
                     return pb.CommitTxnResponse(commit_ts=txn.ts, read_only=True)
                 # Read-only (or nothing written): no record, no intents. Wait until every version
                 # returned has certainly passed, so a later transaction sees them too.
@@ -227,6 +229,8 @@ class Coordinator:
                 await self.tt.wait_until_after(txn.max_version_ts)
                 self._finish(txn)
                 self.stats["committed"] += 1
+                if txn.touched:
+                    self._spawn(self._resolve_all(txn, 0))  # it ended: nothing to wait for
                 return pb.CommitTxnResponse(commit_ts=txn.ts, read_only=True)
             try:
                 await self.call(
@@ -333,8 +337,8 @@ class Coordinator:
         self._finish(txn)
         self.stats["aborted"] += 1
         if not txn.writes:
-            if self.protocol == "d2pl-ttc" and txn.touched:
-                self._spawn(self._resolve_all(txn, 0))  # release its read locks
+            if txn.touched:
+                self._spawn(self._resolve_all(txn, 0))  # release read locks / in-flight marks
             return
         try:
             await self.call(
@@ -404,7 +408,9 @@ class Coordinator:
         return [(shards[sid], g) for sid, g in groups.items()]
 
     async def _exec(self, txn: _Txn, shard: ShardConfig, ops: list[pb.TxnOp]) -> pb.ExecResponse:
-        if self.protocol == "d2pl-ttc" and not txn.read_only:
+        if not txn.read_only:
+            # d2PL: these shards hold its locks; all protocols: replication counts it in flight
+            # there (the seal waits for it) until a Resolve says it ended.
             txn.touched.add(shard.id)
         if txn.aligned:
             # Aligned dispatch: hold the operation so it reaches its leader at about ts. Sent

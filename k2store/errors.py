@@ -174,3 +174,23 @@ class CommitOutcomeUnknown(K2Error):
 
 _register(TxnAborted)
 _register(CommitOutcomeUnknown)
+
+
+class StalenessExceeded(K2Error):
+    """A bounded-staleness read could not be served by replicas in its region within the bound
+    (the region is partitioned from a shard's leader, or replication is behind). Not retried,
+    and never silently sent to another region: raise the bound, or read fresh from the leader."""
+
+    reason = "staleness-exceeded"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class NotVisibleYet(Unavailable):
+    """A fresh replica read waited for its timestamp to become visible in the region and the
+    deadline passed first (replication from some shard's home region is stalled or cut off)."""
+
+    reason = "not-visible-yet"
+
+
+_register(StalenessExceeded)
+_register(NotVisibleYet)

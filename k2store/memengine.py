@@ -141,6 +141,15 @@ class MemoryEngine(VersionedStore):
                 break
         return rows
 
+    def scan_versions(
+        self, start: bytes, end: bytes | None, max_keys: int
+    ) -> list[tuple[bytes, list[Version]]]:
+        self._check_open()
+        keys = self._keys
+        lo = bisect_left(keys, start)
+        hi = len(keys) if end is None else bisect_left(keys, end)
+        return [(key, self.versions(key)) for key in keys[lo : min(hi, lo + max(max_keys, 0))]]
+
     def scan_intents(self, start: bytes, end: bytes | None) -> list[tuple[bytes, Intent]]:
         self._check_open()
         keys = self._intent_keys

@@ -72,6 +72,15 @@ class Participant:
         self._heartbeats: dict[bytes, int] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.counters: dict[str, int] = {}
+        self.seal_check: Callable[[ShardLeader, bytes, int, bytes], str | None] = (
+            lambda _l, _k, _t, _x: None
+        )
+        """Replication's closed-timestamp check (leader, key, ts, txn_id): None, or why the
+        write must abort (rule sealed). Called right before an intent is laid down, with no
+        await in between."""
+        self.in_flight: Callable[[int, bytes, int, bool], None] = lambda _s, _x, _t, _e: None
+        """Tells replication a read-write transaction (shard, txn_id, ts) is running here
+        (False: it ended here), so seals wait for it rather than refuse its later writes."""
         # d2PL-TTC state: locks, the transactions holding them, and those wounded here.
         self.locks = LockTable()
         self._locked: dict[bytes, _LockedTxn] = {}
@@ -111,6 +120,8 @@ class Participant:
         txn = TxnRef(h.txn_id, h.ts, h.record_key)
         if self.hlc is not None:
             self.hlc.update(h.ts)  # causality: what this node stamps next is above txn.ts
+        if not h.read_only:
+            self.in_flight(req.shard_id, h.txn_id, h.ts, True)
         if self.protocol == "d2pl-ttc" and not h.read_only:
             return await self._exec_2pl(leader, req)
         results: list[pb.TxnOpResult] = []
@@ -143,7 +154,8 @@ class Participant:
                     out = rules.scan(txn, op.key, end, txn.ts, limit)
                 elif writes:
                     value = op.value if op.kind == pb.OP_PUT else None
-                    out = rules.write(txn, op.key, value)
+                    sealed = self.seal_check(leader, op.key, txn.ts, txn.txn_id)
+                    out = Abort("sealed", sealed) if sealed else rules.write(txn, op.key, value)
                 else:
                     raise InvalidArgument(f"unknown operation kind {op.kind}")
                 if isinstance(out, Wait):
@@ -258,6 +270,10 @@ class Participant:
                     )
             if writes:
                 value = op.value if op.kind == pb.OP_PUT else None
+                sealed = self.seal_check(leader, op.key, h.ts, h.txn_id)
+                if sealed:
+                    self._count("abort:sealed")
+                    raise TxnAborted(sealed)
                 leader.store.apply(
                     [PutIntent(op.key, Intent(h.txn_id, h.ts, value, h.record_key))], sync=True
                 )
@@ -501,6 +517,7 @@ class Participant:
     async def resolve(self, req: pb.ResolveRequest) -> pb.ResolveResponse:
         _, rules = self._leader(req.shard_id)
         n = rules.resolve(req.txn_id, req.commit_ts or None, list(req.keys))
+        self.in_flight(req.shard_id, req.txn_id, 0, False)
         if self.protocol == "d2pl-ttc":
             self._release(req.txn_id, req.commit_ts or None)  # strict 2PL: locks go at the end
             self._wounded.pop(req.txn_id, None)

@@ -54,7 +54,7 @@ from txn.storage import (
     plan_batch,
 )
 
-__all__ = ["FORMAT_VERSION", "RocksEngine"]
+__all__ = ["FORMAT_VERSION", "RocksBlobStore", "RocksEngine"]
 
 FORMAT_VERSION = 1
 """On-disk layout version, stored in the database; bump it when keycodec's layout changes."""
@@ -218,6 +218,34 @@ class RocksEngine(VersionedStore):
                 it.next()
         return out
 
+    def scan_versions(
+        self, start: bytes, end: bytes | None, max_keys: int
+    ) -> list[tuple[bytes, list[Version]]]:
+        self._check_open()
+        out: list[tuple[bytes, list[Version]]] = []
+        if max_keys <= 0 or (end is not None and end <= start):
+            return out
+        upper = _VERSION_SPACE_END if end is None else kc.version_key_prefix(end)
+        with self._iterator(upper) as it:
+            it.seek(kc.version_key_prefix(start))
+            prefix = b""
+            while it.valid():
+                found: bytes = it.key()
+                version = Version(kc.version_ts(found), self._decode_value(it.value(), found))
+                if out and found[:-8] == prefix:
+                    out[-1][1].append(version)
+                else:
+                    if len(out) >= max_keys:
+                        break
+                    prefix = found[:-8]
+                    try:
+                        user_key = kc.unescape(prefix[1:])
+                    except ValueError as exc:
+                        raise StorageError(f"corrupt version key {found!r}: {exc}") from exc
+                    out.append((user_key, [version]))
+                it.next()
+        return out
+
     def scan(
         self, start: bytes, end: bytes | None, ts: int, limit: int | None = None
     ) -> list[tuple[bytes, Version]]:
@@ -373,6 +401,111 @@ class RocksEngine(VersionedStore):
         """Flush and release the database and its directory lock. Idempotent. Every batch
         applied with `sync=True` was durable already; close adds durability for `sync=False`
         ones (memtables are flushed)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._db.close()
+        except Exception as exc:
+            raise StorageError(f"closing RocksDB at {self.path!r} failed: {exc}") from exc
+
+
+class RocksBlobStore:
+    """A plain durable byte map (no versions, no intents) for the KV tier's disk tier.
+
+    Keys and values are raw bytes. `put` and `delete` with `sync=True` fsync the write-ahead log
+    before returning: "durable before the metadata names it" rests on that. Each value's length
+    is kept beside it (written in the same batch), so `sizes` walks small entries instead of
+    reading every value back. The same lock and lifetime rules as `RocksEngine` apply
+    (`DataDirLocked`, `StorageError`, iterators scoped to the call).
+    """
+
+    _DATA = b"\x01"
+    _SIZE = b"\x02"
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.path = os.fspath(path)
+        options = rocksdict.Options(raw_mode=True)
+        options.create_if_missing(create)
+        try:
+            self._db: Any = rocksdict.Rdict(self.path, options)
+        except Exception as exc:
+            if _is_lock_error(exc):
+                raise DataDirLocked(self.path, str(exc)) from exc
+            raise StorageError(f"cannot open RocksDB at {self.path!r}: {exc}") from exc
+        self._closed = False
+        self._sync_write = rocksdict.WriteOptions()
+        self._sync_write.sync = True
+        self._async_write = rocksdict.WriteOptions()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError(f"RocksDB blob store at {self.path!r} is closed")
+
+    def _write(self, batch: Any, sync: bool) -> None:
+        try:
+            self._db.write(batch, self._sync_write if sync else self._async_write)
+        except Exception as exc:
+            raise StorageError(f"RocksDB write to {self.path!r} failed: {exc}") from exc
+
+    def put(self, key: bytes, value: bytes, *, sync: bool = True) -> None:
+        self._check_open()
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        batch.put(self._DATA + key, value)
+        batch.put(self._SIZE + key, len(value).to_bytes(8, "big"))
+        self._write(batch, sync)
+
+    def get(self, key: bytes) -> bytes | None:
+        self._check_open()
+        try:
+            value: bytes | None = self._db.get(self._DATA + key)
+        except Exception as exc:
+            raise StorageError(f"RocksDB read from {self.path!r} failed: {exc}") from exc
+        return value
+
+    def delete(self, key: bytes, *, sync: bool = False) -> None:
+        """Deleting is not acknowledged to anyone before the metadata forgets the block, so it
+        need not be synced by default: a resurrected block after a crash is only unused space."""
+        self._check_open()
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        batch.delete(self._DATA + key)
+        batch.delete(self._SIZE + key)
+        self._write(batch, sync)
+
+    def sizes(self) -> Iterator[tuple[bytes, int]]:
+        """(key, value length) of every entry in key order, read as one list (no iterator
+        outlives the call)."""
+        out: list[tuple[bytes, int]] = []
+        with self._scoped_iterator(bytes([self._SIZE[0] + 1])) as it:
+            it.seek(self._SIZE)
+            while it.valid():
+                out.append((it.key()[1:], int.from_bytes(it.value(), "big")))
+                it.next()
+        return iter(out)
+
+    @contextmanager
+    def _scoped_iterator(self, upper_bound: bytes) -> Iterator[Any]:
+        self._check_open()
+        read_options = rocksdict.ReadOptions()
+        read_options.set_iterate_upper_bound(upper_bound)
+        it = self._db.iter(read_options)
+        try:
+            yield it
+            try:
+                it.status()
+            except Exception as exc:
+                raise StorageError(f"RocksDB read from {self.path!r} failed: {exc}") from exc
+        finally:
+            del it
+
+    def approximate_bytes(self) -> int:
+        """RocksDB's estimate of live data (SST files; the memtable is not counted)."""
+        self._check_open()
+        v = self._db.property_int_value("rocksdb.estimate-live-data-size")
+        return int(v) if v is not None else 0
+
+    def close(self) -> None:
+        """Release the database and its lock. Idempotent."""
         if self._closed:
             return
         self._closed = True

@@ -42,11 +42,14 @@ from k2store.errors import (
     NotLeader,
     Unavailable,
     ValueTooLarge,
+    WriteTooOld,
 )
 from k2store.participant import Participant
 from k2store.proto import k2_pb2 as pb
+from k2store.replicator import Replicator
 from k2store.shard import Limits, ShardLeader
 from k2store.transport import Transport
+from replication.log import LoggedStore
 from truetime import (
     BatchClient,
     BatchExpired,
@@ -56,6 +59,7 @@ from truetime import (
     TrueTime,
     UncertaintyExceeded,
 )
+from txn.storage import VersionedStore
 
 MAX_FUTURE_READ_NS = 1_000_000_000
 """A read may ask for a timestamp at most this far beyond now().latest; a later one would set a
@@ -114,6 +118,15 @@ METHODS: tuple[Method, ...] = (
     Method("/k2.v1.Participant/QueryTxn", pb.QueryTxnRequest, pb.QueryTxnResponse, "query_txn"),
     Method("/k2.v1.Participant/Heartbeat", pb.HeartbeatRequest, pb.HeartbeatResponse, "heartbeat"),
     Method("/k2.v1.Participant/ForgetTxn", pb.ForgetTxnRequest, pb.ForgetTxnResponse, "forget_txn"),
+    Method("/k2.v1.Replication/Pull", pb.PullRequest, pb.PullResponse, "pull"),
+    Method("/k2.v1.Replication/Snapshot", pb.SnapshotRequest, pb.SnapshotResponse, "snapshot"),
+    Method("/k2.v1.Replication/Seals", pb.SealsRequest, pb.SealsResponse, "seals"),
+    Method(
+        "/k2.v1.Replication/ReplicaRead",
+        pb.ReplicaReadRequest,
+        pb.ReplicaReadResponse,
+        "replica_read",
+    ),
 )
 METHODS_BY_PATH = {m.path: m for m in METHODS}
 
@@ -135,7 +148,11 @@ class NodeService:
         batch_size: int = 256,
         data_dir: str = "",
         new_txn_id: Callable[[], bytes] | None = None,
+        replica_stores: dict[int, VersionedStore] | None = None,
     ) -> None:
+        """`leaders`' stores are wrapped in a `LoggedStore` here when replication is on;
+        `replica_stores` are the engines of the replicas this node holds (see
+        `ClusterConfig.replicas_on`); the caller opens and closes all engines."""
         self.cluster = cluster
         self.me: NodeConfig = cluster.node(name)
         self.region = cluster.region(self.me.region)
@@ -161,9 +178,20 @@ class NodeService:
         if st.txn.protocol == "mvto-hlc":
             self.hlc = HybridLogicalClock(self.clock, [n.name for n in cluster.nodes].index(name))
             self.hlc.update(truetime.now().latest)  # above the read floor of this node's shards
+        self.replicator: Replicator | None = None
+        if st.replication.enabled:
+            for ld in leaders.values():
+                if not isinstance(ld.store, LoggedStore):
+                    ld.store = LoggedStore(ld.store, lambda: truetime.now().latest)
+            self.replicator = Replicator(
+                cluster, name, truetime, self.call, leaders, dict(replica_stores or {})
+            )
         self.participant = Participant(
             cluster, name, leaders, truetime, self.call, st.txn, st.request_timeout_s, hlc=self.hlc
         )
+        if self.replicator is not None:
+            self.participant.seal_check = self.replicator.check_open
+            self.participant.in_flight = self.replicator.in_flight
         self.coordinator = Coordinator(
             cluster,
             name,
@@ -180,8 +208,12 @@ class NodeService:
         """Start background work: the intent sweep and the silent-client reaper."""
         self.participant.start()
         self.coordinator.start()
+        if self.replicator is not None:
+            self.replicator.start()
 
     async def stop(self) -> None:
+        if self.replicator is not None:
+            await self.replicator.stop()
         await self.coordinator.stop()
         await self.participant.stop()
 
@@ -327,6 +359,10 @@ class NodeService:
             leader.check_value(key, value)
         ts = await self.timestamp()
         previous = leader.store.latest_version(key)
+        if self.replicator is not None:
+            sealed = self.replicator.check_open(leader, key, ts, b"")
+            if sealed is not None:
+                raise WriteTooOld(sealed)
         leader.write(key, value, ts)
         # HAZARD (commit-wait): acknowledging only after ts has certainly passed means every
         # transaction that starts after the client hears back gets a larger timestamp, which is
@@ -481,6 +517,28 @@ class NodeService:
     async def forget_txn(self, request: pb.ForgetTxnRequest) -> pb.ForgetTxnResponse:
         return await self.participant.forget_txn(request)
 
+    # -- replication ---------------------------------------------------------------------------
+
+    def _replication(self) -> Replicator:
+        if self.replicator is None:
+            raise Unavailable(
+                f"replication is disabled in cluster {self.cluster.settings.name!r} "
+                "([replication] enabled = false)"
+            )
+        return self.replicator
+
+    async def pull(self, request: pb.PullRequest) -> pb.PullResponse:
+        return await self._replication().pull(request)
+
+    async def snapshot(self, request: pb.SnapshotRequest) -> pb.SnapshotResponse:
+        return await self._replication().snapshot(request)
+
+    async def seals(self, request: pb.SealsRequest) -> pb.SealsResponse:
+        return await self._replication().seals(request)
+
+    async def replica_read(self, request: pb.ReplicaReadRequest) -> pb.ReplicaReadResponse:
+        return await self._replication().replica_read(request)
+
     # -- Admin ---------------------------------------------------------------------------------
 
     async def status(self, request: pb.StatusRequest) -> pb.StatusResponse:
@@ -505,4 +563,7 @@ class NodeService:
             is_oracle=self.oracle is not None,
             oracle_refusals=self.oracle.refusals if self.oracle else 0,
             data_dir=self.data_dir,
+            replication=self.replicator.status()
+            if self.replicator is not None
+            else pb.ReplicationStatus(enabled=False),
         )

@@ -324,6 +324,14 @@ class VersionedStore(ABC):
         """
 
     @abstractmethod
+    def scan_versions(
+        self, start: bytes, end: bytes | None, max_keys: int
+    ) -> list[tuple[bytes, list[Version]]]:
+        """Every retained committed version (tombstones included, newest first) of the first
+        `max_keys` keys with versions in `[start, end)`, in key order: what a replica snapshot
+        copies. Not a read at a timestamp, so no horizon check and no read mark."""
+
+    @abstractmethod
     def scan_intents(self, start: bytes, end: bytes | None) -> list[tuple[bytes, Intent]]:
         """Every intent on keys in `[start, end)` (`end None`: unbounded), in key order."""
 

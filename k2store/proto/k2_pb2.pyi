@@ -74,6 +74,29 @@ TXN_COMMITTED: TxnStatus.ValueType  # 1
 TXN_ABORTED: TxnStatus.ValueType  # 2
 Global___TxnStatus: _TypeAlias = TxnStatus  # noqa: Y015
 
+class _ReadMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReadModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReadMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    READ_VISIBLE: _ReadMode.ValueType  # 0
+    """at the region's visible timestamp"""
+    READ_FRESH: _ReadMode.ValueType  # 1
+    """at now().latest, waiting until it is visible"""
+    READ_BOUNDED: _ReadMode.ValueType  # 2
+    """at the visible timestamp, refused if staler than the bound"""
+
+class ReadMode(_ReadMode, metaclass=_ReadModeEnumTypeWrapper): ...
+
+READ_VISIBLE: ReadMode.ValueType  # 0
+"""at the region's visible timestamp"""
+READ_FRESH: ReadMode.ValueType  # 1
+"""at now().latest, waiting until it is visible"""
+READ_BOUNDED: ReadMode.ValueType  # 2
+"""at the visible timestamp, refused if staler than the bound"""
+Global___ReadMode: _TypeAlias = ReadMode  # noqa: Y015
+
 @_typing.final
 class KeyValue(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -574,6 +597,7 @@ class StatusResponse(_message.Message):
     IS_ORACLE_FIELD_NUMBER: _builtins.int
     ORACLE_REFUSALS_FIELD_NUMBER: _builtins.int
     DATA_DIR_FIELD_NUMBER: _builtins.int
+    REPLICATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     region: _builtins.str
     pid: _builtins.int
@@ -585,6 +609,8 @@ class StatusResponse(_message.Message):
     data_dir: _builtins.str
     @_builtins.property
     def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardStatus]: ...
+    @_builtins.property
+    def replication(self) -> Global___ReplicationStatus: ...
     def __init__(
         self,
         *,
@@ -598,14 +624,139 @@ class StatusResponse(_message.Message):
         is_oracle: _builtins.bool = ...,
         oracle_refusals: _builtins.int = ...,
         data_dir: _builtins.str = ...,
+        replication: Global___ReplicationStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["replication", b"replication"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_dir", b"data_dir", "is_oracle", b"is_oracle", "name", b"name", "now_latest", b"now_latest", "oracle_refusals", b"oracle_refusals", "pid", b"pid", "region", b"region", "shards", b"shards", "uncertainty_ns", b"uncertainty_ns", "uptime_s", b"uptime_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_dir", b"data_dir", "is_oracle", b"is_oracle", "name", b"name", "now_latest", b"now_latest", "oracle_refusals", b"oracle_refusals", "pid", b"pid", "region", b"region", "replication", b"replication", "shards", b"shards", "uncertainty_ns", b"uncertainty_ns", "uptime_s", b"uptime_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusResponse: _TypeAlias = StatusResponse  # noqa: Y015
+
+@_typing.final
+class ReplicationShardStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARD_ID_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    NEXT_LSN_FIELD_NUMBER: _builtins.int
+    FIRST_LSN_FIELD_NUMBER: _builtins.int
+    SEALED_TS_FIELD_NUMBER: _builtins.int
+    CLOSED_TS_FIELD_NUMBER: _builtins.int
+    LAG_ENTRIES_FIELD_NUMBER: _builtins.int
+    LAG_MS_FIELD_NUMBER: _builtins.int
+    SNAPSHOTS_FIELD_NUMBER: _builtins.int
+    SEAL_ABORTS_FIELD_NUMBER: _builtins.int
+    shard_id: _builtins.int
+    role: _builtins.str
+    """"leader" or "replica" """
+    next_lsn: _builtins.int
+    """leader: next entry it will append; replica: next it will apply"""
+    first_lsn: _builtins.int
+    """leader: oldest entry still in its log"""
+    sealed_ts: _builtins.int
+    """newest seal logged (leader) or applied (replica)"""
+    closed_ts: _builtins.int
+    """leader: writes at or below are refused"""
+    lag_entries: _builtins.int
+    """replica: entries behind its leader at the last pull"""
+    lag_ms: _builtins.float
+    """replica: now minus the append time of the newest applied entry"""
+    snapshots: _builtins.int
+    """replica: snapshot installs so far"""
+    seal_aborts: _builtins.int
+    """leader: writes refused by rule sealed"""
+    def __init__(
+        self,
+        *,
+        shard_id: _builtins.int = ...,
+        role: _builtins.str = ...,
+        next_lsn: _builtins.int = ...,
+        first_lsn: _builtins.int = ...,
+        sealed_ts: _builtins.int = ...,
+        closed_ts: _builtins.int = ...,
+        lag_entries: _builtins.int = ...,
+        lag_ms: _builtins.float = ...,
+        snapshots: _builtins.int = ...,
+        seal_aborts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed_ts", b"closed_ts", "first_lsn", b"first_lsn", "lag_entries", b"lag_entries", "lag_ms", b"lag_ms", "next_lsn", b"next_lsn", "role", b"role", "seal_aborts", b"seal_aborts", "sealed_ts", b"sealed_ts", "shard_id", b"shard_id", "snapshots", b"snapshots"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicationShardStatus: _TypeAlias = ReplicationShardStatus  # noqa: Y015
+
+@_typing.final
+class VisibilityDelay(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_REGION_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    P50_MS_FIELD_NUMBER: _builtins.int
+    P99_MS_FIELD_NUMBER: _builtins.int
+    MAX_MS_FIELD_NUMBER: _builtins.int
+    MEAN_MS_FIELD_NUMBER: _builtins.int
+    from_region: _builtins.str
+    """the home region of the shards the entries came from"""
+    count: _builtins.int
+    p50_ms: _builtins.float
+    p99_ms: _builtins.float
+    max_ms: _builtins.float
+    mean_ms: _builtins.float
+    def __init__(
+        self,
+        *,
+        from_region: _builtins.str = ...,
+        count: _builtins.int = ...,
+        p50_ms: _builtins.float = ...,
+        p99_ms: _builtins.float = ...,
+        max_ms: _builtins.float = ...,
+        mean_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "from_region", b"from_region", "max_ms", b"max_ms", "mean_ms", b"mean_ms", "p50_ms", b"p50_ms", "p99_ms", b"p99_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VisibilityDelay: _TypeAlias = VisibilityDelay  # noqa: Y015
+
+@_typing.final
+class ReplicationStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    VISIBLE_TS_FIELD_NUMBER: _builtins.int
+    SHARDS_FIELD_NUMBER: _builtins.int
+    DELAYS_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    policy: _builtins.str
+    visible_ts: _builtins.int
+    """this region's visible timestamp as this node knows it"""
+    @_builtins.property
+    def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicationShardStatus]: ...
+    @_builtins.property
+    def delays(self) -> _containers.RepeatedCompositeFieldContainer[Global___VisibilityDelay]: ...
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        policy: _builtins.str = ...,
+        visible_ts: _builtins.int = ...,
+        shards: _abc.Iterable[Global___ReplicationShardStatus] | None = ...,
+        delays: _abc.Iterable[Global___VisibilityDelay] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delays", b"delays", "enabled", b"enabled", "policy", b"policy", "shards", b"shards", "visible_ts", b"visible_ts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicationStatus: _TypeAlias = ReplicationStatus  # noqa: Y015
 
 @_typing.final
 class TxnOp(_message.Message):
@@ -1206,3 +1357,334 @@ class ForgetTxnResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ForgetTxnResponse: _TypeAlias = ForgetTxnResponse  # noqa: Y015
+
+@_typing.final
+class PullRequest(_message.Message):
+    """---- Replication ---------------------------------------------------------------------------
+    Each shard leader keeps an ordered log of committed versions and K2-VCR seals; a replica in
+    every other region pulls it (a long poll: the leader answers as soon as it has entries past
+    from_lsn, or after wait_ms), applies it in order, and asks for a snapshot when the leader has
+    truncated past it. Region peers exchange the seals they hold (Seals); clients read at the
+    region's visible timestamp from local replicas (ReplicaRead), with no wide-area round trip.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARD_ID_FIELD_NUMBER: _builtins.int
+    FROM_LSN_FIELD_NUMBER: _builtins.int
+    MAX_ENTRIES_FIELD_NUMBER: _builtins.int
+    WAIT_MS_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
+    shard_id: _builtins.int
+    from_lsn: _builtins.int
+    """also acknowledges every entry below it"""
+    max_entries: _builtins.int
+    wait_ms: _builtins.int
+    replica: _builtins.str
+    """the pulling node"""
+    def __init__(
+        self,
+        *,
+        shard_id: _builtins.int = ...,
+        from_lsn: _builtins.int = ...,
+        max_entries: _builtins.int = ...,
+        wait_ms: _builtins.int = ...,
+        replica: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_lsn", b"from_lsn", "max_entries", b"max_entries", "replica", b"replica", "shard_id", b"shard_id", "wait_ms", b"wait_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PullRequest: _TypeAlias = PullRequest  # noqa: Y015
+
+@_typing.final
+class PullResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_NEEDED_FIELD_NUMBER: _builtins.int
+    FIRST_LSN_FIELD_NUMBER: _builtins.int
+    NEXT_LSN_FIELD_NUMBER: _builtins.int
+    SEALED_TS_FIELD_NUMBER: _builtins.int
+    snapshot_needed: _builtins.bool
+    """from_lsn is below first_lsn: install a snapshot first"""
+    first_lsn: _builtins.int
+    next_lsn: _builtins.int
+    sealed_ts: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """encoded replication.log.LogEntry records, in LSN order"""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[_builtins.bytes] | None = ...,
+        snapshot_needed: _builtins.bool = ...,
+        first_lsn: _builtins.int = ...,
+        next_lsn: _builtins.int = ...,
+        sealed_ts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "first_lsn", b"first_lsn", "next_lsn", b"next_lsn", "sealed_ts", b"sealed_ts", "snapshot_needed", b"snapshot_needed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PullResponse: _TypeAlias = PullResponse  # noqa: Y015
+
+@_typing.final
+class SnapshotRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARD_ID_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    MAX_KEYS_FIELD_NUMBER: _builtins.int
+    shard_id: _builtins.int
+    start: _builtins.bytes
+    """first key of this page (inclusive)"""
+    max_keys: _builtins.int
+    def __init__(
+        self,
+        *,
+        shard_id: _builtins.int = ...,
+        start: _builtins.bytes = ...,
+        max_keys: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_keys", b"max_keys", "shard_id", b"shard_id", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotRequest: _TypeAlias = SnapshotRequest  # noqa: Y015
+
+@_typing.final
+class SnapshotVersion(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TS_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    TOMBSTONE_FIELD_NUMBER: _builtins.int
+    ts: _builtins.int
+    value: _builtins.bytes
+    tombstone: _builtins.bool
+    def __init__(
+        self,
+        *,
+        ts: _builtins.int = ...,
+        value: _builtins.bytes = ...,
+        tombstone: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tombstone", b"tombstone", "ts", b"ts", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotVersion: _TypeAlias = SnapshotVersion  # noqa: Y015
+
+@_typing.final
+class SnapshotRow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    key: _builtins.bytes
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnapshotVersion]:
+        """newest first"""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.bytes = ...,
+        versions: _abc.Iterable[Global___SnapshotVersion] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotRow: _TypeAlias = SnapshotRow  # noqa: Y015
+
+@_typing.final
+class SnapshotResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    NEXT_START_FIELD_NUMBER: _builtins.int
+    NEXT_LSN_FIELD_NUMBER: _builtins.int
+    SEALED_TS_FIELD_NUMBER: _builtins.int
+    more: _builtins.bool
+    next_start: _builtins.bytes
+    next_lsn: _builtins.int
+    """the leader's log position when this page was read"""
+    sealed_ts: _builtins.int
+    """and its seal then"""
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnapshotRow]: ...
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___SnapshotRow] | None = ...,
+        more: _builtins.bool = ...,
+        next_start: _builtins.bytes = ...,
+        next_lsn: _builtins.int = ...,
+        sealed_ts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["more", b"more", "next_lsn", b"next_lsn", "next_start", b"next_start", "rows", b"rows", "sealed_ts", b"sealed_ts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotResponse: _TypeAlias = SnapshotResponse  # noqa: Y015
+
+@_typing.final
+class SealsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SealsRequest: _TypeAlias = SealsRequest  # noqa: Y015
+
+@_typing.final
+class SealsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SealsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SEALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def seals(self) -> _containers.ScalarMap[_builtins.int, _builtins.int]:
+        """shard id -> newest seal this node holds for it"""
+
+    def __init__(
+        self,
+        *,
+        seals: _abc.Mapping[_builtins.int, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seals", b"seals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SealsResponse: _TypeAlias = SealsResponse  # noqa: Y015
+
+@_typing.final
+class ReplicaReadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    HAS_SCAN_FIELD_NUMBER: _builtins.int
+    SCAN_START_FIELD_NUMBER: _builtins.int
+    SCAN_END_FIELD_NUMBER: _builtins.int
+    SCAN_HAS_END_FIELD_NUMBER: _builtins.int
+    SCAN_LIMIT_FIELD_NUMBER: _builtins.int
+    AT_TS_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    MAX_STALENESS_NS_FIELD_NUMBER: _builtins.int
+    FORWARDED_FIELD_NUMBER: _builtins.int
+    has_scan: _builtins.bool
+    scan_start: _builtins.bytes
+    scan_end: _builtins.bytes
+    scan_has_end: _builtins.bool
+    scan_limit: _builtins.int
+    at_ts: _builtins.int
+    """0: choose by mode; else read at it (waiting until visible)"""
+    mode: Global___ReadMode.ValueType
+    max_staleness_ns: _builtins.int
+    forwarded: _builtins.bool
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[_builtins.bytes] | None = ...,
+        has_scan: _builtins.bool = ...,
+        scan_start: _builtins.bytes = ...,
+        scan_end: _builtins.bytes = ...,
+        scan_has_end: _builtins.bool = ...,
+        scan_limit: _builtins.int = ...,
+        at_ts: _builtins.int = ...,
+        mode: Global___ReadMode.ValueType = ...,
+        max_staleness_ns: _builtins.int = ...,
+        forwarded: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_ts", b"at_ts", "forwarded", b"forwarded", "has_scan", b"has_scan", "keys", b"keys", "max_staleness_ns", b"max_staleness_ns", "mode", b"mode", "scan_end", b"scan_end", "scan_has_end", b"scan_has_end", "scan_limit", b"scan_limit", "scan_start", b"scan_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaReadRequest: _TypeAlias = ReplicaReadRequest  # noqa: Y015
+
+@_typing.final
+class ReplicaReadResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    READ_TS_FIELD_NUMBER: _builtins.int
+    SERVED_BY_FIELD_NUMBER: _builtins.int
+    VISIBLE_TS_FIELD_NUMBER: _builtins.int
+    more: _builtins.bool
+    read_ts: _builtins.int
+    served_by: _builtins.str
+    visible_ts: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TxnOpResult]:
+        """one per key"""
+
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyValue]:
+        """the scan's rows"""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___TxnOpResult] | None = ...,
+        items: _abc.Iterable[Global___KeyValue] | None = ...,
+        more: _builtins.bool = ...,
+        read_ts: _builtins.int = ...,
+        served_by: _builtins.str = ...,
+        visible_ts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "more", b"more", "read_ts", b"read_ts", "results", b"results", "served_by", b"served_by", "visible_ts", b"visible_ts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaReadResponse: _TypeAlias = ReplicaReadResponse  # noqa: Y015

@@ -917,3 +917,204 @@ class Admin:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ReplicationStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Pull = channel.unary_unary(
+                '/k2.v1.Replication/Pull',
+                request_serializer=k2store_dot_proto_dot_k2__pb2.PullRequest.SerializeToString,
+                response_deserializer=k2store_dot_proto_dot_k2__pb2.PullResponse.FromString,
+                _registered_method=True)
+        self.Snapshot = channel.unary_unary(
+                '/k2.v1.Replication/Snapshot',
+                request_serializer=k2store_dot_proto_dot_k2__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=k2store_dot_proto_dot_k2__pb2.SnapshotResponse.FromString,
+                _registered_method=True)
+        self.Seals = channel.unary_unary(
+                '/k2.v1.Replication/Seals',
+                request_serializer=k2store_dot_proto_dot_k2__pb2.SealsRequest.SerializeToString,
+                response_deserializer=k2store_dot_proto_dot_k2__pb2.SealsResponse.FromString,
+                _registered_method=True)
+        self.ReplicaRead = channel.unary_unary(
+                '/k2.v1.Replication/ReplicaRead',
+                request_serializer=k2store_dot_proto_dot_k2__pb2.ReplicaReadRequest.SerializeToString,
+                response_deserializer=k2store_dot_proto_dot_k2__pb2.ReplicaReadResponse.FromString,
+                _registered_method=True)
+
+
+class ReplicationServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Pull(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Snapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Seals(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplicaRead(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ReplicationServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Pull': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pull,
+                    request_deserializer=k2store_dot_proto_dot_k2__pb2.PullRequest.FromString,
+                    response_serializer=k2store_dot_proto_dot_k2__pb2.PullResponse.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=k2store_dot_proto_dot_k2__pb2.SnapshotRequest.FromString,
+                    response_serializer=k2store_dot_proto_dot_k2__pb2.SnapshotResponse.SerializeToString,
+            ),
+            'Seals': grpc.unary_unary_rpc_method_handler(
+                    servicer.Seals,
+                    request_deserializer=k2store_dot_proto_dot_k2__pb2.SealsRequest.FromString,
+                    response_serializer=k2store_dot_proto_dot_k2__pb2.SealsResponse.SerializeToString,
+            ),
+            'ReplicaRead': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplicaRead,
+                    request_deserializer=k2store_dot_proto_dot_k2__pb2.ReplicaReadRequest.FromString,
+                    response_serializer=k2store_dot_proto_dot_k2__pb2.ReplicaReadResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'k2.v1.Replication', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('k2.v1.Replication', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Replication:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Pull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2.v1.Replication/Pull',
+            k2store_dot_proto_dot_k2__pb2.PullRequest.SerializeToString,
+            k2store_dot_proto_dot_k2__pb2.PullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2.v1.Replication/Snapshot',
+            k2store_dot_proto_dot_k2__pb2.SnapshotRequest.SerializeToString,
+            k2store_dot_proto_dot_k2__pb2.SnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Seals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2.v1.Replication/Seals',
+            k2store_dot_proto_dot_k2__pb2.SealsRequest.SerializeToString,
+            k2store_dot_proto_dot_k2__pb2.SealsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplicaRead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2.v1.Replication/ReplicaRead',
+            k2store_dot_proto_dot_k2__pb2.ReplicaReadRequest.SerializeToString,
+            k2store_dot_proto_dot_k2__pb2.ReplicaReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

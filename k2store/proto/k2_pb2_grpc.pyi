@@ -260,3 +260,52 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_k2_pb2.StatusResponse, _abc.Awaitable[_k2_pb2.StatusResponse]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class ReplicationStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> ReplicationAsyncStub: ...
+    Pull: _grpc.UnaryUnaryMultiCallable[_k2_pb2.PullRequest, _k2_pb2.PullResponse]
+    Snapshot: _grpc.UnaryUnaryMultiCallable[_k2_pb2.SnapshotRequest, _k2_pb2.SnapshotResponse]
+    Seals: _grpc.UnaryUnaryMultiCallable[_k2_pb2.SealsRequest, _k2_pb2.SealsResponse]
+    ReplicaRead: _grpc.UnaryUnaryMultiCallable[_k2_pb2.ReplicaReadRequest, _k2_pb2.ReplicaReadResponse]
+
+@_typing.type_check_only
+class ReplicationAsyncStub(ReplicationStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Pull: _aio.UnaryUnaryMultiCallable[_k2_pb2.PullRequest, _k2_pb2.PullResponse]  # type: ignore[assignment]
+    Snapshot: _aio.UnaryUnaryMultiCallable[_k2_pb2.SnapshotRequest, _k2_pb2.SnapshotResponse]  # type: ignore[assignment]
+    Seals: _aio.UnaryUnaryMultiCallable[_k2_pb2.SealsRequest, _k2_pb2.SealsResponse]  # type: ignore[assignment]
+    ReplicaRead: _aio.UnaryUnaryMultiCallable[_k2_pb2.ReplicaReadRequest, _k2_pb2.ReplicaReadResponse]  # type: ignore[assignment]
+
+class ReplicationServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def Pull(
+        self,
+        request: _k2_pb2.PullRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_k2_pb2.PullResponse, _abc.Awaitable[_k2_pb2.PullResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Snapshot(
+        self,
+        request: _k2_pb2.SnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_k2_pb2.SnapshotResponse, _abc.Awaitable[_k2_pb2.SnapshotResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Seals(
+        self,
+        request: _k2_pb2.SealsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_k2_pb2.SealsResponse, _abc.Awaitable[_k2_pb2.SealsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ReplicaRead(
+        self,
+        request: _k2_pb2.ReplicaReadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_k2_pb2.ReplicaReadResponse, _abc.Awaitable[_k2_pb2.ReplicaReadResponse]]: ...
+
+def add_ReplicationServicer_to_server(servicer: ReplicationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

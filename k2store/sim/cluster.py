@@ -72,6 +72,8 @@ class SimNode:
     """The machine's clock: survives restarts, and carries the injected skew."""
     engines: dict[int, MemoryEngine]
     """Shard id -> engine; the 'disk', kept across crashes."""
+    replica_engines: dict[int, MemoryEngine] = field(default_factory=dict)
+    """Shard id -> engine of the replica this node holds (kept across crashes too)."""
     oracle_ceiling: MemoryCeiling = field(default_factory=MemoryCeiling)
     read_ceiling: MemoryCeiling = field(default_factory=MemoryCeiling)
     service: NodeService | None = None
@@ -115,8 +117,17 @@ class SimCluster:
         self.nodes: dict[str, SimNode] = {}
         for n in config.nodes:
             engines = {s.id: MemoryEngine() for s in config.shards_led_by(n.name)}
+            replicas = (
+                {s.id: MemoryEngine() for s in config.replicas_on(n.name)}
+                if config.settings.replication.enabled
+                else {}
+            )
             node = SimNode(
-                n.name, n.region, SkewedClock(self._true_clock, skew.get(n.name, 0)), engines
+                n.name,
+                n.region,
+                SkewedClock(self._true_clock, skew.get(n.name, 0)),
+                engines,
+                replicas,
             )
             self.nodes[n.name] = node
             self.network.add_node(n.name, n.region)
@@ -182,7 +193,7 @@ class SimCluster:
         hashed = st.partitioning == "hash"
         leaders: dict[int, ShardLeader] = {}
         for shard in cfg.shards_led_by(node.name):
-            engine = node.engines[shard.id]
+            engine: MemoryEngine = node.engines[shard.id]
             # HAZARD: read marks are memory, lost with the process; as in node.py the floor
             # stands in for them and is above every read the previous incarnation served only
             # because boot waited out the read ceiling and the clock is within its bound.
@@ -202,6 +213,7 @@ class SimCluster:
             batch_size=self.batch_size,
             data_dir=f"sim:{node.name}",
             new_txn_id=lambda: self._txn_ids.randbytes(16),
+            replica_stores=dict(node.replica_engines),
         )
         node.service.start()  # the intent sweep and the silent-client reaper, on virtual time
         node.boots += 1

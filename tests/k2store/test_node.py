@@ -196,6 +196,8 @@ def test_port_in_use_and_locked_data_dir_are_clear_errors(tmp_path: Path) -> Non
         import socket
 
         sock = socket.socket()
+        # The stopped node's replication connections may linger in TIME_WAIT on this port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         host, port = cfg.node("eu-west-1").address.split(":")
         sock.bind((host, int(port)))
         sock.listen()

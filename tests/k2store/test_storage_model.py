@@ -279,6 +279,17 @@ class StorageMachine(RuleBasedStateMachine):
                 got = "below horizon"
             assert got == expected, (type(engine).__name__, start, end, ts, limit)
 
+    @rule(start=bounds, end=st.one_of(st.none(), bounds), max_keys=st.integers(0, 4))
+    def scan_versions(self, start: bytes, end: bytes | None, max_keys: int) -> None:
+        keys = [
+            k
+            for k in sorted(self.model.versions)
+            if self.model.versions[k] and k >= start and (end is None or k < end)
+        ]
+        expected = [(k, self.model.all_versions(k)) for k in keys[:max_keys]]
+        for engine in self.engines:
+            assert engine.scan_versions(start, end, max_keys) == expected, type(engine).__name__
+
     @rule(start=bounds, end=st.one_of(st.none(), bounds))
     def scan_intents(self, start: bytes, end: bytes | None) -> None:
         expected = [

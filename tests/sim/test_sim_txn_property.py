@@ -19,10 +19,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from k2store.client import AsyncTransaction, RetryPolicy
-from k2store.cluster import DEFAULT_REGIONS, ClusterSettings, TxnSettings, local_cluster
+from k2store.cluster import (
+    DEFAULT_REGIONS,
+    ClusterSettings,
+    ReplicationSettings,
+    TxnSettings,
+    local_cluster,
+)
 from k2store.errors import TxnAborted
 from k2store.sim import SimCluster, run_simulation
 
+REPLICATION = True
 KEYS = [f"{r}/k{i}" for r in DEFAULT_REGIONS for i in range(3)]
 
 
@@ -61,7 +68,11 @@ Committed = tuple[int, dict[str, bytes | None], dict[str, bytes | None]]
 
 
 def run_plans(protocol: str, plans: list[ClientPlan], seed: int) -> list[Committed]:
-    settings = replace(ClusterSettings(), txn=TxnSettings(protocol=protocol))
+    settings = replace(
+        ClusterSettings(),
+        txn=TxnSettings(protocol=protocol),
+        replication=ReplicationSettings(enabled=REPLICATION),
+    )
     cfg = local_cluster(
         DEFAULT_REGIONS, [1, 2, 3], root=Path("/nonexistent-sim"), settings=settings
     )
@@ -141,7 +152,7 @@ def check_serial_replay(committed: list[Committed]) -> None:
 
 
 @settings(
-    max_examples=60,
+    max_examples=30,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
