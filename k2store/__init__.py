@@ -14,18 +14,41 @@ the typed errors exported here: retryable ones (`Unavailable`, `WriteTooOld`, `C
 `DeadlineExceeded`) and terminal ones (`InvalidArgument` and its kinds, `BelowHorizon`).
 """
 
-from k2store.client import AsyncClient, Client, ReadResult, RetryPolicy, WriteResult
-from k2store.cluster import ClusterConfig, ClusterSettings, NodeConfig, RegionConfig, ShardConfig
+from k2store.client import (
+    AsyncClient,
+    AsyncTransaction,
+    Client,
+    ReadResult,
+    ReplicaSnapshot,
+    RetryPolicy,
+    Snapshot,
+    Transaction,
+    WriteResult,
+)
+from k2store.cluster import (
+    ClusterConfig,
+    ClusterSettings,
+    NodeConfig,
+    RegionConfig,
+    ReplicationSettings,
+    ShardConfig,
+    TxnSettings,
+)
 from k2store.errors import (
     BelowHorizon,
     ClockUncertain,
     ClusterFileError,
+    CommitOutcomeUnknown,
     DataDirLockedError,
     DeadlineExceeded,
     InvalidArgument,
     K2Error,
     KeyTooLarge,
     NotLeader,
+    NotVisibleYet,
+    StalenessExceeded,
+    TransactionRetry,
+    TxnAborted,
     Unavailable,
     UnknownNode,
     UnknownShard,
@@ -33,16 +56,19 @@ from k2store.errors import (
     WriteTooOld,
 )
 from k2store.memengine import MemoryEngine
+from k2store.wan import NetworkSettings
 from txn.storage import Intent, Version, VersionedStore
 
 __all__ = [
     "AsyncClient",
+    "AsyncTransaction",
     "BelowHorizon",
     "Client",
     "ClockUncertain",
     "ClusterConfig",
     "ClusterFileError",
     "ClusterSettings",
+    "CommitOutcomeUnknown",
     "DataDirLockedError",
     "DeadlineExceeded",
     "Intent",
@@ -50,12 +76,22 @@ __all__ = [
     "K2Error",
     "KeyTooLarge",
     "MemoryEngine",
+    "NetworkSettings",
     "NodeConfig",
     "NotLeader",
+    "NotVisibleYet",
     "ReadResult",
     "RegionConfig",
+    "ReplicaSnapshot",
+    "ReplicationSettings",
     "RetryPolicy",
     "ShardConfig",
+    "Snapshot",
+    "StalenessExceeded",
+    "Transaction",
+    "TransactionRetry",
+    "TxnAborted",
+    "TxnSettings",
     "Unavailable",
     "UnknownNode",
     "UnknownShard",

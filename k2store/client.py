@@ -152,9 +152,11 @@ class AsyncClient:
                 backoff = min(backoff * 2, self.retry.max_backoff_s)
         raise AssertionError("unreachable")
 
-    async def _call(self, node: str, method: str, request: Any, response_type: type[T]) -> T:
+    async def _call(
+        self, node: str, method: str, request: Any, response_type: type[T], service: str = "K2"
+    ) -> T:
         result: T = await self._transport.call(
-            node, K + method, request, response_type, timeout_s=self.timeout_s
+            node, f"/k2.v1.{service}/{method}", request, response_type, timeout_s=self.timeout_s
         )  # type: ignore[type-var]
         return result
 
@@ -266,6 +268,15 @@ class AsyncClient:
         r = await self._with_retry(lambda: self._call(node, "BeginTxn", req, pb.BeginTxnResponse))
         return AsyncTransaction(self, node, r.txn_id, r.ts, read_only)
 
+    def replica_snapshot(
+        self, *, fresh: bool = False, max_staleness: float | None = None
+    ) -> ReplicaSnapshot:
+        """A read-only snapshot served by replicas in this client's region (see
+        `ReplicaSnapshot`): at the region's visible timestamp by default; `fresh=True` reads at
+        now().latest (waiting until it is visible there); `max_staleness` (seconds) refuses to
+        read older than that rather than go to another region."""
+        return ReplicaSnapshot(self, fresh=fresh, max_staleness_s=max_staleness)
+
     async def run(
         self,
         fn: Callable[[AsyncTransaction], Awaitable[T]],
@@ -303,6 +314,96 @@ class AsyncClient:
         """`async with client.transaction() as tx:` commits on success and aborts on error. It
         cannot re-run its body: a retryable abort surfaces as TransactionRetry (use `run`)."""
         return _TxnContext(self, read_only)
+
+
+class ReplicaSnapshot:
+    """Reads at one timestamp from replicas in the client's region: no wide-area round trip.
+
+    The first read fixes the timestamp (the region's visible timestamp, or for `fresh` reads
+    now().latest once it is visible); every later read of the snapshot uses it, so several reads
+    see one consistent state and a multi-shard transaction wholly or not at all. Nothing to
+    commit: replica reads set no read marks and never block writers.
+
+    Errors: `StalenessExceeded` when the region's replicas are further behind than
+    `max_staleness_s` (never sent to another region instead); `NotVisibleYet` when a fresh read's
+    timestamp did not become visible within the deadline (replication is cut off).
+    """
+
+    def __init__(
+        self, client: AsyncClient, *, fresh: bool = False, max_staleness_s: float | None = None
+    ) -> None:
+        if fresh and max_staleness_s is not None:
+            raise InvalidArgument("a read is either fresh or bounded-staleness, not both")
+        if max_staleness_s is not None and max_staleness_s < 0:
+            raise InvalidArgument(f"max_staleness must be >= 0 s, got {max_staleness_s}")
+        self._client = client
+        self.fresh = fresh
+        self.max_staleness_s = max_staleness_s
+        self.ts = 0
+        """The snapshot's timestamp (0 until the first read)."""
+        self.served_by: set[str] = set()
+
+    def _request(self, **kw: Any) -> pb.ReplicaReadRequest:
+        req = pb.ReplicaReadRequest(at_ts=self.ts, **kw)
+        if not self.ts:
+            if self.fresh:
+                req.mode = pb.READ_FRESH
+            elif self.max_staleness_s is not None:
+                req.mode = pb.READ_BOUNDED
+                req.max_staleness_ns = int(self.max_staleness_s * 1e9)
+        return req
+
+    async def _read(self, req: pb.ReplicaReadRequest) -> pb.ReplicaReadResponse:
+        c = self._client
+        node = c._coordinators[c._next_coordinator % len(c._coordinators)]
+        c._next_coordinator += 1
+        r: pb.ReplicaReadResponse = await c._with_retry(
+            lambda: c._call(node, "ReplicaRead", req, pb.ReplicaReadResponse, service="Replication")
+        )
+        self.ts = self.ts or r.read_ts
+        self.served_by.add(r.served_by)
+        return r
+
+    async def get(self, key: KeyLike) -> bytes | None:
+        return (await self.get_many([key]))[0]
+
+    async def get_many(self, keys: Sequence[KeyLike]) -> list[bytes | None]:
+        r = await self._read(self._request(keys=[_key(k) for k in keys]))
+        return [x.value if x.found else None for x in r.results]
+
+    async def scan(
+        self, start: KeyLike = b"", end: KeyLike | None = None, *, limit: int | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        """Live keys in [start, end) at the snapshot's timestamp, shard by shard."""
+        cfg = self._client.cluster
+        s = _key(start, "start")
+        e = None if end is None else _key(end, "end")
+        if limit is not None and limit <= 0:
+            raise InvalidArgument(f"scan limit must be positive, got {limit}")
+        if e is not None and e <= s:
+            raise InvalidArgument(f"scan end {e!r} must sort after start {s!r}")
+        if cfg.settings.partitioning == "hash":
+            raise InvalidArgument("replica scans need range partitioning")
+        out: list[tuple[bytes, bytes]] = []
+        for shard in cfg.shards_for_range(s, e):
+            lo, hi = max(s, shard.start), _min_end(e, shard.end)
+            while True:
+                want = 0 if limit is None else limit - len(out)
+                req = self._request(
+                    has_scan=True,
+                    scan_start=lo,
+                    scan_end=hi or b"",
+                    scan_has_end=hi is not None,
+                    scan_limit=want,
+                )
+                r = await self._read(req)
+                out.extend((kv.key, kv.value) for kv in r.items)
+                if not r.more or not r.items or (limit is not None and len(out) >= limit):
+                    break
+                lo = r.items[-1].key + b"\x00"
+            if limit is not None and len(out) >= limit:
+                break
+        return out[:limit] if limit is not None else out
 
 
 class AsyncTransaction:
@@ -551,6 +652,14 @@ class Client:
     ) -> list[tuple[bytes, bytes]]:
         return self._run(self._async.scan(start, end, limit=limit, at_ts=at_ts))
 
+    def replica_snapshot(
+        self, *, fresh: bool = False, max_staleness: float | None = None
+    ) -> Snapshot:
+        """See AsyncClient.replica_snapshot."""
+        return Snapshot(
+            self, self._async.replica_snapshot(fresh=fresh, max_staleness=max_staleness)
+        )
+
     def transaction(self, *, read_only: bool = False) -> Transaction:
         """`with client.transaction() as tx:` commits on success, aborts on error; it cannot
         re-run its body, so a retryable abort raises TransactionRetry. Prefer `run(fn)`."""
@@ -599,6 +708,29 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Snapshot:
+    """Synchronous view of a ReplicaSnapshot (see there)."""
+
+    def __init__(self, client: Client, snap: ReplicaSnapshot) -> None:
+        self._client = client
+        self._snap = snap
+
+    @property
+    def ts(self) -> int:
+        return self._snap.ts
+
+    def get(self, key: KeyLike) -> bytes | None:
+        return self._client._run(self._snap.get(key))
+
+    def get_many(self, keys: Sequence[KeyLike]) -> list[bytes | None]:
+        return self._client._run(self._snap.get_many(keys))
+
+    def scan(
+        self, start: KeyLike = b"", end: KeyLike | None = None, *, limit: int | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        return self._client._run(self._snap.scan(start, end, limit=limit))
 
 
 class Transaction:

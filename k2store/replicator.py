@@ -28,12 +28,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 from google.protobuf.message import Message
 
-from k2store.cluster import ClusterConfig, ShardConfig
+from k2store.cluster import ClusterConfig, ReplicationSettings, ShardConfig
 from k2store.errors import (
     BelowHorizon,
     InvalidArgument,
@@ -55,12 +55,24 @@ from txn.storage import BelowRetentionHorizon, Version, VersionedStore
 log = logging.getLogger("k2.replication")
 
 M = TypeVar("M", bound=Message)
-Call = Callable[[str, str, Message, type[M]], Awaitable[M]]
+
+
+class Call(Protocol):
+    async def __call__(
+        self,
+        node: str,
+        path: str,
+        request: Message,
+        response_type: type[M],
+        timeout_s: float | None = None,
+    ) -> M: ...
+
+
 R = "/k2.v1.Replication/"
 SNAPSHOT_KEYS = 256
 
 
-def policy_from(settings: Any) -> SealPolicy:
+def policy_from(settings: ReplicationSettings) -> SealPolicy:
     ms = 1_000_000
     return SealPolicy(
         kind=settings.policy,
@@ -88,7 +100,7 @@ class Replicator:
         cluster: ClusterConfig,
         name: str,
         tt: TrueTime,
-        call: Call[Any],
+        call: Call,
         leaders: dict[int, ShardLeader],
         replica_stores: dict[int, VersionedStore],
     ) -> None:
@@ -101,6 +113,9 @@ class Replicator:
         st = self.settings
         self.policy = policy_from(st)
         self.tick_s = st.tick_ms / 1000
+        self.short_timeout_s = min(2.0, cluster.settings.request_timeout_s)
+        """Deadline of replication's own calls (beyond a pull's wait): a wide-area round trip
+        and a loaded node, well short of the request timeout."""
         self.leaders = leaders
         self.logs: dict[int, LoggedStore] = {}
         self.sealers: dict[int, Sealer] = {}
@@ -133,6 +148,7 @@ class Replicator:
             n.name for n in cluster.nodes_in(self.region) if n.name != name
         ]  # region peers whose seals this node merges
         self._tasks: list[asyncio.Task[None]] = []
+        self._pushes: set[asyncio.Task[None]] = set()
         self._visible_changed = asyncio.Event()
         self._last_visible = 0
         self._wake = asyncio.Event()
@@ -144,8 +160,53 @@ class Replicator:
             self._appended[sid] = asyncio.Event()
             if entry.kind != KIND_SEAL:
                 self.visibility.observe(entry.max_ts, entry.appended_ns, home)
+            else:
+                self._push_seal(sid)
 
         return on_append
+
+    def _push_seal(self, sid: int) -> None:
+        """Send each replica the log from its last acknowledged position through the new seal
+        (see PushRequest): fire and forget; a lost push costs only latency."""
+        store = self.logs[sid]
+        shard = self.cluster.shard(sid)
+        for region in self.cluster.regions:
+            holder = self.cluster.replica_node(shard, region.name)
+            if holder is None:
+                continue
+            acked = self._acked[sid].get(holder, 0)
+            if acked < store.first_lsn:
+                continue  # it needs a snapshot (or has not pulled yet): its pull handles it
+            entries = store.read_log_raw(acked, self.settings.pull_max_entries)
+            if not entries:
+                continue
+            req = pb.PushRequest(shard_id=sid, entries=entries)
+            task = asyncio.get_running_loop().create_task(self._push(holder, req))
+            self._pushes.add(task)
+            task.add_done_callback(self._pushes.discard)
+
+    async def _push(self, holder: str, req: pb.PushRequest) -> None:
+        with contextlib.suppress(K2Error):
+            await self.call(holder, R + "Push", req, pb.PushResponse, self.short_timeout_s)
+
+    async def push(self, req: pb.PushRequest) -> pb.PushResponse:
+        state = self.replicas.get(req.shard_id)
+        if state is None:
+            raise NotLeader(f"{self.name} holds no replica of shard {req.shard_id}")
+        entries = [decode_entry(raw) for raw in req.entries]
+        if state.applier.snapshot_lsn == 0 and entries and entries[0].lsn <= state.applier.next_lsn:
+            self._applied(state, state.applier.apply(entries))
+        return pb.PushResponse(next_lsn=state.applier.next_lsn)
+
+    def _applied(self, state: _ReplicaState, fresh: list[LogEntry]) -> None:
+        home = state.shard.home_region
+        for e in fresh:
+            if e.kind != KIND_SEAL:
+                self.visibility.observe(e.max_ts, e.appended_ns, home)
+            state.last_appended_ns = e.appended_ns
+        if fresh:
+            self.visibility.set_seal(state.shard.id, state.applier.sealed_ts)
+            self._visibility_moved()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -157,6 +218,7 @@ class Replicator:
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
+        tasks += list(self._pushes)
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -276,7 +338,9 @@ class Replicator:
     async def _merge_peer_seals(self) -> None:
         async def one(peer: str) -> None:
             try:
-                r = await self.call(peer, R + "Seals", pb.SealsRequest(), pb.SealsResponse)
+                r = await self.call(
+                    peer, R + "Seals", pb.SealsRequest(), pb.SealsResponse, self.short_timeout_s
+                )
             except K2Error:
                 return
             for sid, ts in r.seals.items():
@@ -377,27 +441,30 @@ class Replicator:
             wait_ms=int(st.pull_wait_ms),
             replica=self.name,
         )
-        r = await self.call(state.shard.leader, R + "Pull", req, pb.PullResponse)
+        # A short deadline: across a partition (a silent one drops messages) the puller must
+        # notice and retry soon, so the region catches up right after the link heals.
+        r = await self.call(
+            state.shard.leader,
+            R + "Pull",
+            req,
+            pb.PullResponse,
+            st.pull_wait_ms / 1000 + self.short_timeout_s,
+        )
         if r.snapshot_needed:
             state.applier.begin_snapshot(r.first_lsn)
             return
         entries = [decode_entry(raw) for raw in r.entries]
-        fresh = state.applier.apply(entries)
-        home = state.shard.home_region
-        for e in fresh:
-            if e.kind != KIND_SEAL:
-                self.visibility.observe(e.max_ts, e.appended_ns, home)
-            state.last_appended_ns = e.appended_ns
+        self._applied(state, state.applier.apply(entries))
         state.lag_entries = max(0, r.next_lsn - state.applier.next_lsn)
-        self.visibility.set_seal(state.shard.id, state.applier.sealed_ts)
-        self._visibility_moved()
 
     async def _install_snapshot(self, state: _ReplicaState) -> None:
         start = b""
         sealed_at_start: int | None = None
         while True:
             req = pb.SnapshotRequest(shard_id=state.shard.id, start=start, max_keys=SNAPSHOT_KEYS)
-            r = await self.call(state.shard.leader, R + "Snapshot", req, pb.SnapshotResponse)
+            r = await self.call(
+                state.shard.leader, R + "Snapshot", req, pb.SnapshotResponse, self.short_timeout_s
+            )
             if sealed_at_start is None:
                 sealed_at_start = r.sealed_ts
                 if r.next_lsn < state.applier.snapshot_lsn:
@@ -429,7 +496,10 @@ class Replicator:
         return r.applier.store if r is not None else None
 
     async def _wait_visible(self, ts: int) -> None:
-        deadline = self.tt.clock.monotonic_ns() + int(self.cluster.settings.request_timeout_s * 1e9)
+        # Half the request timeout: the caller's own deadline must not expire first, so it
+        # hears NotVisibleYet (what happened) rather than a bare DeadlineExceeded.
+        wait_ns = int(self.cluster.settings.request_timeout_s * 0.5e9)
+        deadline = self.tt.clock.monotonic_ns() + wait_ns
         while self.visibility.visible_ts() < ts:
             left = (deadline - self.tt.clock.monotonic_ns()) / 1e9
             if left <= 0:

@@ -120,6 +120,7 @@ METHODS: tuple[Method, ...] = (
     Method("/k2.v1.Participant/ForgetTxn", pb.ForgetTxnRequest, pb.ForgetTxnResponse, "forget_txn"),
     Method("/k2.v1.Replication/Pull", pb.PullRequest, pb.PullResponse, "pull"),
     Method("/k2.v1.Replication/Snapshot", pb.SnapshotRequest, pb.SnapshotResponse, "snapshot"),
+    Method("/k2.v1.Replication/Push", pb.PushRequest, pb.PushResponse, "push"),
     Method("/k2.v1.Replication/Seals", pb.SealsRequest, pb.SealsResponse, "seals"),
     Method(
         "/k2.v1.Replication/ReplicaRead",
@@ -217,13 +218,21 @@ class NodeService:
         await self.coordinator.stop()
         await self.participant.stop()
 
-    async def call(self, node: str, path: str, request: Message, response_type: type[M]) -> M:
-        """Call a method on a node; a call to this node itself skips the transport."""
+    async def call(
+        self,
+        node: str,
+        path: str,
+        request: Message,
+        response_type: type[M],
+        timeout_s: float | None = None,
+    ) -> M:
+        """Call a method on a node; a call to this node itself skips the transport.
+        `timeout_s` defaults to the cluster's request timeout."""
         if node == self.me.name:
             result: M = await self.handler(path)(request)  # type: ignore[assignment]
             return result
         return await self.transport.call(
-            node, path, request, response_type, timeout_s=self.timeout_s
+            node, path, request, response_type, timeout_s=timeout_s or self.timeout_s
         )
 
     def handler(self, path: str) -> Callable[[Any], Awaitable[Message]]:
@@ -532,6 +541,9 @@ class NodeService:
 
     async def snapshot(self, request: pb.SnapshotRequest) -> pb.SnapshotResponse:
         return await self._replication().snapshot(request)
+
+    async def push(self, request: pb.PushRequest) -> pb.PushResponse:
+        return await self._replication().push(request)
 
     async def seals(self, request: pb.SealsRequest) -> pb.SealsResponse:
         return await self._replication().seals(request)

@@ -10,7 +10,8 @@ Purpose
 Policies (`SealPolicy.kind`)
     ``vcr``       K2-VCR epochs of `epoch_ns`: epoch e covers `[eL, (e+1)L)`. Once
                   `now.earliest >= (e+1)L + grace` the leader closes through `(e+1)L - 1`; once no
-                  intent at or below that remains, it seals it. Seals move in whole epochs. The
+                  intent at or below that remains, it seals it. Seals move in whole epochs: an
+                  unresolved intent holds back its own epoch and the later ones, not the earlier. The
                   grace is what separates a write that arrives a little late (allowed) from one
                   that must retry; with future timestamps writes arrive before their timestamp,
                   so a grace of a few epsilon suffices.
@@ -89,9 +90,12 @@ class Sealer:
     def step(self, now: TTInterval, oldest_intent_ts: int | None) -> SealStep:
         self.closed = max(self.closed, self.target(now))
         if self.policy.kind == "vcr":
-            # Whole epochs only: wait until every intent of the closed epochs has resolved.
+            # Whole epochs only: every closed epoch below the oldest intent's epoch.
             blocked = oldest_intent_ts is not None and oldest_intent_ts <= self.closed
-            candidate = self.sealed if blocked else self.closed
+            candidate = self.closed
+            if blocked and oldest_intent_ts is not None:
+                epoch_ns = self.policy.epoch_ns
+                candidate = (oldest_intent_ts // epoch_ns) * epoch_ns - 1
         else:
             below = self.closed if oldest_intent_ts is None else oldest_intent_ts - 1
             candidate = min(self.closed, below)

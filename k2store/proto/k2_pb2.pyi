@@ -1545,6 +1545,55 @@ class SnapshotResponse(_message.Message):
 Global___SnapshotResponse: _TypeAlias = SnapshotResponse  # noqa: Y015
 
 @_typing.final
+class PushRequest(_message.Message):
+    """A leader pushes its log from a replica's last acknowledged position to the newest seal as soon
+    as it logs the seal, so the seal arrives one one-way delay later instead of waiting for the
+    replica's next pull to make a round trip. Pulls remain the source of truth (a push that does
+    not continue where the replica is gets ignored).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARD_ID_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    shard_id: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        shard_id: _builtins.int = ...,
+        entries: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "shard_id", b"shard_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushRequest: _TypeAlias = PushRequest  # noqa: Y015
+
+@_typing.final
+class PushResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NEXT_LSN_FIELD_NUMBER: _builtins.int
+    next_lsn: _builtins.int
+    """the replica's position after the push"""
+    def __init__(
+        self,
+        *,
+        next_lsn: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_lsn", b"next_lsn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushResponse: _TypeAlias = PushResponse  # noqa: Y015
+
+@_typing.final
 class SealsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -938,6 +938,11 @@ class ReplicationStub:
                 request_serializer=k2store_dot_proto_dot_k2__pb2.SnapshotRequest.SerializeToString,
                 response_deserializer=k2store_dot_proto_dot_k2__pb2.SnapshotResponse.FromString,
                 _registered_method=True)
+        self.Push = channel.unary_unary(
+                '/k2.v1.Replication/Push',
+                request_serializer=k2store_dot_proto_dot_k2__pb2.PushRequest.SerializeToString,
+                response_deserializer=k2store_dot_proto_dot_k2__pb2.PushResponse.FromString,
+                _registered_method=True)
         self.Seals = channel.unary_unary(
                 '/k2.v1.Replication/Seals',
                 request_serializer=k2store_dot_proto_dot_k2__pb2.SealsRequest.SerializeToString,
@@ -960,6 +965,12 @@ class ReplicationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Snapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Push(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -989,6 +1000,11 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.Snapshot,
                     request_deserializer=k2store_dot_proto_dot_k2__pb2.SnapshotRequest.FromString,
                     response_serializer=k2store_dot_proto_dot_k2__pb2.SnapshotResponse.SerializeToString,
+            ),
+            'Push': grpc.unary_unary_rpc_method_handler(
+                    servicer.Push,
+                    request_deserializer=k2store_dot_proto_dot_k2__pb2.PushRequest.FromString,
+                    response_serializer=k2store_dot_proto_dot_k2__pb2.PushResponse.SerializeToString,
             ),
             'Seals': grpc.unary_unary_rpc_method_handler(
                     servicer.Seals,
@@ -1055,6 +1071,33 @@ class Replication:
             '/k2.v1.Replication/Snapshot',
             k2store_dot_proto_dot_k2__pb2.SnapshotRequest.SerializeToString,
             k2store_dot_proto_dot_k2__pb2.SnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Push(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2.v1.Replication/Push',
+            k2store_dot_proto_dot_k2__pb2.PushRequest.SerializeToString,
+            k2store_dot_proto_dot_k2__pb2.PushResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -268,6 +268,7 @@ class ReplicationStub:
     def __new__(cls, channel: _aio.Channel) -> ReplicationAsyncStub: ...
     Pull: _grpc.UnaryUnaryMultiCallable[_k2_pb2.PullRequest, _k2_pb2.PullResponse]
     Snapshot: _grpc.UnaryUnaryMultiCallable[_k2_pb2.SnapshotRequest, _k2_pb2.SnapshotResponse]
+    Push: _grpc.UnaryUnaryMultiCallable[_k2_pb2.PushRequest, _k2_pb2.PushResponse]
     Seals: _grpc.UnaryUnaryMultiCallable[_k2_pb2.SealsRequest, _k2_pb2.SealsResponse]
     ReplicaRead: _grpc.UnaryUnaryMultiCallable[_k2_pb2.ReplicaReadRequest, _k2_pb2.ReplicaReadResponse]
 
@@ -276,6 +277,7 @@ class ReplicationAsyncStub(ReplicationStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Pull: _aio.UnaryUnaryMultiCallable[_k2_pb2.PullRequest, _k2_pb2.PullResponse]  # type: ignore[assignment]
     Snapshot: _aio.UnaryUnaryMultiCallable[_k2_pb2.SnapshotRequest, _k2_pb2.SnapshotResponse]  # type: ignore[assignment]
+    Push: _aio.UnaryUnaryMultiCallable[_k2_pb2.PushRequest, _k2_pb2.PushResponse]  # type: ignore[assignment]
     Seals: _aio.UnaryUnaryMultiCallable[_k2_pb2.SealsRequest, _k2_pb2.SealsResponse]  # type: ignore[assignment]
     ReplicaRead: _aio.UnaryUnaryMultiCallable[_k2_pb2.ReplicaReadRequest, _k2_pb2.ReplicaReadResponse]  # type: ignore[assignment]
 
@@ -293,6 +295,13 @@ class ReplicationServicer(metaclass=_abc_1.ABCMeta):
         request: _k2_pb2.SnapshotRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_k2_pb2.SnapshotResponse, _abc.Awaitable[_k2_pb2.SnapshotResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Push(
+        self,
+        request: _k2_pb2.PushRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_k2_pb2.PushResponse, _abc.Awaitable[_k2_pb2.PushResponse]]: ...
 
     @_abc_1.abstractmethod
     def Seals(

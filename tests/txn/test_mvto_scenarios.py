@@ -79,6 +79,7 @@ from k2store.cluster import ShardConfig
 from k2store.errors import K2Error
 from k2store.memengine import MemoryEngine
 from k2store.shard import Limits, ShardLeader
+from tests.datadriven import ScenarioError, Script, mismatches, parse_script, render_script
 from txn.mvto import Abort, MvtoRules, ReadDone, ScanDone, Wait, WriteDone
 from txn.readmarks import DEFAULT_MAX_READ_MARKS, ReadMarks
 from txn.records import TxnRef
@@ -88,62 +89,6 @@ TESTDATA = Path(__file__).parent / "testdata"
 REWRITE_ENV = "K2_REWRITE"
 
 XFAIL: dict[str, str] = {}
-
-
-class ScenarioError(Exception):
-    """A malformed scenario file (not a failure of the code under test)."""
-
-
-# -- the file format -------------------------------------------------------------------------
-
-
-@dataclass
-class Block:
-    leading: list[str]
-    """Comment and blank lines before the command, kept verbatim on rewrite."""
-    line_no: int
-    command: str
-    expected: list[str]
-
-
-@dataclass
-class Script:
-    blocks: list[Block]
-    trailer: list[str]
-
-
-def parse_script(text: str) -> Script:
-    lines = text.splitlines()
-    blocks: list[Block] = []
-    leading: list[str] = []
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if not line.strip() or line.lstrip().startswith("#"):
-            leading.append(line)
-            i += 1
-            continue
-        if i + 1 >= len(lines) or lines[i + 1] != "----":
-            raise ScenarioError(f"line {i + 1}: command {line!r} is not followed by '----'")
-        expected: list[str] = []
-        j = i + 2
-        while j < len(lines) and lines[j].strip():
-            expected.append(lines[j])
-            j += 1
-        blocks.append(Block(leading, i + 1, line, expected))
-        leading = []
-        i = j + 1  # skip the blank line that ends the block
-    return Script(blocks, leading)
-
-
-def render_script(script: Script, outputs: list[list[str]]) -> str:
-    out: list[str] = []
-    for block, output in zip(script.blocks, outputs, strict=True):
-        out += [*block.leading, block.command, "----", *output, ""]
-    out += script.trailer
-    while out and not out[-1].strip():
-        out.pop()
-    return "\n".join(out) + "\n"
 
 
 # -- rendering values ------------------------------------------------------------------------
@@ -495,20 +440,6 @@ def run_script(text: str, where: str = "<script>") -> tuple[Script, list[list[st
         assert all(line.strip() for line in lines), "outputs must not hold blank lines"
         outputs.append(lines)
     return script, outputs
-
-
-def mismatches(script: Script, outputs: list[list[str]], where: str) -> list[str]:
-    out = []
-    for block, got in zip(script.blocks, outputs, strict=True):
-        if got != block.expected:
-            out.append(
-                f"{where}:{block.line_no}: {block.command}\n"
-                + "  expected:\n"
-                + "".join(f"    {line}\n" for line in block.expected or ["(nothing)"])
-                + "  got:\n"
-                + "".join(f"    {line}\n" for line in got or ["(nothing)"])
-            )
-    return out
 
 
 def check_file(path: Path, *, rewrite: bool) -> None:

@@ -1,0 +1,270 @@
+"""Replication in the simulator: the production leaders, replicas, sealers and replica reads over
+wide-area latency on a virtual clock.
+
+- replica reads are served in the reader's region, in about local latency, even when the region
+  is cut off from every other;
+- a reader in any region never sees part of a multi-shard transaction: every replica snapshot
+  equals a serial replay, in timestamp order, of the transactions committed at or below its
+  timestamp (hypothesis);
+- a replica node killed during writes catches up, from the log or by snapshot after truncation;
+- a partitioned region serves bounded-staleness reads until the bound passes, then refuses them,
+  and fails fresh reads clearly;
+- visibility delay under K2-VCR (L = 100 ms) against the closed-timestamp baseline (3 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
+from k2store.cluster import (
+    DEFAULT_REGIONS,
+    ClusterConfig,
+    ClusterSettings,
+    ReplicationSettings,
+    local_cluster,
+)
+from k2store.errors import NotVisibleYet, StalenessExceeded, TxnAborted
+from k2store.sim import SimCluster, SimNetwork, run_simulation
+from txn.storage import MAX_TS
+
+ROOT = Path("/nonexistent-sim")
+KEYS = [f"{r}/k{i}" for r in DEFAULT_REGIONS for i in range(2)]
+RETRY = RetryPolicy(max_attempts=40, initial_backoff_s=0.005, max_backoff_s=0.2)
+
+
+def config(**repl: object) -> ClusterConfig:
+    st_ = replace(
+        ClusterSettings(),
+        replication=replace(ReplicationSettings(), **repl),  # type: ignore[arg-type]
+    )
+    return local_cluster(DEFAULT_REGIONS, [1, 2, 3], root=ROOT, settings=st_)
+
+
+async def write_all(c: AsyncClient, items: dict[str, bytes]) -> int:
+    holder: list[AsyncTransaction] = []
+
+    async def body(tx: AsyncTransaction) -> None:
+        holder.append(tx)
+        await tx.put_many(dict(items))
+
+    await c.run(body, keys=list(items))
+    ts = holder[-1].commit_ts
+    assert ts is not None
+    return ts
+
+
+def test_replica_reads_are_local_and_survive_an_isolated_region() -> None:
+    async def main() -> None:
+        net = SimNetwork(record_trace=True)
+        cluster = SimCluster(config(), network=net, seed=1)
+        writer = cluster.txn_client("us-east", retry=RETRY)
+        reader = cluster.txn_client("eu-west", retry=RETRY)
+        ts = await write_all(writer, {k: b"v1" for k in KEYS})
+        await asyncio.sleep(1.0)  # replication and a few epochs
+        t0 = cluster.now_s
+        mark = len(net.trace)
+        snap = reader.replica_snapshot()
+        assert await snap.get_many(KEYS) == [b"v1"] * len(KEYS)
+        assert snap.ts >= ts
+        assert (cluster.now_s - t0) * 1000 < 5, "a replica read took a wide-area round trip"
+        reads = [e for e in net.trace[mark:] if "ReplicaRead" in e.method]
+        assert reads and all(
+            net.region_of(e.src) == net.region_of(e.dst) == "eu-west" for e in reads
+        )
+        # Cut eu-west off from everyone: a read at the visible timestamp is still served.
+        cluster.isolate("eu-west")
+        rows = await reader.replica_snapshot(max_staleness=5.0).scan("us-east/", "us-east0")
+        assert [k for k, _ in rows] == [b"us-east/k0", b"us-east/k1"]
+        cluster.heal()
+        for c in (writer, reader):
+            await c.close()
+
+    run_simulation(main, seed=1)
+
+
+Txn = tuple[int, dict[str, bytes]]
+
+
+@settings(
+    max_examples=6,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    writes=st.lists(
+        st.tuples(
+            st.integers(0, 2),
+            st.lists(st.sampled_from(KEYS), min_size=2, max_size=4, unique=True),
+        ),
+        min_size=6,
+        max_size=24,
+    ),
+    seed=st.integers(0, 1000),
+)
+def test_no_reader_in_any_region_sees_part_of_a_transaction(
+    writes: list[tuple[int, list[str]]], seed: int
+) -> None:
+    """Writers in every region commit their transactions back to back while a reader in every
+    region takes a replica snapshot every 7 ms; each snapshot must equal the replay."""
+    committed: list[Txn] = []
+    snapshots: list[tuple[str, int, list[bytes | None]]] = []
+
+    async def main() -> None:
+        cluster = SimCluster(config(), seed=seed)
+        clients = [cluster.txn_client(r, retry=RETRY) for r in DEFAULT_REGIONS]
+        done = asyncio.Event()
+
+        async def writer(region: int) -> None:
+            for i, (r, keys) in enumerate(writes):
+                if r != region:
+                    continue
+                items = {k: f"t{i}".encode() for k in keys}
+                with contextlib.suppress(TxnAborted):  # gave up: none of it may be visible
+                    committed.append((await write_all(clients[region], items), items))
+
+        async def reader(region: int) -> None:
+            while not done.is_set():
+                snap = clients[region].replica_snapshot()
+                vals = await snap.get_many(KEYS)
+                snapshots.append((DEFAULT_REGIONS[region], snap.ts, vals))
+                await asyncio.sleep(0.007)
+
+        async def writers() -> None:
+            await asyncio.gather(*(writer(r) for r in range(3)))
+            await asyncio.sleep(0.5)  # let the readers catch the last epochs
+            done.set()
+
+        jobs = [writers] + [lambda r=r: reader(r) for r in range(3)]
+        assert await cluster.run(jobs, 120)
+        for c in clients:
+            await c.close()
+
+    run_simulation(main, seed=seed)
+    assert len(snapshots) > 30
+    for region, ts, vals in snapshots:
+        state: dict[str, bytes] = {}
+        for cts, items in sorted(committed):
+            if cts <= ts:
+                state.update(items)
+        assert vals == [state.get(k) for k in KEYS], f"snapshot in {region} at {ts}"
+
+
+def test_a_killed_replica_catches_up_from_the_log_and_by_snapshot() -> None:
+    async def main() -> None:
+        cluster = SimCluster(config(max_log_entries=5), seed=2)
+        writer = cluster.txn_client("us-east", retry=RETRY)
+        await write_all(writer, {"us-east/a": b"0"})
+        await asyncio.sleep(0.5)
+        cluster.crash("eu-west-1")  # holds the replica of us-east's shard
+        for i in range(30):
+            await write_all(writer, {f"us-east/k{i:02}": str(i).encode(), "us-east/a": b"%d" % i})
+        await asyncio.sleep(2.0)  # the leader truncates its log past the dead replica
+        await cluster.restart("eu-west-1")
+        await asyncio.sleep(2.0)
+        node = cluster.service("eu-west-1")
+        assert node.replicator is not None
+        leader = cluster.service("us-east-1")
+        shard = cluster.config.shard_for_key(b"us-east/a")
+        state = node.replicator.replicas[shard.id]
+        assert state.snapshots >= 1
+        leader_store = leader.leaders[shard.id].store
+        for key, versions in leader_store.scan_versions(b"us-east/", b"us-east0", 100):
+            assert state.applier.store.versions(key) == versions, key
+        reader = cluster.txn_client("eu-west", retry=RETRY)
+        assert await reader.replica_snapshot(fresh=True).get("us-east/a") == b"29"
+        for c in (writer, reader):
+            await c.close()
+
+    run_simulation(main, seed=2)
+
+
+def test_a_partitioned_region_serves_bounded_staleness_and_refuses_fresh_reads() -> None:
+    async def main() -> None:
+        cluster = SimCluster(config(), seed=3)
+        writer = cluster.txn_client("us-east", retry=RETRY)
+        reader = cluster.txn_client("ap-southeast", retry=RETRY)
+        await write_all(writer, {"us-east/x": b"before"})
+        await asyncio.sleep(1.0)
+        cluster.partition("ap-southeast", "us-east")
+        cluster.partition("ap-southeast", "eu-west")
+        await write_all(writer, {"us-east/x": b"after"})
+        await asyncio.sleep(3.0)
+        # Within a generous bound the region still answers, with what it had.
+        assert await reader.replica_snapshot(max_staleness=10).get("us-east/x") == b"before"
+        with pytest.raises(StalenessExceeded, match="nearest_only"):
+            await reader.replica_snapshot(max_staleness=1.0).get("us-east/x")
+        with pytest.raises(NotVisibleYet):
+            await reader.replica_snapshot(fresh=True).get("us-east/x")
+        cluster.heal()
+        await asyncio.sleep(3.0)  # pulls across the cut time out (2 s) and are retried
+        assert await reader.replica_snapshot(max_staleness=1.0).get("us-east/x") == b"after"
+        for c in (writer, reader):
+            await c.close()
+
+    run_simulation(main, seed=3)
+
+
+def visibility_run(policy: str, seed: int = 5) -> dict[tuple[str, str], tuple[int, float, float]]:
+    """A TPC-C-like mix (new-order: read the warehouse, write district and order rows; payment:
+    write the warehouse) from every region for 6 virtual seconds; returns the visibility delay
+    (count, p50 ms, p99 ms) per (home region, reading region)."""
+    out: dict[tuple[str, str], tuple[int, float, float]] = {}
+
+    async def main() -> None:
+        cluster = SimCluster(config(policy=policy), seed=seed)
+        clients = [cluster.txn_client(r, retry=RETRY) for r in DEFAULT_REGIONS for _ in range(2)]
+
+        async def client(i: int) -> None:
+            c = clients[i]
+            home = c.region
+            for j in range(10_000):
+                w = f"{home}/w/0"
+                if j % 2 == 0:
+
+                    async def new_order(tx: AsyncTransaction, j: int = j) -> None:
+                        await tx.get_many([w, f"{home}/d/{j % 10}"])
+                        await tx.put_many({f"{home}/d/{j % 10}": b"o", f"{home}/o/{i}/{j}": b"x"})
+
+                    await c.run(new_order, keys=[w, f"{home}/d/{j % 10}"])
+                else:
+
+                    async def payment(tx: AsyncTransaction) -> None:
+                        (v,) = await tx.get_many([w])
+                        await tx.put_many({w: b"p"})
+
+                    await c.run(payment, keys=[w])
+
+        await cluster.run([lambda i=i: client(i) for i in range(len(clients))], 6.0)
+        for node in cluster.nodes.values():
+            assert node.service is not None and node.service.replicator is not None
+            for home, h in node.service.replicator.visibility.delays.items():
+                out[(home, node.region)] = (h.count, h.quantile(0.5), h.quantile(0.99))
+        for c in clients:
+            await c.close()
+
+    run_simulation(main, seed=seed)
+    return out
+
+
+def test_vcr_makes_writes_visible_everywhere_an_order_of_magnitude_before_closed_ts() -> None:
+    vcr = visibility_run("vcr")
+    closed = visibility_run("closed-ts")
+    assert len(vcr) == 9  # every (home, reader) pair measured
+    for pair, (n, p50, p99) in vcr.items():
+        assert n > 20, pair
+        assert p50 <= 300 and p99 <= 500, (pair, p50, p99)
+    for pair, (_, p50, _) in closed.items():
+        assert p50 >= 2500, (pair, p50)
+
+
+def test_max_ts_sanity() -> None:
+    assert MAX_TS > 2**63  # replica snapshots copy versions at any stored timestamp
