@@ -1,6 +1,6 @@
-"""Regenerate the checked-in gRPC stubs from k2store/proto/k2.proto.
+"""Regenerate the checked-in gRPC stubs from k2store/proto/k2.proto and kvtier/proto/blockstore.proto.
 
-    python scripts/gen_proto.py          # rewrite k2store/proto/k2_pb2*.py{,i}
+    python scripts/gen_proto.py          # rewrite k2store/proto/k2_pb2*.py{,i} and kvtier/proto/blockstore_pb2*.py{,i}
     python scripts/gen_proto.py --check  # exit 1 when the checked-in stubs are stale (CI)
 
 Stubs are checked in so that installing K2 needs no protoc; CI runs --check so they never drift
@@ -18,14 +18,18 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO = Path("k2store/proto/k2.proto")
-OUTPUTS = ["k2_pb2.py", "k2_pb2.pyi", "k2_pb2_grpc.py", "k2_pb2_grpc.pyi"]
+PROTOS = [Path("k2store/proto/k2.proto"), Path("kvtier/proto/blockstore.proto")]
 
 
-def generate(out_root: Path) -> None:
+def outputs(proto: Path) -> list[str]:
+    stem = proto.stem
+    return [f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py", f"{stem}_pb2_grpc.pyi"]
+
+
+def generate(out_root: Path, proto: Path) -> None:
     from grpc_tools import protoc  # dev extra
 
-    (out_root / PROTO.parent).mkdir(parents=True, exist_ok=True)
+    (out_root / proto.parent).mkdir(parents=True, exist_ok=True)
     args = [
         "protoc",
         f"-I{ROOT}",
@@ -33,7 +37,7 @@ def generate(out_root: Path) -> None:
         f"--mypy_out={out_root}",
         f"--grpc_python_out={out_root}",
         f"--mypy_grpc_out={out_root}",
-        str(ROOT / PROTO),
+        str(ROOT / proto),
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
@@ -47,11 +51,12 @@ def main() -> int:
     ns = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        generate(out)
         stale = []
-        for name in OUTPUTS:
-            fresh = (out / PROTO.parent / name).read_text()
-            target = ROOT / PROTO.parent / name
+        for proto, name in [(p, n) for p in PROTOS for n in outputs(p)]:
+            if name == outputs(proto)[0]:
+                generate(out, proto)
+            fresh = (out / proto.parent / name).read_text()
+            target = ROOT / proto.parent / name
             current = target.read_text() if target.exists() else ""
             if fresh != current:
                 stale.append(name)
@@ -65,7 +70,7 @@ def main() -> int:
                     )
                     sys.stdout.write("\n".join(list(diff)[:40]) + "\n")
                 else:
-                    shutil.copyfile(out / PROTO.parent / name, target)
+                    shutil.copyfile(out / proto.parent / name, target)
         if ns.check and stale:
             print(f"stale generated stubs: {', '.join(stale)}; run: python scripts/gen_proto.py")
             return 1

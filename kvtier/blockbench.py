@@ -1,0 +1,242 @@
+"""Block-path figures: frame encode/decode, compression, block store and gRPC get throughput.
+
+    python -m kvtier.blockbench [--tokens 256] [--blocks 16] [--json out.json]
+    python -m kvtier.blockbench --connector [--prefix 2048]   # + end-to-end retrieval over WAN
+
+`--connector` runs an in-process three-region cluster with DESIGN.md's emulated links (RTTs,
+1 Gbit/s), stores a prefix from us-east and times `retrieve` in us-east (local) and in eu-west
+and ap-southeast (remote): the number to hold against recomputing the prefix.
+
+Blocks are SmolLM2-135M shaped (30 layers, 3 KV heads, head dim 64: 46,080 bytes per token in
+float32) with outlier-scaled normal values, so compression sees realistic exponent statistics.
+Durations come from the monotonic reading of `truetime.SystemClock`. Prints one line per
+figure and, with --json, writes them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvtier.blocknode import BlockNode, BlockStoreClient
+from kvtier.blocks import BlockSpec, decode_block, encode_block
+from kvtier.blockstore import BlockStore, BlockStoreConfig
+from kvtier.compression import choose_codec
+from truetime import SystemClock
+
+
+def _kv(spec: BlockSpec, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.exp(
+        torch.randn(spec.num_layers, 2, spec.num_kv_heads, 1, spec.head_dim, generator=g)
+    )
+    return (torch.randn(spec.shape(), generator=g) * scale).to(spec.torch_dtype)
+
+
+def _rate(nbytes: int, fn: Callable[[], object], repeat: int = 5) -> float:
+    """Best-of-`repeat` bytes per second (noisy shared machines: the best is the least noisy)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = _clock.monotonic_ns() / 1e9
+        fn()
+        best = min(best, _clock.monotonic_ns() / 1e9 - t0)
+    return nbytes / best
+
+
+def run(tokens: int, blocks: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dtype in ("float32", "bfloat16"):
+        spec = BlockSpec(tokens, 30, 3, 64, dtype)
+        kv = _kv(spec, 0)
+        frame = encode_block(spec, kv)
+        dst = torch.empty(spec.shape(), dtype=spec.torch_dtype)
+        out[f"{dtype}.block_bytes"] = len(frame)
+        n = len(frame)
+
+        def enc(s: BlockSpec = spec, t: torch.Tensor = kv) -> object:
+            return encode_block(s, t)
+
+        def dec(s: BlockSpec = spec, f: bytes = frame) -> object:
+            return decode_block(f, s)
+
+        def dec_into(s: BlockSpec = spec, f: bytes = frame, d: torch.Tensor = dst) -> object:
+            return decode_block(f, s, out=d)
+
+        out[f"{dtype}.encode_MBps"] = _rate(n, enc) / 1e6
+        out[f"{dtype}.decode_new_MBps"] = _rate(n, dec) / 1e6
+        out[f"{dtype}.decode_into_MBps"] = _rate(n, dec_into) / 1e6
+        for mbit in (1000, 100, 10):
+            c = choose_codec(frame, mbit * 1e6 / 8)
+            out[f"{dtype}.codec@{mbit}Mbit"] = c.codec
+        out[f"{dtype}.zlib_ratio"] = c.ratio["zlib"]
+        if "lz4" in c.ratio:
+            out[f"{dtype}.lz4_ratio"] = c.ratio["lz4"]
+
+    spec = BlockSpec(tokens, 30, 3, 64, "bfloat16")
+    frames = {
+        bytes([i]) * 32: encode_block(spec, _kv(spec, i), bytes([i]) * 32) for i in range(blocks)
+    }
+    total = sum(len(f) for f in frames.values())
+    with tempfile.TemporaryDirectory() as tmp:
+        from k2store.rocksengine import RocksBlobStore
+
+        store = BlockStore(
+            RocksBlobStore(Path(tmp) / "blocks"),
+            BlockStoreConfig(memory_bytes=total * 2, disk_bytes=total * 4),
+        )
+        t0 = _clock.monotonic_ns() / 1e9
+        for k, f in frames.items():
+            store.put(k, f)
+        out["store.put_fsync_MBps"] = total / (_clock.monotonic_ns() / 1e9 - t0) / 1e6
+        # Memory hits hand out the stored bytes object (no copy): count operations, not bytes.
+        out["store.get_memory_ops_per_s"] = _rate(
+            len(frames) * 100, lambda: [store.get(k) for _ in range(100) for k in frames]
+        )
+        store._memory.clear()  # force the disk tier (benchmark only)
+        store.stats.memory_used = 0
+        store.config = BlockStoreConfig(memory_bytes=0, disk_bytes=total * 4)
+        out["store.get_disk_verified_MBps"] = (
+            _rate(total, lambda: [store.get(k) for k in frames], repeat=3) / 1e6
+        )
+        store.config = BlockStoreConfig(memory_bytes=total * 2, disk_bytes=total * 4)
+        for k in frames:
+            store.get(k)
+        out.update(asyncio.run(_grpc(store, frames, total)))
+        store.close()
+    return out
+
+
+async def _grpc(store: BlockStore, frames: dict[bytes, bytes], total: int) -> dict[str, float]:
+    node = BlockNode(store, "us-east", "127.0.0.1:0")
+    await node.start()
+    c = BlockStoreClient(node.address)
+    res: dict[str, float] = {}
+    try:
+        await c.get(next(iter(frames)))  # connect
+        best = float("inf")
+        for _ in range(3):
+            t0 = _clock.monotonic_ns() / 1e9
+            for k in frames:
+                await c.get(k)
+            best = min(best, _clock.monotonic_ns() / 1e9 - t0)
+        res["grpc.get_sequential_MBps"] = total / best / 1e6
+        best = float("inf")
+        for _ in range(3):
+            t0 = _clock.monotonic_ns() / 1e9
+            await asyncio.gather(*(c.get(k) for k in frames))
+            best = min(best, _clock.monotonic_ns() / 1e9 - t0)
+        res["grpc.get_parallel_MBps"] = total / best / 1e6
+    finally:
+        await c.close()
+        await node.stop(0, close_store=False)
+    return res
+
+
+async def _connector_bench(prefix_tokens: int, block_tokens: int) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from k2store.client import AsyncClient, RetryPolicy
+    from k2store.cluster import ClusterSettings, local_cluster
+    from k2store.launcher import free_ports
+    from k2store.node import Node
+    from k2store.transport import cluster_transport
+    from k2store.wan import NetworkSettings
+    from kvtier.blocks import Namespace
+    from kvtier.blockstore import MemoryBlobStore
+    from kvtier.connector import AsyncKVConnector, ConnectorConfig
+    from kvtier.metadata import BlockMetadata
+
+    regions = ["us-east", "eu-west", "ap-southeast"]
+    spec = BlockSpec(block_tokens, 30, 3, 64, "float32")
+    res: dict[str, Any] = {"prefix_tokens": prefix_tokens, "prefix_bytes": 0}
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = replace(ClusterSettings(), network=NetworkSettings(enabled=True))
+        cfg = local_cluster(regions, free_ports(3), root=Path(tmp), settings=settings)
+        cfg = cfg.write(Path(tmp) / "cluster.toml")
+        nodes = [Node(cfg, n.name) for n in cfg.nodes]
+        for node in nodes:
+            await node.start()
+        big = BlockStoreConfig(memory_bytes=1 << 31, disk_bytes=1 << 33, max_block_bytes=1 << 28)
+        bnodes = {
+            r: BlockNode(BlockStore(MemoryBlobStore(), big), r, "127.0.0.1:0") for r in regions
+        }
+        for bn in bnodes.values():
+            await bn.start()
+        stores = {r: [bn.address] for r, bn in bnodes.items()}
+        retry = RetryPolicy(max_attempts=30, initial_backoff_s=0.01, max_backoff_s=0.2)
+        clients = {
+            r: AsyncClient(cfg, region=r, retry=retry, transport=cluster_transport(cfg, region=r))
+            for r in regions
+        }
+        try:
+            md = BlockMetadata(clients["us-east"])
+            ns = Namespace("smollm2-135m", "smollm2", spec, "bench", b"salt")
+            await md.register_tenant("bench", quota_bytes=1 << 40)
+            await md.register_namespace(ns)
+            conns = {
+                r: await AsyncKVConnector.open(
+                    clients[r],
+                    ns,
+                    config=ConnectorConfig(region=r, timeout_s=60, max_block_bytes=1 << 28),
+                    stores=stores,
+                )
+                for r in regions
+            }
+            tokens = list(range(prefix_tokens))
+            g = torch.Generator().manual_seed(0)
+            kv = torch.randn(spec.shape(prefix_tokens), generator=g)
+            t0 = _clock.monotonic_ns() / 1e9
+            stored = await conns["us-east"].store(tokens, kv)
+            res["store_us-east_s"] = _clock.monotonic_ns() / 1e9 - t0
+            res["prefix_bytes"] = stored.charged_bytes
+            for r in regions:
+                t0 = _clock.monotonic_ns() / 1e9
+                found = await conns[r].lookup(tokens)
+                t1 = _clock.monotonic_ns() / 1e9
+                got = await conns[r].retrieve(tokens, found)
+                t2 = _clock.monotonic_ns() / 1e9
+                assert got.num_tokens == prefix_tokens and torch.equal(got.kv, kv)
+                res[f"lookup_{r}_ms"] = (t1 - t0) * 1000
+                res[f"retrieve_{r}_s"] = t2 - t1
+                res[f"bytes_moved_{r}"] = got.bytes_moved
+            for c in conns.values():
+                await c.close()
+        finally:
+            for cl in clients.values():
+                await cl.close()
+            for bn in bnodes.values():
+                await bn.stop(0)
+            for node in nodes:
+                await node.stop(grace_s=0)
+    return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    p.add_argument("--tokens", type=int, default=256, help="tokens per block (default 256)")
+    p.add_argument("--blocks", type=int, default=16, help="blocks in the store tests")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--connector", action="store_true", help="also time retrieval over WAN")
+    p.add_argument("--prefix", type=int, default=2048, help="prefix tokens for --connector")
+    a = p.parse_args()
+    figures = run(a.tokens, a.blocks)
+    if a.connector:
+        figures.update(asyncio.run(_connector_bench(a.prefix, a.tokens)))
+    for k, v in figures.items():
+        print(f"{k:32} {v:.3f}" if isinstance(v, float) else f"{k:32} {v}")
+    if a.json:
+        a.json.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+_clock = SystemClock()

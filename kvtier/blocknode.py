@@ -1,0 +1,493 @@
+"""The block store node: a `BlockStore` served over gRPC, and the client that talks to it.
+
+Purpose
+    One node per region (``k2 blockstore``, or started by ``k2 cluster up``) holds that region's
+    KV-block bytes; connectors anywhere read and write them through `BlockStoreClient`.
+
+Data flow
+    ::
+
+        BlockStoreClient.put(key, frame) ──compress?──▶ chunks ══gRPC stream══▶ BlockStoreService
+            ──decompress──▶ BlockStore.put (verify, fsync) ──▶ PutResponse (after durable)
+        BlockStoreClient.get(key) ──▶ BlockStoreService ──BlockStore.get (verify)──compress?──▶
+            chunks ══▶ join ──decompress──▶ verify ──▶ frame
+
+    Frames travel in chunks (`chunk_bytes`, 1 MiB by default), so a block larger than one gRPC
+    message moves and no side holds more than the frame plus one chunk of framing. Disk work
+    runs in worker threads, so the event loop keeps serving while a block is read or fsynced.
+
+Invariants
+    - A Put is acknowledged only after the frame is durable in the store (first phase of the
+      two-phase publish).
+    - The client verifies every frame it receives (header, checksum, key), so a corrupt transfer
+      is a miss, never data; `bytes_received` counts bytes on the wire (after compression).
+
+Failure modes
+    The node is down, partitioned or too slow: `BlockStoreUnavailable` (retryable; the connector
+    turns it into a miss). Typed store errors (`CorruptBlock`, `BlockTooLarge`,
+    `BlockStoreFull`) cross the wire with their reason in the ``k2-error`` trailer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from k2store.errors import (
+    ERROR_METADATA_KEY,
+    DeadlineExceeded,
+    InvalidArgument,
+    K2Error,
+    Unavailable,
+)
+from k2store.transport import CHANNEL_OPTIONS, WanEmulation, rpc_error_to_k2
+from kvtier.blocks import verify_frame
+from kvtier.blockstore import BlockStore, BlockStoreConfig
+from kvtier.compression import compress_frame, decompress_frame
+from kvtier.errors import BlockStoreUnavailable, BlockTooLarge, CorruptBlock
+from kvtier.proto import blockstore_pb2 as bpb
+from kvtier.proto import blockstore_pb2_grpc as bpb_grpc
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "BlockNode",
+    "BlockStoreClient",
+    "BlockStoreService",
+    "LinkPacer",
+    "TransferStats",
+    "serve_blockstore",
+]
+
+log = logging.getLogger("kvtier.blocknode")
+
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+_CODEC_BY_NAME: dict[str, bpb.Codec.ValueType] = {
+    "none": bpb.CODEC_NONE,
+    "zlib": bpb.CODEC_ZLIB,
+    "lz4": bpb.CODEC_LZ4,
+}
+_NAME_BY_CODEC: dict[int, str] = {int(v): k for k, v in _CODEC_BY_NAME.items()}
+
+
+def _codec_name(code: int) -> str:
+    name = _NAME_BY_CODEC.get(code)
+    if name is None:
+        raise InvalidArgument(f"unknown codec {code}")
+    return name
+
+
+class BlockStoreService(bpb_grpc.BlockStoreServicer):
+    """The gRPC face of one `BlockStore`; K2Errors become statuses with their reason."""
+
+    def __init__(
+        self, store: BlockStore, region: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> None:
+        self.store = store
+        self.region = region
+        self.chunk_bytes = chunk_bytes
+
+    async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], e: K2Error) -> None:
+        await context.abort(e.code, str(e), trailing_metadata=((ERROR_METADATA_KEY, e.reason),))
+
+    async def Put(
+        self,
+        request_iterator: AsyncIterator[bpb.PutChunk],
+        context: grpc.aio.ServicerContext[bpb.PutChunk, bpb.PutResponse],
+    ) -> bpb.PutResponse:
+        try:
+            key = b""
+            codec = "none"
+            total = 0
+            parts: list[bytes] = []
+            received = 0
+            limit = self.store.config.max_block_bytes + (1 << 20)
+            async for chunk in request_iterator:
+                if not parts and not key:
+                    key, total, codec = chunk.key, chunk.total_bytes, _codec_name(chunk.codec)
+                    if not key:
+                        raise InvalidArgument("block put: the first chunk must carry the key")
+                    if total > limit:
+                        raise BlockTooLarge(
+                            f"block {key.hex()[:16]}: {total} bytes on the wire exceeds the limit"
+                        )
+                received += len(chunk.data)
+                if received > max(total, 0) or received > limit:
+                    raise InvalidArgument(f"block put {key.hex()[:16]}: more bytes than announced")
+                parts.append(chunk.data)
+            if not key:
+                raise InvalidArgument("block put: empty stream")
+            if received != total:
+                raise CorruptBlock(
+                    f"block put {key.hex()[:16]}: stream ended at {received} of {total} bytes"
+                )
+            data = b"".join(parts)
+            frame = await asyncio.to_thread(decompress_frame, codec, data)
+            stored = await asyncio.to_thread(self.store.put, key, frame)
+            return bpb.PutResponse(stored=stored, frame_bytes=len(frame))
+        except K2Error as e:
+            await self._abort(context, e)
+            raise AssertionError("unreachable: context.abort raises") from e
+
+    async def Get(
+        self,
+        request: bpb.GetRequest,
+        context: grpc.aio.ServicerContext[bpb.GetRequest, bpb.GetChunk],
+    ) -> AsyncIterator[bpb.GetChunk]:
+        try:
+            codec = _codec_name(request.accept)
+            frame = await asyncio.to_thread(self.store.get, request.key)
+            if frame is None:
+                yield bpb.GetChunk(found=False)
+                return
+            data = (
+                frame if codec == "none" else await asyncio.to_thread(compress_frame, codec, frame)
+            )
+        except K2Error as e:
+            await self._abort(context, e)
+            return
+        step = request.chunk_bytes or self.chunk_bytes
+        mv = memoryview(data)
+        for off in range(0, max(len(data), 1), step):
+            if off == 0:
+                yield bpb.GetChunk(
+                    found=True,
+                    total_bytes=len(data),
+                    codec=_CODEC_BY_NAME[codec],
+                    data=bytes(mv[off : off + step]),
+                )
+            else:
+                yield bpb.GetChunk(data=bytes(mv[off : off + step]))
+
+    async def Has(
+        self,
+        request: bpb.HasRequest,
+        context: grpc.aio.ServicerContext[bpb.HasRequest, bpb.HasResponse],
+    ) -> bpb.HasResponse:
+        return bpb.HasResponse(present=[self.store.has(k) for k in request.keys])
+
+    async def Delete(
+        self,
+        request: bpb.DeleteRequest,
+        context: grpc.aio.ServicerContext[bpb.DeleteRequest, bpb.DeleteResponse],
+    ) -> bpb.DeleteResponse:
+        n = 0
+        for k in request.keys:
+            n += await asyncio.to_thread(self.store.delete, k)
+        return bpb.DeleteResponse(deleted=n)
+
+    async def Stats(
+        self,
+        request: bpb.StatsRequest,
+        context: grpc.aio.ServicerContext[bpb.StatsRequest, bpb.StatsResponse],
+    ) -> bpb.StatsResponse:
+        s = self.store.stats
+        c = self.store.config
+        return bpb.StatsResponse(
+            region=self.region,
+            blocks=s.blocks,
+            memory_used=s.memory_used,
+            memory_bytes=c.memory_bytes,
+            disk_used=s.disk_used,
+            disk_bytes=c.disk_bytes,
+            memory_hits=s.memory_hits,
+            disk_hits=s.disk_hits,
+            misses=s.misses,
+            corrupt_dropped=s.corrupt_dropped,
+            memory_evictions=s.memory_evictions,
+            disk_evictions=s.disk_evictions,
+            puts=s.puts,
+        )
+
+
+class BlockNode:
+    """A block store served on `address` (loopback host:port) until `stop`."""
+
+    def __init__(
+        self,
+        store: BlockStore,
+        region: str,
+        address: str,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        self.store = store
+        self.region = region
+        self.address = address
+        self.service = BlockStoreService(store, region, chunk_bytes=chunk_bytes)
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
+        bpb_grpc.add_BlockStoreServicer_to_server(self.service, server)
+        try:
+            port = server.add_insecure_port(self.address)
+        except RuntimeError:
+            raise Unavailable(f"block store: cannot listen on {self.address}") from None
+        host = self.address.rsplit(":", 1)[0]
+        self.address = f"{host}:{port}"  # resolves port 0 to the one chosen
+        await server.start()
+        self._server = server
+        log.info("block store for %s serving on %s", self.region, self.address)
+
+    async def stop(self, grace_s: float = 1.0, *, close_store: bool = True) -> None:
+        """Stop serving; with `close_store`, also close the store (releasing its directory)."""
+        if self._stopped.is_set():
+            return
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        if close_store:
+            self.store.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+class LinkPacer:
+    """Makes transfers between a client's region and a block store's region pay the cluster's
+    emulated wide-area link (k2store/wan.py: half the RTT each way, bytes at the link's
+    bandwidth, partitions), with queueing: transfers in one direction send their bytes one after
+    another. The K2 transport's emulation does not queue (its HAZARD note); KV blocks are
+    bandwidth-bound and fetched in parallel, so without queueing 8 parallel fetches would see 8
+    times the link's bandwidth. Jitter is not applied. Time is the event loop's."""
+
+    def __init__(self, wan: WanEmulation, client_region: str, store_region: str) -> None:
+        self._wan = wan
+        self._here = client_region
+        self._there = store_region
+        self._free_at = {True: 0.0, False: 0.0}
+
+    async def pay(self, nbytes: int, *, outbound: bool) -> None:
+        """Wait as long as a message of nbytes takes; BlockStoreUnavailable if the link is cut."""
+        now = asyncio.get_running_loop().time()
+        model = self._wan.model(now)
+        if not model.is_active():
+            return
+        src, dst = (self._here, self._there) if outbound else (self._there, self._here)
+        rule = model.cut_rule(src, dst, None, None)
+        if rule is not None:
+            raise BlockStoreUnavailable(f"link {src} -> {dst} is cut ({rule})")
+        p = model.link(src, dst)
+        serial = nbytes * 8 / (p.bandwidth_mbit * 1e6) if p.bandwidth_mbit > 0 else 0.0
+        done = max(now, self._free_at[outbound]) + serial
+        self._free_at[outbound] = done
+        await asyncio.sleep(done - now + p.rtt_ms / 2000)
+
+
+_REQUEST_BYTES = 64
+"""What a small request or reply is charged on an emulated link."""
+
+
+@dataclass(slots=True)
+class TransferStats:
+    bytes_sent: int = 0
+    """Wire bytes of puts (after compression)."""
+    bytes_received: int = 0
+    """Wire bytes of gets (after compression)."""
+    frame_bytes_received: int = 0
+    """Frame bytes the gets delivered (before compression)."""
+    gets: int = 0
+    puts: int = 0
+    failures: int = 0
+
+
+class BlockStoreClient:
+    """Async client of one block store node. Create and use it on one event loop."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = 10.0,
+        codec: str = "none",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        pacer: LinkPacer | None = None,
+    ) -> None:
+        """`codec`: compression for transfers through this client (see kvtier.compression;
+        choose it with `choose_codec` for the link this client crosses). `pacer`: the emulated
+        link to the node's region, if the cluster emulates one."""
+        if codec not in _CODEC_BY_NAME:
+            raise InvalidArgument(f"unknown codec {codec!r}")
+        self.address = address
+        self.timeout_s = timeout_s
+        self.codec = codec
+        self.chunk_bytes = chunk_bytes
+        self.stats = TransferStats()
+        self._pacer = pacer
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = bpb_grpc.BlockStoreStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _pay(self, nbytes: int, *, outbound: bool) -> None:
+        if self._pacer is not None:
+            try:
+                await self._pacer.pay(nbytes, outbound=outbound)
+            except BlockStoreUnavailable:
+                self.stats.failures += 1
+                raise
+
+    def _error(self, e: grpc.aio.AioRpcError) -> K2Error:
+        self.stats.failures += 1
+        err = rpc_error_to_k2(e, f"block store {self.address}")
+        if isinstance(err, Unavailable | DeadlineExceeded) and not isinstance(
+            err, BlockStoreUnavailable
+        ):
+            return BlockStoreUnavailable(str(err))
+        return err
+
+    async def put(self, key: bytes, frame: bytes, *, codec: str | None = None) -> bool:
+        """Store a frame; returns once it is durable at the node (False: it was already there)."""
+        codec = codec or self.codec
+        data = frame if codec == "none" else await asyncio.to_thread(compress_frame, codec, frame)
+        step = self.chunk_bytes
+
+        async def chunks() -> AsyncIterator[bpb.PutChunk]:
+            mv = memoryview(data)
+            for off in range(0, max(len(data), 1), step):
+                piece = bytes(mv[off : off + step])
+                if off == 0:
+                    yield bpb.PutChunk(
+                        key=key,
+                        total_bytes=len(data),
+                        codec=_CODEC_BY_NAME[codec],
+                        data=piece,
+                    )
+                else:
+                    yield bpb.PutChunk(data=piece)
+
+        await self._pay(len(data), outbound=True)
+        try:
+            r = await self._stub.Put(chunks(), timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise self._error(e) from None
+        await self._pay(_REQUEST_BYTES, outbound=False)
+        self.stats.puts += 1
+        self.stats.bytes_sent += len(data)
+        return r.stored
+
+    async def get_sized(self, key: bytes, *, codec: str | None = None) -> tuple[bytes | None, int]:
+        """The verified frame stored under key, or None when the node does not hold it.
+        Raises BlockStoreUnavailable when the node cannot answer, CorruptBlock when what arrived
+        is not the frame (the caller should treat both as a miss). Also returns the bytes this
+        call moved over the wire (after compression)."""
+        codec = codec or self.codec
+        parts: list[bytes] = []
+        total = 0
+        wire_codec = "none"
+        found = False
+        await self._pay(_REQUEST_BYTES, outbound=True)
+        try:
+            call = self._stub.Get(
+                bpb.GetRequest(key=key, accept=_CODEC_BY_NAME[codec], chunk_bytes=self.chunk_bytes),
+                timeout=self.timeout_s,
+            )
+            async for chunk in call:
+                if not parts:
+                    found = chunk.found
+                    if not found:
+                        break
+                    total, wire_codec = chunk.total_bytes, _codec_name(chunk.codec)
+                parts.append(chunk.data)
+        except grpc.aio.AioRpcError as e:
+            raise self._error(e) from None
+        self.stats.gets += 1
+        data = b"".join(parts)
+        await self._pay(max(len(data), _REQUEST_BYTES), outbound=False)
+        if not found:
+            return None, 0
+        self.stats.bytes_received += len(data)
+        if len(data) != total:
+            raise CorruptBlock(f"block {key.hex()[:16]}: got {len(data)} of {total} bytes")
+        frame = (
+            data
+            if wire_codec == "none"
+            else await asyncio.to_thread(decompress_frame, wire_codec, data)
+        )
+        verify_frame(frame, key)
+        self.stats.frame_bytes_received += len(frame)
+        return frame, len(data)
+
+    async def get(self, key: bytes, *, codec: str | None = None) -> bytes | None:
+        """The verified frame stored under key, or None (see `get_sized`)."""
+        frame, _ = await self.get_sized(key, codec=codec)
+        return frame
+
+    async def has(self, keys: Sequence[bytes]) -> list[bool]:
+        await self._pay(_REQUEST_BYTES + 32 * len(keys), outbound=True)
+        try:
+            r = await self._stub.Has(bpb.HasRequest(keys=list(keys)), timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise self._error(e) from None
+        await self._pay(_REQUEST_BYTES, outbound=False)
+        return list(r.present)
+
+    async def delete(self, keys: Sequence[bytes]) -> int:
+        try:
+            r = await self._stub.Delete(bpb.DeleteRequest(keys=list(keys)), timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise self._error(e) from None
+        return r.deleted
+
+    async def node_stats(self) -> bpb.StatsResponse:
+        try:
+            return await self._stub.Stats(bpb.StatsRequest(), timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise self._error(e) from None
+
+
+def open_store(data: Path, config: BlockStoreConfig | None = None) -> BlockStore:
+    """A block store over a RocksDB disk tier in `data` (created if missing)."""
+    from k2store.rocksengine import RocksBlobStore
+
+    data.mkdir(parents=True, exist_ok=True)
+    return BlockStore(RocksBlobStore(data / "blocks"), config)
+
+
+async def serve_blockstore(
+    region: str,
+    address: str,
+    data: Path,
+    *,
+    config: BlockStoreConfig | None = None,
+    cluster_file: Path | None = None,
+) -> None:
+    """Run a block store node until SIGTERM or SIGINT (the body of `k2 blockstore`). With a
+    cluster file, the node registers its address and capacity in the region's metadata row so
+    connectors find it; a cluster that cannot be reached is logged and serving continues
+    (connectors given the address explicitly still work)."""
+    store = open_store(data, config)
+    node = BlockNode(store, region, address)
+    # With a fixed port, register before serving: whoever sees this node answer (the launcher
+    # waits for that) can also find it in the metadata. Port 0 is known only once serving.
+    early = cluster_file is not None and not address.endswith(":0")
+    if early and cluster_file is not None:
+        await _register(cluster_file, region, node.address, store.config.disk_bytes)
+    await node.start()
+    if not early and cluster_file is not None:
+        await _register(cluster_file, region, node.address, store.config.disk_bytes)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(node.stop()))
+    await node.wait_stopped()
+
+
+async def _register(cluster_file: Path, region: str, address: str, capacity: int) -> None:
+    from k2store.client import AsyncClient
+    from kvtier.metadata import BlockMetadata
+
+    try:
+        async with await AsyncClient.connect(cluster_file, region=region) as client:
+            await BlockMetadata(client).register_store(region, address, capacity_bytes=capacity)
+        log.info("registered block store %s in region %s", address, region)
+    except K2Error as e:
+        log.warning("could not register block store %s in the metadata: %s", address, e)

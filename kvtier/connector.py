@@ -1,0 +1,647 @@
+"""The connector: what a serving framework calls to reuse KV cache (asyncio and sync).
+
+Purpose
+    An inference engine asks three things: how much of this prompt is cached (`lookup`), give me
+    that KV (`retrieve`), keep the KV I just computed (`store`). It sees token ids and tensors
+    only; namespaces, metadata rows, regions and block stores stay behind this API.
+
+Data flow
+    ::
+
+        lookup(tokens) ─▶ block_hashes ─▶ metadata.lookup: this region's rows (local read),
+                          then every region's rows (one parallel read round) if they fall short
+                       ─▶ choose a region per block (local first) ─▶ Has? at its block store
+                       ─▶ lease the chosen copies (one blind write per region, in the background)
+                       ─▶ LookupResult(num_tokens, blocks with their regions)
+        retrieve(tokens) ─▶ Get each block from its region's store (in parallel, verified)
+                       ─▶ decode ─▶ concat ─▶ RetrieveResult(kv, num_tokens, bytes moved)
+        store(tokens, kv) ─▶ check spec ─▶ split full blocks ─▶ rows: which are new here?
+                       ─▶ Put frames into this region's store (durable) ─▶ metadata.publish
+
+Invariants
+    - A hit is never reported for a block that cannot be loaded: lookup only counts blocks whose
+      store says it holds them, and retrieve serves the longest prefix it actually loaded and
+      verified. Tokens a lookup promised but retrieve could not deliver are counted in
+      `stats.recompute_tokens` (the engine recomputes them) and each failed block in
+      `stats.failed_loads`; a block the store no longer holds, or holds corrupt, is removed from
+      that region in the metadata.
+    - Bytes before metadata: `store` publishes a region only after its store acknowledged the
+      bytes durably.
+    - A tenant's namespace includes its tenant name and salt, so its blocks are invisible to
+      every other tenant unless it registered a shared namespace (an explicit opt-in).
+
+Failure modes
+    Bad input (wrong shape, dtype or layout, token ids out of range, a block above
+    `max_block_bytes`): `InvalidArgument` subclasses, raised before anything is stored. An
+    unregistered namespace: `UnknownNamespace` at `open`. A block store or the metadata store
+    that cannot answer: lookups and retrieves degrade to misses and `store` stores nothing
+    (`stats.unavailable` counts these; a block store that is full of protected blocks counts
+    the same); nothing raises for them. A region whose metadata cannot be read within
+    `timeout_s` is skipped; the others still serve. Over quota: `QuotaExceeded` from `store` (the
+    bytes already put stay until the store's LRU or a sweep drops them: deleting them could race
+    with another publisher of the same block).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from k2store.client import AsyncClient
+from k2store.cluster import ClusterConfig
+from k2store.errors import InvalidArgument, K2Error, Unavailable
+from k2store.transport import WanEmulation
+from k2store.wan import OVERRIDES_FILE
+from kvtier.blocknode import BlockStoreClient, LinkPacer
+from kvtier.blocks import (
+    FRAME_HEADER_BYTES,
+    BlockSpec,
+    Namespace,
+    block_hashes,
+    concat_blocks,
+    decode_block,
+    encode_block,
+    read_header,
+    split_blocks,
+)
+from kvtier.errors import BlockSpecMismatch, BlockTooLarge, CorruptBlock
+from kvtier.metadata import (
+    DEFAULT_LEASE_S,
+    BlockInfo,
+    BlockMetadata,
+    NamespaceRecord,
+    PublishBlock,
+)
+from truetime import ClockSource
+
+__all__ = [
+    "AsyncKVConnector",
+    "BlockLocation",
+    "ConnectorConfig",
+    "ConnectorStats",
+    "KVConnector",
+    "LookupResult",
+    "RetrieveResult",
+    "StoreResult",
+]
+
+log = logging.getLogger("kvtier.connector")
+T = TypeVar("T")
+Tokens = Sequence[int] | torch.Tensor | np.ndarray[Any, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorConfig:
+    region: str
+    """The region this serving node runs in: stores go to its block store, loads prefer it."""
+    holder: str = ""
+    """Lease holder id (default: a random one per connector)."""
+    lease_s: float = DEFAULT_LEASE_S
+    max_block_bytes: int = 64 * 1024 * 1024
+    """Largest frame this connector stores or loads."""
+    remote_codec: str = "none"
+    """Compression for transfers from other regions (see kvtier.compression.choose_codec)."""
+    timeout_s: float = 5.0
+    """Deadline of each block store call; past it the block is a miss."""
+    parallel_loads: int = 8
+    """Blocks fetched at once by retrieve."""
+
+
+@dataclass(slots=True)
+class ConnectorStats:
+    lookups: int = 0
+    lookup_tokens: int = 0
+    """Tokens lookups were asked about."""
+    hit_tokens: int = 0
+    """Tokens lookups reported as loadable."""
+    retrieved_tokens: int = 0
+    recompute_tokens: int = 0
+    """Tokens a lookup reported but retrieve could not load: the engine recomputes them."""
+    failed_loads: int = 0
+    """Blocks whose load failed after a lookup reported them."""
+    unavailable: int = 0
+    """Calls to a block store or the metadata store that got no answer (each became a miss)."""
+    metadata_cleanups: int = 0
+    """Block regions removed from the metadata because the bytes there were gone or corrupt."""
+    blocks_stored: int = 0
+    blocks_already_stored: int = 0
+    bytes_stored: int = 0
+    bytes_fetched_local: int = 0
+    """Wire bytes fetched from this region's block stores."""
+    bytes_fetched_remote: int = 0
+    """Wire bytes fetched from other regions (after compression): the bytes moved."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlockLocation:
+    index: int
+    block_hash: bytes
+    region: str
+    """Where retrieve will load it from."""
+    size: int
+    regions: tuple[str, ...] = ()
+    """Every region the metadata says holds it (fallbacks for retrieve)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    num_tokens: int
+    """Leading tokens that can be served from cache (a multiple of block_tokens)."""
+    blocks: tuple[BlockLocation, ...]
+    total_blocks: int
+    """Full blocks in the tokens asked about."""
+
+    @property
+    def by_region(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for b in self.blocks:
+            out[b.region] = out.get(b.region, 0) + 1
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class RetrieveResult:
+    num_tokens: int
+    """Tokens served: kv covers tokens[:num_tokens]; the engine computes the rest."""
+    kv: torch.Tensor
+    """Shape spec.shape(num_tokens) in the namespace's layout and dtype."""
+    failed_blocks: int
+    bytes_moved: int
+    """Wire bytes fetched from other regions for this call."""
+    by_region: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    num_blocks: int
+    """Full blocks in the input."""
+    stored: int
+    """Blocks whose bytes this call put and published here."""
+    already_present: int
+    """Blocks this region already held."""
+    charged_bytes: int
+    error: str = ""
+    """Why nothing was stored, when an unavailable block or metadata store stopped it."""
+
+
+class AsyncKVConnector:
+    """The connector for asyncio code; create it with `await AsyncKVConnector.open(...)`."""
+
+    def __init__(
+        self,
+        metadata: BlockMetadata,
+        ns: Namespace,
+        record: NamespaceRecord,
+        stores: Mapping[str, Sequence[BlockStoreClient]],
+        config: ConnectorConfig,
+    ) -> None:
+        self.metadata = metadata
+        self.ns = ns
+        self.spec: BlockSpec = ns.spec
+        self.record = record
+        self.stores = {r: list(cs) for r, cs in stores.items() if cs}
+        self.config = config
+        self.holder = config.holder or f"conn-{secrets.token_hex(6)}"
+        self.stats = ConnectorStats()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def settle(self) -> None:
+        """Wait for background lease writes (tests and `close` use it)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    @classmethod
+    async def open(
+        cls,
+        client: AsyncClient,
+        ns: Namespace,
+        *,
+        config: ConnectorConfig,
+        stores: Mapping[str, Sequence[str]] | None = None,
+        clock: ClockSource | None = None,
+    ) -> AsyncKVConnector:
+        """Check the namespace is registered (UnknownNamespace otherwise) and connect to the
+        block stores: `stores` maps region -> addresses, default the ones registered in the
+        metadata by each region's block store node."""
+        client.cluster.region(config.region)
+        metadata = BlockMetadata(client, clock=clock)
+        record = await metadata.namespace(ns)
+        if stores is None:
+            found: dict[str, list[str]] = {}
+            for r in client.cluster.region_names():
+                rr = await metadata.region(r)
+                if rr is not None:
+                    found[r] = list(rr.stores)
+            stores = found
+        wan = _wan_of(client.cluster, config.region)
+        clients = {
+            r: [
+                BlockStoreClient(
+                    a,
+                    timeout_s=config.timeout_s,
+                    codec="none" if r == config.region else config.remote_codec,
+                    pacer=None if wan is None else LinkPacer(wan, config.region, r),
+                )
+                for a in addrs
+            ]
+            for r, addrs in stores.items()
+        }
+        return cls(metadata, ns, record, clients, config)
+
+    async def close(self) -> None:
+        await self.settle()
+        for cs in self.stores.values():
+            for c in cs:
+                await c.close()
+
+    def _store_for(self, region: str, block_hash: bytes) -> BlockStoreClient | None:
+        cs = self.stores.get(region)
+        if not cs:
+            return None
+        return cs[block_hash[0] % len(cs)]
+
+    def _candidates(self, row: BlockInfo) -> list[str]:
+        """Regions to load a block from, best first: this region, then the others in the
+        order the cluster lists them (cost-aware choice is the placement layer's, later)."""
+        here = [self.config.region] if self.config.region in row.regions else []
+        return here + sorted(r for r in row.regions if r != self.config.region)
+
+    # -- lookup --------------------------------------------------------------------------------
+
+    async def lookup(self, tokens: Tokens) -> LookupResult:
+        """How many leading tokens can be served, and from where. The blocks reported are
+        leased to this connector for `lease_s`. Never raises for an unavailable store."""
+        hashes = block_hashes(self.ns, tokens)
+        self.stats.lookups += 1
+        self.stats.lookup_tokens += len(hashes) * self.spec.block_tokens
+        try:
+            # This region's rows first (a local read); the wide-area round only when they do
+            # not cover the whole prompt.
+            unreachable: list[str] = []
+            rows = await self.metadata.lookup(
+                self.record,
+                hashes,
+                regions=[self.config.region],
+                timeout_s=self.config.timeout_s,
+                unreachable=unreachable,
+            )
+            if len(rows) < len(hashes):
+                rows = await self.metadata.lookup(
+                    self.record, hashes, timeout_s=self.config.timeout_s, unreachable=unreachable
+                )
+            self.stats.unavailable += len(unreachable)
+        except K2Error as e:
+            if isinstance(e, InvalidArgument):
+                raise
+            self.stats.unavailable += 1
+            log.warning("metadata lookup failed, reporting a miss: %s", e)
+            return LookupResult(0, (), len(hashes))
+        chosen = await self._confirm(rows)
+        # The lease is a wide-area write when the copy is remote: take it in the background so
+        # the caller can start loading at once (a load that races an eviction is a counted miss).
+        self._background(self._lease(chosen))
+        result = LookupResult(len(chosen) * self.spec.block_tokens, tuple(chosen), len(hashes))
+        self.stats.hit_tokens += result.num_tokens
+        return result
+
+    async def _lease(self, chosen: Sequence[BlockLocation], *, release: bool = False) -> None:
+        """Lease (or release) the chosen copies, one blind write per region. Best effort: a
+        lease that fails only leaves the copy evictable, which a load would survive as a miss."""
+        by_region: dict[str, list[bytes]] = {}
+        for loc in chosen:
+            by_region.setdefault(loc.region, []).append(loc.block_hash)
+
+        async def one(region: str, hashes: list[bytes]) -> None:
+            try:
+                if release:
+                    await self.metadata.release(self.record, region, hashes, self.holder)
+                else:
+                    await self.metadata.lease(
+                        self.record, region, hashes, self.holder, lease_s=self.config.lease_s
+                    )
+            except K2Error as e:
+                log.warning(
+                    "could not %s leases in %s: %s", "drop" if release else "take", region, e
+                )
+
+        await asyncio.gather(*(one(r, hs) for r, hs in by_region.items()))
+
+    async def _confirm(self, rows: list[BlockInfo]) -> list[BlockLocation]:
+        """The longest prefix of rows whose bytes a reachable store says it holds."""
+        pending: dict[int, list[str]] = {i: self._candidates(r) for i, r in enumerate(rows)}
+        located: dict[int, str] = {}
+        lost: dict[str, list[bytes]] = {}
+        while pending:
+            # One Has round per (region, store): every pending block asks its best candidate.
+            asks: dict[tuple[str, int], list[int]] = {}
+            for i, cands in list(pending.items()):
+                while cands and self._store_for(cands[0], rows[i].block_hash) is None:
+                    cands.pop(0)
+                if not cands:
+                    del pending[i]
+                    continue
+                store = self._store_for(cands[0], rows[i].block_hash)
+                assert store is not None
+                asks.setdefault((cands[0], id(store)), []).append(i)
+            if not asks:
+                break
+
+            async def ask(region: str, idx: list[int]) -> tuple[str, list[int], list[bool] | None]:
+                store = self._store_for(region, rows[idx[0]].block_hash)
+                assert store is not None
+                try:
+                    return region, idx, await store.has([rows[i].block_hash for i in idx])
+                except K2Error as e:
+                    self.stats.unavailable += 1
+                    log.warning("block store %s in %s did not answer: %s", store.address, region, e)
+                    return region, idx, None
+
+            answers = await asyncio.gather(*(ask(r, idx) for (r, _), idx in asks.items()))
+            for region, idx, present in answers:
+                for j, i in enumerate(idx):
+                    if present is not None and present[j]:
+                        located[i] = region
+                        del pending[i]
+                        continue
+                    if present is not None:
+                        lost.setdefault(region, []).append(rows[i].block_hash)
+                    pending[i].pop(0)
+        if lost:
+            await self._forget(lost)
+        out: list[BlockLocation] = []
+        for i, row in enumerate(rows):
+            if i not in located:
+                break
+            out.append(
+                BlockLocation(i, row.block_hash, located[i], row.size, tuple(sorted(row.regions)))
+            )
+        return out
+
+    async def _forget(self, lost: Mapping[str, Sequence[bytes]]) -> None:
+        """Metadata cleanup: these regions no longer hold these blocks (best effort)."""
+        for region, hashes in lost.items():
+            try:
+                self.stats.metadata_cleanups += await self.metadata.remove(
+                    self.record, hashes, region
+                )
+            except K2Error as e:
+                log.warning("could not remove %s from %d block rows: %s", region, len(hashes), e)
+
+    # -- retrieve ------------------------------------------------------------------------------
+
+    async def retrieve(self, tokens: Tokens, found: LookupResult | None = None) -> RetrieveResult:
+        """Load the cached prefix of tokens (looked up now unless `found` is given). Serves the
+        longest prefix that loads and verifies; the rest is counted for recompute."""
+        if found is None:
+            found = await self.lookup(tokens)
+        sem = asyncio.Semaphore(max(1, self.config.parallel_loads))
+        remote_before = self.stats.bytes_fetched_remote
+        by_region: dict[str, int] = {}
+        lost: dict[str, list[bytes]] = {}
+
+        async def load(loc: BlockLocation) -> torch.Tensor | None:
+            regions = [loc.region] + [r for r in loc.regions if r != loc.region]
+            async with sem:
+                for region in regions:
+                    store = self._store_for(region, loc.block_hash)
+                    if store is None:
+                        continue
+                    try:
+                        frame, moved = await store.get_sized(loc.block_hash)
+                        if region == self.config.region:
+                            self.stats.bytes_fetched_local += moved
+                        else:
+                            self.stats.bytes_fetched_remote += moved
+                        if frame is None:
+                            lost.setdefault(region, []).append(loc.block_hash)
+                            continue
+                        tensor = decode_block(frame, self.spec, block_hash=loc.block_hash)
+                    except CorruptBlock:
+                        lost.setdefault(region, []).append(loc.block_hash)
+                        continue
+                    except K2Error as e:
+                        self.stats.unavailable += 1
+                        log.warning("load of block %d from %s failed: %s", loc.index, region, e)
+                        continue
+                    by_region[region] = by_region.get(region, 0) + 1
+                    return tensor
+            return None
+
+        tensors = await asyncio.gather(*(load(b) for b in found.blocks))
+        served: list[torch.Tensor] = []
+        for t in tensors:
+            if t is None:
+                break
+            served.append(t)
+        failed = len(found.blocks) - len(served)
+        if failed:
+            self.stats.failed_loads += sum(1 for t in tensors if t is None)
+            self.stats.recompute_tokens += failed * self.spec.block_tokens
+        if lost:
+            await self._forget(lost)
+        self._background(self._lease(found.blocks, release=True))
+        n = len(served) * self.spec.block_tokens
+        self.stats.retrieved_tokens += n
+        return RetrieveResult(
+            n,
+            concat_blocks(self.spec, served),
+            failed,
+            self.stats.bytes_fetched_remote - remote_before,
+            by_region,
+        )
+
+    # -- store ---------------------------------------------------------------------------------
+
+    def _check_store_input(self, tokens: Tokens, kv: torch.Tensor) -> int:
+        """Validate before anything is stored; returns the number of full blocks."""
+        if not isinstance(kv, torch.Tensor):
+            raise BlockSpecMismatch(f"KV must be a torch.Tensor, not {type(kv).__name__}")
+        n_tokens = len(tokens)
+        ax = self.spec.layout.token_axis
+        if kv.dim() != 5:
+            raise BlockSpecMismatch(
+                f"KV must have 5 dimensions in layout {self.spec.layout.value}, got shape "
+                f"{tuple(kv.shape)}"
+            )
+        kv_tokens = kv.shape[ax]
+        self.spec.check_tensor(kv, kv_tokens)
+        n_full = n_tokens // self.spec.block_tokens
+        if kv_tokens < n_full * self.spec.block_tokens or kv_tokens > n_tokens:
+            raise BlockSpecMismatch(
+                f"KV covers {kv_tokens} tokens; for {n_tokens} tokens it must cover between "
+                f"{n_full * self.spec.block_tokens} and {n_tokens}"
+            )
+        frame_bytes = self.spec.nbytes + FRAME_HEADER_BYTES
+        if frame_bytes > self.config.max_block_bytes:
+            raise BlockTooLarge(
+                f"a block of this spec is {frame_bytes} bytes; this connector's limit is "
+                f"{self.config.max_block_bytes}"
+            )
+        return n_full
+
+    async def store(self, tokens: Tokens, kv: torch.Tensor) -> StoreResult:
+        """Save the full blocks of tokens/kv that this region does not hold yet: bytes into this
+        region's block store (durably), then one metadata transaction that publishes them and
+        charges the tenant's quota. Raises for bad input (nothing stored) and QuotaExceeded."""
+        n_full = self._check_store_input(tokens, kv)
+        hashes = block_hashes(self.ns, tokens)[:n_full]
+        if not hashes:
+            return StoreResult(0, 0, 0, 0)
+        try:
+            rows = await self.metadata.rows(self.record, hashes, self.config.region)
+        except K2Error as e:
+            if isinstance(e, InvalidArgument):
+                raise
+            self.stats.unavailable += 1
+            return StoreResult(n_full, 0, 0, 0, error=f"metadata unavailable: {e}")
+        todo = [i for i, row in enumerate(rows) if row is None]
+        present = n_full - len(todo)
+        self.stats.blocks_already_stored += present
+        if not todo:
+            return StoreResult(n_full, 0, present, 0)
+        blocks = split_blocks(self.spec, kv, n_full)
+        if any(self._store_for(self.config.region, hashes[i]) is None for i in todo):
+            self.stats.unavailable += 1
+            return StoreResult(
+                n_full, 0, present, 0, error=f"no block store in {self.config.region}"
+            )
+        sem = asyncio.Semaphore(max(1, self.config.parallel_loads))
+
+        async def put(i: int) -> PublishBlock:
+            store = self._store_for(self.config.region, hashes[i])
+            assert store is not None
+            frame = encode_block(self.spec, blocks[i], hashes[i])
+            async with sem:
+                await store.put(hashes[i], frame)
+            self.stats.bytes_stored += len(frame)
+            return PublishBlock(hashes[i], i, len(frame), read_header(frame).checksum)
+
+        # Phase one: every block durable here before any metadata names this region.
+        puts = await asyncio.gather(*(put(i) for i in todo), return_exceptions=True)
+        failed = [x for x in puts if isinstance(x, BaseException)]
+        for exc in failed:
+            if isinstance(exc, InvalidArgument) or not isinstance(exc, K2Error):
+                raise exc
+        if failed:
+            # Unavailable, full (every block protected) or a transfer that arrived corrupt:
+            # the engine carries on without caching these blocks.
+            self.stats.unavailable += 1
+            return StoreResult(n_full, 0, present, 0, error=f"block store refused: {failed[0]}")
+        publish = [p for p in puts if isinstance(p, PublishBlock)]
+        try:
+            r = await self.metadata.publish(
+                self.record, self.ns.tenant, self.config.region, publish
+            )
+        except K2Error as e:
+            if not e.retryable or isinstance(e, InvalidArgument):
+                raise
+            self.stats.unavailable += 1
+            return StoreResult(n_full, 0, present, 0, error=f"metadata unavailable: {e}")
+        self.stats.blocks_stored += r.published
+        return StoreResult(n_full, r.published, present + r.unchanged, r.charged_bytes)
+
+
+def _wan_of(cluster: ClusterConfig, region: str) -> WanEmulation | None:
+    """The cluster's wide-area emulation as seen from `region` (None when it has none), so block
+    transfers pay the same emulated links as the store's own messages."""
+    path = cluster.path.parent / OVERRIDES_FILE if cluster.path is not None else None
+    if path is None and not cluster.settings.network.enabled:
+        return None
+    return WanEmulation(cluster.settings.network, region=region, regions_of={}, overrides_path=path)
+
+
+class KVConnector:
+    """Synchronous facade over `AsyncKVConnector`, with its own K2 client and event loop on a
+    daemon thread (safe to share between threads). Close it, or use `with`."""
+
+    def __init__(self, connector: AsyncKVConnector, loop: asyncio.AbstractEventLoop,
+                 thread: threading.Thread, client: AsyncClient) -> None:  # fmt: skip
+        self._async = connector
+        self._loop = loop
+        self._thread = thread
+        self._client = client
+
+    @classmethod
+    def open(
+        cls,
+        cluster: ClusterConfig | str | Path,
+        ns: Namespace,
+        *,
+        config: ConnectorConfig,
+        stores: Mapping[str, Sequence[str]] | None = None,
+        clock: ClockSource | None = None,
+    ) -> KVConnector:
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="kvtier-connector", daemon=True)
+        thread.start()
+
+        async def make() -> tuple[AsyncClient, AsyncKVConnector]:
+            client = await AsyncClient.connect(cluster, region=config.region)
+            try:
+                conn = await AsyncKVConnector.open(
+                    client, ns, config=config, stores=stores, clock=clock
+                )
+            except BaseException:
+                await client.close()
+                raise
+            return client, conn
+
+        try:
+            client, conn = asyncio.run_coroutine_threadsafe(make(), loop).result()
+        except BaseException:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=5)
+            loop.close()
+            raise
+        return cls(conn, loop, thread, client)
+
+    @property
+    def stats(self) -> ConnectorStats:
+        return self._async.stats
+
+    @property
+    def spec(self) -> BlockSpec:
+        return self._async.spec
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if not self._thread.is_alive():
+            coro.close()
+            raise Unavailable("connector is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def lookup(self, tokens: Tokens) -> LookupResult:
+        return self._run(self._async.lookup(tokens))
+
+    def retrieve(self, tokens: Tokens, found: LookupResult | None = None) -> RetrieveResult:
+        return self._run(self._async.retrieve(tokens, found))
+
+    def store(self, tokens: Tokens, kv: torch.Tensor) -> StoreResult:
+        return self._run(self._async.store(tokens, kv))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._run(self._async.close())
+            self._run(self._client.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+            self._loop.close()
+
+    def __enter__(self) -> KVConnector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,310 @@
+"""The connector against an in-process cluster and in-process block stores (tiny tensors)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from kvtier_env import SPEC, Env, kv_env, make_kv, namespace, run
+
+from kvtier.blocks import BlockSpec, Layout, block_hashes
+from kvtier.connector import ConnectorConfig, KVConnector
+from kvtier.errors import (
+    BlockSpecMismatch,
+    BlockTooLarge,
+    QuotaExceeded,
+    SharingNotAllowed,
+    UnknownNamespace,
+)
+from kvtier.metadata import NamespaceRecord, PublishBlock, PublishResult, lease_prefix
+
+TOKENS = list(range(1000, 1018))  # 4 full blocks of 4, 2 tokens left over
+N = 16
+
+
+def test_store_here_retrieve_in_another_region_counts_bytes_moved(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            ns = namespace()
+            await env.metadata.register_namespace(ns)
+            east = await env.connector(ns, "us-east")
+            west = await env.connector(ns, "eu-west")
+            kv = make_kv(SPEC, len(TOKENS))
+            r = await east.store(TOKENS, kv)
+            assert (r.num_blocks, r.stored, r.already_present) == (4, 4, 0)
+            assert (await east.store(TOKENS, kv)).already_present == 4
+
+            found = await west.lookup([*TOKENS, 7, 7])
+            assert found.num_tokens == N and found.by_region == {"us-east": 4}
+            await west.settle()  # leases are written in the background
+            lease = lease_prefix("us-east", ns.id, found.blocks[0].block_hash)
+            leases = await env.client.scan(lease, lease + "~")
+            assert [k for k, _ in leases] == [(lease + west.holder).encode()]
+            assert not await env.metadata.evict(west.record, found.blocks[0].block_hash, "us-east")
+            got = await west.retrieve(TOKENS, found)
+            await west.settle()
+            assert await env.client.scan(lease, lease + "~") == []  # released after the load
+            assert got.num_tokens == N and torch.equal(got.kv, kv[:, :, :, :N])
+            frame_bytes = sum(b.size for b in found.blocks)
+            assert got.bytes_moved == frame_bytes == west.stats.bytes_fetched_remote
+            assert west.stats.recompute_tokens == 0 and west.stats.failed_loads == 0
+
+            # A prompt that diverges in block 3 shares only the first two blocks.
+            other = [*TOKENS[:9], 1, *TOKENS[10:]]
+            assert (await west.lookup(other)).num_tokens == 8
+            # Local stores are preferred once eu-west holds a copy.
+            await west.store(TOKENS, kv)
+            again = await west.retrieve(TOKENS)
+            assert again.by_region == {"eu-west": 4} and again.bytes_moved == 0
+
+    run(body)
+
+
+def test_compressed_wide_area_transfer(tmp_path: Path) -> None:
+    async def body() -> None:
+        spec = BlockSpec(16, 4, 2, 32, "bfloat16")
+        async with kv_env(tmp_path) as env:
+            ns = namespace(spec=spec)
+            await env.metadata.register_namespace(ns)
+            east = await env.connector(ns, "us-east")
+            west = await env.connector(ns, "eu-west", remote_codec="zlib")
+            toks = list(range(64))
+            scale = torch.exp(
+                torch.randn(4, 2, 2, 1, 32, generator=torch.Generator().manual_seed(1))
+            )
+            kv = (make_kv(BlockSpec(16, 4, 2, 32, "float32"), 64) * scale).to(torch.bfloat16)
+            await east.store(toks, kv)
+            got = await west.retrieve(toks)
+            assert torch.equal(got.kv, kv)
+            raw = sum(b for b in [spec.nbytes] * 4)
+            assert 0 < got.bytes_moved < 0.9 * raw
+
+    run(body)
+
+
+def test_token_major_layout(tmp_path: Path) -> None:
+    async def body() -> None:
+        spec = BlockSpec(4, 2, 2, 8, "float32", Layout.LKTHD)
+        async with kv_env(tmp_path) as env:
+            ns = namespace(spec=spec)
+            await env.metadata.register_namespace(ns)
+            c = await env.connector(ns, "eu-west")
+            kv = make_kv(spec, 10)
+            assert (await c.store(list(range(10)), kv)).stored == 2
+            got = await c.retrieve(list(range(10)))
+            assert torch.equal(got.kv, kv[:, :, :8])
+
+    run(body)
+
+
+def test_tenants_are_isolated_unless_they_opt_in(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with kv_env(tmp_path, tenants=("acme", "globex", "initech")) as env:
+            md = env.metadata
+            for t in ("acme", "globex"):
+                await md.register_namespace(namespace(t))
+            a = await env.connector(namespace("acme"), "us-east")
+            g = await env.connector(namespace("globex"), "us-east")
+            kv = make_kv(SPEC, len(TOKENS))
+            await a.store(TOKENS, kv)
+            assert (await g.lookup(TOKENS)).num_tokens == 0
+            assert (await g.retrieve(TOKENS)).num_tokens == 0
+            # Opted-in tenants share one namespace; one that did not opt in cannot use it.
+            for t in ("acme", "globex"):
+                await md.register_tenant(t, quota_bytes=1 << 30, share=True)
+            await md.register_namespace(namespace("acme", shared=True))
+            sa = await env.connector(namespace("acme", shared=True), "us-east")
+            sg = await env.connector(namespace("globex", shared=True), "eu-west")
+            await sa.store(TOKENS, kv)
+            assert torch.equal((await sg.retrieve(TOKENS)).kv, kv[:, :, :, :N])
+            # A copy placed by another opted-in tenant is charged to that tenant, there.
+            acme_used = (await md.tenant("acme", region="eu-west")).used_bytes
+            assert (await sg.store(TOKENS, kv)).stored == 4
+            assert (await md.tenant("acme", region="eu-west")).used_bytes == acme_used
+            globex = await md.tenant("globex", region="eu-west")
+            assert globex.used_bytes == 4 * (await sg.lookup(TOKENS)).blocks[0].size
+            with pytest.raises(SharingNotAllowed):
+                await env.connector(namespace("initech", shared=True), "us-east")
+
+    run(body)
+
+
+def test_bad_input_stores_nothing(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            ns = namespace()
+            with pytest.raises(UnknownNamespace):
+                await env.connector(ns, "us-east")
+            await env.metadata.register_namespace(ns)
+            c = await env.connector(ns, "us-east")
+            kv = make_kv(SPEC, len(TOKENS))
+            lkthd = BlockSpec(4, 2, 2, 8, "float16", Layout.LKTHD)
+            bad = [
+                kv.float(),  # dtype
+                kv[:, :, :1],  # heads
+                kv[:, :, :, :7],  # too few tokens for the full blocks
+                make_kv(lkthd, len(TOKENS)),  # layout
+                kv[0],  # rank
+            ]
+            for b in bad:
+                with pytest.raises(BlockSpecMismatch):
+                    await c.store(TOKENS, b)
+            with pytest.raises(BlockSpecMismatch):
+                await c.store(TOKENS, "not a tensor")  # type: ignore[arg-type]
+            small = await env.connector(ns, "us-east", max_block_bytes=100)
+            with pytest.raises(BlockTooLarge):
+                await small.store(TOKENS, kv)
+            assert all(not d.data for d in env.disks.values())
+            assert (await env.metadata.tenant("acme")).used_bytes == 0
+            assert (await c.lookup(TOKENS)).num_tokens == 0
+
+    run(body)
+
+
+def test_bytes_are_durable_before_metadata_names_the_region(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            ns = namespace()
+            await env.metadata.register_namespace(ns)
+            c = await env.connector(ns, "us-east")
+            seen: list[bool] = []
+            publish = c.metadata.publish
+
+            async def checked(
+                rec: NamespaceRecord, tenant: str, region: str, blocks: Sequence[PublishBlock]
+            ) -> PublishResult:
+                store = env.blocknodes[region].store
+                seen.extend(store.has(b.block_hash) for b in blocks)
+                assert [await c.metadata.block(rec, b.block_hash) for b in blocks] == [None] * 4
+                return await publish(rec, tenant, region, blocks)
+
+            c.metadata.publish = checked  # type: ignore[method-assign]
+            await c.store(TOKENS, make_kv(SPEC, len(TOKENS)))
+            assert seen == [True] * 4
+
+            # With the block store gone, nothing is published.
+            await env.blocknodes["us-east"].stop(0, close_store=False)
+            other = list(range(50, 58))
+            r = await c.store(other, make_kv(SPEC, 8))
+            assert r.stored == 0 and "unavailable" in r.error.lower()
+            assert await c.metadata.lookup(c.record, block_hashes(ns, other)) == []
+            assert c.stats.unavailable == 1
+
+    run(body)
+
+
+def test_quota_is_enforced_by_store(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            ns = namespace()
+            await env.metadata.register_tenant("acme", quota_bytes=1500)
+            await env.metadata.register_namespace(ns)
+            c = await env.connector(ns, "us-east")
+            with pytest.raises(QuotaExceeded):
+                await c.store(TOKENS, make_kv(SPEC, len(TOKENS)))  # 4 x 584 bytes
+            assert (await c.lookup(TOKENS)).num_tokens == 0
+            assert (await env.metadata.tenant("acme")).used_bytes == 0
+            assert (await c.store(TOKENS[:8], make_kv(SPEC, 8))).stored == 2
+
+    run(body)
+
+
+def test_killed_block_store_means_miss_and_recompute(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            ns = namespace()
+            await env.metadata.register_namespace(ns)
+            east = await env.connector(ns, "us-east")
+            west = await env.connector(ns, "eu-west")
+            await east.store(TOKENS, make_kv(SPEC, len(TOKENS)))
+            found = await west.lookup(TOKENS)
+            assert found.num_tokens == N
+            await env.blocknodes["us-east"].stop(0, close_store=False)
+            # Reported, then lost before the load: served nothing, counted for recompute.
+            got = await west.retrieve(TOKENS, found)
+            assert got.num_tokens == 0 and got.kv.shape == SPEC.shape(0)
+            assert west.stats.recompute_tokens == N and west.stats.failed_loads == 4
+            # Looked up now: a miss, not an error; the metadata is kept (the node may return).
+            assert (await west.lookup(TOKENS)).num_tokens == 0
+            assert west.stats.unavailable >= 2
+            row = await west.metadata.block(west.record, found.blocks[0].block_hash)
+            assert row is not None and "us-east" in row.regions
+
+    run(body)
+
+
+def test_corrupt_block_is_a_failed_load_and_is_cleaned_up(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            ns = namespace()
+            await env.metadata.register_namespace(ns)
+            c = await env.connector(ns, "eu-west")
+            await c.store(TOKENS, make_kv(SPEC, len(TOKENS)))
+            store = env.blocknodes["eu-west"].store
+            h = block_hashes(ns, TOKENS)
+            # Push block 2 out of memory, then flip a byte of it on disk.
+            store.config = type(store.config)(memory_bytes=0)
+            store._memory.clear()
+            store.stats.memory_used = 0
+            raw = bytearray(env.disks["eu-west"].data[h[2]])
+            raw[-1] ^= 1
+            env.disks["eu-west"].data[h[2]] = bytes(raw)
+            got = await c.retrieve(TOKENS)
+            assert got.num_tokens == 8 and got.failed_blocks == 2
+            assert c.stats.failed_loads == 1 and c.stats.recompute_tokens == 8
+            assert c.stats.metadata_cleanups == 1
+            assert await c.metadata.block(c.record, h[2]) is None
+            assert (await c.lookup(TOKENS)).num_tokens == 8
+
+    run(body)
+
+
+def test_sync_connector(tmp_path: Path) -> None:
+    """The sync facade runs its own loop, so the cluster runs on a loop in another thread."""
+    ready, done = threading.Event(), threading.Event()
+    envs: list[Env] = []
+
+    async def host() -> None:
+        async with kv_env(tmp_path) as env:
+            await env.metadata.register_namespace(namespace())
+            envs.append(env)
+            ready.set()
+            while not done.is_set():
+                await asyncio.sleep(0.01)
+
+    t = threading.Thread(target=lambda: asyncio.run(host()))
+    t.start()
+    try:
+        assert ready.wait(30)
+        env = envs[0]
+        config = ConnectorConfig(region="ap-southeast")
+        with KVConnector.open(env.cfg, namespace(), config=config, stores=env.addresses()) as c:
+            kv = make_kv(SPEC, len(TOKENS))
+            assert c.store(TOKENS, kv).stored == 4
+            assert c.lookup(TOKENS).num_tokens == N
+            assert torch.equal(c.retrieve(TOKENS).kv, kv[:, :, :, :N])
+            assert c.stats.hit_tokens == 2 * N
+    finally:
+        done.set()
+        t.join(30)
+
+
+def test_a_region_whose_metadata_is_unreachable_does_not_hide_the_others(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            ns = namespace()
+            await env.metadata.register_namespace(ns)
+            east = await env.connector(ns, "us-east")
+            west = await env.connector(ns, "eu-west", timeout_s=1.0)
+            kv = make_kv(SPEC, len(TOKENS))
+            await east.store(TOKENS, kv)
+            await env.nodes["ap-southeast-1"].stop(grace_s=0)  # the whole region's store is gone
+            got = await west.retrieve(TOKENS)
+            assert got.num_tokens == N and torch.equal(got.kv, kv[:, :, :, :N])
+            assert west.stats.unavailable == 1
+
+    run(body)
