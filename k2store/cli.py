@@ -21,7 +21,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from k2store.errors import InvalidArgument, K2Error
 
@@ -158,6 +158,15 @@ def _parser() -> argparse.ArgumentParser:
             description=(bench_txn.__doc__ or "").split("\n\n", 1)[0],
         )
     )
+    from k2store.bench import visibility as bench_visibility
+
+    bench_visibility.add_arguments(
+        bsub.add_parser(
+            "visibility",
+            help="visibility delay per region pair: K2-VCR vs watermark vs closed timestamps",
+            description=(bench_visibility.__doc__ or "").split("\n\n", 1)[0],
+        )
+    )
     return p
 
 
@@ -238,7 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from k2store.demo import run_demo
 
             return run_demo(data=args.data, keep=args.keep)
-        if args.cmd == "bench":
+        if args.cmd == "bench" and args.bench == "visibility":
+            from k2store.bench import visibility as bench_visibility
+
+            return bench_visibility.main(args)
+        if args.cmd == "bench" and args.bench == "txn":
             from k2store.bench import txn as bench_txn
 
             return bench_txn.main(args)
@@ -371,7 +384,38 @@ def _cluster(args: argparse.Namespace) -> int:
             f"{s.keys if s.up else '-':>6} {f'{s.uncertainty_us:.0f}' if s.up else '-':>7}"
             + (" oracle" if s.oracle else "")
         )
+    _print_replication(rows)
     return 0 if all(s.up for s in rows) else 1
+
+
+def _print_replication(rows: list[Any]) -> None:
+    """Per node: the region's visible timestamp (as staleness), each led shard's log and seal,
+    each replica's lag, and visibility delay by home region."""
+    up = [s for s in rows if s.up and s.replication is not None and s.replication.enabled]
+    if not up:
+        return
+    print(f"\nreplication ({up[0].replication.policy})")
+    print(f"{'node':<20} {'shard':>5} {'role':<8} {'lsn':>8} {'sealed ago ms':>13} {'lag':>12}")
+    for s in up:
+        r = s.replication
+        visible_ms = (s.now_latest - r.visible_ts) / 1e6 if r.visible_ts else float("nan")
+        print(f"{s.name:<20} {'-':>5} {'visible':<8} {'':>8} {visible_ms:>13.0f}")
+        for sh in r.shards:
+            ago = (s.now_latest - sh.sealed_ts) / 1e6 if sh.sealed_ts else float("nan")
+            lag = (
+                f"{sh.lag_entries} / {sh.lag_ms:.0f}ms"
+                if sh.role == "replica"
+                else f"aborts {sh.seal_aborts}"
+            )
+            print(f"{'':<20} {sh.shard_id:>5} {sh.role:<8} {sh.next_lsn:>8} {ago:>13.0f} {lag:>12}")
+    print("\nvisibility delay (commit at the leader -> readable here), ms")
+    print(f"{'region':<14} {'from':<14} {'count':>7} {'p50':>7} {'p99':>7} {'max':>7}")
+    for s in up:
+        for d in s.replication.delays:
+            print(
+                f"{s.region:<14} {d.from_region:<14} {d.count:>7} {d.p50_ms:>7.0f} "
+                f"{d.p99_ms:>7.0f} {d.max_ms:>7.0f}"
+            )
 
 
 def _kv(args: argparse.Namespace) -> int:

@@ -303,6 +303,9 @@ class NodeStatus:
     uptime_s: float = 0.0
     oracle: bool = False
     error: str = ""
+    now_latest: int = 0
+    replication: pb.ReplicationStatus | None = None
+    """Seals, log positions, replica lag and visibility delays (None when down)."""
 
 
 def status(cfg: ClusterConfig, timeout_s: float = 2.0) -> list[NodeStatus]:
@@ -334,6 +337,8 @@ def status(cfg: ClusterConfig, timeout_s: float = 2.0) -> list[NodeStatus]:
                 uncertainty_us=r.uncertainty_ns / 1000,
                 uptime_s=r.uptime_s,
                 oracle=r.is_oracle,
+                now_latest=r.now_latest,
+                replication=r.replication,
             )
         )
     return out

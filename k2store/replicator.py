@@ -296,7 +296,12 @@ class Replicator:
             # Woken early by the Resolve that ends the transaction the seal waits for; the
             # timeout catches intents cleaned up otherwise (pushes, the abandoned-txn sweep).
             return max(self.tick_s, 0.05)
-        if p.kind != "vcr" or self.peers:
+        if p.kind != "vcr":
+            # Continuous policies could seal every tick; like CockroachDB's closed-timestamp
+            # side transport (200 ms) they publish at an interval: here the epoch length, so
+            # every policy costs the same log entries and pushes.
+            return p.epoch_ns / 1e9
+        if self.peers:
             return self.tick_s
         after_grace = self.tt.now().earliest - p.grace_ns
         to_next = p.epoch_ns - after_grace % p.epoch_ns

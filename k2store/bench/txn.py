@@ -642,7 +642,7 @@ def format_ablation(results: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def _pyplot() -> Any | None:
+def pyplot() -> Any | None:
     """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:
         matplotlib = importlib.import_module("matplotlib")
@@ -655,7 +655,7 @@ def _pyplot() -> Any | None:
 def plot(results: Sequence[RunResult], path: Path) -> bool:
     """Draw latency CDFs by region and failed attempts by rule (and, for an ablation, throughput
     per variant). Returns False, drawing nothing, when matplotlib is missing."""
-    plt = _pyplot()
+    plt = pyplot()
     results = [r for r in results if not r.error]
     if plt is None or not results:
         return False
@@ -848,7 +848,9 @@ def main(args: argparse.Namespace) -> int:
                 print(
                     f"[{label}] starting a local 3-region cluster ...", file=sys.stderr, flush=True
                 )
-                settings = replace(ClusterSettings(), txn=txn)
+                base = ClusterSettings()
+                # DESIGN's wide-area latencies: without them the protocols cannot differ.
+                settings = replace(base, txn=txn, network=replace(base.network, enabled=True))
                 try:
                     with local_cluster(Path(tmp) / f"run{i}", settings, progress=progress) as cfg:
                         run = asyncio.run(run_mix(cfg, bc, label=label, progress=progress))
