@@ -59,6 +59,7 @@ from kvtier.events import (
     ResyncRequest,
 )
 from kvtier.metadata import BlockMetadata, BlockRow, NamespaceRecord, PublishBlock, TenantRecord
+from kvtier.placement import CostModel, DemandTracker, PlacementPlan, PlacementSweeper
 from kvtier.router import HolderSnapshot, Router, RouterConfig, RouterService, RouteScore
 from kvtier.sessions import (
     AppendResult,
@@ -94,6 +95,8 @@ __all__ = [
     "ConnectorStats",
     "Consistency",
     "CorruptBlock",
+    "CostModel",
+    "DemandTracker",
     "EmbeddedBroker",
     "EventKind",
     "EventPublisher",
@@ -107,6 +110,8 @@ __all__ = [
     "MemoryBlobStore",
     "Namespace",
     "NamespaceRecord",
+    "PlacementPlan",
+    "PlacementSweeper",
     "PublishBlock",
     "QuotaExceeded",
     "ResyncRequest",

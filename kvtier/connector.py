@@ -81,6 +81,7 @@ from kvtier.metadata import (
     NamespaceRecord,
     PublishBlock,
 )
+from kvtier.placement import CostModel, DemandTracker
 from truetime import ClockSource
 
 __all__ = [
@@ -114,6 +115,11 @@ class ConnectorConfig:
     """Deadline of each block store call; past it the block is a miss."""
     parallel_loads: int = 8
     """Blocks fetched at once by retrieve."""
+    cost_aware: bool = True
+    """Load each block from its cheapest region, and only the prefix whose loading beats
+    recomputing it (kvtier/placement.py); False: every confirmed block, this region first."""
+    replicate_after: int = 2
+    """Copy a block into this region after this many loads of it from other regions (0: never)."""
 
 
 @dataclass(slots=True)
@@ -139,6 +145,10 @@ class ConnectorStats:
     """Wire bytes fetched from this region's block stores."""
     bytes_fetched_remote: int = 0
     """Wire bytes fetched from other regions (after compression): the bytes moved."""
+    skipped_by_cost: int = 0
+    """Blocks held elsewhere that lookup left to recompute because fetching them cost more."""
+    blocks_replicated: int = 0
+    """Blocks copied into this region because of repeated remote loads."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +213,7 @@ class AsyncKVConnector:
         record: NamespaceRecord,
         stores: Mapping[str, Sequence[BlockStoreClient]],
         config: ConnectorConfig,
+        cost: CostModel | None = None,
     ) -> None:
         self.metadata = metadata
         self.ns = ns
@@ -213,6 +224,9 @@ class AsyncKVConnector:
         self.holder = config.holder or f"conn-{secrets.token_hex(6)}"
         self.stats = ConnectorStats()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.cost = cost or CostModel(config.region)
+        self.demand = DemandTracker(max(config.replicate_after, 1))
+        self._mono = self.metadata.clock.monotonic_ns
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -260,7 +274,13 @@ class AsyncKVConnector:
             ]
             for r, addrs in stores.items()
         }
-        return cls(metadata, ns, record, clients, config)
+        net = client.cluster.settings.network
+        prior = {
+            r: (net.rtt_of(config.region, r) / 1000 if net.enabled else 0.001)
+            for r in client.cluster.region_names()
+        }
+        cost = CostModel(config.region, rtt_s=prior, bytes_per_s=net.bandwidth_mbit * 1e6 / 8)
+        return cls(metadata, ns, record, clients, config, cost)
 
     async def close(self) -> None:
         await self.settle()
@@ -275,10 +295,12 @@ class AsyncKVConnector:
         return cs[block_hash[0] % len(cs)]
 
     def _candidates(self, row: BlockInfo) -> list[str]:
-        """Regions to load a block from, best first: this region, then the others in the
-        order the cluster lists them (cost-aware choice is the placement layer's, later)."""
-        here = [self.config.region] if self.config.region in row.regions else []
-        return here + sorted(r for r in row.regions if r != self.config.region)
+        """Regions to load a block from, best first: by estimated fetch cost (measured links),
+        this region first on a tie."""
+        return sorted(
+            row.regions,
+            key=lambda r: (self.cost.fetch_s(r, row.size), r != self.config.region, r),
+        )
 
     # -- lookup --------------------------------------------------------------------------------
 
@@ -311,6 +333,10 @@ class AsyncKVConnector:
             log.warning("metadata lookup failed, reporting a miss: %s", e)
             return LookupResult(0, (), len(hashes))
         chosen = await self._confirm(rows)
+        if self.config.cost_aware and chosen:
+            plan = self.cost.plan([{b.region: b.size} for b in chosen], self.spec.block_tokens)
+            self.stats.skipped_by_cost += len(chosen) - plan.num_blocks
+            chosen = chosen[: plan.num_blocks]
         # The lease is a wide-area write when the copy is remote: take it in the background so
         # the caller can start loading at once (a load that races an eviction is a counted miss).
         self._background(self._lease(chosen))
@@ -421,7 +447,9 @@ class AsyncKVConnector:
                     if store is None:
                         continue
                     try:
+                        t0 = self._mono()
                         frame, moved = await store.get_sized(loc.block_hash)
+                        self.cost.observe_transfer(region, moved, (self._mono() - t0) / 1e9)
                         if region == self.config.region:
                             self.stats.bytes_fetched_local += moved
                         else:
@@ -438,6 +466,12 @@ class AsyncKVConnector:
                         log.warning("load of block %d from %s failed: %s", loc.index, region, e)
                         continue
                     by_region[region] = by_region.get(region, 0) + 1
+                    if (
+                        region != self.config.region
+                        and self.config.replicate_after > 0
+                        and self.demand.record_remote_load(loc.block_hash)
+                    ):
+                        self._background(self._replicate(loc, frame))
                     return tensor
             return None
 
@@ -463,6 +497,25 @@ class AsyncKVConnector:
             self.stats.bytes_fetched_remote - remote_before,
             by_region,
         )
+
+    async def _replicate(self, loc: BlockLocation, frame: bytes) -> None:
+        """Copy a block this region keeps loading from elsewhere: bytes durable in the local
+        store first, then publish the local copy (charged to this namespace's tenant)."""
+        store = self._store_for(self.config.region, loc.block_hash)
+        if store is None:
+            return
+        try:
+            await store.put(loc.block_hash, frame)
+            r = await self.metadata.publish(
+                self.record,
+                self.ns.tenant,
+                self.config.region,
+                [PublishBlock(loc.block_hash, loc.index, len(frame), read_header(frame).checksum)],
+            )
+            self.stats.blocks_replicated += r.published
+        except K2Error as e:  # full, over quota, unavailable: demand may build up again
+            self.demand.forget(loc.block_hash)
+            log.info("copy of block %d into %s failed: %s", loc.index, self.config.region, e)
 
     # -- store ---------------------------------------------------------------------------------
 

@@ -1,0 +1,137 @@
+"""Placement across regions (kvtier/placement.py): cost-aware retrieval, demand-driven copies,
+eviction of cold copies within capacity with pins and leases honoured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kvtier_env import SPEC, kv_env, make_kv, namespace, run
+
+from kvtier.blocks import block_hashes
+from kvtier.metadata import block_key
+from kvtier.placement import CostModel, DemandTracker, PlacementSweeper
+
+TOKENS = list(range(1, 17))  # four blocks of four tokens
+MB = 1_000_000
+
+
+def model() -> CostModel:
+    # DESIGN's RTTs from us-east, 1 Gbit/s, and a prefill of 400 tokens/s.
+    return CostModel(
+        "us-east",
+        rtt_s={"us-east": 0.001, "eu-west": 0.075, "ap-southeast": 0.210},
+        bytes_per_s=125e6,
+        prefill_tokens_per_s=400,
+    )
+
+
+def test_each_block_comes_from_its_cheapest_region() -> None:
+    plan = model().plan(
+        [{"eu-west": MB, "ap-southeast": MB}, {"us-east": MB, "eu-west": MB}, {"ap-southeast": MB}],
+        block_tokens=256,
+    )
+    assert plan.regions == ("eu-west", "us-east", "ap-southeast")
+    assert plan.num_blocks == 3
+    assert plan.fetch_s == pytest.approx(0.210 + MB / 125e6)  # the regions load in parallel
+
+
+def test_a_remote_block_is_skipped_when_recomputing_it_is_cheaper() -> None:
+    m = model()
+    # 16 tokens recompute in 40 ms; ap-southeast is 210 ms away: not worth it ...
+    assert m.plan([{"ap-southeast": 4096}], block_tokens=16).num_blocks == 0
+    # ... but a local copy is, and so is a long remote prefix.
+    assert m.plan([{"us-east": 4096}], block_tokens=16).num_blocks == 1
+    assert m.plan([{"ap-southeast": MB}] * 8, block_tokens=256).num_blocks == 8
+    # The saving is taken over the whole prefix: a cheap local head is kept even when the
+    # remote tail is not worth its round trip.
+    plan = m.plan([{"us-east": 4096}, {"ap-southeast": 4096}], block_tokens=16)
+    assert plan.num_blocks == 1 and plan.regions == ("us-east",)
+
+
+def test_measurements_move_the_estimates() -> None:
+    m = model()
+    m.observe_transfer("eu-west", 10 * MB, 0.075 + 10 * MB / 12.5e6)  # a 100 Mbit/s link
+    assert m.link("eu-west").bytes_per_s < 125e6
+    m.observe_rtt("ap-southeast", 0.010)  # closer than configured
+    assert m.link("ap-southeast").rtt_s < 0.210
+    before = m.recompute_s(1000)
+    m.observe_prefill(1000, 10.0)  # a slower machine: recomputing costs more
+    assert m.recompute_s(1000) > before
+
+
+def test_demand_tracker_says_copy_once_at_the_threshold() -> None:
+    d = DemandTracker(replicate_after=3, capacity=2)
+    assert [d.record_remote_load(b"a") for _ in range(4)] == [False, False, True, False]
+    d.forget(b"a")
+    assert [d.record_remote_load(b"a") for _ in range(3)] == [False, False, True]
+    d.record_remote_load(b"b")
+    d.record_remote_load(b"c")
+    d.record_remote_load(b"d")  # b falls out of the bounded table
+    assert not d.record_remote_load(b"b")
+    with pytest.raises(ValueError):
+        DemandTracker(replicate_after=0)
+
+
+def test_repeated_remote_loads_copy_the_block_here(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            ns = namespace()
+            await env.metadata.register_namespace(ns)
+            east = await env.connector(ns, "us-east")
+            west = await env.connector(ns, "eu-west", replicate_after=2)
+            kv = make_kv(SPEC, len(TOKENS))
+            await east.store(TOKENS, kv)
+            first = await west.retrieve(TOKENS)
+            await west.settle()
+            assert first.by_region == {"us-east": 4} and west.stats.blocks_replicated == 0
+            await west.retrieve(TOKENS)
+            await west.settle()
+            assert west.stats.blocks_replicated == 4
+            rows = await env.metadata.rows(west.record, block_hashes(ns, TOKENS), "eu-west")
+            assert all(r is not None for r in rows)  # published here, bytes first
+            third = await west.retrieve(TOKENS)
+            assert third.by_region == {"eu-west": 4} and third.bytes_moved == 0
+
+    run(body)
+
+
+def test_sweeper_evicts_the_coldest_unheld_copies_down_to_low_water(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            ns = namespace()
+            await env.metadata.register_namespace(ns)
+            east = await env.connector(ns, "us-east")
+            prompts = [[100 * p + i for i in range(1, 5)] for p in range(5)]  # one block each
+            for i, p in enumerate(prompts):
+                env.clock.advance(1_000_000_000)  # published one second apart
+                await east.store(p, make_kv(SPEC, 4, seed=i))
+            hashes = [block_hashes(ns, p)[0] for p in prompts]
+            size = (await env.metadata.rows(east.record, hashes[:1], "us-east"))[0]
+            assert size is not None
+            # Pin the oldest: it must survive; the next oldest go first.
+            await env.metadata.pin(east.record, hashes[:1], "tester", regions=["us-east"])
+            deleted: list[bytes] = []
+
+            async def delete(hs: list[bytes]) -> None:
+                deleted.extend(hs)
+
+            sweeper = PlacementSweeper(
+                env.metadata,
+                "us-east",
+                capacity_bytes=int(size.size * 4),  # 5 copies on 4 copies' room
+                delete_bytes=delete,
+                high_water=0.9,
+                low_water=0.5,
+            )
+            result = await sweeper.sweep()
+            assert result.used_bytes == 5 * size.size
+            assert result.evicted == 3 and result.kept_held == 1
+            assert deleted == hashes[1:4]
+            left = await env.metadata.rows(east.record, hashes, "us-east")
+            assert [r is not None for r in left] == [True, False, False, False, True]
+            assert (await sweeper.sweep()).evicted == 0  # under high water now
+            raw = await env.client.get(block_key("us-east", ns.id, hashes[4]))
+            assert raw is not None
+
+    run(body)
