@@ -269,13 +269,15 @@ class AsyncClient:
         return AsyncTransaction(self, node, r.txn_id, r.ts, read_only)
 
     def replica_snapshot(
-        self, *, fresh: bool = False, max_staleness: float | None = None
+        self, *, fresh: bool = False, max_staleness: float | None = None, min_ts: int = 0
     ) -> ReplicaSnapshot:
         """A read-only snapshot served by replicas in this client's region (see
-        `ReplicaSnapshot`): at the region's visible timestamp by default; `fresh=True` reads at
-        now().latest (waiting until it is visible there); `max_staleness` (seconds) refuses to
-        read older than that rather than go to another region."""
-        return ReplicaSnapshot(self, fresh=fresh, max_staleness_s=max_staleness)
+        `ReplicaSnapshot`): at the region's visible timestamp by default, or at `min_ts` if
+        that is later (waiting until it is visible: read-your-writes after a commit at
+        min_ts); `fresh=True` reads at now().latest (waiting until it is visible there);
+        `max_staleness` (seconds) refuses to read older than that rather than go to another
+        region."""
+        return ReplicaSnapshot(self, fresh=fresh, max_staleness_s=max_staleness, min_ts=min_ts)
 
     async def run(
         self,
@@ -330,7 +332,12 @@ class ReplicaSnapshot:
     """
 
     def __init__(
-        self, client: AsyncClient, *, fresh: bool = False, max_staleness_s: float | None = None
+        self,
+        client: AsyncClient,
+        *,
+        fresh: bool = False,
+        max_staleness_s: float | None = None,
+        min_ts: int = 0,
     ) -> None:
         if fresh and max_staleness_s is not None:
             raise InvalidArgument("a read is either fresh or bounded-staleness, not both")
@@ -339,6 +346,8 @@ class ReplicaSnapshot:
         self._client = client
         self.fresh = fresh
         self.max_staleness_s = max_staleness_s
+        self.min_ts = min_ts
+        """Read at no lower timestamp than this (e.g. the caller's last commit: read-your-writes)."""
         self.ts = 0
         """The snapshot's timestamp (0 until the first read)."""
         self.served_by: set[str] = set()
@@ -351,6 +360,8 @@ class ReplicaSnapshot:
             elif self.max_staleness_s is not None:
                 req.mode = pb.READ_BOUNDED
                 req.max_staleness_ns = int(self.max_staleness_s * 1e9)
+            else:
+                req.min_ts = self.min_ts
         return req
 
     async def _read(self, req: pb.ReplicaReadRequest) -> pb.ReplicaReadResponse:

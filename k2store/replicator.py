@@ -525,9 +525,9 @@ class Replicator:
         elif req.mode == pb.READ_FRESH:
             ts = self.tt.now().latest
         else:
-            if visible == 0:
+            if visible == 0 and not req.min_ts:
                 raise Unavailable(f"region {self.region} has no visible timestamp yet")
-            ts = visible
+            ts = max(visible, req.min_ts)
             if req.mode == pb.READ_BOUNDED:
                 staleness = self.tt.now().latest - visible
                 if staleness > req.max_staleness_ns:

@@ -32,8 +32,10 @@ Contracts
     - `get` with `Consistency.LEADER` reads the home shards' leaders in a read-only transaction:
       it sees every append committed before it started, from any region (read-your-writes and
       real-time order, which the store's commit-wait gives). `Consistency.REPLICA` is the seam for
-      replica reads: it takes the caller's last commit timestamp (`min_commit_ts`) and, until
-      replica reads land, is served at the leader, which satisfies it.
+      replica reads: it takes the caller's last commit timestamp (`min_commit_ts`) and reads
+      at a replica in the caller's region once that timestamp is visible there (no wide-area
+      round trip; read-your-writes for the caller, a consistent but possibly older view for
+      others).
     - `move` re-homes a session in one transaction (copy record and turns, delete the old keys,
       update the locator); concurrent appends conflict with it and are re-run at the new home.
     - TTL is sliding: create and every append set ``expires_at_ns = now + ttl``. An expired session
@@ -56,9 +58,9 @@ import re
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from k2store.client import AsyncClient, AsyncTransaction
+from k2store.client import AsyncClient, AsyncTransaction, KeyLike
 from k2store.errors import CommitOutcomeUnknown, InvalidArgument, K2Error
 from truetime.clock import ClockSource
 
@@ -101,14 +103,27 @@ class SessionExpired(SessionNotFound):
     reason = "kv-session-expired"
 
 
+class _Reader(Protocol):
+    """What a session read needs: a read-only transaction or a replica snapshot."""
+
+    @property
+    def ts(self) -> int: ...
+
+    async def get(self, key: KeyLike) -> bytes | None: ...
+
+    async def scan(
+        self, start: KeyLike = b"", end: KeyLike | None = None, *, limit: int
+    ) -> list[tuple[bytes, bytes]]: ...
+
+
 class Consistency(enum.Enum):
     """How `SessionStore.get` may be served."""
 
     LEADER = "leader"
     """Read at the home shards' leaders: always read-your-writes."""
     REPLICA = "replica"
-    """Read at a replica in the reader's region once it has applied `min_commit_ts` (served at
-    the leader until replica reads land)."""
+    """Read at a replica in the reader's region at max(its visible timestamp, `min_commit_ts`),
+    waiting until that is visible there: no wide-area round trip."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,7 +382,7 @@ class SessionStore:
         out += [session_keys(tenant, session_id, h).record for h in also_home if h != guess]
         return out
 
-    async def _locate(self, tx: AsyncTransaction, tenant: str, session_id: str) -> _Located:
+    async def _locate(self, tx: _Reader, tenant: str, session_id: str) -> _Located:
         """Find the session's record in this transaction. The record is read first where the
         session was last seen (or its birth region): create, move and delete change record and
         locator together, so a record found there proves the home, and the locator is read only
@@ -532,11 +547,8 @@ class SessionStore:
             raise InvalidArgument(f"consistency must be a Consistency, not {consistency!r}")
         if from_turn < 0:
             raise InvalidArgument(f"from_turn must be >= 0, got {from_turn}")
-        # Consistency.REPLICA: replica reads are not available yet; the leader read below has
-        # every version up to its own timestamp, which is above any min_commit_ts the caller saw.
-        del min_commit_ts
 
-        async def fn(tx: AsyncTransaction) -> Session:
+        async def fn(tx: _Reader) -> Session:
             if from_turn == 0:
                 loc, rows = await self._scan_whole(tx, tenant, session_id)
                 turns = [_turn_from(i, raw) for i, raw in rows]
@@ -547,11 +559,15 @@ class SessionStore:
             self._live(loc, tenant, session_id)
             return Session(_info_from(loc.record), tuple(turns), tx.ts)
 
+        if consistency is Consistency.REPLICA:
+            # Served by replicas in this client's region at max(visible, min_commit_ts): no
+            # wide-area round trip once the region has seen the caller's last append.
+            return await fn(self.client.replica_snapshot(min_ts=min_commit_ts))
         session: Session = await self._run(fn, read_only=True)
         return session
 
     async def _scan_whole(
-        self, tx: AsyncTransaction, tenant: str, session_id: str
+        self, tx: _Reader, tenant: str, session_id: str
     ) -> tuple[_Located, list[tuple[int, bytes]]]:
         """The record and every turn (raw), read by scanning the session's key range at the
         guessed home (record key "m" sorts before the turns' "t/"): one round trip for a session
@@ -602,7 +618,7 @@ class SessionStore:
                 f"{len(turns)}; the record and its turns disagree"
             )
 
-    async def _read_turns(self, tx: AsyncTransaction, loc: _Located, from_turn: int) -> list[Turn]:
+    async def _read_turns(self, tx: _Reader, loc: _Located, from_turn: int) -> list[Turn]:
         num = loc.record["num_turns"]
         if num - from_turn > self.config.max_turns_read:
             raise InvalidArgument(

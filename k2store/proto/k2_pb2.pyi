@@ -1664,6 +1664,7 @@ class ReplicaReadRequest(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     MAX_STALENESS_NS_FIELD_NUMBER: _builtins.int
     FORWARDED_FIELD_NUMBER: _builtins.int
+    MIN_TS_FIELD_NUMBER: _builtins.int
     has_scan: _builtins.bool
     scan_start: _builtins.bytes
     scan_end: _builtins.bytes
@@ -1674,6 +1675,8 @@ class ReplicaReadRequest(_message.Message):
     mode: Global___ReadMode.ValueType
     max_staleness_ns: _builtins.int
     forwarded: _builtins.bool
+    min_ts: _builtins.int
+    """READ_VISIBLE: read at max(visible, min_ts), waiting for it"""
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
@@ -1689,10 +1692,11 @@ class ReplicaReadRequest(_message.Message):
         mode: Global___ReadMode.ValueType = ...,
         max_staleness_ns: _builtins.int = ...,
         forwarded: _builtins.bool = ...,
+        min_ts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_ts", b"at_ts", "forwarded", b"forwarded", "has_scan", b"has_scan", "keys", b"keys", "max_staleness_ns", b"max_staleness_ns", "mode", b"mode", "scan_end", b"scan_end", "scan_has_end", b"scan_has_end", "scan_limit", b"scan_limit", "scan_start", b"scan_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_ts", b"at_ts", "forwarded", b"forwarded", "has_scan", b"has_scan", "keys", b"keys", "max_staleness_ns", b"max_staleness_ns", "min_ts", b"min_ts", "mode", b"mode", "scan_end", b"scan_end", "scan_has_end", b"scan_has_end", "scan_limit", b"scan_limit", "scan_start", b"scan_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -74,11 +74,17 @@ def test_create_append_read_from_another_region(cfg: ClusterConfig) -> None:
         assert got.turns[0].region == US and got.info.num_tokens == 3
         r2 = await s[EU].append("acme", info.session_id, TurnInput("assistant", [4], ["cc"]))
         assert r2.index == 1
-        # The replica seam: served at the leader for now, still read-your-writes.
+        # A replica read in ap-southeast: read-your-writes at the caller's last commit, and,
+        # once that is visible there, no wide-area round trip.
         again = await s[AP].get(
             "acme", info.session_id, consistency=Consistency.REPLICA, min_commit_ts=r2.commit_ts
         )
         assert again.token_ids == (1, 2, 3, 4) and again.turns[1].region == EU
+        t0 = cluster.now_s
+        local = await s[AP].get(
+            "acme", info.session_id, consistency=Consistency.REPLICA, min_commit_ts=r2.commit_ts
+        )
+        assert local.token_ids == (1, 2, 3, 4) and (cluster.now_s - t0) < 0.01
         tail = await s[AP].get("acme", info.session_id, from_turn=1)
         assert [t.index for t in tail.turns] == [1]
 
