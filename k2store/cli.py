@@ -73,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
         "--rtt", action="append", default=[], metavar="A:B=MS", help="a region pair's RTT"
     )
     ro.add_argument("--port", type=int, default=0, help="HTTP port on 127.0.0.1 (default: any)")
+    ro.add_argument(
+        "--cluster",
+        type=Path,
+        default=None,
+        help="a cluster file: after an event gap, re-read the holder's blocks from the store "
+        "(default: forget them until new events arrive)",
+    )
     ro.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     c = sub.add_parser("cluster", help="a local cluster of node processes on loopback")
@@ -324,16 +331,27 @@ def _router(args: argparse.Namespace) -> int:
     def started(port: int) -> None:
         print(f"router: http://127.0.0.1:{port}/route  (events from {args.broker})", flush=True)
 
-    asyncio.run(
-        serve_router(
-            args.broker,
-            nodes,
-            port=args.port,
-            regions=args.region,
-            config=RouterConfig(region_rtt_ms=rtt),
-            started=started,
-        )
-    )
+    async def main() -> None:
+        from k2store import cluster as cluster_mod
+        from k2store.client import AsyncClient
+        from kvtier.router import forget_holder, metadata_snapshotter
+
+        client = None if args.cluster is None else AsyncClient(cluster_mod.load(args.cluster))
+        try:
+            await serve_router(
+                args.broker,
+                nodes,
+                port=args.port,
+                regions=args.region,
+                config=RouterConfig(region_rtt_ms=rtt),
+                snapshot=forget_holder if client is None else metadata_snapshotter(client),
+                started=started,
+            )
+        finally:
+            if client is not None:
+                await client.close()
+
+    asyncio.run(main())
     return 0
 
 

@@ -74,6 +74,7 @@ from kvtier.blocks import (
     split_blocks,
 )
 from kvtier.errors import BlockSpecMismatch, BlockTooLarge, CorruptBlock
+from kvtier.events import EventKind, EventPublisher
 from kvtier.metadata import (
     DEFAULT_LEASE_S,
     BlockInfo,
@@ -224,6 +225,8 @@ class AsyncKVConnector:
         self.holder = config.holder or f"conn-{secrets.token_hex(6)}"
         self.stats = ConnectorStats()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.events: EventPublisher | None = None
+        """Set to publish stored / replicated events (kvtier/events.py) for the router."""
         self.cost = cost or CostModel(config.region)
         self.demand = DemandTracker(max(config.replicate_after, 1))
         self._mono = self.metadata.clock.monotonic_ns
@@ -513,6 +516,13 @@ class AsyncKVConnector:
                 [PublishBlock(loc.block_hash, loc.index, len(frame), read_header(frame).checksum)],
             )
             self.stats.blocks_replicated += r.published
+            if self.events is not None and r.published:
+                self.events.publish(
+                    EventKind.REPLICATED,
+                    [loc.block_hash.hex()],
+                    tenant=self.ns.tenant,
+                    src_region=loc.region,
+                )
         except K2Error as e:  # full, over quota, unavailable: demand may build up again
             self.demand.forget(loc.block_hash)
             log.info("copy of block %d into %s failed: %s", loc.index, self.config.region, e)
@@ -605,6 +615,11 @@ class AsyncKVConnector:
             self.stats.unavailable += 1
             return StoreResult(n_full, 0, present, 0, error=f"metadata unavailable: {e}")
         self.stats.blocks_stored += r.published
+        if self.events is not None and publish:
+            # After the commit: a consumer that acts on the event finds the rows.
+            self.events.publish(
+                EventKind.STORED, [p.block_hash.hex() for p in publish], tenant=self.ns.tenant
+            )
         return StoreResult(n_full, r.published, present + r.unchanged, r.charged_bytes)
 
 

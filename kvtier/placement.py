@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from k2store.errors import K2Error
+from kvtier.events import EventKind, EventPublisher
 from kvtier.metadata import DEFAULT_LEASE_S, BlockMetadata, NamespaceRecord
 
 __all__ = [
@@ -223,9 +224,12 @@ class PlacementSweeper:
         high_water: float = 0.9,
         low_water: float = 0.8,
         lease_s: float = DEFAULT_LEASE_S,
+        events: EventPublisher | None = None,
     ) -> None:
         """`delete_bytes`: an async callable(list of hashes) that drops bytes from the region's
-        block store after their metadata is gone (None: leave them to the store's LRU)."""
+        block store after their metadata is gone (None: leave them to the store's LRU).
+        `events`: where to publish the evictions (for the router)."""
+        self.events = events
         if not 0 < low_water <= high_water <= 1:
             raise ValueError("need 0 < low_water <= high_water <= 1")
         if capacity_bytes <= 0:
@@ -285,6 +289,8 @@ class PlacementSweeper:
             result.evicted += 1
             result.evicted_bytes += size
             gone.append(block_hash)
+        if gone and self.events is not None:
+            self.events.publish(EventKind.EVICTED, [h.hex() for h in gone])
         if gone and self.delete_bytes is not None:
             await self.delete_bytes(gone)
             result.deleted_bytes = gone

@@ -47,6 +47,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from k2store.client import AsyncClient
 from k2store.errors import InvalidArgument
 from kvtier.events import BlockEvent, EventKind, EventSubscriber, ResyncRequest
 
@@ -60,6 +61,7 @@ __all__ = [
     "RouterService",
     "ServingNode",
     "forget_holder",
+    "metadata_snapshotter",
     "parse_node_spec",
     "parse_rtt_spec",
     "route_request",
@@ -344,6 +346,24 @@ class RouterService:
 
 
 # -- the router process (`k2 router`) ---------------------------------------------------------
+
+
+def metadata_snapshotter(client: AsyncClient) -> Snapshotter:
+    """The resync hook backed by the store: a holder in region R is credited with every block
+    R's metadata says R holds (block stores serve every node of their region), per tenant."""
+
+    async def snapshot(req: ResyncRequest) -> HolderSnapshot:
+        prefix = f"{req.region}/kv/blk/"
+        rows = await client.scan(prefix, prefix[:-1] + "0")
+        blocks: dict[str, list[str]] = {}
+        for key, raw in rows:
+            parts = key.decode().split("/")  # R, kv, blk, nsid, hash
+            if len(parts) == 5:
+                tenant = str(json.loads(raw).get("tenant", ""))
+                blocks.setdefault(tenant, []).append(parts[4])
+        return HolderSnapshot(req.node, req.region, blocks)
+
+    return snapshot
 
 
 async def forget_holder(req: ResyncRequest) -> HolderSnapshot:

@@ -9,8 +9,10 @@ import pytest
 from kvtier_env import SPEC, kv_env, make_kv, namespace, run
 
 from kvtier.blocks import block_hashes
+from kvtier.events import ResyncRequest
 from kvtier.metadata import block_key
 from kvtier.placement import CostModel, DemandTracker, PlacementSweeper
+from kvtier.router import metadata_snapshotter
 
 TOKENS = list(range(1, 17))  # four blocks of four tokens
 MB = 1_000_000
@@ -133,5 +135,41 @@ def test_sweeper_evicts_the_coldest_unheld_copies_down_to_low_water(tmp_path: Pa
             assert (await sweeper.sweep()).evicted == 0  # under high water now
             raw = await env.client.get(block_key("us-east", ns.id, hashes[4]))
             assert raw is not None
+
+    run(body)
+
+
+class Recorder:
+    """Stands in for an EventPublisher: records what would go out on MQTT."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, list[str], str, str]] = []
+
+    def publish(
+        self, kind: object, blocks: list[str], *, tenant: str = "", src_region: str = ""
+    ) -> None:
+        self.events.append((str(kind), list(blocks), tenant, src_region))
+
+
+def test_stores_and_copies_are_published_and_a_resync_reads_them_back(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            ns = namespace()
+            await env.metadata.register_namespace(ns)
+            east = await env.connector(ns, "us-east")
+            west = await env.connector(ns, "eu-west", replicate_after=1)
+            east.events, west.events = Recorder(), Recorder()  # type: ignore[assignment]
+            await east.store(TOKENS, make_kv(SPEC, len(TOKENS)))
+            hexes = [h.hex() for h in block_hashes(ns, TOKENS)]
+            assert east.events.events == [("stored", hexes, "acme", "")]  # type: ignore[union-attr]
+            await west.retrieve(TOKENS)
+            await west.settle()
+            copied = west.events.events  # type: ignore[union-attr]
+            assert sorted(e[1][0] for e in copied) == sorted(hexes)
+            assert {(e[0], e[2], e[3]) for e in copied} == {("replicated", "acme", "us-east")}
+            snap = await metadata_snapshotter(env.client)(
+                ResyncRequest("pub", 1, "eu-west", "eu-west-serve", 3, "gap")
+            )
+            assert snap.node == "eu-west-serve" and sorted(snap.blocks["acme"]) == sorted(hexes)
 
     run(body)
