@@ -165,8 +165,32 @@ def _parser() -> argparse.ArgumentParser:
             description=(bench_txn.__doc__ or "").split("\n\n", 1)[0],
         )
     )
+    from k2store.bench import tpcc as bench_tpcc
+
+    bench_tpcc.add_arguments(
+        bsub.add_parser(
+            "tpcc",
+            help="TPC-C-like new-order/payment: K2-MVTO vs d2PL-TTC vs MVTO-HLC, side by side",
+            description=(bench_tpcc.__doc__ or "").split("\n\n", 1)[0],
+        )
+    )
     from k2store.bench import visibility as bench_visibility
 
+    # kvtier (and torch) load only when the benchmark runs: its options are spelled out here.
+    eb = bsub.add_parser(
+        "engine",
+        help="time to first token: recompute vs local vs cross-region KV hits (kvtier)",
+        description="Time to first token for cached prefixes of 256 to 4096 tokens: recompute, "
+        "local hit and cross-region hit, side by side, with ratios to recompute (JSON out).",
+    )
+    eb.add_argument("--quick", action="store_true", help="256, 1024 and 2048 tokens, 2 reps")
+    eb.add_argument("--sizes", default=None, help="comma-separated prefix lengths")
+    eb.add_argument("--reps", type=int, default=None, help="requests per hit measurement (3)")
+    eb.add_argument("--model", default=None, help="model directory or GGUF (default SmolLM2)")
+    eb.add_argument("--block-tokens", type=int, default=64)
+    eb.add_argument("--kv-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    eb.add_argument("--out", type=Path, default=Path("k2-bench-engine.json"))
+    eb.add_argument("--data", type=Path, default=None, help="cluster data dir (default: temp)")
     bench_visibility.add_arguments(
         bsub.add_parser(
             "visibility",
@@ -254,6 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from k2store.demo import run_demo
 
             return run_demo(data=args.data, keep=args.keep)
+        if args.cmd == "bench" and args.bench == "tpcc":
+            from k2store.bench import tpcc as bench_tpcc
+
+            return bench_tpcc.main(args)
         if args.cmd == "bench" and args.bench == "visibility":
             from k2store.bench import visibility as bench_visibility
 

@@ -20,7 +20,7 @@ import contextlib
 import functools
 import random
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -472,6 +472,24 @@ class AsyncTransaction:
                 for k, v in items.items()
             ]
         )
+
+    async def batch(
+        self, reads: Sequence[KeyLike], writes: Mapping[KeyLike, bytes | None]
+    ) -> list[bytes | None]:
+        """Reads and writes that do not depend on each other, in ONE parallel round (one-shot
+        dispatch): each shard reads its keys and lays down its intents in the same step, so a
+        read-modify-write of a hot key leaves no window for another transaction's read between
+        the read and the write (which would abort the write by rule read-mark). Returns the
+        values read (before this batch's writes)."""
+        ops = [pb.TxnOp(kind=pb.OP_GET, key=_key(k)) for k in reads]
+        ops += [
+            pb.TxnOp(kind=pb.OP_PUT, key=_key(k), value=_value(v))
+            if v is not None
+            else pb.TxnOp(kind=pb.OP_DELETE, key=_key(k))
+            for k, v in writes.items()
+        ]
+        rs = await self._ops(ops)
+        return [r.value if r.found else None for r in rs[: len(reads)]]
 
     async def scan(
         self, start: KeyLike = b"", end: KeyLike | None = None, *, limit: int = 1000

@@ -1,0 +1,408 @@
+"""`k2 bench tpcc`: a TPC-C-like mix under K2-MVTO, d2PL-TTC and MVTO-HLC, side by side.
+
+The mix (new-order and payment, the two transactions that make up almost all of TPC-C's load)::
+
+    warehouses per region W, 10 districts each, homed in their region
+    new-order: read the warehouse (tax) and a district, write the district (next order id) and a
+               new order row; with probability `remote_fraction` also read a district of a
+               warehouse in another region (the remote item stock of TPC-C)
+    payment:   read and write the warehouse (year-to-date), read and write a district
+
+The warehouse row that new-order reads and payment writes is the contention point: under 2PL a
+reader's lock is held across the transaction's wide-area round trips and blocks every payment;
+under MVTO the read leaves a read mark and writers below it abort, writers above it never wait.
+
+Two scales: node processes on loopback with DESIGN's emulated latencies (default), or the
+deterministic simulator (`--sim`), which reaches hundreds of concurrent clients. Reports
+throughput, p50/p99 latency, abort rate (attempts that failed) per region, and ratios of every
+protocol's throughput to d2PL-TTC's and MVTO-HLC's; writes JSON (and a PNG with matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from k2store.bench.txn import local_cluster, pyplot
+from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
+from k2store.cluster import (
+    DEFAULT_REGIONS,
+    TXN_PROTOCOLS,
+    ClusterConfig,
+    ClusterSettings,
+    TxnSettings,
+)
+from k2store.errors import InvalidArgument, K2Error, TxnAborted
+from truetime import SystemClock
+
+DISTRICTS = 10
+RETRY = RetryPolicy(max_attempts=50, initial_backoff_s=0.005, max_backoff_s=0.5)
+
+
+@dataclass
+class RegionStats:
+    committed: int = 0
+    attempts: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
+class TpccResult:
+    protocol: str
+    mode: str
+    clients: int
+    remote_fraction: float
+    duration_s: float
+    interactive: bool = False
+    regions: dict[str, RegionStats] = field(default_factory=dict)
+    failures: Counter[str] = field(default_factory=Counter)
+    error: str = ""
+
+    @property
+    def committed(self) -> int:
+        return sum(r.committed for r in self.regions.values())
+
+    @property
+    def throughput(self) -> float:
+        return self.committed / self.duration_s if self.duration_s else 0.0
+
+    def abort_rate(self, region: str | None = None) -> float:
+        rs = [self.regions[region]] if region else list(self.regions.values())
+        attempts = sum(r.attempts for r in rs)
+        return 1 - sum(r.committed for r in rs) / attempts if attempts else 0.0
+
+    def percentile(self, q: float) -> float:
+        lat = sorted(x for r in self.regions.values() for x in r.latencies_ms)
+        return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else math.nan
+
+
+@dataclass(frozen=True)
+class TpccConfig:
+    protocols: tuple[str, ...] = TXN_PROTOCOLS
+    clients_per_region: int = 10
+    warehouses_per_region: int = 1
+    remote_fraction: float = 0.1
+    duration_s: float = 20.0
+    sim: bool = False
+    seed: int = 1
+    interactive: bool = False
+    """Reads in one round, then writes in another (an interactive client). Default: one round
+    with the reads and writes together (`AsyncTransaction.batch`), as a stored procedure would
+    send them; the written values stand for increments the benchmark does not compute."""
+
+    def validate(self) -> None:
+        for p in self.protocols:
+            if p not in TXN_PROTOCOLS:
+                raise InvalidArgument(f"unknown protocol {p!r}; one of {', '.join(TXN_PROTOCOLS)}")
+        if self.clients_per_region < 1 or self.warehouses_per_region < 1:
+            raise InvalidArgument("clients-per-region and warehouses must be at least 1")
+        if not 0 <= self.remote_fraction <= 1:
+            raise InvalidArgument(f"remote-fraction must be in [0, 1], got {self.remote_fraction}")
+        if self.duration_s <= 0:
+            raise InvalidArgument("duration must be positive")
+
+
+class _Rng:
+    """A tiny deterministic generator per client (no global random state)."""
+
+    def __init__(self, seed: int) -> None:
+        self.x = seed * 2654435761 % 2**32 or 1
+
+    def next(self, n: int) -> int:
+        self.x = (1103515245 * self.x + 12345) % 2**31
+        return self.x % n
+
+
+async def tpcc_client(
+    c: AsyncClient,
+    index: int,
+    stop: asyncio.Event,
+    tc: TpccConfig,
+    result: TpccResult,
+    now_ms: Callable[[], float],
+) -> None:
+    """One closed-loop terminal: new-order and payment, half each, on its home region's
+    warehouses."""
+    home = c.region
+    others = [r for r in DEFAULT_REGIONS if r != home]
+    stats = result.regions.setdefault(home, RegionStats())
+    rng = _Rng(tc.seed * 100_003 + index)
+    w_id = rng.next(tc.warehouses_per_region)
+    w = f"{home}/w/{w_id}"
+    fn: Callable[[AsyncTransaction], Awaitable[None]]
+    attempts = 0
+
+    async def counted(tx: AsyncTransaction) -> None:
+        nonlocal attempts
+        attempts += 1
+        await fn(tx)
+
+    j = 0
+    while not stop.is_set():
+        j += 1
+        d = f"{w}/d/{rng.next(DISTRICTS)}"
+        if j % 2:
+            remote = None
+            if rng.next(1000) < tc.remote_fraction * 1000:
+                r = others[rng.next(len(others))]
+                remote = f"{r}/w/{rng.next(tc.warehouses_per_region)}/d/{rng.next(DISTRICTS)}"
+            keys = [w, d] + ([remote] if remote else [])
+            order = f"{home}/o/{index}/{j}"
+
+            async def new_order(
+                tx: AsyncTransaction, d: str = d, keys: list[str] = keys, order: str = order
+            ) -> None:
+                writes: dict[str | bytes, bytes | None] = {d: b"next-o-id", order: b"order-line"}
+                if tc.interactive:
+                    await tx.get_many(list(keys))
+                    await tx.put_many(writes)
+                else:
+                    await tx.batch(keys, writes)
+
+            fn = new_order
+        else:
+            keys = [w, d]
+
+            async def payment(tx: AsyncTransaction, d: str = d) -> None:
+                writes: dict[str | bytes, bytes | None] = {w: b"w-ytd", d: b"d-ytd"}
+                if tc.interactive:
+                    await tx.get_many([w, d])
+                    await tx.put_many(writes)
+                else:
+                    await tx.batch([w, d], writes)
+
+            fn = payment
+        attempts = 0
+        t0 = now_ms()
+        try:
+            await c.run(counted, keys=keys)
+            stats.committed += 1
+            stats.latencies_ms.append(now_ms() - t0)
+        except TxnAborted as e:
+            result.failures[e.rule] += 1
+        except K2Error as e:
+            result.failures[type(e).__name__] += 1
+        stats.attempts += attempts
+
+
+def settings_for(protocol: str) -> ClusterSettings:
+    base = ClusterSettings()
+    return replace(
+        base,
+        txn=TxnSettings(protocol=protocol),
+        network=replace(base.network, enabled=True),
+    )
+
+
+def run_sim(protocol: str, tc: TpccConfig) -> TpccResult:
+    from k2store.cluster import local_cluster as make_cluster
+    from k2store.sim import SimCluster, run_simulation
+
+    cfg = make_cluster(
+        DEFAULT_REGIONS, [1, 2, 3], root=Path("/nonexistent-sim"), settings=settings_for(protocol)
+    )
+    result = TpccResult(
+        protocol,
+        "sim",
+        tc.clients_per_region * 3,
+        tc.remote_fraction,
+        tc.duration_s,
+        tc.interactive,
+    )
+
+    async def main() -> None:
+        cluster = SimCluster(cfg, seed=tc.seed)
+        clients = [
+            cluster.txn_client(r, retry=RETRY)
+            for r in DEFAULT_REGIONS
+            for _ in range(tc.clients_per_region)
+        ]
+        stop = asyncio.Event()
+
+        async def stopper() -> None:
+            await asyncio.sleep(tc.duration_s)
+            stop.set()
+
+        def now_ms() -> float:
+            return cluster.now_s * 1000
+
+        jobs = [stopper] + [
+            (lambda i=i, c=c: tpcc_client(c, i, stop, tc, result, now_ms))
+            for i, c in enumerate(clients)
+        ]
+        await cluster.run(jobs, tc.duration_s + 60)
+        for c in clients:
+            await c.close()
+
+    run_simulation(main, seed=tc.seed)
+    return result
+
+
+async def _run_on(cfg: ClusterConfig, protocol: str, tc: TpccConfig) -> TpccResult:
+    result = TpccResult(
+        protocol,
+        "processes",
+        tc.clients_per_region * 3,
+        tc.remote_fraction,
+        tc.duration_s,
+        tc.interactive,
+    )
+    clock = SystemClock()
+    clients = [
+        AsyncClient(cfg, region=r, retry=RETRY)
+        for r in cfg.region_names()
+        for _ in range(tc.clients_per_region)
+    ]
+    stop = asyncio.Event()
+
+    def now_ms() -> float:
+        return clock.monotonic_ns() / 1e6
+
+    tasks = [
+        asyncio.create_task(tpcc_client(c, i, stop, tc, result, now_ms))
+        for i, c in enumerate(clients)
+    ]
+    await asyncio.sleep(tc.duration_s)
+    stop.set()
+    await asyncio.gather(*tasks)
+    for c in clients:
+        await c.close()
+    return result
+
+
+def run_processes(protocol: str, tc: TpccConfig, data: Path, progress: bool) -> TpccResult:
+    with local_cluster(data, settings_for(protocol), progress=progress) as cfg:
+        return asyncio.run(_run_on(cfg, protocol, tc))
+
+
+def format_results(results: Sequence[TpccResult]) -> str:
+    by = {r.protocol: r for r in results if not r.error}
+    lines = []
+    head = (
+        f"{'protocol':<10} {'txn/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'aborts':>7} "
+        + " ".join(f"{r[:8]:>9}" for r in DEFAULT_REGIONS)
+        + f" {'vs d2pl':>8} {'vs hlc':>7}"
+    )
+    for r in results:
+        if r.error:
+            lines.append(f"{r.protocol}: FAILED: {r.error}")
+            continue
+        d2 = by.get("d2pl-ttc")
+        hl = by.get("mvto-hlc")
+        vs_d2 = f"{r.throughput / d2.throughput:.2f}x" if d2 and d2.throughput else "-"
+        vs_hl = f"{r.throughput / hl.throughput:.2f}x" if hl and hl.throughput else "-"
+        per_region = " ".join(f"{r.abort_rate(g):>9.1%}" for g in DEFAULT_REGIONS)
+        lines.append(
+            f"{r.protocol:<10} {r.throughput:>8.1f} {r.percentile(0.5):>8.1f} "
+            f"{r.percentile(0.99):>8.1f} {r.abort_rate():>7.1%} {per_region} {vs_d2:>8} {vs_hl:>7}"
+        )
+        if r.failures:
+            top = ", ".join(f"{k} {v}" for k, v in r.failures.most_common(4))
+            lines.append(f"{'':<10} gave up: {top}")
+    first = results[0]
+    title = (
+        f"TPC-C-like ({first.mode}): {first.clients} clients, {first.remote_fraction:.0%} "
+        f"cross-region new-orders, {first.duration_s:.0f} s per protocol, "
+        f"{'interactive' if first.interactive else 'one-shot'}"
+        " (aborts: failed attempts / attempts, overall then per region)"
+    )
+    return "\n".join([title, head, *lines])
+
+
+def write_results(results: Sequence[TpccResult], tc: TpccConfig, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = out / f"tpcc-{stamp}.json"
+    rows = []
+    for r in results:
+        rows.append(
+            {
+                "protocol": r.protocol,
+                "mode": r.mode,
+                "clients": r.clients,
+                "throughput": r.throughput,
+                "p50_ms": r.percentile(0.5),
+                "p99_ms": r.percentile(0.99),
+                "abort_rate": r.abort_rate(),
+                "abort_rate_by_region": {g: r.abort_rate(g) for g in r.regions},
+                "failures": dict(r.failures),
+                "error": r.error,
+            }
+        )
+    path.write_text(json.dumps({"config": asdict(tc), "results": rows}, indent=2) + "\n")
+    written = [path]
+    plt = pyplot()
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ok = [r for r in results if not r.error]
+        ax.bar([r.protocol for r in ok], [r.throughput for r in ok])
+        ax.set_ylabel("committed txn/s")
+        ax.set_title(f"TPC-C-like, {results[0].clients} clients ({results[0].mode})")
+        fig.tight_layout()
+        png = path.with_suffix(".png")
+        fig.savefig(png, dpi=120)
+        plt.close(fig)
+        written.append(png)
+    return written
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TpccConfig()
+    p.add_argument("--protocol", action="append", choices=TXN_PROTOCOLS, help="repeatable")
+    p.add_argument("--clients-per-region", type=int, default=d.clients_per_region, metavar="N")
+    p.add_argument("--warehouses-per-region", type=int, default=d.warehouses_per_region)
+    p.add_argument("--remote-fraction", type=float, default=d.remote_fraction)
+    p.add_argument("--duration", type=float, default=None, metavar="S")
+    p.add_argument("--sim", action="store_true", help="the deterministic simulator (virtual time)")
+    p.add_argument(
+        "--interactive",
+        action="store_true",
+        help="read round then write round (default: one round with reads and writes, one-shot)",
+    )
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+
+
+def main(args: argparse.Namespace) -> int:
+    tc = TpccConfig(
+        protocols=tuple(args.protocol or TXN_PROTOCOLS),
+        clients_per_region=args.clients_per_region,
+        warehouses_per_region=args.warehouses_per_region,
+        remote_fraction=args.remote_fraction,
+        duration_s=args.duration or (4.0 if args.quick else TpccConfig.duration_s),
+        sim=args.sim,
+        seed=args.seed,
+        interactive=args.interactive,
+    )
+    tc.validate()
+    progress = sys.stderr.isatty()
+    results: list[TpccResult] = []
+    with tempfile.TemporaryDirectory(prefix="k2-bench-tpcc-") as tmp:
+        for i, protocol in enumerate(tc.protocols):
+            print(f"[{protocol}] running ...", file=sys.stderr, flush=True)
+            try:
+                r = (
+                    run_sim(protocol, tc)
+                    if tc.sim
+                    else run_processes(protocol, tc, Path(tmp) / f"run{i}", progress)
+                )
+            except K2Error as e:
+                r = TpccResult(protocol, "sim" if tc.sim else "processes", 0, 0, 0, error=str(e))
+            results.append(r)
+    print(format_results(results))
+    for path in write_results(results, tc, args.out):
+        print(f"wrote {path}")
+    return 0 if all(not r.error for r in results) else 1
+
+
+__all__ = ["TpccConfig", "TpccResult", "main", "run_processes", "run_sim"]
