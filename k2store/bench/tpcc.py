@@ -65,6 +65,10 @@ class TpccResult:
     interactive: bool = False
     regions: dict[str, RegionStats] = field(default_factory=dict)
     failures: Counter[str] = field(default_factory=Counter)
+    """Transactions that gave up (retries exhausted), by the last error."""
+    rules: Counter[str] = field(default_factory=Counter)
+    """Failed attempts during execution, by the rule that aborted them (aborts at commit are
+    counted in the attempts but not here)."""
     error: str = ""
 
     @property
@@ -144,7 +148,11 @@ async def tpcc_client(
     async def counted(tx: AsyncTransaction) -> None:
         nonlocal attempts
         attempts += 1
-        await fn(tx)
+        try:
+            await fn(tx)
+        except TxnAborted as e:
+            result.rules[e.rule] += 1
+            raise
 
     j = 0
     while not stop.is_set():
@@ -305,6 +313,9 @@ def format_results(results: Sequence[TpccResult]) -> str:
             f"{r.protocol:<10} {r.throughput:>8.1f} {r.percentile(0.5):>8.1f} "
             f"{r.percentile(0.99):>8.1f} {r.abort_rate():>7.1%} {per_region} {vs_d2:>8} {vs_hl:>7}"
         )
+        if r.rules:
+            top = ", ".join(f"{k} {v}" for k, v in r.rules.most_common(5))
+            lines.append(f"{'':<10} aborted by: {top}")
         if r.failures:
             top = ", ".join(f"{k} {v}" for k, v in r.failures.most_common(4))
             lines.append(f"{'':<10} gave up: {top}")
@@ -335,6 +346,7 @@ def write_results(results: Sequence[TpccResult], tc: TpccConfig, out: Path) -> l
                 "abort_rate": r.abort_rate(),
                 "abort_rate_by_region": {g: r.abort_rate(g) for g in r.regions},
                 "failures": dict(r.failures),
+                "aborts_by_rule": dict(r.rules),
                 "error": r.error,
             }
         )

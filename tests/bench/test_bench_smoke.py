@@ -1,0 +1,46 @@
+"""Smoke tests of the benchmarks (`k2 bench ... --sim --quick`): they run, write their JSON, and
+the simulator's deterministic figures keep the ordering the design promises."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from k2store.bench import tpcc, visibility
+from k2store.cli import main
+
+
+def test_bench_tpcc_sim_quick_ranks_k2_mvto_first(tmp_path: Path) -> None:
+    rc = main(["bench", "tpcc", "--sim", "--quick", "--duration", "2", "--out", str(tmp_path)])
+    assert rc == 0
+    (out,) = tmp_path.glob("tpcc-*.json")
+    rows = {r["protocol"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"k2-mvto", "d2pl-ttc", "mvto-hlc"}
+    assert all(r["throughput"] > 0 and not r["error"] for r in rows.values())
+    assert rows["k2-mvto"]["throughput"] > 3 * rows["d2pl-ttc"]["throughput"]
+    assert rows["k2-mvto"]["throughput"] >= rows["mvto-hlc"]["throughput"]
+
+
+def test_bench_tpcc_interactive_mode_is_slower_than_one_shot() -> None:
+    cfg = tpcc.TpccConfig(protocols=("k2-mvto",), duration_s=2.0, clients_per_region=5)
+    one_shot = tpcc.run_sim("k2-mvto", cfg)
+    interactive = tpcc.run_sim("k2-mvto", tpcc.TpccConfig(**{**cfg.__dict__, "interactive": True}))
+    assert one_shot.throughput > interactive.throughput
+
+
+def test_bench_visibility_sim_quick(tmp_path: Path) -> None:
+    rc = main(
+        ["bench", "visibility", "--sim", "--quick", "--duration", "2", "--out", str(tmp_path)]
+    )
+    assert rc == 0
+    (out,) = tmp_path.glob("visibility-*.json")
+    results = {r["policy"]: r for r in json.loads(out.read_text())["results"]}
+    vcr = {(d["home"], d["reader"]): d["p50_ms"] for d in results["vcr"]["delays"]}
+    closed = {(d["home"], d["reader"]): d["p50_ms"] for d in results["closed-ts"]["delays"]}
+    assert len(vcr) == 9 and set(vcr) == set(closed)
+    assert all(closed[p] > 5 * vcr[p] for p in vcr)
+
+
+def test_bad_bench_input_is_refused() -> None:
+    assert main(["bench", "tpcc", "--sim", "--remote-fraction", "2"]) == 2
+    assert visibility.VisibilityConfig(duration_s=1).policies == ("vcr", "watermark", "closed-ts")
