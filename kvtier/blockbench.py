@@ -1,6 +1,7 @@
-"""Block-path figures: frame encode/decode, compression, block store and gRPC get throughput.
+"""Block-path figures: frame encode/decode, compression, block store and gRPC get throughput,
+side by side with Redis (a local redis-server, same payloads) and a plain memory copy.
 
-    python -m kvtier.blockbench [--tokens 256] [--blocks 16] [--json out.json]
+    k2 bench kvtier [--tokens 256] [--blocks 16] [--json out.json]   (= python -m kvtier.blockbench)
     python -m kvtier.blockbench --connector [--prefix 2048]   # + end-to-end retrieval over WAN
 
 `--connector` runs an in-process three-region cluster with DESIGN.md's emulated links (RTTs,
@@ -30,6 +31,8 @@ from kvtier.blocks import BlockSpec, decode_block, encode_block
 from kvtier.blockstore import BlockStore, BlockStoreConfig
 from kvtier.compression import choose_codec
 from truetime import SystemClock
+
+_clock = SystemClock()
 
 
 def _kv(spec: BlockSpec, seed: int) -> torch.Tensor:
@@ -110,6 +113,8 @@ def run(tokens: int, blocks: int) -> dict[str, Any]:
             store.get(k)
         out.update(asyncio.run(_grpc(store, frames, total)))
         store.close()
+    out["memcopy_MBps"] = memcopy_MBps(frames, total)
+    out.update(asyncio.run(_redis(frames, total)))
     return out
 
 
@@ -137,6 +142,63 @@ async def _grpc(store: BlockStore, frames: dict[bytes, bytes], total: int) -> di
         await c.close()
         await node.stop(0, close_store=False)
     return res
+
+
+async def _redis(frames: dict[bytes, bytes], total: int) -> dict[str, float]:
+    """The same payloads through a local redis-server (no persistence; Redis's default
+    snapshotting is off so neither side writes to disk on the read path)."""
+    import shutil
+    import subprocess
+
+    import redis.asyncio as aredis
+
+    from k2store.launcher import free_ports
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        return {}
+    (port,) = free_ports(1)
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    res: dict[str, float] = {}
+    r = aredis.Redis(host="127.0.0.1", port=port)
+    try:
+        for _ in range(100):
+            try:
+                await r.ping()
+                break
+            except Exception:
+                await asyncio.sleep(0.05)
+        t0 = _clock.monotonic_ns() / 1e9
+        for k, f in frames.items():
+            await r.set(k, f)
+        res["redis.set_MBps"] = total / (_clock.monotonic_ns() / 1e9 - t0) / 1e6
+        best = float("inf")
+        for _ in range(3):
+            t0 = _clock.monotonic_ns() / 1e9
+            for k in frames:
+                await r.get(k)
+            best = min(best, _clock.monotonic_ns() / 1e9 - t0)
+        res["redis.get_sequential_MBps"] = total / best / 1e6
+        best = float("inf")
+        for _ in range(3):
+            t0 = _clock.monotonic_ns() / 1e9
+            await asyncio.gather(*(r.get(k) for k in frames))
+            best = min(best, _clock.monotonic_ns() / 1e9 - t0)
+        res["redis.get_parallel_MBps"] = total / best / 1e6
+    finally:
+        await r.aclose()
+        proc.terminate()
+        proc.wait(10)
+    return res
+
+
+def memcopy_MBps(frames: dict[bytes, bytes], total: int) -> float:
+    """The physical limit on this machine: copying the same bytes once in memory."""
+    return _rate(total, lambda: [bytearray(f) for f in frames.values()]) / 1e6
 
 
 async def _connector_bench(prefix_tokens: int, block_tokens: int) -> dict[str, Any]:
@@ -218,25 +280,54 @@ async def _connector_bench(prefix_tokens: int, block_tokens: int) -> dict[str, A
     return res
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=256, help="tokens per block (default 256)")
     p.add_argument("--blocks", type=int, default=16, help="blocks in the store tests")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--connector", action="store_true", help="also time retrieval over WAN")
     p.add_argument("--prefix", type=int, default=2048, help="prefix tokens for --connector")
-    a = p.parse_args()
+
+
+def ratios(figures: dict[str, Any]) -> list[str]:
+    """The side-by-side lines: block store node against Redis and a memory copy."""
+    out = []
+    mem = figures.get("memcopy_MBps")
+    for mode in ("sequential", "parallel"):
+        ours = figures.get(f"grpc.get_{mode}_MBps")
+        theirs = figures.get(f"redis.get_{mode}_MBps")
+        if ours is None:
+            continue
+        line = f"block get ({mode}): block store node {ours:.0f} MB/s"
+        if theirs:
+            line += f", Redis {theirs:.0f} MB/s ({ours / theirs:.2f}x)"
+        if mem:
+            line += f", memory copy {mem:.0f} MB/s ({ours / mem:.0%} of it)"
+        out.append(line)
+    if not figures.get("redis.get_sequential_MBps"):
+        out.append("Redis: not measured (apt-get install redis-server; pip install redis)")
+    return out
+
+
+def main_args(a: argparse.Namespace) -> int:
+    """`k2 bench kvtier` and `python -m kvtier.blockbench`."""
     figures = run(a.tokens, a.blocks)
     if a.connector:
         figures.update(asyncio.run(_connector_bench(a.prefix, a.tokens)))
     for k, v in figures.items():
         print(f"{k:32} {v:.3f}" if isinstance(v, float) else f"{k:32} {v}")
+    print()
+    for line in ratios(figures):
+        print(line)
     if a.json:
         a.json.write_text(json.dumps(figures, indent=2))
     return 0
 
 
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    add_arguments(p)
+    return main_args(p.parse_args())
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
-
-_clock = SystemClock()

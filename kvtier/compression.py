@@ -47,6 +47,8 @@ from kvtier.blocks import FRAME_HEADER_BYTES, read_header
 from kvtier.errors import CorruptBlock
 from truetime import SystemClock
 
+_clock = SystemClock()
+
 __all__ = ["CODECS", "CodecChoice", "choose_codec", "compress_frame", "decompress_frame"]
 
 _lz4: Any
@@ -135,6 +137,3 @@ def choose_codec(sample_frame: bytes, link_bytes_per_s: float) -> CodecChoice:
         seconds[codec] = (t1 - t0) + len(packed) / link_bytes_per_s + (t2 - t1)
     best = min(seconds, key=lambda c: seconds[c])
     return CodecChoice(best, ratio, seconds)
-
-
-_clock = SystemClock()
