@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from k2store.bench.txn import local_cluster, pyplot
+from k2store.bench.txn import local_cluster, pyplot, replication_for
 from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
 from k2store.cluster import (
     DEFAULT_REGIONS,
@@ -208,6 +208,7 @@ def settings_for(protocol: str) -> ClusterSettings:
         base,
         txn=TxnSettings(protocol=protocol),
         network=replace(base.network, enabled=True),
+        replication=replication_for(protocol),
     )
 
 
