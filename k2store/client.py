@@ -100,10 +100,13 @@ class AsyncClient:
         region: str | None = None,
         transport: Transport | None = None,
         rng: random.Random | None = None,
+        token: str | None = None,
     ) -> None:
         """`region`: where this client runs; its transactions are coordinated by a node there
         (default: the first region of the cluster). `transport` and `rng` (backoff jitter) are
-        injectable: the deterministic simulator passes its network and a seeded generator."""
+        injectable: the deterministic simulator passes its network and a seeded generator.
+        `token`: the bearer token for a secured cluster (default: K2_TOKEN, K2_TOKEN_FILE, or
+        the cluster file's `[security] client_token_file`; see k2store/security.py)."""
         self.cluster = cluster
         self.region = region or cluster.regions[0].name
         self._coordinators = [n.name for n in cluster.nodes_in(self.region)]
@@ -113,7 +116,9 @@ class AsyncClient:
         self.timeout_s = timeout_s or cluster.settings.request_timeout_s
         self.retry = retry or RetryPolicy()
         # Pays the cluster's wide-area emulation, if any, from this client's region.
-        self._transport: Transport = transport or cluster_transport(cluster, region=self.region)
+        self._transport: Transport = transport or cluster_transport(
+            cluster, region=self.region, token=token
+        )
         self._rng = rng or random.Random()
         self.retries = 0
         """Attempts retried after a retryable error (a metric for callers and tests)."""
@@ -445,6 +450,7 @@ class AsyncTransaction:
             if e.retryable:
                 self._ended = True  # the coordinator aborted it
             raise
+        self.ts = r.ts or self.ts  # final from the first operation on (late stamping)
         return list(r.results)
 
     async def get(self, key: KeyLike) -> bytes | None:

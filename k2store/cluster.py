@@ -38,6 +38,22 @@ A cluster file is TOML::
     [network.rtt_ms]                # round trips per region pair (DESIGN.md's by default)
     us-east = { eu-west = 75.0, ap-southeast = 210.0 }
 
+    [security]                      # off if absent; `k2 certs init` writes it (k2store/security.py)
+    tls = true                      # mutual TLS between nodes; TLS + bearer tokens for clients
+    ca_file = "certs/ca.pem"
+    certs_dir = "certs"             # certs/<node>.pem and certs/<node>.key
+    client_cert = "certs/client.pem"
+    client_key = "certs/client.key"
+    client_token_file = "certs/tokens/operator.token"   # tools' token when K2_TOKEN is unset
+    rate_limit_rps = 0.0            # per principal; 0 = unlimited
+    allow_test_settings = false     # admin RPCs that break guarantees on purpose
+
+    [[security.principals]]         # keys under <region>/t/<tenant>/, or `prefixes`
+    name = "acme"
+    tenant = "acme"
+    token_sha256 = "..."            # SHA-256 of the token, never the token
+    roles = []                      # ["admin"]: every key and the admin RPCs
+
 Range shards must tile the key space exactly (sorted, no gaps, no overlap, first starts at b"",
 last unbounded) so that every key has exactly one shard. Hash shards need no bounds: a key belongs
 to shard ``blake2b(key) mod n`` (stable across processes; never Python's ``hash()``).
@@ -50,6 +66,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
+import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -57,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from k2store.errors import ClusterFileError, UnknownNode, UnknownShard
+from k2store.security import SecuritySettings, parse_security, security_to_toml
 from k2store.wan import NetworkSettings, network_to_toml, parse_network
 
 DEFAULT_REGIONS = ("us-east", "eu-west", "ap-southeast")
@@ -117,6 +135,16 @@ class TxnSettings:
     """Transactions that declare keys of other regions get ts = now().latest + the largest
     measured one-way delay to their leaders, and each operation is held back to reach its
     leader at about ts (refinement: aligned dispatch)."""
+    late_stamping: bool = True
+    """Local transactions take their timestamp when their first operation is dispatched, not at
+    begin, so the time between stamping and arriving at the leader, in which a later reader of
+    the same key can overtake a write, is as short as it can be (refinement)."""
+    unsafe_skip_commit_wait: bool = False
+    """BREAKS real-time order, for proving the checkers (jepsen_tests) catch it: acknowledge
+    commits without commit-wait. Refused unless K2_ALLOW_UNSAFE_SETTINGS=1."""
+    unsafe_ignore_read_marks: bool = False
+    """BREAKS serializability, for the checkers: writes skip the read-mark rule. Refused unless
+    K2_ALLOW_UNSAFE_SETTINGS=1."""
     heartbeat_s: float = 1.0
     expiry_s: float = 5.0
     """A pending transaction whose record heard no heartbeat for this long is aborted."""
@@ -157,6 +185,9 @@ class ReplicationSettings:
     pull_max_entries: int = 512
     max_log_entries: int = 200_000
     """A leader keeps at most this many log entries; a replica further behind gets a snapshot."""
+    unsafe_seal_before_resolve: bool = False
+    """BREAKS atomic visibility, for the checkers: seal without waiting for intents. Refused
+    unless K2_ALLOW_UNSAFE_SETTINGS=1."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +212,8 @@ class ClusterSettings:
     replication: ReplicationSettings = field(default_factory=lambda: ReplicationSettings())
     network: NetworkSettings = field(default_factory=lambda: NetworkSettings())
     """Wide-area emulation between regions (the `[network]` table; k2store/wan.py)."""
+    security: SecuritySettings = field(default_factory=lambda: SecuritySettings())
+    """TLS, client tokens and tenants (the `[security]` table; k2store/security.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +317,8 @@ class ClusterConfig:
             "",
             *network_to_toml(st.network, self.region_names()),
         ]
+        if st.security != SecuritySettings():
+            out += ["", *security_to_toml(st.security, base)]
         for r in self.regions:
             out += ["", "[[regions]]", f"name = {_q(r.name)}", f"oracle = {_q(r.oracle)}"]
         for n in self.nodes:
@@ -365,7 +400,9 @@ def parse(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterConfig:
         return ClusterFileError(f"{where}{field_name}: {msg}")
 
     base = path.parent if path else Path.cwd()
-    known_top = {"cluster", "regions", "nodes", "shards", "txn", "network", "replication"}
+    known_top = {
+        *("cluster", "regions", "nodes", "shards", "txn", "network", "replication", "security"),
+    }
     for k in raw:
         if k not in known_top:
             raise fail(k, f"unknown section; expected one of {sorted(known_top)}")
@@ -373,6 +410,7 @@ def parse(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterConfig:
     settings = _parse_settings(raw.get("cluster", {}), fail)
     settings = replace(settings, txn=_parse_txn(raw.get("txn", {}), fail))
     settings = replace(settings, replication=_parse_replication(raw.get("replication", {}), fail))
+    settings = replace(settings, security=parse_security(raw.get("security", {}), base, fail))
     regions_raw = _table_list(raw, "regions", fail)
     nodes_raw = _table_list(raw, "nodes", fail)
     shards_raw = _table_list(raw, "shards", fail)
@@ -397,7 +435,7 @@ def parse(raw: Mapping[str, Any], *, path: Path | None = None) -> ClusterConfig:
     _unique([n.address for n in nodes], "nodes", "address", fail)
     node_names = {n.name for n in nodes}
 
-    declared = {t.get("name") for t in regions_raw}
+    declared = {_req_str(t, "name", f"regions[{i}]", fail) for i, t in enumerate(regions_raw)}
     for i, n in enumerate(nodes):
         if n.region not in declared:
             raise fail(f"nodes[{i}].region", f"region {n.region!r} is not in [[regions]]")
@@ -536,6 +574,7 @@ def _parse_txn(t: Any, fail: Any) -> TxnSettings:
         elif not _is_instance(v, (int, float)) or v <= 0:
             raise fail(f"txn.{k}", f"expected a positive number of seconds, got {v!r}")
         values[k] = float(v) if isinstance(default, float) and not isinstance(v, str) else v
+    _check_unsafe("txn", values, fail)
     return replace(d, **values)
 
 
@@ -563,7 +602,24 @@ def _parse_replication(t: Any, fail: Any) -> ReplicationSettings:
         elif not _is_instance(v, (int, float)) or v <= 0:
             raise fail(where, f"expected a positive number of milliseconds, got {v!r}")
         values[k] = float(v) if isinstance(default, float) else v
+    _check_unsafe("replication", values, fail)
     return replace(d, **values)
+
+
+UNSAFE_ENV = "K2_ALLOW_UNSAFE_SETTINGS"
+
+
+def _check_unsafe(table: str, values: Mapping[str, Any], fail: Any) -> None:
+    """Settings that break the protocol on purpose exist to prove the consistency checkers
+    catch what they break; a cluster file that turns one on is refused unless the environment
+    says this is a test (K2_ALLOW_UNSAFE_SETTINGS=1), so no real cluster runs with one."""
+    for k, v in values.items():
+        if k.startswith("unsafe_") and v is True and os.environ.get(UNSAFE_ENV) != "1":
+            raise fail(
+                f"{table}.{k}",
+                f"breaks the protocol on purpose (for testing the checkers); refused unless "
+                f"{UNSAFE_ENV}=1 is set",
+            )
 
 
 def _is_instance(v: object, typ: type | tuple[type, ...]) -> bool:

@@ -63,6 +63,8 @@ class _Txn:
     done: bool = False
     aligned: bool = False
     """A future timestamp was chosen: dispatch each operation to arrive at about ts."""
+    restamp: bool = False
+    """Take a fresh timestamp when the first operation is dispatched (late stamping)."""
 
     def header(self, coordinator: str) -> pb.TxnHeader:
         return pb.TxnHeader(
@@ -165,6 +167,17 @@ class Coordinator:
                 ts = await self._future_timestamp(self.tt.now().latest + delay)
                 future = True
         txn = _Txn(self.new_txn_id(), ts, req.read_only, aligned=future)
+        # A local transaction takes its final timestamp when its first operation is dispatched
+        # (late stamping): between begin and that moment other transactions run, and a write
+        # stamped earlier but arriving after a later read of its key aborts by rule read-mark.
+        # Not for future timestamps (their dispatch is aligned to them), given read timestamps,
+        # or d2PL-TTC (its start timestamp is its wound-wait priority).
+        txn.restamp = (
+            self.settings.late_stamping
+            and not future
+            and not req.read_ts
+            and self.protocol != "d2pl-ttc"
+        )
         txn.last_activity_ns = _now_ns()
         self.txns[txn.txn_id] = txn
         self.stats["begun"] += 1
@@ -181,6 +194,12 @@ class Coordinator:
         )
         self._last_future = aligned + low
         return self._last_future
+
+    async def _commit_wait(self, ts: int) -> None:
+        """Wait until ts has certainly passed (see the HAZARD notes at the call sites)."""
+        if self.settings.unsafe_skip_commit_wait:
+            return  # broken on purpose: see TxnSettings.unsafe_skip_commit_wait
+        await self.tt.wait_until_after(ts)
 
     def one_way_ns(self, node: str) -> int:
         """Measured one-way delay to node: half the smoothed round trip of recent calls."""
@@ -200,6 +219,9 @@ class Coordinator:
     async def ops(self, req: pb.TxnOpsRequest) -> pb.TxnOpsResponse:
         txn = self._txn(req.txn_id)
         async with txn.lock:
+            if txn.restamp:
+                txn.restamp = False
+                txn.ts = self.hlc.now() if self.hlc is not None else await self.timestamp()
             try:
                 results = await self._run_ops(txn, list(req.ops))
             except TxnAborted as e:
@@ -209,7 +231,7 @@ class Coordinator:
                 await self._abort(txn)
                 raise
             txn.last_activity_ns = _now_ns()
-            return pb.TxnOpsResponse(results=results)
+            return pb.TxnOpsResponse(results=results, ts=txn.ts)
 
     async def commit(self, req: pb.CommitTxnRequest) -> pb.CommitTxnResponse:
         txn = self._txn(req.txn_id)
@@ -226,7 +248,7 @@ class Coordinator:
                 # Read-only (or nothing written): no record, no intents. Wait until every version
                 # returned has certainly passed, so a later transaction sees them too.
                 # HAZARD: as commit-wait; with clock error beyond the bound the wait is too short.
-                await self.tt.wait_until_after(txn.max_version_ts)
+                await self._commit_wait(txn.max_version_ts)
                 self._finish(txn)
                 self.stats["committed"] += 1
                 if txn.touched:
@@ -252,7 +274,7 @@ class Coordinator:
                 # HAZARD (commit-wait): the reply waits until ts has certainly passed; every
                 # transaction that begins after the client hears back gets a larger timestamp.
                 # With clock error beyond the bound this ordering can break.
-                await self.tt.wait_until_after(txn.ts)
+                await self._commit_wait(txn.ts)
             self.stats["committed"] += 1
             if self.settings.async_resolve:
                 self._spawn(self._resolve_all(txn, txn.ts))
@@ -278,6 +300,15 @@ class Coordinator:
         except TxnAborted:
             await self._abort(txn)
             raise
+        except K2Error as e:
+            # A participant did not answer. Nothing was decided, and only this coordinator
+            # records COMMITTED, so aborting is certain and safe; leaving the transaction open
+            # would keep the other participants' prepared locks (which no one may wound) held
+            # until the silent-client reaper ran.
+            await self._abort(txn)
+            raise TxnAborted(
+                f"transaction {txn.txn_id.hex()[:12]} aborted by rule prepare-failed: {e}"
+            ) from e
         commit_ts = max([self.tt.now().latest, txn.ts] + [p.prepare_ts for p in prepared])
         if txn.writes:
             try:
@@ -298,7 +329,7 @@ class Coordinator:
         self._finish(txn)
         # HAZARD (commit-wait, as in Spanner): locks are released only once commit_ts has
         # certainly passed. With clock error beyond the bound, real-time order can break.
-        await self.tt.wait_until_after(commit_ts)
+        await self._commit_wait(commit_ts)
         self.stats["committed"] += 1
         if self.settings.async_resolve:
             self._spawn(self._resolve_all(txn, commit_ts))

@@ -132,7 +132,9 @@ def error_for(reason: str | None, code: grpc.StatusCode, message: str) -> K2Erro
             grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
             grpc.StatusCode.RESOURCE_EXHAUSTED: InvalidArgument,
             grpc.StatusCode.ABORTED: WriteTooOld,
-        }.get(code, K2Error)
+            grpc.StatusCode.UNAUTHENTICATED: _BY_REASON.get("unauthenticated"),
+            grpc.StatusCode.PERMISSION_DENIED: _BY_REASON.get("permission-denied"),
+        }.get(code) or K2Error
     return cls(message)
 
 
@@ -194,3 +196,32 @@ class NotVisibleYet(Unavailable):
 
 _register(StalenessExceeded)
 _register(NotVisibleYet)
+
+
+class Unauthenticated(K2Error):
+    """The request carried no valid credentials (no token, an unknown token, or a peer
+    certificate that is not a node's on an internal RPC). Nothing was read or changed."""
+
+    reason = "unauthenticated"
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(K2Error):
+    """The caller is known but may not do this: a key outside its tenant, an admin RPC without
+    the admin role, an internal RPC from a client. The message never names other tenants."""
+
+    reason = "permission-denied"
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class RateLimited(K2Error):
+    """The principal exceeded its request rate ([security] rate_limit_rps); retry after a pause."""
+
+    reason = "rate-limited"
+    retryable = True
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+_register(Unauthenticated)
+_register(PermissionDenied)
+_register(RateLimited)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,9 +30,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from k2store import cluster as cluster_mod
+from k2store.certs import CERTS_DIR, open_channel, secure_cluster
 from k2store.cluster import DEFAULT_REGIONS, ClusterConfig, ClusterSettings, NodeConfig
 from k2store.errors import ClusterFileError, K2Error, Unavailable
 from k2store.proto import k2_pb2 as pb
+from k2store.security import bearer_metadata, client_token
 from k2store.wan import OVERRIDES_FILE, LinkModel, NetOverrides, read_overrides, write_overrides
 from truetime import SystemClock
 
@@ -85,8 +88,12 @@ def start_node(cfg: ClusterConfig, node: NodeConfig) -> subprocess.Popen[bytes]:
     return proc
 
 
-def check_health(address: str, timeout_s: float = 1.0) -> bool:
-    with grpc.insecure_channel(address) as ch:
+def check_health(
+    address: str, timeout_s: float = 1.0, cluster: ClusterConfig | None = None
+) -> bool:
+    """Whether the node at `address` answers SERVING (over TLS when `cluster` is secured)."""
+    ch = open_channel(cluster, address) if cluster is not None else grpc.insecure_channel(address)
+    with ch:
         try:
             r = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout_s
@@ -124,7 +131,7 @@ def wait_healthy(
                     raise LaunchError(
                         f"node {name} exited with status {code} while starting:\n{log_tail(n)}"
                     )
-                if check_health(n.address, 0.5):
+                if check_health(n.address, 0.5, cfg):
                     del pending[name]
                     bar.update(1)
             if pending and _CLOCK.monotonic_ns() / 1e9 > deadline:
@@ -148,6 +155,8 @@ def up(
     settings: ClusterSettings | None = None,
     wan: bool = True,
     blockstores: bool = False,
+    secure: bool = False,
+    tenants: Sequence[str] = (),
 ) -> ClusterConfig:
     """Start a local cluster in data; `settings` (e.g. the [txn] protocol) go into its file.
 
@@ -156,7 +165,11 @@ def up(
     (net.toml) of an earlier cluster in `data` are removed.
 
     `blockstores`: also start one KV-cache block store per region (`k2 blockstore`, see
-    `start_blockstores`) once the nodes are healthy."""
+    `start_blockstores`) once the nodes are healthy.
+
+    `secure`: mutual TLS and client tokens (`k2store/certs.py`): a fresh CA, node and client
+    certificates and tokens under ``<data>/certs`` (an ``operator`` admin, one principal per name
+    in `tenants`); tools started from the cluster file use the operator's token."""
     data = data.resolve()
     cluster_file = data / CLUSTER_FILE
     if cluster_file.exists():
@@ -179,6 +192,9 @@ def up(
         root=data,
         settings=st,
     ).write(cluster_file)
+    if secure:
+        shutil.rmtree(data / CERTS_DIR, ignore_errors=True)  # a new cluster: new credentials
+        cfg = secure_cluster(cfg, now_ns=_CLOCK.now_ns(), tenants=tenants)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for n in cfg.nodes:
@@ -310,15 +326,19 @@ class NodeStatus:
 
 def status(cfg: ClusterConfig, timeout_s: float = 2.0) -> list[NodeStatus]:
     out = []
+    token = client_token(cfg.settings.security) if cfg.settings.security.tls else None
+    metadata = bearer_metadata(token) if token else None
     for n in cfg.nodes:
-        with grpc.insecure_channel(n.address) as ch:
+        with open_channel(cfg, n.address) as ch:
             stub: Any = ch.unary_unary(
                 "/k2.v1.Admin/Status",
                 request_serializer=lambda m: m.SerializeToString(),
                 response_deserializer=pb.StatusResponse.FromString,
             )
             try:
-                r: pb.StatusResponse = stub(pb.StatusRequest(), timeout=timeout_s)
+                r: pb.StatusResponse = stub(
+                    pb.StatusRequest(), timeout=timeout_s, metadata=metadata
+                )
             except grpc.RpcError as e:
                 detail = e.details() if isinstance(e, grpc.Call) else str(e)
                 out.append(

@@ -8,6 +8,7 @@ any node (the handlers are in k2store/service.py). This module owns what is proc
 - durable ceilings for issued and read timestamps, and the wait on start that puts every new
   timestamp above them, so a restart after kill -9 never reorders anything;
 - the gRPC server (the RPCs of service.METHODS, plus grpc.health.v1), typed errors as statuses;
+- with `[security] tls`, mutual TLS and the `Guard` in front of every handler (k2store/security.py);
 - graceful shutdown: health goes NOT_SERVING, in-flight requests get `grace_s`, engines close.
 """
 
@@ -26,11 +27,13 @@ import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from k2store.certs import server_credentials
 from k2store.cluster import ClusterConfig, NodeConfig
 from k2store.datadir import DataDirLock, DurableCeiling
 from k2store.errors import ERROR_METADATA_KEY, K2Error, Unavailable
 from k2store.rocksengine import RocksEngine
-from k2store.service import METHODS, Method, NodeService
+from k2store.security import Guard
+from k2store.service import METHODS, Method, NodeService, decode_request
 from k2store.shard import Limits, ShardLeader
 from k2store.transport import CHANNEL_OPTIONS, Transport, cluster_transport
 from truetime import ClockSource, SystemClock, TimestampOracle, TrueTime
@@ -121,11 +124,19 @@ class Node:
                 replica_stores=self._replica_stores,
             )
             self.service.start()
-            server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
-            server.add_generic_rpc_handlers(_generic_handlers(self.service))
+            sec = self.cluster.settings.security
+            options = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
+            if sec.tls:
+                options.append(("grpc.max_concurrent_streams", sec.max_concurrent_streams))
+            server = grpc.aio.server(options=options)
+            guard = Guard.for_cluster(self.cluster, self.clock.monotonic_ns)
+            server.add_generic_rpc_handlers(_generic_handlers(self.service, guard))
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
             try:
-                server.add_insecure_port(self.me.address)
+                if sec.tls:
+                    server.add_secure_port(self.me.address, server_credentials(sec, self.me.name))
+                else:
+                    server.add_insecure_port(self.me.address)
             except RuntimeError:
                 raise Unavailable(
                     f"node {self.me.name}: cannot listen on {self.me.address}: the port is in "
@@ -214,26 +225,40 @@ class Node:
         await self._stopped.wait()
 
 
-def _generic_handlers(service: NodeService) -> list[grpc.GenericRpcHandler]:
-    """gRPC handlers for every RPC in service.METHODS, grouped by service name."""
+def _generic_handlers(
+    service: NodeService, guard: Guard | None = None
+) -> list[grpc.GenericRpcHandler]:
+    """gRPC handlers for every RPC in service.METHODS, grouped by service name. Requests arrive
+    as bytes and are decoded in `_adapt`, after authentication (`guard`, None: security off)."""
     by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {}
     for m in METHODS:
         _, svc, name = m.path.split("/")
         by_service.setdefault(svc, {})[name] = grpc.unary_unary_rpc_method_handler(
-            _adapt(service, m),
-            request_deserializer=m.request.FromString,
+            _adapt(service, m, guard),
+            request_deserializer=None,
             response_serializer=lambda r: r.SerializeToString(),
         )
     return [grpc.method_handlers_generic_handler(svc, hs) for svc, hs in by_service.items()]
 
 
-def _adapt(service: NodeService, method: Method) -> Callable[[Message, Ctx], Any]:
-    """Call the handler; K2Errors become statuses with the typed reason in the trailers."""
+def _adapt(
+    service: NodeService, method: Method, guard: Guard | None = None
+) -> Callable[[bytes, Ctx], Any]:
+    """Authenticate, decode, authorize, call the handler; K2Errors become statuses with the
+    typed reason in the trailers (see k2store/security.py for why the checks live here)."""
     handler = service.handler(method.path)
 
-    async def call(request: Message, context: Ctx) -> Message:
+    async def call(data: bytes, context: Ctx) -> Message:
         try:
-            return await handler(request)
+            if guard is None:
+                return await handler(decode_request(method, data))
+            ident = guard.authenticate(context.invocation_metadata() or (), context.auth_context())
+            guard.admit(ident)
+            request = decode_request(method, data)
+            guard.authorize(ident, method.path, request)
+            response = await handler(request)
+            guard.observe(ident, method.path, request, response)
+            return response
         except K2Error as e:
             await context.abort(e.code, str(e), trailing_metadata=((ERROR_METADATA_KEY, e.reason),))
         except asyncio.CancelledError:

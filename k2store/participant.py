@@ -20,6 +20,7 @@ transactions (coordinator or node killed mid-way) are resolved even if no one re
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -65,10 +66,17 @@ class Participant:
         self.settings = settings
         self.timeout_s = timeout_s
         self.rules = {
-            sid: MvtoRules(ld.store, wait_for_lower=settings.wait_for_lower)
+            sid: MvtoRules(
+                ld.store,
+                wait_for_lower=settings.wait_for_lower,
+                unsafe_ignore_read_marks=settings.unsafe_ignore_read_marks,
+            )
             for sid, ld in leaders.items()
         }
         self._resolved: dict[bytes, asyncio.Event] = {}
+        self._key_waiters: dict[bytes, list[int]] = {}
+        """key -> timestamps of transactions waiting on it (sorted): see _wait_in_order."""
+        self._key_turns: dict[bytes, asyncio.Event] = {}
         self._heartbeats: dict[bytes, int] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.counters: dict[str, int] = {}
@@ -86,6 +94,13 @@ class Participant:
         self._locked: dict[bytes, _LockedTxn] = {}
         self._wounded: dict[bytes, None] = {}
         self._released: dict[bytes, asyncio.Event] = {}
+        # HAZARD: the node starts serving only once its durable read ceiling, which covers the
+        # timestamp of every Exec the previous process served, has certainly passed (node.py,
+        # SimCluster.restart). So every transaction that may have held locks there has a
+        # timestamp below this; with clock error beyond the bound one could slip above it and
+        # carry a read made under a lost lock into a commit (a lost update).
+        self.started_ts = tt.now().earliest
+        """d2PL: transactions below this began before this process started (see _exec_2pl)."""
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -124,7 +139,17 @@ class Participant:
             self.in_flight(req.shard_id, h.txn_id, h.ts, True)
         if self.protocol == "d2pl-ttc" and not h.read_only:
             return await self._exec_2pl(leader, req)
-        results: list[pb.TxnOpResult] = []
+        ops = list(req.ops)
+        for op in ops:  # bad input anywhere in the request: refused before anything changes
+            leader.check_key(op.key)
+            writes = op.kind in (pb.OP_PUT, pb.OP_DELETE)
+            if writes and (h.read_only or not h.record_key):
+                raise InvalidArgument("a write needs a read-write transaction with a record key")
+            if op.kind == pb.OP_PUT:
+                leader.check_value(op.key, op.value)
+            if op.kind not in (pb.OP_GET, pb.OP_SCAN, pb.OP_PUT, pb.OP_DELETE):
+                raise InvalidArgument(f"unknown operation kind {op.kind}")
+        results: list[pb.TxnOpResult] = [pb.TxnOpResult() for _ in ops]
         pending: list[Mutation] = []
         waited_s = 0.0
 
@@ -133,46 +158,24 @@ class Participant:
                 leader.store.apply(pending, sync=True)
                 pending.clear()
 
-        for op in req.ops:
-            leader.check_key(op.key)
-            writes = op.kind in (pb.OP_PUT, pb.OP_DELETE)
-            if writes and (h.read_only or not h.record_key):
-                raise InvalidArgument("a write needs a read-write transaction with a record key")
-            if op.kind == pb.OP_PUT:
-                leader.check_value(op.key, op.value)
-            while True:
-                out: ReadDone | ScanDone | WriteDone | Wait | Abort
-                if op.kind == pb.OP_GET:
-                    flush()
-                    out = rules.read(txn, op.key, txn.ts)
-                elif op.kind == pb.OP_SCAN:
-                    flush()
-                    end = op.end if op.has_end else None
-                    if leader.shard.end is not None and (end is None or end > leader.shard.end):
-                        end = leader.shard.end
-                    limit = op.limit or self.cluster.settings.scan_page_rows
-                    out = rules.scan(txn, op.key, end, txn.ts, limit)
-                elif writes:
-                    value = op.value if op.kind == pb.OP_PUT else None
-                    sealed = self.seal_check(leader, op.key, txn.ts, txn.txn_id)
-                    out = Abort("sealed", sealed) if sealed else rules.write(txn, op.key, value)
-                else:
-                    raise InvalidArgument(f"unknown operation kind {op.kind}")
-                if isinstance(out, Wait):
-                    flush()  # what this request installed must not stay unflushed while waiting
-                    self._count("waits")
-                    waited_s += await self._wait_for(
-                        out.key, out.intent.txn_id, out.intent.record_key, out.intent.ts
-                    )
-                    if waited_s > self.timeout_s:
-                        raise Unavailable(
-                            f"timed out after {waited_s:.1f}s waiting for transaction "
-                            f"{out.intent.txn_id.hex()[:12]} on key {out.key[:64]!r}"
-                        )
-                    continue
-                if self.hlc is not None and isinstance(out, ReadDone | ScanDone):
-                    out = self._uncertainty(leader, txn, op, out)
-                break
+        def evaluate(op: pb.TxnOp) -> ReadDone | ScanDone | WriteDone | Wait | Abort:
+            if op.kind == pb.OP_GET:
+                flush()
+                return rules.read(txn, op.key, txn.ts)
+            if op.kind == pb.OP_SCAN:
+                flush()
+                end = op.end if op.has_end else None
+                if leader.shard.end is not None and (end is None or end > leader.shard.end):
+                    end = leader.shard.end
+                limit = op.limit or self.cluster.settings.scan_page_rows
+                return rules.scan(txn, op.key, end, txn.ts, limit)
+            value = op.value if op.kind == pb.OP_PUT else None
+            sealed = self.seal_check(leader, op.key, txn.ts, txn.txn_id)
+            return Abort("sealed", sealed) if sealed else rules.write(txn, op.key, value)
+
+        def record(i: int, op: pb.TxnOp, out: ReadDone | ScanDone | WriteDone | Abort) -> None:
+            if self.hlc is not None and isinstance(out, ReadDone | ScanDone):
+                out = self._uncertainty(leader, txn, op, out)
             if isinstance(out, Abort):
                 flush()
                 self._count(f"abort:{out.rule}")
@@ -181,21 +184,57 @@ class Participant:
             if isinstance(out, WriteDone):
                 pending.append(out.mutation)
                 leader.counters.writes += 1
-                results.append(pb.TxnOpResult())
             elif isinstance(out, ReadDone):
                 leader.counters.reads += 1
-                results.append(_read_result(out.version))
-            elif isinstance(out, ScanDone):
+                results[i] = _read_result(out.version)
+            else:
                 leader.counters.reads += 1
-                results.append(
-                    pb.TxnOpResult(
-                        items=[
-                            pb.KeyValue(key=k, value=v.value or b"", version_ts=v.ts)
-                            for k, v in out.rows
-                        ],
-                        more=out.more,
-                    )
+                results[i] = pb.TxnOpResult(
+                    items=[
+                        pb.KeyValue(key=k, value=v.value or b"", version_ts=v.ts)
+                        for k, v in out.rows
+                    ],
+                    more=out.more,
                 )
+
+        # First pass, for requests of several keys (no scans): run every operation that need
+        # not wait, and defer those that must (with every later operation on the same key), so
+        # a transaction lays its intents on keys it can take now before it waits for others.
+        # Otherwise a later reader overtakes it on those keys while it waits, and its write
+        # there aborts by rule read-mark. Operations on one key keep their order.
+        deferred: list[int] = []
+        if len(ops) > 1 and all(op.kind != pb.OP_SCAN for op in ops):
+            blocked: set[bytes] = set()
+            for i, op in enumerate(ops):
+                if op.key not in blocked and not self._lower_in_line(op.key, txn.ts):
+                    out = evaluate(op)
+                    if not isinstance(out, Wait):
+                        record(i, op, out)
+                        continue
+                    blocked.add(op.key)
+                deferred.append(i)
+        else:
+            deferred = list(range(len(ops)))
+        for i in deferred:
+            op = ops[i]
+            if op.kind != pb.OP_SCAN and self._lower_in_line(op.key, txn.ts):
+                flush()
+                waited_s += await self._wait_in_order(op.key, txn.ts, b"", b"", 0)
+            while True:
+                out = evaluate(op)
+                if not isinstance(out, Wait):
+                    break
+                flush()  # what this request installed must not stay unflushed while waiting
+                self._count("waits")
+                waited_s += await self._wait_in_order(
+                    out.key, txn.ts, out.intent.txn_id, out.intent.record_key, out.intent.ts
+                )
+                if waited_s > self.timeout_s:
+                    raise Unavailable(
+                        f"timed out after {waited_s:.1f}s waiting for transaction "
+                        f"{out.intent.txn_id.hex()[:12]} on key {out.key[:64]!r}"
+                    )
+            record(i, op, out)
         flush()
         return pb.ExecResponse(results=results)
 
@@ -228,17 +267,30 @@ class Participant:
         """Two-phase locking: shared locks for reads (latest committed value), exclusive locks
         for writes (installed as intents at the start timestamp, not visible), wound-wait."""
         h = req.txn
-        info = self._locked.setdefault(h.txn_id, _LockedTxn(h.ts))
+        info = self._locked.get(h.txn_id)
+        if info is None:
+            self._check_not_wounded(h.txn_id)
+            if h.ts < self.started_ts:
+                # It may have run here before a restart, which lost its locks (its intents
+                # survive): what it read under them may have changed since. Starting it afresh
+                # would let its Prepare succeed and commit a write based on a stale read.
+                self._count("abort:locks-lost")
+                raise TxnAborted(
+                    f"transaction {h.txn_id.hex()[:12]} at {format_ts(h.ts)} aborted by rule "
+                    f"locks-lost: it began before node {self.node_name} restarted, and locks it "
+                    "held here were lost"
+                )
+            info = self._locked[h.txn_id] = _LockedTxn(h.ts)
         info.last_ns = _now_ns()
         if h.record_key:
             info.record_key = h.record_key
         results: list[pb.TxnOpResult] = []
         waited_s = 0.0
         for op in req.ops:
-            self._check_not_wounded(h.txn_id)
+            self._check_live(h.txn_id, info)
             leader.check_key(op.key)
             if op.kind == pb.OP_SCAN:
-                waited_s += await self._scan_2pl(leader, h, op, waited_s)
+                waited_s += await self._scan_2pl(leader, h, info, op, waited_s)
                 results.append(self._scan_rows_2pl(leader, h.txn_id, op))
                 continue
             writes = op.kind in (pb.OP_PUT, pb.OP_DELETE)
@@ -248,7 +300,7 @@ class Participant:
                 leader.check_value(op.key, op.value)
             mode = Mode.EXCLUSIVE if writes else Mode.SHARED
             while True:
-                self._check_not_wounded(h.txn_id)
+                self._check_live(h.txn_id, info)
                 got = self.locks.acquire(h.txn_id, h.ts, op.key, mode)
                 if isinstance(got, Granted):
                     intent = leader.store.get_intent(op.key)
@@ -296,14 +348,14 @@ class Participant:
         return op.key, end
 
     async def _scan_2pl(
-        self, leader: ShardLeader, h: pb.TxnHeader, op: pb.TxnOp, waited_s: float
+        self, leader: ShardLeader, h: pb.TxnHeader, info: _LockedTxn, op: pb.TxnOp, waited_s: float
     ) -> float:
         """Lock the scanned range SHARED (no phantoms), then wait out intents left in it by
         transactions in doubt across a restart. Returns the seconds waited."""
         start, end = self._scan_span(leader, op)
         waited = 0.0
         while True:
-            self._check_not_wounded(h.txn_id)
+            self._check_live(h.txn_id, info)
             got = self.locks.acquire_range(h.txn_id, h.ts, start, end)
             if isinstance(got, Granted):
                 foreign = [
@@ -347,6 +399,17 @@ class Participant:
             raise TxnAborted(
                 f"transaction {txn_id.hex()[:12]} aborted by rule wounded: an older transaction "
                 f"needed its locks at node {self.node_name} (wound-wait)"
+            )
+
+    def _check_live(self, txn_id: bytes, info: _LockedTxn) -> None:
+        """Fail an operation whose transaction was wounded or ended here (its locks released)
+        while the operation waited, e.g. after the coordinator's call timed out and it aborted:
+        locking on would leave a lock that nothing here knows to release."""
+        self._check_not_wounded(txn_id)
+        if self._locked.get(txn_id) is not info:
+            raise TxnAborted(
+                f"transaction {txn_id.hex()[:12]} aborted by rule ended: it was resolved at node "
+                f"{self.node_name} while this operation waited for locks"
             )
 
     def _wound(self, victim: bytes) -> None:
@@ -415,14 +478,50 @@ class Participant:
         self.locks.prepared.add(h.txn_id)
         # HAZARD: the commit timestamp must exceed every snapshot read already served on these
         # keys (their read marks) and now().latest; commit-wait then orders it in real time.
+        # It must also exceed every version on them: a waiter that pushed a lock holder whose
+        # record was COMMITTED took the lock before the holder's commit-wait ended, so that
+        # version may lie ahead of now(); committing below it would hide this write under it.
         floor = max(
             [self.tt.now().latest, h.ts]
-            + [self._store_for(k).read_marks.get(k) + 1 for k in self.locks.held_by(h.txn_id)]
+            + [_above_versions(self._store_for(k), k) for k in self.locks.held_by(h.txn_id)]
         )
         return pb.PrepareResponse(prepare_ts=floor)
 
     def _store_for(self, key: bytes) -> VersionedStore:
         return self.leaders[self.cluster.shard_for_key(key).id].store
+
+    async def _wait_in_order(
+        self, key: bytes, waiter_ts: int, txn_id: bytes, record_key: bytes, ts: int
+    ) -> float:
+        """`_wait_for`, then let every lower-timestamp transaction waiting on the same key go
+        first. When an intent resolves, all its waiters wake at once; in arbitrary order, a
+        higher reader could read the key before a lower writer writes it, and the writer would
+        then abort by rule read-mark. In timestamp order the lower one lays its intent first
+        and the higher one waits for it instead. Waits still run only from higher to lower
+        timestamps, so this adds no deadlock."""
+        queue = self._key_waiters.setdefault(key, [])
+        bisect.insort(queue, waiter_ts)
+        try:
+            spent = await self._wait_for(key, txn_id, record_key, ts) if txn_id else 0.0
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            while queue and queue[0] < waiter_ts and loop.time() - start < self.timeout_s:
+                turn = self._key_turns.setdefault(key, asyncio.Event())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(turn.wait(), self.settings.push_after_s)
+            return spent + loop.time() - start
+        finally:
+            queue.remove(waiter_ts)
+            if not queue:
+                del self._key_waiters[key]
+            if key in self._key_turns:
+                self._key_turns.pop(key).set()  # the next waiter in line re-checks
+
+    def _lower_in_line(self, key: bytes, ts: int) -> bool:
+        """Whether a transaction below ts is waiting on key: it goes first (see
+        _wait_in_order), so one arriving now must queue behind it, not overtake it."""
+        queue = self._key_waiters.get(key)
+        return queue is not None and len(queue) > 0 and queue[0] < ts
 
     async def _wait_for(self, key: bytes, txn_id: bytes, record_key: bytes, ts: int) -> float:
         """Wait for txn_id's intents here to resolve, pushing its record if it takes long.
@@ -578,6 +677,12 @@ class _LockedTxn:
     ts: int
     record_key: bytes = b""
     last_ns: int = 0
+
+
+def _above_versions(store: VersionedStore, key: bytes) -> int:
+    """The smallest commit timestamp above both key's read mark and its newest version."""
+    latest = store.latest_version(key)
+    return max(store.read_marks.get(key), latest.ts if latest is not None else 0) + 1
 
 
 def _uncertain(key: bytes, ts: int, seen: int) -> Abort:

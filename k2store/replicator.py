@@ -270,6 +270,8 @@ class Replicator:
             if active:
                 first = min(active.values())
                 oldest = first if oldest is None else min(oldest, first)
+            if self.settings.unsafe_seal_before_resolve:
+                oldest = None  # broken on purpose: see ReplicationSettings
             step = self.sealers[sid].step(now, oldest)
             waiting = waiting or step.waiting_on_intent
             store.closed_ts = max(store.closed_ts, step.closed)

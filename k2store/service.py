@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from k2store.cluster import ClusterConfig, NodeConfig
 from k2store.coordinator import Coordinator
@@ -130,6 +130,16 @@ METHODS: tuple[Method, ...] = (
     ),
 )
 METHODS_BY_PATH = {m.path: m for m in METHODS}
+
+
+def decode_request(method: Method, data: bytes) -> Message:
+    """Parse a request off the wire; malformed bytes are `InvalidArgument` (nothing has run)."""
+    try:
+        return method.request.FromString(data)
+    except DecodeError:
+        raise InvalidArgument(
+            f"{method.path}: malformed {method.request.DESCRIPTOR.name} ({len(data)} bytes)"
+        ) from None
 
 
 class NodeService:

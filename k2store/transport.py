@@ -28,7 +28,7 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -92,6 +92,9 @@ def rpc_error_to_k2(e: grpc.aio.AioRpcError, target: str) -> K2Error:
     return error_for(reason, code, e.details() or str(code))
 
 
+_DROPPED_CHANNEL_GRACE_S = 30.0
+
+
 class GrpcTransport:
     """A `Transport` over gRPC to the nodes named in `addresses` (name -> host:port)."""
 
@@ -101,10 +104,13 @@ class GrpcTransport:
         *,
         channel_factory: Callable[[str], grpc.aio.Channel] | None = None,
         wan: WanEmulation | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
-        """`wan`: the wide-area emulation this caller pays (None: none; see the module doc)."""
+        """`wan`: the wide-area emulation this caller pays (None: none; see the module doc).
+        `metadata`: sent with every call (a client's bearer token; k2store/security.py)."""
         self._addresses = dict(addresses)
         self._wan = wan
+        self._metadata = tuple(metadata) or None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._factory = channel_factory or (
@@ -124,12 +130,17 @@ class GrpcTransport:
     async def call(
         self, node: str, method: str, request: Message, response_type: type[M], *, timeout_s: float
     ) -> M:
-        ch = self.channel(node)
-        stub: Any = ch.unary_unary(
-            method,
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=response_type.FromString,
-        )
+        self.channel(node)  # UnknownNode before anything else
+
+        def stub() -> Any:
+            # Taken at the moment of sending: the channel may have been replaced meanwhile
+            # (during the emulated delay) by a call that found the node unreachable.
+            return self.channel(node).unary_unary(
+                method,
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=response_type.FromString,
+            )
+
         wan = self._wan
         if (
             wan is not None
@@ -141,9 +152,21 @@ class GrpcTransport:
             result = await self._invoke(stub, node, request, timeout_s)
         return result
 
-    async def _invoke(self, stub: Any, node: str, request: Message, timeout_s: float) -> Any:
+    async def _invoke(
+        self, stub: Callable[[], Any], node: str, request: Message, timeout_s: float
+    ) -> Any:
         try:
-            return await stub(request, timeout=timeout_s)
+            # The outer bound guards against a call that would never finish (gRPC has been seen
+            # to leave a call on a channel closed under it pending past its deadline).
+            return await asyncio.wait_for(
+                stub()(request, timeout=timeout_s, metadata=self._metadata), timeout_s + 1.0
+            )
+        except TimeoutError:
+            self._drop(node)
+            raise DeadlineExceeded(f"node {node!r} did not answer within the deadline") from None
+        except grpc.aio.UsageError:  # the channel was closed under this call: try a fresh one
+            self._drop(node)
+            raise Unavailable(f"node {node!r}: connection replaced, retry") from None
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE and ERROR_METADATA_KEY not in dict(
                 e.trailing_metadata() or ()
@@ -155,14 +178,27 @@ class GrpcTransport:
             raise rpc_error_to_k2(e, f"node {node!r} ({self._addresses[node]})") from None
 
     def _drop(self, node: str) -> None:
+        """Replace node's channel for future calls. The old one closes only after a grace
+        period, so calls still running on it (long polls) finish or time out on their own."""
         ch = self._channels.pop(node, None)
         if ch is not None:
-            task = asyncio.ensure_future(ch.close())
+            task = asyncio.ensure_future(self._close_later(ch))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
+    async def _close_later(self, ch: grpc.aio.Channel) -> None:
+        try:
+            await asyncio.sleep(_DROPPED_CHANNEL_GRACE_S)
+        finally:
+            await ch.close()
+
     async def _emulated_call(
-        self, wan: WanEmulation, stub: Any, node: str, request: Message, timeout_s: float
+        self,
+        wan: WanEmulation,
+        stub: Callable[[], Any],
+        node: str,
+        request: Message,
+        timeout_s: float,
     ) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -205,7 +241,10 @@ class GrpcTransport:
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
-        await asyncio.gather(*(c.close() for c in channels), *self._closing, return_exceptions=True)
+        closing = list(self._closing)
+        for task in closing:
+            task.cancel()  # its finally closes the dropped channel now
+        await asyncio.gather(*(c.close() for c in channels), *closing, return_exceptions=True)
 
 
 async def _sleep(seconds: float) -> None:
@@ -297,15 +336,21 @@ def cluster_transport(
     region: str | None = None,
     rng: random.Random | None = None,
     check_interval_s: float = 0.1,
+    token: str | None = None,
 ) -> GrpcTransport:
     """The `GrpcTransport` of node `node`, or of a client in `region` (default: the first region),
     paying the cluster's wide-area emulation: its `[network]` settings, plus the overrides file
     next to the cluster file (`net.toml`) when the cluster came from a file, looked at every
-    `check_interval_s`."""
+    `check_interval_s`.
+
+    With `[security] tls` on, channels are mutual TLS with the node's certificate (`node`) or the
+    client certificate, and a client sends its bearer token (`token`, else see
+    `security.client_token`) with every call."""
     addresses = {n.name: n.address for n in cluster.nodes}
     path = cluster.path.parent / OVERRIDES_FILE if cluster.path is not None else None
+    secured = _secured(cluster, node, token)
     if path is None and not cluster.settings.network.enabled:
-        return GrpcTransport(addresses)
+        return GrpcTransport(addresses, **secured)
     wan = WanEmulation(
         cluster.settings.network,
         region=cluster.node(node).region if node else region or cluster.regions[0].name,
@@ -315,4 +360,22 @@ def cluster_transport(
         rng=rng,
         check_interval_s=check_interval_s,
     )
-    return GrpcTransport(addresses, wan=wan)
+    return GrpcTransport(addresses, wan=wan, **secured)
+
+
+def _secured(cluster: ClusterConfig, node: str | None, token: str | None) -> dict[str, Any]:
+    """GrpcTransport arguments for a secured cluster: TLS channels, and a client's token."""
+    sec = cluster.settings.security
+    if not sec.tls:
+        return {}
+    from k2store.certs import channel_credentials
+    from k2store.security import bearer_metadata, client_token
+
+    creds = channel_credentials(sec, node)
+    tok = None if node is not None else client_token(sec, token)
+    return {
+        "channel_factory": lambda addr: grpc.aio.secure_channel(
+            addr, creds, options=CHANNEL_OPTIONS
+        ),
+        "metadata": bearer_metadata(tok) if tok else (),
+    }

@@ -60,9 +60,18 @@ class Abort:
 
 
 class MvtoRules:
-    def __init__(self, store: VersionedStore, *, wait_for_lower: bool = True) -> None:
+    def __init__(
+        self,
+        store: VersionedStore,
+        *,
+        wait_for_lower: bool = True,
+        unsafe_ignore_read_marks: bool = False,
+    ) -> None:
+        """`unsafe_ignore_read_marks` breaks serializability on purpose (the read-mark rule
+        is skipped), so tests can prove the consistency checkers notice."""
         self.store = store
         self.wait_for_lower = wait_for_lower
+        self.unsafe_ignore_read_marks = unsafe_ignore_read_marks
 
     def _foreign_intent(self, txn: TxnRef | None, key: bytes) -> Intent | None:
         intent = self.store.get_intent(key)
@@ -115,7 +124,7 @@ class MvtoRules:
     def write(self, txn: TxnRef, key: bytes, value: bytes | None) -> WriteDone | Wait | Abort:
         mark = self.store.read_marks.get(key)
         # A mark equal to T.ts is T's own read (timestamps are unique per transaction).
-        if mark > txn.ts:
+        if mark > txn.ts and not self.unsafe_ignore_read_marks:
             return Abort(
                 "read-mark",
                 f"write of key {key[:64]!r} at {format_ts(txn.ts)} aborted by rule read-mark: "

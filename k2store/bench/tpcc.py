@@ -332,7 +332,7 @@ def format_results(results: Sequence[TpccResult]) -> str:
 
 def write_results(results: Sequence[TpccResult], tc: TpccConfig, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.fromtimestamp(SystemClock().now_ns() / 1e9, UTC).strftime("%Y%m%dT%H%M%SZ")
     path = out / f"tpcc-{stamp}.json"
     rows = []
     for r in results:

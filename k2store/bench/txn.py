@@ -72,6 +72,7 @@ REFINEMENTS: tuple[str, ...] = (
     "record_at_home",
     "async_resolve",
     "future_ts",
+    "late_stamping",
 )
 """The `[txn]` switches that `--ablate` turns off one at a time (see cluster.TxnSettings)."""
 

@@ -282,7 +282,7 @@ def format_results(results: list[PolicyResult]) -> str:
 
 def write_results(results: list[PolicyResult], vc: VisibilityConfig, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.fromtimestamp(SystemClock().now_ns() / 1e9, UTC).strftime("%Y%m%dT%H%M%SZ")
     path = out / f"visibility-{stamp}.json"
     payload: dict[str, Any] = {
         "benchmark": "visibility",

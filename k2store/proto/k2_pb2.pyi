@@ -946,16 +946,20 @@ class TxnOpsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    TS_FIELD_NUMBER: _builtins.int
+    ts: _builtins.int
+    """the transaction's timestamp, final from its first operation on"""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TxnOpResult]: ...
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___TxnOpResult] | None = ...,
+        ts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results", "ts", b"ts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

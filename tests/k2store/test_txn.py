@@ -24,7 +24,15 @@ from k2store.node import Node
 from truetime import ManualClock
 
 REGIONS = ["us-east", "eu-west", "ap-southeast"]
-FAST = TxnSettings(push_after_s=0.02, expiry_s=0.3, heartbeat_s=0.05, client_timeout_s=5.0)
+# The rule tests interleave transactions by when they begin: stamping at begin keeps that order
+# (late stamping is tested on its own below, and is on in the simulator's property tests).
+FAST = TxnSettings(
+    push_after_s=0.02,
+    expiry_s=0.3,
+    heartbeat_s=0.05,
+    client_timeout_s=5.0,
+    late_stamping=False,
+)
 
 
 def make_cluster(tmp_path: Path, txn: TxnSettings = FAST) -> ClusterConfig:
@@ -115,6 +123,24 @@ def test_write_under_a_later_read_aborts_by_read_mark(tmp_path: Path) -> None:
                 await t1.put("us-east/k", b"late")
             assert e.value.rule == "read-mark" and "us-east/k" in str(e.value)
             await t2.commit()
+
+    run(body)
+
+
+def test_late_stamping_orders_a_transaction_by_its_first_operation(tmp_path: Path) -> None:
+    """The read-mark case above, with late stamping on: t1 is stamped when its write is
+    dispatched, after t2's read, so the write lands above the read mark."""
+
+    async def body() -> None:
+        async with cluster(tmp_path, replace(FAST, late_stamping=True)) as (cfg, nodes, c):
+            t1 = await c.begin()
+            t2 = await c.begin()
+            assert await t2.get("us-east/k") is None
+            await t1.put("us-east/k", b"late")
+            assert t1.ts > t2.ts
+            await t1.commit()
+            await t2.commit()
+            assert await c.get("us-east/k") == b"late"
 
     run(body)
 
