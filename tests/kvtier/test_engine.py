@@ -1,0 +1,174 @@
+"""The engine over a tiny random Llama: restored-cache logits equal recomputed logits, in one
+region and across regions; generation with and without the tier agrees; blocks of generated
+tokens are reused by the next turn; the cost-aware choice skips slow remote copies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from engine_env import ByteCodec, tiny_model
+from kvtier_env import Env, kv_env, run
+
+from kvtier.blocks import Namespace
+from kvtier.engine import (
+    Engine,
+    EngineConfig,
+    PrefillCostModel,
+    SamplingParams,
+    block_spec_for,
+    namespace_for,
+)
+
+BT = 4
+PROMPT = [5, 17, 99, 3, 250, 31, 7, 64, 128, 200, 11, 12, 13, 14, 15, 16, 42]  # 17 tokens
+
+
+async def engine_in(
+    env: Env, region: str, *, dtype: str = "float32", model: object = None, **cfg: object
+) -> tuple[Engine, Namespace]:
+    model = model if model is not None else tiny_model()
+    spec = block_spec_for(model.config, block_tokens=BT, dtype=dtype)  # type: ignore[attr-defined]
+    ns = namespace_for("tiny-llama@0", "bytes-v1", spec, "acme", tenant_salt=b"s")
+    await env.metadata.register_namespace(ns)
+    conn = await env.connector(ns, region)
+    config = EngineConfig(block_tokens=BT, kv_dtype=dtype, **cfg)  # type: ignore[arg-type]
+    return Engine(model, ByteCodec(), conn, config=config), ns
+
+
+@pytest.mark.parametrize("cut", [8, 10, 12, 17])
+def test_restored_logits_equal_recompute(tmp_path: Path, cut: int) -> None:
+    """A prompt whose first `cut` tokens were stored: prefixes ending at a block boundary (8,
+    12) and inside a block (10, 17: the partial tail is recomputed)."""
+
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            eng, _ = await engine_in(env, "us-east", store_generated=False)
+            await eng.complete(PROMPT[:cut], SamplingParams(max_tokens=1))
+            await eng.flush()
+            hit = await eng.prefill(PROMPT, all_logits=True)
+            full = await eng.prefill(PROMPT, all_logits=True, use_tier=False)
+            cached = cut // BT * BT
+            assert hit.metrics.cached_tokens == cached
+            assert hit.metrics.computed_tokens == len(PROMPT) - cached
+            assert hit.metrics.choice == "local" and hit.metrics.bytes_moved == 0
+            n = hit.metrics.computed_tokens
+            torch.testing.assert_close(hit.logits, full.logits[-n:], atol=1e-5, rtol=1e-5)
+            # The caches agree too, restored part included.
+            for a, b in zip(hit.cache.layers, full.cache.layers, strict=True):
+                torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+
+    run(body)
+
+
+def test_whole_prompt_cached_recomputes_the_last_token(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            eng, _ = await engine_in(env, "us-east", store_generated=False)
+            prompt = PROMPT[:12]
+            await eng.complete(prompt, SamplingParams(max_tokens=1))
+            await eng.flush()
+            hit = await eng.prefill(prompt)
+            full = await eng.prefill(prompt, use_tier=False)
+            assert hit.metrics.cached_tokens == 12 and hit.metrics.computed_tokens == 1
+            torch.testing.assert_close(hit.logits, full.logits, atol=1e-5, rtol=1e-5)
+
+    run(body)
+
+
+def test_cross_region_hit_float16_blocks(tmp_path: Path) -> None:
+    """Blocks stored in us-east load in eu-west (bytes moved counted); float16 blocks give
+    logits within float16 rounding of the float32 recompute, and the same greedy tokens."""
+
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            model = tiny_model()
+            east, _ = await engine_in(env, "us-east", dtype="float16", model=model)
+            west, _ = await engine_in(env, "eu-west", dtype="float16", model=model)
+            params = SamplingParams(max_tokens=6)
+            first = await east.complete(PROMPT, params)
+            await east.flush()
+            assert first.metrics.choice == "miss" and first.metrics.stored_blocks == 5
+            hit = await west.prefill(PROMPT, all_logits=True)
+            full = await west.prefill(PROMPT, all_logits=True, use_tier=False)
+            m = hit.metrics
+            assert m.cached_tokens == 16 and m.choice == "remote"
+            assert m.cached_by_region == {"us-east": 4}
+            assert m.bytes_moved > 4 * east.spec.nbytes
+            torch.testing.assert_close(hit.logits, full.logits[-1:], atol=2e-2, rtol=1e-2)
+            again = await west.complete(PROMPT, params)
+            assert again.token_ids == first.token_ids
+            await west.flush()
+            # eu-west kept a copy of what it loaded: the next request there is local.
+            local = await west.prefill(PROMPT)
+            assert local.metrics.choice == "local" and local.metrics.bytes_moved == 0
+
+    run(body)
+
+
+def test_generated_blocks_serve_the_next_turn(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            eng, _ = await engine_in(env, "us-east")
+            c = await eng.complete(PROMPT, SamplingParams(max_tokens=9, stop_at_eos=False))
+            await eng.flush()
+            turn2 = [*PROMPT, *c.token_ids, 1, 2, 3]
+            hit = await eng.prefill(turn2)
+            # prompt (17) + 8 generated tokens fed back = 25 tokens: 6 full blocks.
+            assert hit.metrics.cached_tokens == 24
+
+    run(body)
+
+
+def test_streaming_metrics_and_seeded_sampling(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            eng, _ = await engine_in(env, "us-east")
+            params = SamplingParams(
+                max_tokens=5, temperature=0.8, top_p=0.9, seed=7, stop_at_eos=False
+            )
+            events = [ev async for ev in eng.generate(PROMPT, params)]
+            assert [e.index for e in events] == list(range(5))
+            assert [e.finish_reason for e in events] == [None] * 4 + ["length"]
+            m = events[-1].metrics
+            assert m is not None and m.ttft_s > 0 and len(m.inter_token_s) == 4
+            assert m.completion_tokens == 5 and m.prompt_tokens == len(PROMPT)
+            again = await eng.complete(PROMPT, params)
+            assert again.token_ids == [e.token_id for e in events]
+            greedy_tier = await eng.complete(PROMPT, SamplingParams(max_tokens=5))
+            plain = Engine(tiny_model(), ByteCodec(), None)
+            greedy_plain = await plain.complete(PROMPT, SamplingParams(max_tokens=5))
+            assert greedy_tier.token_ids == greedy_plain.token_ids
+
+    run(body)
+
+
+def test_cost_model_skips_remote_blocks_slower_than_recompute(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            model = tiny_model()
+            east, _ = await engine_in(env, "us-east", model=model)
+            west, _ = await engine_in(env, "eu-west", model=model)
+            await east.complete(PROMPT, SamplingParams(max_tokens=1))
+            await east.flush()
+            assert west.connector is not None
+            west.connector.cost.prefill_tokens_per_s = 1e12  # recomputing is free, as if measured
+            r = await west.prefill(PROMPT)
+            assert r.metrics.choice == "recompute" and r.metrics.cached_tokens == 0
+            assert r.metrics.offered_tokens == 16 and r.metrics.bytes_moved == 0
+
+    run(body)
+
+
+def test_prefill_cost_model_fits_measurements() -> None:
+    cm = PrefillCostModel()
+    assert cm.estimate(100) is None
+    for n in (128, 256, 512, 1024, 2048):
+        cm.observe(0, n, 1e-3 * n + 1e-7 * n * n / 2)
+    est = cm.estimate(4096)
+    assert est is not None and est == pytest.approx(1e-3 * 4096 + 1e-7 * 4096**2 / 2, rel=1e-3)
+    assert cm.estimate(64, past=4096) == pytest.approx(
+        1e-3 * 64 + 1e-7 * 64 * (4096 + 32), rel=1e-2
+    )
