@@ -6,10 +6,9 @@ How a run goes::
     for each policy (vcr, watermark, closed-ts):
       a fresh three-region cluster with [replication] policy = <policy> and DESIGN's wide-area
       latencies (node processes on loopback; or, with --sim, the deterministic simulator)
-      load: a TPC-C-like mix from closed-loop clients in every region for --duration seconds:
-            new-order (read the home warehouse and a district, write the district and an order
-            row) and payment (read and write the home warehouse); --remote-fraction of the
-            new-orders also read a district of another region (a cross-region transaction)
+      load: `k2 bench tpcc`'s TPC-C-like mix from closed-loop clients in every region for
+            --duration seconds (new-order and payment; --remote-fraction of the new-orders also
+            read a district of another region)
       collect: every node's visibility-delay histograms (commit at the shard leader -> readable
             at the region's visible timestamp), per (home region, reading region); seal aborts;
             transaction throughput and aborts
@@ -27,14 +26,15 @@ import json
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from k2store.bench import tpcc
 from k2store.bench.txn import local_cluster, pyplot
-from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
+from k2store.client import AsyncClient, RetryPolicy
 from k2store.cluster import (
     DEFAULT_REGIONS,
     REPLICATION_POLICIES,
@@ -42,7 +42,7 @@ from k2store.cluster import (
     ClusterSettings,
     ReplicationSettings,
 )
-from k2store.errors import InvalidArgument, K2Error, TxnAborted
+from k2store.errors import InvalidArgument, K2Error
 from k2store.proto import k2_pb2 as pb
 from truetime import SystemClock
 
@@ -98,48 +98,23 @@ class VisibilityConfig:
 # -- the workload (any AsyncClient: processes or the simulator) ----------------------------------
 
 
-async def tpcc_like_client(
-    c: AsyncClient, index: int, stop: asyncio.Event, remote_fraction: float, result: PolicyResult
-) -> None:
-    """Closed loop of new-order and payment transactions on the client's home warehouse."""
-    home = c.region
-    others = [r for r in DEFAULT_REGIONS if r != home]
-    w = f"{home}/w/0"
-    j = 0
-    fn: Callable[[AsyncTransaction], Awaitable[None]]
-    while not stop.is_set():
-        j += 1
-        d = f"{home}/d/{j % DISTRICTS}"
-        if j % 2:
-            remote = (
-                f"{others[j % len(others)]}/d/{j % DISTRICTS}"
-                if (j * 7919 % 1000) < remote_fraction * 1000
-                else None
-            )
-            keys = [w, d] + ([remote] if remote else [])
+def _workload(vc: VisibilityConfig) -> tpcc.TpccConfig:
+    """The load: `k2 bench tpcc`'s mix (one warehouse per region, one-shot transactions)."""
+    return tpcc.TpccConfig(
+        clients_per_region=vc.clients_per_region,
+        remote_fraction=vc.remote_fraction,
+        duration_s=vc.duration_s,
+        seed=vc.seed,
+    )
 
-            async def new_order(
-                tx: AsyncTransaction, d: str = d, keys: list[str] = keys, order: str = f"{j}"
-            ) -> None:
-                await tx.get_many(list(keys))
-                await tx.put_many({d: b"next-order", f"{home}/o/{index}/{order}": b"order"})
 
-            fn = new_order
-        else:
-            keys = [w]
-
-            async def payment(tx: AsyncTransaction) -> None:
-                await tx.get_many([w])
-                await tx.put_many({w: b"ytd"})
-
-            fn = payment
-        try:
-            await c.run(fn, keys=keys)
-            result.committed += 1
-        except TxnAborted as e:
-            result.failed_attempts[e.rule] += 1
-        except K2Error as e:
-            result.failed_attempts[type(e).__name__] += 1
+def _count(result: PolicyResult, load: tpcc.TpccResult) -> None:
+    result.committed = load.committed
+    attempts = sum(r.attempts for r in load.regions.values())
+    result.failed_attempts = Counter(load.rules)
+    other = attempts - load.committed - sum(load.rules.values())
+    if other > 0:
+        result.failed_attempts["other"] += other
 
 
 def collect(result: PolicyResult, statuses: Sequence[tuple[str, pb.ReplicationStatus]]) -> None:
@@ -171,13 +146,20 @@ async def _run_on(cfg: ClusterConfig, vc: VisibilityConfig, result: PolicyResult
         for _ in range(vc.clients_per_region)
     ]
     stop = asyncio.Event()
+    load = tpcc.TpccResult(result.policy, "processes", len(clients), vc.remote_fraction, 0)
+    clock = SystemClock()
+
+    def now_ms() -> float:
+        return clock.monotonic_ns() / 1e6
+
     tasks = [
-        asyncio.create_task(tpcc_like_client(c, i, stop, vc.remote_fraction, result))
+        asyncio.create_task(tpcc.tpcc_client(c, i, stop, _workload(vc), load, now_ms))
         for i, c in enumerate(clients)
     ]
     await asyncio.sleep(vc.duration_s)
     stop.set()
     await asyncio.gather(*tasks)
+    _count(result, load)
     await asyncio.sleep(1.0)  # the last epochs become visible
     statuses = []
     for n in cfg.nodes:
@@ -224,11 +206,17 @@ def run_sim(policy: str, vc: VisibilityConfig) -> PolicyResult:
             await asyncio.sleep(vc.duration_s)
             stop.set()
 
+        load = tpcc.TpccResult(policy, "sim", len(clients), vc.remote_fraction, 0)
+
+        def now_ms() -> float:
+            return cluster.now_s * 1000
+
         jobs = [stopper] + [
-            (lambda i=i, c=c: tpcc_like_client(c, i, stop, vc.remote_fraction, result))
+            (lambda i=i, c=c: tpcc.tpcc_client(c, i, stop, _workload(vc), load, now_ms))
             for i, c in enumerate(clients)
         ]
         await cluster.run(jobs, vc.duration_s + 30)
+        _count(result, load)
         await asyncio.sleep(1.0)
         statuses = []
         for node in cluster.nodes.values():

@@ -30,7 +30,7 @@ def test_bench_tpcc_interactive_mode_is_slower_than_one_shot() -> None:
 
 def test_bench_visibility_sim_quick(tmp_path: Path) -> None:
     rc = main(
-        ["bench", "visibility", "--sim", "--quick", "--duration", "2", "--out", str(tmp_path)]
+        ["bench", "visibility", "--sim", "--quick", "--duration", "4", "--out", str(tmp_path)]
     )
     assert rc == 0
     (out,) = tmp_path.glob("visibility-*.json")
