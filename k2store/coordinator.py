@@ -34,6 +34,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from k2store.background import stop_tasks
 from k2store.cluster import ClusterConfig, ShardConfig, TxnSettings
 from k2store.errors import InvalidArgument, K2Error, TxnAborted
 from k2store.proto import k2_pb2 as pb
@@ -117,11 +118,7 @@ class Coordinator:
         for txn in self.txns.values():
             if txn.heartbeat is not None:
                 tasks.append(txn.heartbeat)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await stop_tasks(tasks)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

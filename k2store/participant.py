@@ -29,6 +29,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from k2store.background import stop_tasks
 from k2store.cluster import ClusterConfig, TxnSettings
 from k2store.errors import InvalidArgument, NotLeader, TxnAborted, Unavailable
 from k2store.proto import k2_pb2 as pb
@@ -630,9 +631,7 @@ class Participant:
 
     async def stop(self) -> None:
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await stop_tasks([self._sweeper])
 
     async def _sweep_forever(self) -> None:
         while True:

@@ -33,6 +33,7 @@ from typing import Protocol, TypeVar
 
 from google.protobuf.message import Message
 
+from k2store.background import stop_tasks
 from k2store.cluster import ClusterConfig, ReplicationSettings, ShardConfig
 from k2store.errors import (
     BelowHorizon,
@@ -219,11 +220,7 @@ class Replicator:
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
         tasks += list(self._pushes)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await stop_tasks(tasks)
 
     # -- leader: sealing -----------------------------------------------------------------------
 
