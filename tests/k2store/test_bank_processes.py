@@ -314,13 +314,15 @@ async def bank(cfg: ClusterConfig) -> Run:
             )
     finally:
         run.stop = True
-        done, pending = await asyncio.wait(tasks, timeout=15)
+        # A transfer in flight may still be retrying (lock waits of up to client_timeout_s,
+        # then backoff) on a loaded machine: give the loops time to finish it.
+        done, pending = await asyncio.wait(tasks, timeout=45)
         for t in pending:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     for t in done:
         t.result()  # a bug in the loops themselves surfaces here
-    assert not pending, f"{len(pending)} workload tasks did not stop within 15 s"
+    assert not pending, f"{len(pending)} workload tasks did not stop within 45 s"
 
     # The final state, at one timestamp: balances and every ledger entry.
     async def final(tx: AsyncTransaction) -> tuple[list[bytes | None], list[tuple[bytes, bytes]]]:
