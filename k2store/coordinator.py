@@ -199,19 +199,37 @@ class Coordinator:
         await self.tt.wait_until_after(ts)
 
     def one_way_ns(self, node: str) -> int:
-        """Measured one-way delay to node: half the smoothed round trip of recent calls."""
+        """One-way delay to node: half the smoothed round trip of recent calls; before the
+        first one, half the RTT the cluster file's network table gives for the region pair
+        (without it, a fresh coordinator's first cross-region transactions would not be
+        future-stamped, and K2-VCR would seal them out at the far leader every time)."""
         if node == self.node_name:
             return 0
-        return self._rtt_ns.get(node, 0) // 2
+        measured = self._rtt_ns.get(node)
+        if measured is not None:
+            return measured // 2
+        net = self.cluster.settings.network
+        if not net.enabled:
+            return 0
+        here = self.cluster.node(self.node_name).region
+        there = self.cluster.node(node).region
+        return int(net.rtt_of(here, there) * 1_000_000) // 2
 
     async def _timed_call(self, node: str, path: str, req: Message, rtype: type[Any]) -> Any:
         start = _now_ns()
-        result = await self.call(node, path, req, rtype)
-        rtt = _now_ns() - start
-        old = self._rtt_ns.get(node)
-        # EWMA, but a sample below the estimate counts fully: queueing only ever adds delay.
-        self._rtt_ns[node] = rtt if old is None or rtt < old else (7 * old + rtt) // 8
-        return result
+        try:
+            return await self.call(node, path, req, rtype)
+        except TxnAborted:
+            raise  # an answer all the same: its round trip counts (below)
+        except K2Error:
+            start = 0  # no answer (unreachable, timed out): no round trip to learn from
+            raise
+        finally:
+            if start:
+                rtt = _now_ns() - start
+                old = self._rtt_ns.get(node)
+                # EWMA, but a sample below the estimate counts fully: queueing only adds delay.
+                self._rtt_ns[node] = rtt if old is None or rtt < old else (7 * old + rtt) // 8
 
     async def ops(self, req: pb.TxnOpsRequest) -> pb.TxnOpsResponse:
         txn = self._txn(req.txn_id)
