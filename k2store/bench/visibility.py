@@ -34,7 +34,7 @@ from typing import Any
 
 from k2store.bench import tpcc
 from k2store.bench.txn import local_cluster, pyplot
-from k2store.client import AsyncClient, RetryPolicy
+from k2store.client import AsyncClient
 from k2store.cluster import (
     DEFAULT_REGIONS,
     REPLICATION_POLICIES,
@@ -45,8 +45,6 @@ from k2store.cluster import (
 from k2store.errors import InvalidArgument, K2Error
 from k2store.proto import k2_pb2 as pb
 from truetime import SystemClock
-
-DISTRICTS = 10
 
 
 @dataclass
@@ -139,7 +137,7 @@ def settings_for(policy: str) -> ClusterSettings:
 
 
 async def _run_on(cfg: ClusterConfig, vc: VisibilityConfig, result: PolicyResult) -> None:
-    retry = RetryPolicy(max_attempts=30, initial_backoff_s=0.005, max_backoff_s=0.2)
+    retry = tpcc.RETRY
     clients = [
         AsyncClient(cfg, region=r, retry=retry)
         for r in cfg.region_names()
@@ -194,7 +192,7 @@ def run_sim(policy: str, vc: VisibilityConfig) -> PolicyResult:
 
     async def main() -> None:
         cluster = SimCluster(cfg, seed=vc.seed)
-        retry = RetryPolicy(max_attempts=30, initial_backoff_s=0.005, max_backoff_s=0.2)
+        retry = tpcc.RETRY
         clients = [
             cluster.txn_client(r, retry=retry)
             for r in DEFAULT_REGIONS
