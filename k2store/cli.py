@@ -251,6 +251,16 @@ def _parser() -> argparse.ArgumentParser:
             description=(bench_visibility.__doc__ or "").split("\n\n", 1)[0],
         )
     )
+    from k2store.bench import etcd as bench_etcd
+
+    bench_etcd.add_arguments(
+        bsub.add_parser(
+            "etcd",
+            help="reads per region: K2 replica reads vs a real etcd's linearizable reads",
+            description=bench_etcd.DESCRIPTION,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     # jepsen_tests sits above k2store: imported here only for its (light) option definitions.
     from jepsen_tests import command as jepsen_command
 
@@ -375,6 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from k2store.bench import visibility as bench_visibility
 
             return bench_visibility.main(args)
+        if args.cmd == "bench" and args.bench == "etcd":
+            from k2store.bench import etcd as bench_etcd
+
+            return bench_etcd.main(args)
         if args.cmd == "bench" and args.bench == "txn":
             from k2store.bench import txn as bench_txn
 
