@@ -72,6 +72,22 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--block-tokens", type=int, default=64, help="tokens per KV block (64)")
     sv.add_argument("--kv-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     sv.add_argument("--max-tokens", type=int, default=128, help="default max_tokens (128)")
+    sv.add_argument(
+        "--router",
+        default=None,
+        metavar="URL",
+        help="register with the router at URL (e.g. http://127.0.0.1:8100 from `k2 router`), "
+        "renewing every ttl/3 s with this node's load, and leave it on shutdown",
+    )
+    sv.add_argument(
+        "--name", default=None, help="name to register under (default serve-REGION-PORT)"
+    )
+    sv.add_argument(
+        "--router-ttl",
+        type=float,
+        default=10.0,
+        help="seconds the router keeps this node without hearing from it (default 10)",
+    )
     sv.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     n = sub.add_parser("node", help="run one node process from a cluster file")
@@ -91,7 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     ro = sub.add_parser("router", help="run the cache-aware KV router (kvtier)")
     ro.add_argument("--broker", required=True, help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883")
     ro.add_argument(
-        "--node", action="append", default=[], metavar="NAME=REGION", help="a serving node"
+        "--node",
+        action="append",
+        default=[],
+        metavar="NAME=REGION",
+        help="a serving node known in advance (serving nodes started with `k2 serve --router` "
+        "register themselves over HTTP: POST /register)",
     )
     ro.add_argument(
         "--region", action="append", default=None, help="only this region's events (repeatable)"
@@ -478,7 +499,11 @@ def _router(args: argparse.Namespace) -> int:
     rtt.update(parse_rtt_spec(r) for r in args.rtt)
 
     def started(port: int) -> None:
-        print(f"router: http://127.0.0.1:{port}/route  (events from {args.broker})", flush=True)
+        print(
+            f"router: http://127.0.0.1:{port}/route  (events from {args.broker}; serving nodes "
+            f"register at http://127.0.0.1:{port}/register)",
+            flush=True,
+        )
 
     async def main() -> None:
         from k2store import cluster as cluster_mod

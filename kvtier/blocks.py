@@ -44,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ __all__ = [
     "Layout",
     "Namespace",
     "block_hashes",
+    "block_view",
     "concat_blocks",
     "decode_block",
     "encode_block",
@@ -456,6 +458,23 @@ def decode_block(
     src = np.frombuffer(memoryview(frame), dtype=np.uint8, offset=FRAME_HEADER_BYTES)
     np.copyto(dst, src)
     return out
+
+
+def block_view(frame: bytes | bytearray | memoryview, spec: BlockSpec) -> torch.Tensor:
+    """The block tensor of a frame whose payload checksum was already verified (as
+    `BlockStoreClient.get` does), without copying: a read-only view of the frame's bytes, valid
+    while the frame is. Checks the header and the spec (`CorruptBlock`, `BlockSpecMismatch`)."""
+    h = read_header(frame)
+    if h.spec != spec:
+        raise BlockSpecMismatch(f"stored block has spec {h.spec}, the reader expects {spec}")
+    with warnings.catch_warnings():
+        # The view is only read from; torch warns because bytes are immutable.
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(
+            frame, dtype=spec.torch_dtype, count=spec.nbytes // spec.itemsize,
+            offset=FRAME_HEADER_BYTES,
+        )  # fmt: skip
+    return flat.view(spec.shape())
 
 
 def split_blocks(spec: BlockSpec, kv: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:

@@ -48,7 +48,7 @@ import asyncio
 import logging
 import secrets
 import threading
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,6 +67,7 @@ from kvtier.blocks import (
     BlockSpec,
     Namespace,
     block_hashes,
+    block_view,
     concat_blocks,
     decode_block,
     encode_block,
@@ -88,6 +89,7 @@ from truetime import ClockSource
 __all__ = [
     "AsyncKVConnector",
     "BlockLocation",
+    "BlockSink",
     "ConnectorConfig",
     "ConnectorStats",
     "KVConnector",
@@ -99,6 +101,8 @@ __all__ = [
 log = logging.getLogger("kvtier.connector")
 T = TypeVar("T")
 Tokens = Sequence[int] | torch.Tensor | np.ndarray[Any, Any]
+BlockSink = Callable[[int, torch.Tensor], None]
+"""`sink(index, block)`: takes block number `index` of a retrieve (see `retrieve`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +125,16 @@ class ConnectorConfig:
     recomputing it (kvtier/placement.py); False: every confirmed block, this region first."""
     replicate_after: int = 2
     """Copy a block into this region after this many loads of it from other regions (0: never)."""
+    remote_metadata: str = "replica"
+    """Where lookup reads other regions' block rows: "replica" (this region's replicas, no
+    wide-area round trip; rows published in the last visibility delay are missed and those
+    blocks recomputed) or "leader" (their home regions: current, one wide-area round trip)."""
+
+    def __post_init__(self) -> None:
+        if self.remote_metadata not in ("replica", "leader"):
+            raise InvalidArgument(
+                f"remote_metadata must be 'replica' or 'leader', got {self.remote_metadata!r}"
+            )
 
 
 @dataclass(slots=True)
@@ -183,8 +197,9 @@ class LookupResult:
 class RetrieveResult:
     num_tokens: int
     """Tokens served: kv covers tokens[:num_tokens]; the engine computes the rest."""
-    kv: torch.Tensor
-    """Shape spec.shape(num_tokens) in the namespace's layout and dtype."""
+    kv: torch.Tensor | None
+    """Shape spec.shape(num_tokens) in the namespace's layout and dtype; None when a sink took
+    the blocks as they arrived."""
     failed_blocks: int
     bytes_moved: int
     """Wire bytes fetched from other regions for this call."""
@@ -307,27 +322,55 @@ class AsyncKVConnector:
 
     # -- lookup --------------------------------------------------------------------------------
 
-    async def lookup(self, tokens: Tokens) -> LookupResult:
+    async def lookup(
+        self, tokens: Tokens, *, confirm_remote: bool = True, fresh_regions: Sequence[str] = ()
+    ) -> LookupResult:
         """How many leading tokens can be served, and from where. The blocks reported are
-        leased to this connector for `lease_s`. Never raises for an unavailable store."""
+        leased to this connector for `lease_s`. Never raises for an unavailable store.
+
+        One local round: this region's rows at its leader and (with `remote_metadata` "replica")
+        the other regions' rows at this region's replicas, in parallel. Each block's bytes are
+        then confirmed at the store it would load from (a `Has` round), except, with
+        `confirm_remote=False`, at other regions: a caller that retrieves at once learns the same
+        from the load itself (a missing block is a counted miss, recomputed) and saves a
+        wide-area round trip. `fresh_regions` are read at their leaders even in "replica" mode
+        (a region that stored blocks for this caller a moment ago, like a session's last home)."""
         hashes = block_hashes(self.ns, tokens)
         self.stats.lookups += 1
         self.stats.lookup_tokens += len(hashes) * self.spec.block_tokens
         try:
-            # This region's rows first (a local read); the wide-area round only when they do
-            # not cover the whole prompt.
             unreachable: list[str] = []
-            rows = await self.metadata.lookup(
-                self.record,
-                hashes,
-                regions=[self.config.region],
-                timeout_s=self.config.timeout_s,
-                unreachable=unreachable,
-            )
-            if len(rows) < len(hashes):
+            here = self.config.region
+            if self.config.remote_metadata == "replica":
+                others = [
+                    r
+                    for r in self.metadata.client.cluster.region_names()
+                    if r != here and r not in fresh_regions
+                ]
                 rows = await self.metadata.lookup(
-                    self.record, hashes, timeout_s=self.config.timeout_s, unreachable=unreachable
+                    self.record,
+                    hashes,
+                    replica_regions=others,
+                    timeout_s=self.config.timeout_s,
+                    unreachable=unreachable,
                 )
+            else:
+                # This region's rows first (a local read); the wide-area round only when they
+                # do not cover the whole prompt.
+                rows = await self.metadata.lookup(
+                    self.record,
+                    hashes,
+                    regions=[here],
+                    timeout_s=self.config.timeout_s,
+                    unreachable=unreachable,
+                )
+                if len(rows) < len(hashes):
+                    rows = await self.metadata.lookup(
+                        self.record,
+                        hashes,
+                        timeout_s=self.config.timeout_s,
+                        unreachable=unreachable,
+                    )
             self.stats.unavailable += len(unreachable)
         except K2Error as e:
             if isinstance(e, InvalidArgument):
@@ -335,7 +378,7 @@ class AsyncKVConnector:
             self.stats.unavailable += 1
             log.warning("metadata lookup failed, reporting a miss: %s", e)
             return LookupResult(0, (), len(hashes))
-        chosen = await self._confirm(rows)
+        chosen = await self._confirm(rows, remote=confirm_remote)
         if self.config.cost_aware and chosen:
             plan = self.cost.plan([{b.region: b.size} for b in chosen], self.spec.block_tokens)
             self.stats.skipped_by_cost += len(chosen) - plan.num_blocks
@@ -369,8 +412,10 @@ class AsyncKVConnector:
 
         await asyncio.gather(*(one(r, hs) for r, hs in by_region.items()))
 
-    async def _confirm(self, rows: list[BlockInfo]) -> list[BlockLocation]:
-        """The longest prefix of rows whose bytes a reachable store says it holds."""
+    async def _confirm(self, rows: list[BlockInfo], *, remote: bool = True) -> list[BlockLocation]:
+        """The longest prefix of rows whose bytes a reachable store says it holds (with
+        `remote=False`, a block whose best copy is in another region is taken on the
+        metadata's word)."""
         pending: dict[int, list[str]] = {i: self._candidates(r) for i, r in enumerate(rows)}
         located: dict[int, str] = {}
         lost: dict[str, list[bytes]] = {}
@@ -381,6 +426,10 @@ class AsyncKVConnector:
                 while cands and self._store_for(cands[0], rows[i].block_hash) is None:
                     cands.pop(0)
                 if not cands:
+                    del pending[i]
+                    continue
+                if not remote and cands[0] != self.config.region:
+                    located[i] = cands[0]
                     del pending[i]
                     continue
                 store = self._store_for(cands[0], rows[i].block_hash)
@@ -432,15 +481,33 @@ class AsyncKVConnector:
 
     # -- retrieve ------------------------------------------------------------------------------
 
-    async def retrieve(self, tokens: Tokens, found: LookupResult | None = None) -> RetrieveResult:
+    async def retrieve(
+        self,
+        tokens: Tokens,
+        found: LookupResult | None = None,
+        *,
+        sink: BlockSink | None = None,
+    ) -> RetrieveResult:
         """Load the cached prefix of tokens (looked up now unless `found` is given). Serves the
-        longest prefix that loads and verifies; the rest is counted for recompute."""
+        longest prefix that loads and verifies; the rest is counted for recompute.
+
+        With a `sink`, each block is handed over as soon as it has arrived and verified, in
+        whatever order blocks arrive, as `sink(index, block)` in a worker thread, where block is
+        a read-only view of the received bytes valid only during the call; the result's `kv`
+        is then None. A caller that converts blocks into its own buffers this way overlaps the
+        conversion with the transfers still in flight and copies each byte once. Blocks after
+        the first failed one may have been handed over too; only `num_tokens` count."""
         if found is None:
             found = await self.lookup(tokens)
         sem = asyncio.Semaphore(max(1, self.config.parallel_loads))
         remote_before = self.stats.bytes_fetched_remote
         by_region: dict[str, int] = {}
         lost: dict[str, list[bytes]] = {}
+        # region -> [first start, last end, bytes] of this call's block transfers: the cost
+        # model plans one link per region carrying all of its blocks, so that is what it must
+        # learn from (one block's time under `parallel_loads` concurrency understates the
+        # link several times over).
+        spans: dict[str, list[int]] = {}
 
         async def load(loc: BlockLocation) -> torch.Tensor | None:
             regions = [loc.region] + [r for r in loc.regions if r != loc.region]
@@ -452,7 +519,13 @@ class AsyncKVConnector:
                     try:
                         t0 = self._mono()
                         frame, moved = await store.get_sized(loc.block_hash)
-                        self.cost.observe_transfer(region, moved, (self._mono() - t0) / 1e9)
+                        t1 = self._mono()
+                        if frame is None:  # a small reply: a round-trip sample
+                            self.cost.observe_transfer(region, moved, (t1 - t0) / 1e9)
+                        else:
+                            span = spans.setdefault(region, [t0, t1, 0])
+                            span[0], span[1] = min(span[0], t0), max(span[1], t1)
+                            span[2] += moved
                         if region == self.config.region:
                             self.stats.bytes_fetched_local += moved
                         else:
@@ -460,7 +533,11 @@ class AsyncKVConnector:
                         if frame is None:
                             lost.setdefault(region, []).append(loc.block_hash)
                             continue
-                        tensor = decode_block(frame, self.spec, block_hash=loc.block_hash)
+                        if sink is None:
+                            tensor = decode_block(frame, self.spec, block_hash=loc.block_hash)
+                        else:  # get verified the frame's checksum and key
+                            tensor = block_view(frame, self.spec)
+                            await asyncio.to_thread(sink, loc.index, tensor)
                     except CorruptBlock:
                         lost.setdefault(region, []).append(loc.block_hash)
                         continue
@@ -479,6 +556,8 @@ class AsyncKVConnector:
             return None
 
         tensors = await asyncio.gather(*(load(b) for b in found.blocks))
+        for region, (first, last, nbytes) in spans.items():
+            self.cost.observe_transfer(region, nbytes, (last - first) / 1e9)
         served: list[torch.Tensor] = []
         for t in tensors:
             if t is None:
@@ -495,7 +574,7 @@ class AsyncKVConnector:
         self.stats.retrieved_tokens += n
         return RetrieveResult(
             n,
-            concat_blocks(self.spec, served),
+            None if sink is not None else concat_blocks(self.spec, served),
             failed,
             self.stats.bytes_fetched_remote - remote_before,
             by_region,

@@ -13,11 +13,15 @@ Data flow (one request)
                                             (the connector keeps remote blocks only while
                                             fetching beats recomputing them; the engine feeds
                                             its measured prefill speed to that cost model)
-          ─▶ connector.retrieve             KV of that prefix, [layers, 2, heads, tokens, dim]
+          ─▶ connector.retrieve(sink=)      each block as it arrives (other regions' copies are
+                                            not confirmed first: the load itself tells), handed
+                                            to a _CacheBuilder in a worker thread, which converts
+                                            it once (dtype, layout) straight into the cache's
+                                            preallocated buffers while later blocks are still
+                                            on the wire
           ─▶ DynamicCache                   per layer K, V as [1, heads, tokens, dim] (model dtype),
-                                            converted once straight into preallocated buffers
-                                            that later tokens append to in place (no torch.cat
-                                            of the whole cache per token)
+                                            views of those buffers; later tokens append in place
+                                            (no torch.cat of the whole cache per token)
           ─▶ prefill the rest               at least the last prompt token is computed
           ─▶ decode                         greedy, or sampled with a seeded generator; each token
                                             is yielded as it is made (TTFT, time between tokens)
@@ -39,7 +43,8 @@ Contracts
 
 Devices
     CPU by default, CUDA when torch sees one: blocks travel tier -> pinned host buffer (pooled,
-    reused across requests) -> device with a non-blocking copy, and back the same way.
+    reused across blocks and requests) -> device with a non-blocking copy; stored blocks come
+    back layer by layer into one host tensor.
 
 Time
     Durations come from the injected `ClockSource.monotonic_ns` (default `SystemClock`).
@@ -50,13 +55,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from kvtier.attention import use_k2_attention
 from kvtier.blocks import BlockSpec, Layout, Namespace
 from kvtier.connector import AsyncKVConnector
 from truetime import ClockSource, SystemClock
@@ -94,6 +101,9 @@ class EngineConfig:
     """Also store the full blocks of generated tokens (the next turn of a chat starts with them)."""
     device: str | None = None
     """"cpu", "cuda", ... (default: where the model is)."""
+    fold_gqa: bool = True
+    """Attend over a cached prefix without expanding its KV heads to the query heads
+    (kvtier/attention.py): switches a model on transformers' "sdpa" to "k2_sdpa"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,20 +342,74 @@ class PrefillCostModel:
 
 
 class _PinnedPool:
-    """Pinned host buffers reused across requests (CUDA only): pinning is slow, and a fresh
-    buffer per request would page-fault its way through ~100 MB each time."""
+    """Pinned host buffers reused across blocks and requests (CUDA only): pinning is slow, and
+    fresh pageable memory would make every host-to-device copy synchronous and page-fault its
+    way through each block. Thread-safe: the cache builder stages blocks from worker threads."""
 
     def __init__(self) -> None:
-        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
 
-    def stage(self, t: torch.Tensor) -> torch.Tensor:
-        buf = self._buffers.get(t.dtype)
-        if buf is None or buf.numel() < t.numel():
-            buf = torch.empty(max(t.numel(), 1 << 20), dtype=t.dtype, pin_memory=True)
-            self._buffers[t.dtype] = buf
-        view = buf[: t.numel()].view(t.shape)
-        view.copy_(t)
-        return view
+    @contextlib.contextmanager
+    def staged(self, t: torch.Tensor) -> Iterator[torch.Tensor]:
+        """A pinned copy of t, valid inside the block (then its buffer goes back to the pool)."""
+        nbytes = t.numel() * t.element_size()
+        with self._lock:
+            i = next((i for i, b in enumerate(self._free) if b.numel() >= nbytes), None)
+            buf = self._free.pop(i) if i is not None else None
+        if buf is None:
+            buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=True)
+        try:
+            view = buf[:nbytes].view(t.dtype).view(t.shape)
+            view.copy_(t)
+            yield view
+        finally:
+            with self._lock:
+                self._free.append(buf)
+
+
+class _CacheBuilder:
+    """The model's KV cache, built from tier blocks as they arrive, in any order: each block is
+    converted (dtype and layout) once, straight into the buffers the cache will attend over,
+    while the blocks after it are still on the wire. One buffer holds every layer's keys and
+    values, with `room` tokens to spare for the rest of the prompt and the reply, so the cache
+    grows in place.
+
+    `put` runs in worker threads (several at once: blocks cover disjoint token ranges)."""
+
+    def __init__(self, engine: Engine, num_tokens: int, room: int = 256) -> None:
+        spec = engine.spec
+        self.spec = spec
+        self.cache = engine._new_cache()
+        shape = (spec.num_layers, 2, 1, spec.num_kv_heads, num_tokens + room, spec.head_dim)
+        self.buf = torch.empty(shape, dtype=engine.model_dtype, device=engine.device)
+        self.device = engine.device
+        self.pinned = engine._pinned
+
+    def put(self, index: int, block: torch.Tensor) -> None:
+        """Write block `index` (the tier's spec: dtype, layout) into its token range."""
+        bt = self.spec.block_tokens
+        if self.spec.layout is Layout.LKTHD:
+            block = block.permute(0, 1, 3, 2, 4)
+        dst = self.buf[:, :, 0, :, index * bt : (index + 1) * bt, :]
+        if self.pinned is None:
+            dst.copy_(block)
+            return
+        # CUDA: block -> pinned host buffer -> device (asynchronous from pinned memory), then
+        # wait, since the host buffer goes back to the pool and the view dies with this call.
+        with self.pinned.staged(block.contiguous()) as host:
+            dst.copy_(host.to(self.device, non_blocking=True))
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def finish(self, filled: int) -> Any:
+        """The cache holding the first `filled` tokens."""
+        for i, layer in enumerate(self.cache.layers):
+            k, v = self.buf[i, 0], self.buf[i, 1]
+            if hasattr(layer, "adopt"):
+                layer.adopt(k, v, filled)
+            else:  # a layer type of the model's own: give it copies
+                self.cache.update(k[..., :filled, :].clone(), v[..., :filled, :].clone(), i)
+        return self.cache
 
 
 # -- the engine ---------------------------------------------------------------------------------
@@ -369,6 +433,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.connector = connector
         self.config = config or EngineConfig()
+        if self.config.fold_gqa:
+            use_k2_attention(model)
         self.clock: ClockSource = clock or SystemClock()
         self.device = torch.device(self.config.device or str(next(model.parameters()).device))
         self.model_dtype: torch.dtype = next(model.parameters()).dtype
@@ -398,18 +464,22 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         arrived_ns: int | None = None,
+        fresh_regions: Sequence[str] = (),
     ) -> AsyncIterator[TokenEvent]:
         """Stream the completion of prompt_ids token by token. The last event carries the
         finish reason and the request's metrics. Stops early if the caller stops iterating.
         `arrived_ns` (this engine's clock): when the request arrived, if earlier than this call
-        (a serving node reads the session first); TTFT counts from it."""
+        (a serving node reads the session first); TTFT counts from it. `fresh_regions`: regions
+        whose block rows must be read current, at their leaders (one wide-area round) rather
+        than at this region's replicas, e.g. where a session that just moved here was served
+        a moment ago."""
         p = params or SamplingParams()
         if not prompt_ids:
             raise ValueError("empty prompt")
         t0 = self._now() if arrived_ns is None else arrived_ns
         ids = [int(t) for t in prompt_ids]
         async with self._lock:
-            pre = await self._prefill(ids, t0, all_logits=False)
+            pre = await self._prefill(ids, t0, all_logits=False, fresh_regions=fresh_regions)
             m = pre.metrics
             gen = torch.Generator(device="cpu")
             if p.seed is not None:
@@ -523,16 +593,25 @@ class Engine:
             self.connector.cost.observe_prefill(tokens, seconds)
 
     async def _prefill(
-        self, ids: list[int], t0: int, *, all_logits: bool, use_tier: bool = True
+        self,
+        ids: list[int],
+        t0: int,
+        *,
+        all_logits: bool,
+        use_tier: bool = True,
+        fresh_regions: Sequence[str] = (),
     ) -> PrefillResult:
         m = RequestMetrics(prompt_tokens=len(ids))
         self.requests += 1
         m.recompute_estimate_s = self.prefill_cost.estimate(len(ids))
-        kv: torch.Tensor | None = None
+        built: _CacheBuilder | None = None
         cached = 0
         if self.connector is not None and use_tier:
             skipped = self.connector.stats.skipped_by_cost
-            found = await self.connector.lookup(ids)
+            # Other regions' copies are not confirmed before loading: the load finds out.
+            found = await self.connector.lookup(
+                ids, confirm_remote=False, fresh_regions=fresh_regions
+            )
             skipped = self.connector.stats.skipped_by_cost - skipped
             t1 = self._now()
             m.lookup_s = (t1 - t0) / 1e9
@@ -540,7 +619,8 @@ class Engine:
             if skipped:
                 m.choice = "recompute"
             if found.num_tokens:
-                got = await self.connector.retrieve(ids, found)
+                builder = await asyncio.to_thread(_CacheBuilder, self, found.num_tokens)
+                got = await self.connector.retrieve(ids, found, sink=builder.put)
                 t2 = self._now()
                 m.load_s = (t2 - t1) / 1e9
                 cached = got.num_tokens
@@ -551,16 +631,16 @@ class Engine:
                     b.size for b in found.blocks[: len(found.blocks) - got.failed_blocks]
                 )
                 if cached:
-                    kv = got.kv
+                    built = builder
             m.choice = _choice(m.cached_by_region, self.connector.config.region, m)
         m.cached_tokens = cached
         t3 = self._now()
         cache, logits, computed = await asyncio.to_thread(
-            self._load_and_forward, ids, kv, all_logits
+            self._load_and_forward, ids, built, cached, all_logits
         )
         m.prefill_s = (self._now() - t3) / 1e9
         m.computed_tokens = computed
-        if kv is None:  # a clean measurement of prefill alone (no cache to build)
+        if built is None:  # a clean measurement of prefill alone (no cache to build)
             self._observe_prefill(computed, m.prefill_s)
         if m.recompute_estimate_s is None:
             m.recompute_estimate_s = self.prefill_cost.estimate(len(ids))
@@ -579,35 +659,15 @@ class Engine:
             cache.layers = [cls() for _ in cache.layers]
         return cache
 
-    def _cache_from(self, kv: torch.Tensor, room: int = 256) -> Any:
-        """A cache holding kv (the tier's dtype and layout), converted once, straight into
-        buffers with `room` tokens to spare for the rest of the prompt and the reply."""
-        if self.spec.layout is Layout.LKTHD:
-            kv = kv.permute(0, 1, 3, 2, 4)
-        if self._pinned is not None:
-            kv = self._pinned.stage(kv).to(self.device, non_blocking=True)
-        cache = self._new_cache()
-        for i, layer in enumerate(cache.layers):
-            k, v = kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0)
-            if hasattr(layer, "load"):
-                layer.load(k, v, self.model_dtype, room)
-            else:
-                k, v = (t.to(device=self.device, dtype=self.model_dtype) for t in (k, v))
-                cache.update(k, v, i)
-        return cache
-
     def _load_and_forward(
-        self, ids: list[int], kv: torch.Tensor | None, all_logits: bool
+        self, ids: list[int], built: _CacheBuilder | None, cached: int, all_logits: bool
     ) -> tuple[Any, torch.Tensor, int]:
         cache = None
-        start = 0
-        if kv is not None:
-            ax = self.spec.layout.token_axis
-            if kv.shape[ax] >= len(ids):  # the last token's logits are needed: recompute it
-                kv = kv.narrow(ax, 0, len(ids) - 1)
-            if kv.shape[ax] > 0:
-                cache = self._cache_from(kv)
-                start = kv.shape[ax]
+        # The last token's logits are needed: when every token came from the tier, recompute
+        # the last one.
+        start = min(cached, len(ids) - 1) if built is not None else 0
+        if built is not None and start > 0:
+            cache = built.finish(start)
         cache, logits = self._forward(ids[start:], cache, all_logits)
         return cache, logits, len(ids) - start
 
@@ -714,16 +774,13 @@ def _growable_layer() -> type:
             self.keys = self._kbuf[..., :need, :]
             self.values = self._vbuf[..., :need, :]
 
-        def load(self, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, room: int) -> None:
-            """Start the layer with k, v (any dtype and device: converted while copied)."""
-            self.dtype, self.device = dtype, k.device
-            self.keys = self.values = None
-            self._kbuf = self._vbuf = None
+        def adopt(self, kbuf: torch.Tensor, vbuf: torch.Tensor, filled: int) -> None:
+            """Start the layer with buffers whose first `filled` tokens are already written."""
+            self.dtype, self.device = kbuf.dtype, kbuf.device
             self.is_initialized = True
-            self._reserve(k, dtype, k.shape[-2], room)
-            self.keys = self._kbuf[..., :0, :]  # type: ignore[index]
-            self.values = self._vbuf[..., :0, :]  # type: ignore[index]
-            self._append(k, v)
+            self._kbuf, self._vbuf = kbuf, vbuf
+            self.keys = kbuf[..., :filled, :]
+            self.values = vbuf[..., :filled, :]
 
         def update(
             self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any

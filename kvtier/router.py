@@ -42,10 +42,14 @@ The state changes only through `apply` (one event), `replace_holder` (a resync's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import logging
+import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from k2store.client import AsyncClient
 from k2store.errors import InvalidArgument
@@ -58,17 +62,22 @@ __all__ = [
     "RouteScore",
     "Router",
     "RouterConfig",
+    "RouterRegistration",
     "RouterService",
     "ServingNode",
     "forget_holder",
     "metadata_snapshotter",
     "parse_node_spec",
     "parse_rtt_spec",
+    "post_json",
+    "registration_request",
     "route_request",
     "serve_router",
 ]
 
 SHARED_TENANT = ""
+MAX_BODY_BYTES = 64 * 1024
+"""Largest request body the router's HTTP endpoint reads (registrations are ~200 bytes)."""
 
 DEFAULT_REGION_RTT_MS: dict[tuple[str, str], float] = {
     ("us-east", "eu-west"): 75.0,
@@ -110,12 +119,18 @@ class ServingNode:
     region: str
     load: float = 0.0
     available: bool = True
+    url: str = ""
+    """Where the node serves its API (given when it registers)."""
+    expires_at: float | None = None
+    """For a registered node: when it is dropped unless it registers again (the router's
+    monotonic seconds); None for a node configured on the command line."""
 
 
 @dataclass(frozen=True, slots=True)
 class RouteScore:
     node: str
     region: str
+    url: str
     local_prefix: int
     """Leading blocks the node itself holds."""
     region_prefix: int
@@ -167,6 +182,36 @@ class Router:
 
     def remove_node(self, name: str) -> None:
         self.nodes.pop(name, None)
+
+    def register(
+        self, name: str, region: str, *, url: str, load: float, ttl_s: float, now: float
+    ) -> None:
+        """A serving node announces itself (or renews): routable until `now + ttl_s` unless it
+        registers again. Re-registering may change its region or URL."""
+        _check_registration(name, region, url, load, ttl_s)
+        node = self.nodes.get(name)
+        if node is None:
+            node = self.nodes[name] = ServingNode(name, region)
+        node.region, node.url, node.load = region, url, float(load)
+        node.expires_at = now + ttl_s
+        node.available = True
+
+    def deregister(self, name: str) -> bool:
+        """A registered node leaves (a clean shutdown). Configured nodes stay."""
+        node = self.nodes.get(name)
+        if node is None or node.expires_at is None:
+            return False
+        del self.nodes[name]
+        return True
+
+    def expire(self, now: float) -> list[str]:
+        """Drop registered nodes whose registration ran out; returns their names."""
+        gone = [
+            n.name for n in self.nodes.values() if n.expires_at is not None and n.expires_at <= now
+        ]
+        for name in gone:
+            del self.nodes[name]
+        return gone
 
     def set_load(self, name: str, load: float) -> None:
         node = self.nodes.get(name)
@@ -274,6 +319,7 @@ class Router:
                 RouteScore(
                     node=node.name,
                     region=node.region,
+                    url=node.url,
                     local_prefix=local,
                     region_prefix=region,
                     remote_prefix=remote,
@@ -301,6 +347,116 @@ def _leading(flags: Iterable[bool]) -> int:
 
 
 Snapshotter = Callable[[ResyncRequest], Awaitable[HolderSnapshot]]
+
+log = logging.getLogger("kvtier.router")
+
+
+async def post_json(url: str, obj: Mapping[str, object], timeout_s: float = 5.0) -> dict[str, Any]:
+    """POST obj as JSON to an http:// URL (one request, Connection: close); the JSON reply.
+    Raises `ConnectionError` (or `TimeoutError`) when the request fails or is refused."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise InvalidArgument(f"router URL {url!r}: only http://host:port is supported")
+    body = json.dumps(obj).encode()
+
+    async def go() -> dict[str, Any]:
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
+        try:
+            writer.write(
+                f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+            raw = await reader.read(1 << 20)
+        finally:
+            writer.close()
+        head, _, payload = raw.partition(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1:2]
+        if status != [b"200"]:
+            raise ConnectionError(f"{url}: {head[:80]!r} {payload[:200]!r}")
+        reply: dict[str, Any] = json.loads(payload)
+        return reply
+
+    return await asyncio.wait_for(go(), timeout_s)
+
+
+class RouterRegistration:
+    """Keeps a serving node registered with a router: ``POST /register`` now and every
+    `ttl_s / 3` seconds with the node's current load (so a router that restarted learns the node
+    again within that time, and one that stops hearing from it drops it after `ttl_s`), and
+    ``POST /deregister`` on `close`. A router that cannot be reached is retried on the same
+    schedule and never fails the node; the first failure and the recovery are logged."""
+
+    def __init__(
+        self,
+        router_url: str,
+        *,
+        name: str,
+        region: str,
+        url: str,
+        load: Callable[[], float] = lambda: 0.0,
+        ttl_s: float = 10.0,
+    ) -> None:
+        _check_registration(name, region, url, 0.0, ttl_s)
+        self.router_url = router_url.rstrip("/")
+        self.name, self.region, self.url = name, region, url
+        self.load, self.ttl_s = load, ttl_s
+        self.registrations = 0
+        """Successful registrations (the first and every renewal)."""
+        self.failures = 0
+        self._ok: bool | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._registered = asyncio.Event()
+
+    async def register_once(self) -> bool:
+        msg = {
+            "name": self.name,
+            "region": self.region,
+            "url": self.url,
+            "load": max(0.0, float(self.load())),
+            "ttl_s": self.ttl_s,
+        }
+        try:
+            await post_json(self.router_url + "/register", msg, timeout_s=min(5.0, self.ttl_s))
+        except (OSError, TimeoutError, ValueError) as e:
+            self.failures += 1
+            if self._ok is not False:
+                log.warning("cannot register %s with router %s: %s", self.name, self.router_url, e)
+            self._ok = False
+            return False
+        if self._ok is False:
+            log.info("registered %s with router %s again", self.name, self.router_url)
+        self._ok = True
+        self.registrations += 1
+        self._registered.set()
+        return True
+
+    async def _loop(self) -> None:
+        while True:
+            await self.register_once()
+            await asyncio.sleep(self.ttl_s / 3)
+
+    def start(self) -> RouterRegistration:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+        return self
+
+    async def wait_registered(self, timeout_s: float = 10.0) -> None:
+        await asyncio.wait_for(self._registered.wait(), timeout_s)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._ok:
+            with contextlib.suppress(OSError, TimeoutError, ValueError):
+                await post_json(self.router_url + "/deregister", {"name": self.name}, 2.0)
 
 
 class RouterService:
@@ -393,6 +549,66 @@ def parse_rtt_spec(spec: str) -> tuple[tuple[str, str], float]:
     return (a, b), value
 
 
+MAX_TTL_S = 3600.0
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def _check_registration(name: str, region: str, url: str, load: float, ttl_s: float) -> None:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidArgument(
+            f"node name {name!r}: 1-128 characters of letters, digits and . _ : -"
+        )
+    if not isinstance(region, str) or not _NAME.fullmatch(region):
+        raise InvalidArgument(f"region {region!r}: 1-128 characters of letters, digits and . _ : -")
+    if (
+        not isinstance(url, str)
+        or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url)
+        or len(url) > 512
+    ):
+        raise InvalidArgument(f"url {url!r} is not an http(s) URL")
+    if isinstance(load, bool) or not isinstance(load, int | float) or not 0 <= load < 1e9:
+        raise InvalidArgument(f"load must be a number >= 0, got {load!r}")
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or not 0 < ttl_s <= MAX_TTL_S:
+        raise InvalidArgument(f"ttl_s must be in (0, {MAX_TTL_S:g}], got {ttl_s!r}")
+
+
+def registration_request(
+    router: Router, path: str, body: bytes, now: float
+) -> tuple[int, dict[str, object]]:
+    """Answer ``POST /register`` ({"name", "region", "url", "load", "ttl_s"}) or
+    ``POST /deregister`` ({"name"}). Returns (status, JSON body)."""
+    try:
+        req = json.loads(body.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return 400, {"error": f"body is not JSON: {e}"}
+    if not isinstance(req, dict):
+        return 400, {"error": "body must be a JSON object"}
+    if path == "/deregister":
+        name = req.get("name")
+        if not isinstance(name, str):
+            return 400, {"error": "name is required"}
+        return 200, {"deregistered": router.deregister(name)}
+    if path != "/register":
+        return 404, {"error": f"no such path {path!r}: POST /register or /deregister"}
+    unknown = set(req) - {"name", "region", "url", "load", "ttl_s"}
+    if unknown:
+        return 400, {"error": f"unknown fields {sorted(unknown)}"}
+    try:
+        # Types are checked by register (the JSON may hold anything).
+        fields: dict[str, Any] = req
+        router.register(
+            fields.get("name", ""),
+            fields.get("region", ""),
+            url=fields.get("url", ""),
+            load=fields.get("load", 0.0),
+            ttl_s=fields.get("ttl_s", 10.0),
+            now=now,
+        )
+    except InvalidArgument as e:
+        return 400, {"error": str(e)}
+    return 200, {"registered": req["name"], "ttl_s": req.get("ttl_s", 10.0)}
+
+
 def route_request(router: Router, target: str) -> tuple[int, dict[str, object]]:
     """Answer one HTTP request target: ``/route?tenant=T&blocks=H1,H2,...[&client_region=R]
     [&limit=N]`` or ``/stats``. Returns (status, JSON body)."""
@@ -403,7 +619,15 @@ def route_request(router: Router, target: str) -> tuple[int, dict[str, object]]:
     if parts.path == "/stats":
         return 200, {
             "events_applied": router.events_applied,
-            "nodes": {n.name: {"region": n.region, "load": n.load} for n in router.nodes.values()},
+            "nodes": {
+                n.name: {
+                    "region": n.region,
+                    "load": n.load,
+                    "url": n.url,
+                    "registered": n.expires_at is not None,
+                }
+                for n in router.nodes.values()
+            },
         }
     if parts.path != "/route":
         return 404, {"error": f"no such path {parts.path!r}: use /route or /stats"}
@@ -438,27 +662,45 @@ async def serve_router(
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 5.0)
-            for _ in range(100):  # headers: read and ignore, bounded
+            length = 0
+            for _ in range(100):  # headers, bounded: only Content-Length matters
                 h = await asyncio.wait_for(reader.readline(), 5.0)
                 if h in (b"\r\n", b"\n", b""):
                     break
+                name, _, value = h.decode("latin-1").partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value.strip()) if value.strip().isdigit() else -1
             method, _, rest = line.decode("latin-1").partition(" ")
             target = rest.rsplit(" ", 1)[0]
+            now = asyncio.get_running_loop().time()
+            router.expire(now)
             status: int
             body: dict[str, object]
-            if method != "GET":
-                status, body = 405, {"error": "only GET"}
-            else:
+            if method == "GET":
                 status, body = route_request(router, target)
-            data = json.dumps(body).encode()
-            reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Not Allowed"}
+            elif method == "POST":
+                if not 0 <= length <= MAX_BODY_BYTES:
+                    status, body = 413, {"error": f"body must be 0-{MAX_BODY_BYTES} bytes"}
+                else:
+                    data = await asyncio.wait_for(reader.readexactly(length), 5.0)
+                    status, body = registration_request(router, target, data, now)
+            else:
+                status, body = 405, {"error": "GET /route, /stats; POST /register, /deregister"}
+            out = json.dumps(body).encode()
+            reason = {
+                200: "OK",
+                400: "Bad Request",
+                404: "Not Found",
+                405: "Not Allowed",
+                413: "Payload Too Large",
+            }
             writer.write(
                 f"HTTP/1.1 {status} {reason.get(status, '')}\r\nContent-Type: application/json"
-                f"\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
-                + data
+                f"\r\nContent-Length: {len(out)}\r\nConnection: close\r\n\r\n".encode()
+                + out
             )
             await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+        except (TimeoutError, ConnectionError, UnicodeDecodeError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()

@@ -64,6 +64,7 @@ from kvtier.engine import (
 )
 from kvtier.errors import UnknownTenant
 from kvtier.metadata import BlockMetadata
+from kvtier.router import RouterRegistration
 from kvtier.sessions import Session, SessionNotFound, SessionStore, TurnInput
 from truetime import ClockSource, SystemClock
 
@@ -180,6 +181,8 @@ class ServingNode:
         self.sessions = sessions
         self.clock: ClockSource = clock or SystemClock()
         self.stats = ServingStats()
+        self.in_flight = 0
+        """Requests being answered now (the load this node reports to a router)."""
         self._owned = list(owned)
 
     @classmethod
@@ -326,19 +329,28 @@ class ServingNode:
         out: list[int] = []
         text: list[str] = []
         metrics: RequestMetrics | None = None
-        async for ev in self.engine.generate(
-            prep.prompt_ids, prep.params, arrived_ns=prep.arrived_ns
-        ):
-            out.append(ev.token_id)
-            text.append(ev.text)
-            if ev.metrics is not None:
-                metrics = ev.metrics
-                self.stats.observe(ev.metrics)
-            yield ev.text, ev.finish_reason, ev.metrics
-        if prep.session_id is not None and metrics is not None:
-            # Before the response ends (the non-streamed body, or the stream's [DONE]), so a
-            # client's next turn, in any region, reads this one.
-            await self._record(prep, out, "".join(text))
+        self.in_flight += 1
+        try:
+            # A session last served in another region: its blocks there may be newer than this
+            # region's replicas, so that region's rows are read at its leader.
+            fresh: tuple[str, ...] = ()
+            if prep.session is not None and prep.session.info.home_region != self.config.region:
+                fresh = (prep.session.info.home_region,)
+            async for ev in self.engine.generate(
+                prep.prompt_ids, prep.params, arrived_ns=prep.arrived_ns, fresh_regions=fresh
+            ):
+                out.append(ev.token_id)
+                text.append(ev.text)
+                if ev.metrics is not None:
+                    metrics = ev.metrics
+                    self.stats.observe(ev.metrics)
+                yield ev.text, ev.finish_reason, ev.metrics
+            if prep.session_id is not None and metrics is not None:
+                # Before the response ends (the non-streamed body, or the stream's [DONE]), so
+                # a client's next turn, in any region, reads this one.
+                await self._record(prep, out, "".join(text))
+        finally:
+            self.in_flight -= 1
 
     async def _record(self, prep: _Prepared, generated: list[int], reply: str) -> None:
         """Append the new messages and the reply as turns; move the session's home here."""
@@ -640,6 +652,17 @@ def main(args: Any) -> int:
         data = Path(os.environ.get("K2_DATA", "k2-data"))
     cfg = launcher.load_cluster(data, args.cluster)
     cfg.region(args.region)  # bad input before the model loads
+    if args.router:
+        # The same checks the registration makes, before minutes of model loading.
+        RouterRegistration(
+            args.router,
+            name=args.name or f"serve-{args.region}-{args.port}",
+            region=args.region,
+            url=f"http://127.0.0.1:{args.port or 1}",
+            ttl_s=args.router_ttl,
+        )
+        if not args.router.startswith("http://"):
+            raise InvalidArgument(f"--router {args.router!r}: only http://host:port is supported")
     loaded = load_model(args.model, progress=lambda msg: log.info("%s", msg))
     engine_config = EngineConfig(block_tokens=args.block_tokens, kv_dtype=args.kv_dtype)
 
@@ -656,15 +679,29 @@ def main(args: Any) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
 
+        registration: RouterRegistration | None = None
+
         def started(port: int) -> None:
+            nonlocal registration
             print(
                 f"serving {loaded.name} for region {args.region} on http://127.0.0.1:{port}/v1",
                 flush=True,
             )
+            if args.router:
+                registration = RouterRegistration(
+                    args.router,
+                    name=args.name or f"serve-{args.region}-{port}",
+                    region=args.region,
+                    url=f"http://127.0.0.1:{port}",
+                    load=lambda: float(node.in_flight),
+                    ttl_s=args.router_ttl,
+                ).start()
 
         try:
             await serve_http(node, port=args.port, started=started, stop=stop)
         finally:
+            if registration is not None:
+                await registration.close()
             await node.close()
 
     asyncio.run(run())

@@ -58,6 +58,10 @@ class Env:
         return {r: [n.address] for r, n in self.blocknodes.items()}
 
     async def connector(self, ns: Namespace, region: str, **config: object) -> AsyncKVConnector:
+        """A connector in region. Other regions' block rows are read at their leaders unless
+        `remote_metadata="replica"` is passed: most tests store in one region and look up in
+        another at once, before replicas could have seen the rows."""
+        config.setdefault("remote_metadata", "leader")
         client = AsyncClient(self.cfg, timeout_s=5, region=region, retry=self.client.retry)
         self.clients.append(client)
         return await AsyncKVConnector.open(

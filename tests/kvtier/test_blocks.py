@@ -21,6 +21,7 @@ from kvtier.blocks import (
     Layout,
     Namespace,
     block_hashes,
+    block_view,
     concat_blocks,
     decode_block,
     encode_block,
@@ -152,6 +153,19 @@ def test_round_trip(dtype: str, layout: Layout) -> None:
     assert back.dtype == kv.dtype and torch.equal(back, kv)
     out = torch.zeros(spec.shape(), dtype=spec.torch_dtype)
     assert decode_block(frame, spec, out=out) is out and torch.equal(out, kv)
+    view = block_view(frame, spec)  # no copy: the frame's own bytes
+    assert torch.equal(view, kv) and view.data_ptr() != kv.data_ptr()
+
+
+def test_block_view_checks_the_header_and_spec() -> None:
+    frame = encode_block(SPEC, make_kv(SPEC, 4))
+    other = BlockSpec(SPEC.block_tokens, SPEC.num_layers + 1, SPEC.num_kv_heads, SPEC.head_dim)
+    with pytest.raises(BlockSpecMismatch):
+        block_view(frame, other)
+    bad = bytearray(frame)
+    bad[3] ^= 0xFF  # inside the header: its checksum no longer matches
+    with pytest.raises(CorruptBlock):
+        block_view(bytes(bad), SPEC)
 
 
 def test_encode_parts_alias_the_tensor() -> None:

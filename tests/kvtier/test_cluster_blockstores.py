@@ -54,10 +54,17 @@ def test_store_in_us_east_retrieve_in_eu_west_then_kill_the_store(tmp_path: Path
             KVConnector.open(cfg, namespace(), config=ConnectorConfig(region="us-east")) as east,
             # Four-token test blocks recompute faster than a 75 ms fetch, so the cost model
             # would rightly skip them; this test is about the fetch path and its failures.
+            # Leader reads of us-east's rows: the retrieve follows the store at once, before
+            # eu-west's replicas could have seen them.
             KVConnector.open(
                 cfg,
                 namespace(),
-                config=ConnectorConfig(region="eu-west", cost_aware=False, replicate_after=0),
+                config=ConnectorConfig(
+                    region="eu-west",
+                    cost_aware=False,
+                    replicate_after=0,
+                    remote_metadata="leader",
+                ),
             ) as west,
         ):
             assert east.store(tokens, kv).stored == 5

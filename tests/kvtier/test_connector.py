@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -306,5 +306,79 @@ def test_a_region_whose_metadata_is_unreachable_does_not_hide_the_others(tmp_pat
             got = await west.retrieve(TOKENS)
             assert got.num_tokens == N and torch.equal(got.kv, kv[:, :, :, :N])
             assert west.stats.unavailable == 1
+
+    run(body)
+
+
+async def _until(pred: Callable[[], Awaitable[bool]], timeout_s: float = 15.0) -> None:
+    """Poll pred until it holds (bounded): replicas see new rows after the visibility delay."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await pred():
+        assert loop.time() < deadline, "condition did not hold in time"
+        await asyncio.sleep(0.05)
+
+
+def test_replica_lookup_sees_other_regions_rows_once_visible_and_survives_their_loss(
+    tmp_path: Path,
+) -> None:
+    """With remote_metadata="replica", other regions' rows come from this region's replicas:
+    a block stored elsewhere is found once it is visible here, and still found (and loaded from
+    another copy) when its home region's node is gone, which a leader read cannot do."""
+
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            ns = namespace()
+            await env.metadata.register_namespace(ns)
+            east = await env.connector(ns, "us-east")
+            south = await env.connector(ns, "ap-southeast")
+            west = await env.connector(ns, "eu-west", remote_metadata="replica", timeout_s=1.0)
+            leader = await env.connector(ns, "eu-west", remote_metadata="leader", timeout_s=1.0)
+            kv = make_kv(SPEC, len(TOKENS))
+            await east.store(TOKENS, kv)
+            await south.store(TOKENS, kv)
+
+            async def both_seen() -> bool:
+                found = await west.lookup(TOKENS)
+                return found.num_tokens == N and set(found.blocks[0].regions) == {
+                    "ap-southeast",
+                    "us-east",
+                }
+
+            await _until(both_seen)
+            await env.nodes["us-east-1"].stop(grace_s=0)  # us-east's metadata shard is gone
+            found = await west.lookup(TOKENS, confirm_remote=False)
+            assert found.num_tokens == N
+            got = await west.retrieve(TOKENS, found)
+            assert got.kv is not None and torch.equal(got.kv, kv[:, :, :, :N])
+            # A leader read of us-east's rows cannot answer; ap-southeast's rows still serve.
+            assert (await leader.lookup(TOKENS)).by_region == {"ap-southeast": 4}
+            assert leader.stats.unavailable >= 1
+
+    run(body)
+
+
+def test_retrieve_into_a_sink_hands_over_each_block_once(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            ns = namespace()
+            await env.metadata.register_namespace(ns)
+            east = await env.connector(ns, "us-east")
+            kv = make_kv(SPEC, len(TOKENS))
+            await east.store(TOKENS, kv)
+            out = torch.full(SPEC.shape(N), float("nan"), dtype=SPEC.torch_dtype)
+            seen: list[int] = []
+            lock = threading.Lock()
+
+            def sink(i: int, block: torch.Tensor) -> None:
+                assert block.shape == SPEC.shape()
+                with lock:
+                    seen.append(i)
+                out[:, :, :, i * SPEC.block_tokens : (i + 1) * SPEC.block_tokens].copy_(block)
+
+            got = await east.retrieve(TOKENS, sink=sink)
+            assert got.num_tokens == N and got.kv is None
+            assert sorted(seen) == [0, 1, 2, 3]
+            assert torch.equal(out, kv[:, :, :, :N])
 
     run(body)

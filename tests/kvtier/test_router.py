@@ -19,9 +19,12 @@ from kvtier.router import (
     HolderSnapshot,
     Router,
     RouterConfig,
+    RouterRegistration,
     RouterService,
     parse_node_spec,
     parse_rtt_spec,
+    post_json,
+    registration_request,
     serve_router,
 )
 from truetime import ManualClock
@@ -281,5 +284,91 @@ def test_k2_router_command() -> None:
             finally:
                 proc.terminate()
                 await asyncio.wait_for(proc.wait(), 10)
+
+    asyncio.run(body())
+
+
+def test_registered_nodes_are_routed_renewed_expired_and_deregistered() -> None:
+    r = two_nodes()
+    r.register("serve-eu", EU, url="http://127.0.0.1:9001", load=2.0, ttl_s=10.0, now=100.0)
+    (eu,) = [s for s in r.route(H, "acme", client_region=EU) if s.node == "serve-eu"]
+    assert eu.url == "http://127.0.0.1:9001" and eu.load == 2.0
+    # Renewal moves the deadline and updates what changed; expiry drops only registered nodes.
+    r.register("serve-eu", EU, url="http://127.0.0.1:9002", load=0.0, ttl_s=10.0, now=105.0)
+    assert r.expire(110.0) == [] and r.nodes["serve-eu"].url == "http://127.0.0.1:9002"
+    assert r.expire(115.0) == ["serve-eu"]
+    assert names(r) == ["gpu-a", "gpu-b"]
+    r.register("serve-eu", EU, url="http://127.0.0.1:9002", load=0.0, ttl_s=1.0, now=0.0)
+    assert r.deregister("serve-eu") and "serve-eu" not in r.nodes
+    assert not r.deregister("gpu-a") and "gpu-a" in r.nodes  # configured, not registered
+
+
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        (b"not json", 400),
+        (b"[1, 2]", 400),
+        (b'{"name": "n", "region": "us-east", "url": "http://h:1", "color": "red"}', 400),
+        (b'{"name": "", "region": "us-east", "url": "http://h:1"}', 400),
+        (b'{"name": "n/../x", "region": "us-east", "url": "http://h:1"}', 400),
+        (b'{"name": "n", "region": 7, "url": "http://h:1"}', 400),
+        (b'{"name": "n", "region": "us-east", "url": "ftp://h:1"}', 400),
+        (b'{"name": "n", "region": "us-east", "url": "http://h:1", "load": -1}', 400),
+        (b'{"name": "n", "region": "us-east", "url": "http://h:1", "load": true}', 400),
+        (b'{"name": "n", "region": "us-east", "url": "http://h:1", "ttl_s": 0}', 400),
+        (b'{"name": "n", "region": "us-east", "url": "http://h:1", "ttl_s": 1e9}', 400),
+        (b'{"name": "n", "region": "us-east", "url": "http://h:1", "ttl_s": 5}', 200),
+    ],
+)
+def test_registration_requests_are_validated(body: bytes, status: int) -> None:
+    r = Router()
+    got, reply = registration_request(r, "/register", body, now=0.0)
+    assert got == status, reply
+    assert ("n" in r.nodes) == (status == 200)
+    assert registration_request(r, "/elsewhere", b"{}", 0.0)[0] == 404
+
+
+def test_serving_nodes_register_over_http_and_leave_on_close() -> None:
+    async def body() -> None:
+        async with EmbeddedBroker() as b:
+            ports: list[int] = []
+            stop = asyncio.Event()
+            task = asyncio.create_task(serve_router(b.url, [], started=ports.append, stop=stop))
+            for _ in range(300):
+                if ports or task.done():
+                    break
+                await asyncio.sleep(0.01)
+            url = f"http://127.0.0.1:{ports[0]}"
+            load = [3.0]
+            reg = RouterRegistration(
+                url, name="serve-eu", region=EU, url="http://127.0.0.1:9001", load=lambda: load[0]
+            ).start()
+            try:
+                await reg.wait_registered()
+                status, stats = await http_get(ports[0], "/stats")
+                node = stats["nodes"]["serve-eu"]
+                assert node == {
+                    "region": EU,
+                    "load": 3.0,
+                    "url": "http://127.0.0.1:9001",
+                    "registered": True,
+                }
+                status, routed = await http_get(ports[0], f"/route?tenant=acme&blocks={H[0]}")
+                assert [s["url"] for s in routed["ranked"]] == ["http://127.0.0.1:9001"]
+                # A refused registration is an error the caller sees, not a silent success.
+                with pytest.raises(ConnectionError):
+                    await post_json(url + "/register", {"name": "x"})
+                await reg.close()
+                status, stats = await http_get(ports[0], "/stats")
+                assert stats["nodes"] == {}
+            finally:
+                await reg.close()
+                stop.set()
+                await asyncio.wait_for(task, 5)
+        # With no router to talk to, registration fails quietly and is retried, never raised.
+        lost = RouterRegistration(url, name="serve-eu", region=EU, url="http://127.0.0.1:9001")
+        assert not await lost.register_once() and lost.failures == 1
+        with pytest.raises(InvalidArgument):
+            RouterRegistration(url, name="bad name", region=EU, url="http://127.0.0.1:9001")
 
     asyncio.run(body())
