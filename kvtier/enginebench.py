@@ -16,7 +16,7 @@ the first token of each, end to end (lookup, load, prefill, first sample):
 Setup: a local three-region cluster of node processes with one block store process per region
 and wide-area emulation on (`k2store.launcher.up`), the model in this process (one engine per
 region). Hits are the median of `--reps` requests. Ratios are TTFT / recompute TTFT. Output: a
-table on stdout and JSON (`--out`, default k2-bench-engine.json). Targets (DESIGN.md 7, issue 7)
+table on stdout, JSON (`--out`, default k2-bench-engine.json) and a plot beside it (.png). Targets (DESIGN.md 7, issue 7)
 at 2,048 tokens: local <= 1/10, remote <= 1/5 of recompute; the exit status is 1 if one is
 missed.
 """
@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_arguments", "main", "run_bench"]
+__all__ = ["add_arguments", "main", "plot", "run_bench"]
 
 SUFFIX_TOKENS = 16
 TARGETS = {"local": 0.10, "remote": 0.20}
@@ -68,7 +68,9 @@ def main(args: argparse.Namespace) -> int:
         data=args.data,
     )
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    png = args.out.with_suffix(".png")
+    drawn = plot(result, png)
+    print(f"\nwrote {args.out}" + (f" and {png}" if drawn else " (no plot: matplotlib missing)"))
     return 0 if result["targets_met"] in (True, None) else 1
 
 
@@ -218,6 +220,64 @@ async def _run(
         "targets": TARGETS,
         "targets_met": met,
     }
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    """TTFT by prefix length (recompute, local hit, cross-region hit; log scale, ratios to
+    recompute written on the hit bars) and where a hit's time went at each length. False,
+    drawing nothing, when matplotlib is missing or there are no rows."""
+    from k2store.bench.txn import pyplot
+
+    plt = pyplot()
+    rows = result["rows"]
+    if plt is None or not rows:
+        return False
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4))
+    xs = range(len(rows))
+    width = 0.27
+    series = [
+        ("recompute", "recompute_ttft_s", None),
+        ("local hit", "local_hit_ttft_s", "local_ratio"),
+        ("us-east -> eu-west hit", "remote_hit_ttft_s", "remote_ratio"),
+    ]
+    for j, (label, key, ratio) in enumerate(series):
+        bars = ax.bar([x + (j - 1) * width for x in xs], [r[key] for r in rows], width, label=label)
+        if ratio is not None:
+            for b, r in zip(bars, rows, strict=True):
+                ax.annotate(
+                    f"{r[ratio]:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
+                    ha="center", va="bottom", fontsize=7,
+                )  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xticks(list(xs), [str(r["prefix_tokens"]) for r in rows])
+    ax.set_xlabel("cached prefix (tokens) + a 16-token question")
+    ax.set_ylabel("time to first token (s)")
+    targets = result["targets"]
+    ax.set_title(
+        f"{result['model']}: TTFT (targets at {TARGET_TOKENS}: local <= {targets['local']}x, "
+        f"remote <= {targets['remote']}x)",
+        fontsize=9,
+    )
+    ax.legend(fontsize="small")
+    parts = ("lookup", "load", "prefill")
+    for j, kind in enumerate(("local", "remote")):
+        bottom = [0.0] * len(rows)
+        for part in parts:
+            vals = [r[f"{kind}_breakdown_s"][part] for r in rows]
+            bx.bar(
+                [x + (j - 0.5) * 0.4 for x in xs], vals, 0.38, bottom=bottom,
+                label=f"{kind}: {part}", alpha=1.0 if kind == "local" else 0.6,
+            )  # fmt: skip
+            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    bx.set_xticks(list(xs), [str(r["prefix_tokens"]) for r in rows])
+    bx.set_xlabel("cached prefix (tokens)")
+    bx.set_ylabel("seconds (one hit request)")
+    bx.set_title("where a hit's TTFT goes (left: local, right: cross-region)", fontsize=9)
+    bx.legend(fontsize="x-small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def _breakdown(m: Any) -> dict[str, float]:
