@@ -7,6 +7,12 @@
 - ``<node>.pem`` / ``<node>.key`` per node: serverAuth and clientAuth (nodes call each other),
   SANs: the node's host (IP or DNS, for hostname checks), ``localhost``, and the URI
   ``k2://node/<name>?region=<region>`` that `Guard` reads to recognise a node on internal RPCs.
+- ``blockstore-<region>.pem`` / ``.key`` per region: the KV-cache block store node of that
+  region (kvtier/blocknode.py), a node certificate like the others (URI
+  ``k2://node/blockstore-<region>?region=<region>``, loopback hosts). Only block store nodes
+  trust it as a node: to a store node it is just a client certificate without a token.
+- ``broker.pem`` / ``broker.key``: the MQTT broker's server certificate (kvtier/broker.py), for
+  ``localhost`` and ``127.0.0.1``; MQTT clients log in with a principal's name and token.
 - ``client.pem`` / ``client.key``: the certificate clients present (clientAuth only, URI
   ``k2://client/clients``). It gets a client through the TLS handshake and nothing more: data
   access comes from a bearer token, internal RPCs refuse it.
@@ -47,6 +53,13 @@ if TYPE_CHECKING:
 
 CERTS_DIR = "certs"
 OPERATOR = "operator"
+BROKER = "broker"
+BROKER_URI = "k2://broker/mqtt"
+
+
+def blockstore_name(region: str) -> str:
+    """The certificate name (and node identity) of a region's block store node."""
+    return f"blockstore-{region}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +224,16 @@ def init_cluster(
         leaf = issue_node(ca, n.name, n.region, n.address, now_ns=now_ns)
         write_private(certs_dir / f"{n.name}.pem", leaf.cert_pem)
         write_private(certs_dir / f"{n.name}.key", leaf.key_pem)
+    for region in cluster.region_names():
+        name = blockstore_name(region)
+        leaf = issue_node(ca, name, region, "127.0.0.1:0", now_ns=now_ns)
+        write_private(certs_dir / f"{name}.pem", leaf.cert_pem)
+        write_private(certs_dir / f"{name}.key", leaf.key_pem)
+    broker = issue(
+        ca, BROKER, uri=BROKER_URI, hosts=["localhost", "127.0.0.1"], server=True, now_ns=now_ns
+    )
+    write_private(certs_dir / f"{BROKER}.pem", broker.cert_pem)
+    write_private(certs_dir / f"{BROKER}.key", broker.key_pem)
     client = issue_client(ca, now_ns=now_ns)
     write_private(certs_dir / "client.pem", client.cert_pem)
     write_private(certs_dir / "client.key", client.key_pem)
@@ -284,6 +307,22 @@ def channel_credentials(sec: SecuritySettings, node: str | None) -> grpc.Channel
         root_certificates=_read(sec.ca_file, "ca_file"),
         private_key=key_pem,
         certificate_chain=cert_pem,
+    )
+
+
+def client_security(certs_dir: Path, *, token_file: Path | None = None) -> SecuritySettings:
+    """Client-side settings for a cluster secured by `init_cluster` in `certs_dir`, when all a
+    caller has is an address and the certificates (no cluster file): `fetch_cluster_info`,
+    ``AsyncClient.connect("host:port", security=...)``. The token comes from `token_file`
+    (default: the operator's), or K2_TOKEN / K2_TOKEN_FILE, which take precedence."""
+    d = certs_dir.resolve()
+    return SecuritySettings(
+        tls=True,
+        ca_file=d / "ca.pem",
+        certs_dir=d,
+        client_cert=d / "client.pem",
+        client_key=d / "client.key",
+        client_token_file=token_file or d / "tokens" / f"{OPERATOR}.token",
     )
 
 

@@ -38,6 +38,7 @@ from k2store.errors import (
     Unavailable,
 )
 from k2store.proto import k2_pb2 as pb
+from k2store.security import SecuritySettings, bearer_metadata, client_token
 from k2store.transport import (
     CHANNEL_OPTIONS,
     Transport,
@@ -131,7 +132,9 @@ class AsyncClient:
         s = str(target)
         if Path(s).exists() or s.endswith(".toml"):
             return cls(cluster_mod.load(s), **kw)
-        return cls(await fetch_cluster_info(s), **kw)
+        # An address: `security` (settings of a secured cluster) is for the discovery call.
+        cfg = await fetch_cluster_info(s, security=kw.pop("security", None), token=kw.get("token"))
+        return cls(cfg, **kw)
 
     async def close(self) -> None:
         await self._transport.close()
@@ -590,16 +593,42 @@ def _min_end(a: bytes | None, b: bytes | None) -> bytes | None:
     return min(a, b)
 
 
-async def fetch_cluster_info(address: str, timeout_s: float = 5.0) -> ClusterConfig:
-    """Build a ClusterConfig from a live node's ClusterInfo (no cluster file needed)."""
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+async def fetch_cluster_info(
+    address: str,
+    timeout_s: float = 5.0,
+    *,
+    security: SecuritySettings | None = None,
+    token: str | None = None,
+) -> ClusterConfig:
+    """Build a ClusterConfig from a live node's ClusterInfo (no cluster file needed).
+
+    For a secured cluster pass its client-side `security` (`k2store.certs.client_security`
+    makes them from a certificates directory): the call then goes over mutual TLS with a bearer
+    token (`token`, else K2_TOKEN, K2_TOKEN_FILE or the settings' token file), and the returned
+    config carries `security`, so clients built from it are secured too. Without credentials a
+    secured node refuses the call: Unavailable (no TLS) or Unauthenticated (no valid token)."""
+    sec = security or SecuritySettings()
+    metadata: tuple[tuple[str, str], ...] = ()
+    if sec.tls:
+        from k2store.certs import channel_credentials
+
+        channel = grpc.aio.secure_channel(
+            address, channel_credentials(sec, None), options=CHANNEL_OPTIONS
+        )
+        tok = client_token(sec, token)
+        metadata = bearer_metadata(tok) if tok else ()
+    else:
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    async with channel as ch:
         stub: Any = ch.unary_unary(
             K + "ClusterInfo",
             request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=pb.ClusterInfoResponse.FromString,
         )
         try:
-            info: pb.ClusterInfoResponse = await stub(pb.ClusterInfoRequest(), timeout=timeout_s)
+            info: pb.ClusterInfoResponse = await stub(
+                pb.ClusterInfoRequest(), timeout=timeout_s, metadata=metadata or None
+            )
         except grpc.aio.AioRpcError as e:
             raise rpc_error_to_k2(e, address) from None
     regions: dict[str, str] = {}
@@ -615,6 +644,7 @@ async def fetch_cluster_info(address: str, timeout_s: float = 5.0) -> ClusterCon
             partitioning=info.partitioning,
             max_key_bytes=info.max_key_bytes,
             max_value_bytes=info.max_value_bytes,
+            security=sec,
         ),
         regions=tuple(RegionConfig(r, o) for r, o in regions.items()),
         nodes=tuple(NodeConfig(n.name, n.region, n.address, Path()) for n in info.nodes),
@@ -646,7 +676,9 @@ class Client:
             return cls(cluster_mod.load(s), **kw)
         loop = asyncio.new_event_loop()
         try:
-            cfg = loop.run_until_complete(fetch_cluster_info(s))
+            cfg = loop.run_until_complete(
+                fetch_cluster_info(s, security=kw.pop("security", None), token=kw.get("token"))
+            )
         finally:
             loop.close()
         return cls(cfg, **kw)

@@ -426,18 +426,26 @@ def blockstore_command(cluster_file: Path, region: str, port: int, data_dir: Pat
     ]
 
 
-def _blockstore_answers(address: str, timeout_s: float = 0.5) -> bool:
+def _blockstore_answers(cfg: ClusterConfig, address: str, timeout_s: float = 0.5) -> bool:
     # A raw call (empty StatsRequest, response left unparsed): k2store does not import kvtier.
-    with grpc.insecure_channel(address) as ch:
+    # Secured: TLS and the operator's token (Stats needs the admin role).
+    tok = client_token(cfg.settings.security) if cfg.settings.security.tls else None
+    with open_channel(cfg, address) as ch:
         stub: Any = ch.unary_unary(
             _BLOCKSTORE_STATS,
             request_serializer=lambda _: b"",
             response_deserializer=lambda b: b,
         )
         try:
-            stub(None, timeout=timeout_s)
-        except grpc.RpcError:
-            return False
+            stub(None, timeout=timeout_s, metadata=bearer_metadata(tok) if tok else None)
+        except grpc.RpcError as e:
+            # A refusal (a token without the admin role) still means the store is serving.
+            code = e.code() if isinstance(e, grpc.Call) else None
+            return code not in (
+                None,
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
         return True
 
 
@@ -474,7 +482,7 @@ def start_blockstores(cfg: ClusterConfig, *, timeout_s: float = 60.0) -> dict[st
                         f"block store for {region} exited with status {proc.returncode}:\n"
                         + "\n".join("    " + ln for ln in tail)
                     )
-                if _blockstore_answers(address):
+                if _blockstore_answers(cfg, address):
                     del pending[region]
             if pending and _CLOCK.monotonic_ns() / 1e9 > deadline:
                 raise LaunchError(f"block stores not up after {timeout_s:.0f}s: {sorted(pending)}")

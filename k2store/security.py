@@ -38,6 +38,24 @@ key under ``<region>/``), or, when the principal lists ``prefixes``, exactly tho
 touch every key. A refused key gets the same answer whether or not it exists, and messages never
 echo another tenant's name or the key.
 
+KV-cache block store nodes (kvtier/blocknode.py) run the same authentication and rate limit,
+then `Guard.block_namespace`: block store namespaces are strings ``<tenant>/<label>`` (the
+connector's label is its `kvtier.blocks.Namespace` id), so the tenant a namespace belongs to is
+the part before the first ``/``, read off the name and never trusted from anywhere else. A
+principal of tenant T may use namespaces ``T/...`` (its default, when a request names none, is
+``T/``); admins and block store node certificates may use any. A namespace shared between
+tenants (``/<label>``, empty tenant) is open to the principals of tenants that opted in
+(``share_blocks = true``), and to admins and nodes. Reads outside the caller's namespaces
+answer as misses; writes are refused with PERMISSION_DENIED.
+
+Known gap, kvtier metadata: its rows (kvtier/metadata.py) live under ``R/kv/...`` (block rows
+``R/kv/blk/<nsid>/<hash>``, namespaces, leases, pins, usage, quotas, block store addresses), not
+under ``R/t/<tenant>/``, so a tenant's principal is refused every one of them and a serving node
+must use an admin token (or explicit ``prefixes`` covering ``R/kv/``), which reaches every
+tenant's metadata. Moving a tenant's rows under its prefix needs read-only grants first (a
+tenant must read, but not write, its quota) and is not done yet; block bytes are isolated by the
+block stores regardless.
+
 Tokens are 256-bit random strings (`new_token`); the cluster file holds only their SHA-256, which
 is compared with `hmac.compare_digest` against every principal (no early exit). Nothing here logs
 a token or a certificate.
@@ -60,7 +78,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from google.protobuf.message import Message
 
-from k2store.errors import PermissionDenied, RateLimited, Unauthenticated
+from k2store.errors import InvalidArgument, PermissionDenied, RateLimited, Unauthenticated
 from k2store.proto import k2_pb2 as pb
 
 if TYPE_CHECKING:
@@ -91,6 +109,9 @@ CLIENT_META = frozenset({"/k2.v1.K2/ClusterInfo"})
 ADMIN = frozenset({"/k2.v1.Admin/Status"})
 """RPCs that need the admin role (or a node certificate)."""
 
+BLOCK_NAMESPACE_MAX = 256
+"""Longest block store namespace name accepted."""
+
 
 # -- settings -----------------------------------------------------------------------------------
 
@@ -108,6 +129,9 @@ class Principal:
     roles: tuple[str, ...] = ()
     prefixes: tuple[bytes, ...] = ()
     """Explicit key prefixes; when given they replace the tenant convention."""
+    share_blocks: bool = False
+    """The tenant opted in to KV-cache block namespaces shared between tenants (``/<label>`` at
+    the block stores); off: its principal can neither read nor write them."""
 
     @property
     def is_admin(self) -> bool:
@@ -167,7 +191,15 @@ _FIELDS = (
     "allow_test_settings",
 )
 _PATH_FIELDS = ("ca_file", "certs_dir", "client_cert", "client_key", "client_token_file")
-_PRINCIPAL_FIELDS = ("name", "tenant", "token_sha256", "roles", "prefixes", "prefixes_hex")
+_PRINCIPAL_FIELDS = (
+    "name",
+    "tenant",
+    "token_sha256",
+    "roles",
+    "prefixes",
+    "prefixes_hex",
+    "share_blocks",
+)
 
 
 def parse_security(t: Any, base: Path, fail: Callable[[str, str], Exception]) -> SecuritySettings:
@@ -255,7 +287,12 @@ def _parse_principals(v: Any, fail: Callable[[str, str], Exception]) -> tuple[Pr
                 raise fail(f"{where}.{k}", "not hex") from None
         if not tenant and not prefixes and ADMIN_ROLE not in roles:
             raise fail(f"{where}.tenant", "a principal needs a tenant, prefixes or the admin role")
-        out.append(Principal(strs["name"], tenant, digest, tuple(roles), tuple(prefixes)))
+        share = t.get("share_blocks", False)
+        if not isinstance(share, bool):
+            raise fail(f"{where}.share_blocks", f"expected true or false, got {share!r}")
+        if share and not tenant:
+            raise fail(f"{where}.share_blocks", "only a tenant's principal can opt in to sharing")
+        out.append(Principal(strs["name"], tenant, digest, tuple(roles), tuple(prefixes), share))
     seen: set[str] = set()
     for i, pr in enumerate(out):
         if pr.name in seen:
@@ -291,6 +328,8 @@ def security_to_toml(s: SecuritySettings, base: Path | None) -> list[str]:
             out.append(f"roles = [{', '.join(map(_q, p.roles))}]")
         if p.prefixes:
             out.append(f"prefixes_hex = [{', '.join(_q(x.hex()) for x in p.prefixes)}]")
+        if p.share_blocks:
+            out.append("share_blocks = true")
     return out
 
 
@@ -326,6 +365,22 @@ def client_token(sec: SecuritySettings, token: str | None = None) -> str | None:
         return Path(path).read_text().strip() or None
     except OSError:
         return None
+
+
+def find_principal(
+    principals: Sequence[Principal], token: str, digests: Sequence[bytes] | None = None
+) -> Principal | None:
+    """The principal whose token this is, or None. Timing-safe: the token's SHA-256 is compared
+    with `hmac.compare_digest` against every principal's, with no early exit. `digests`: the
+    principals' digests as bytes, when the caller keeps them decoded."""
+    digest = hashlib.sha256(token.encode()).digest()
+    if digests is None:
+        digests = [bytes.fromhex(p.token_sha256) for p in principals]
+    found: Principal | None = None
+    for p, d in zip(principals, digests, strict=True):
+        if hmac.compare_digest(digest, d):
+            found = found or p
+    return found
 
 
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
@@ -483,11 +538,7 @@ class Guard:
         token = _bearer(metadata)
         if token is None:
             raise Unauthenticated("no credentials: send `authorization: Bearer <token>`")
-        digest = hashlib.sha256(token.encode()).digest()
-        found: Principal | None = None
-        for p, d in zip(self._principals, self._digests, strict=True):
-            if hmac.compare_digest(digest, d):  # every principal compared: no early exit
-                found = found or p
+        found = find_principal(self._principals, token, self._digests)
         if found is None:
             raise Unauthenticated("invalid credentials")
         return found
@@ -559,6 +610,53 @@ class Guard:
             raise PermissionDenied(f"{what} is a test setting; this node does not allow them")
         if isinstance(ident, Principal) and not ident.is_admin:
             raise PermissionDenied(f"{what} needs the {ADMIN_ROLE} role")
+
+    # -- block store namespaces (kvtier) ------------------------------------------------------
+
+    def block_namespace(self, ident: Identity, namespace: str) -> tuple[str, bool]:
+        """(the namespace a block store request works in, whether `ident` may use it).
+
+        `namespace` "" is the caller's default: ``<tenant>/`` for a tenant's principal, "" (the
+        namespace of unscoped tools such as the block benchmark) for admins and nodes. The
+        caller turns "not allowed" into a miss for reads and PermissionDenied for writes, so
+        nothing here says whether another tenant's namespace or block exists. InvalidArgument
+        for a malformed name."""
+        tenant = parse_block_namespace(namespace)
+        privileged = isinstance(ident, NodeIdentity) or ident.is_admin
+        if not namespace:
+            if isinstance(ident, Principal) and ident.tenant:
+                return f"{ident.tenant}/", True
+            return "", privileged
+        if privileged:
+            return namespace, True
+        assert isinstance(ident, Principal)
+        if not tenant:  # shared between tenants: for those that opted in
+            return namespace, ident.share_blocks
+        return namespace, bool(ident.tenant) and tenant == ident.tenant
+
+    def require_admin(self, ident: Identity, what: str) -> None:
+        """PermissionDenied unless `ident` is a node or has the admin role."""
+        if isinstance(ident, Principal) and not ident.is_admin:
+            raise PermissionDenied(f"{what} needs the {ADMIN_ROLE} role")
+
+
+def parse_block_namespace(namespace: str) -> str:
+    """The tenant of a block store namespace ``<tenant>/<label>`` ("" for a shared one, and for
+    the empty name, which means the caller's default). InvalidArgument when malformed."""
+    if not namespace:
+        return ""
+    tenant, sep, label = namespace.partition("/")
+    if (
+        not sep
+        or len(namespace) > BLOCK_NAMESPACE_MAX
+        or not namespace.isprintable()
+        or "/" in label
+    ):
+        raise InvalidArgument(
+            f"block namespace must be '<tenant>/<label>' (printable, one '/', at most "
+            f"{BLOCK_NAMESPACE_MAX} characters)"
+        )
+    return tenant
 
 
 def _bearer(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:

@@ -22,34 +22,63 @@ Invariants
     - The client verifies every frame it receives (header, checksum, key), so a corrupt transfer
       is a miss, never data; `bytes_received` counts bytes on the wire (after compression).
 
+Security (a cluster file with ``[security] tls = true``, k2store/security.py)
+    ::
+
+        mutual TLS (cluster CA; this node's certificate blockstore-<region>)   else no connection
+        _Authenticator: node certificate of a block store, or a bearer token  UNAUTHENTICATED
+            └─ per-principal rate limit                                       RESOURCE_EXHAUSTED
+        decode the request                                                    INVALID_ARGUMENT
+        Guard.block_namespace(identity, request.namespace)
+            Get / Has outside the caller's namespaces ──▶ exactly a miss (found = false)
+            Put / Delete outside them                 ──▶ PERMISSION_DENIED
+            Stats                                     ──▶ admins and nodes only
+        BlockOwners: the namespace each held key was put in; a key read or deleted in another
+            namespace is a miss, and a put of a key held for another namespace changes nothing
+
+    Namespaces are ``<tenant>/<label>`` (`block_namespace` of a `kvtier.blocks.Namespace`), so a
+    namespace's tenant is read off its name; see `Guard.block_namespace` for who may use which.
+    Why the owner index: block keys are content hashes, and events (kvtier/events.py) publish
+    them, so a tenant can learn another tenant's key. Without it that tenant could put a frame
+    of its own under the key first and have the other tenant load it. Block copies between
+    regions by a block store node present that node's certificate and name the namespace.
+
 Failure modes
     The node is down, partitioned or too slow: `BlockStoreUnavailable` (retryable; the connector
     turns it into a miss). Typed store errors (`CorruptBlock`, `BlockTooLarge`,
-    `BlockStoreFull`) cross the wire with their reason in the ``k2-error`` trailer.
+    `BlockStoreFull`) and refusals (`Unauthenticated`, `PermissionDenied`, `RateLimited`) cross
+    the wire with their reason in the ``k2-error`` trailer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import signal
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from k2store.errors import (
     ERROR_METADATA_KEY,
     DeadlineExceeded,
     InvalidArgument,
     K2Error,
+    PermissionDenied,
     Unavailable,
 )
+from k2store.security import Guard, Identity, SecuritySettings, bearer_metadata, client_token
 from k2store.transport import CHANNEL_OPTIONS, WanEmulation, rpc_error_to_k2
-from kvtier.blocks import verify_frame
-from kvtier.blockstore import BlockStore, BlockStoreConfig
+from kvtier.blocks import Namespace, verify_frame
+from kvtier.blockstore import BlobStore, BlockStore, BlockStoreConfig
+
+if TYPE_CHECKING:
+    from k2store.cluster import ClusterConfig
 from kvtier.compression import compress_frame, decompress_frame
 from kvtier.errors import BlockStoreUnavailable, BlockTooLarge, CorruptBlock
 from kvtier.proto import blockstore_pb2 as bpb
@@ -58,10 +87,13 @@ from kvtier.proto import blockstore_pb2_grpc as bpb_grpc
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "BlockNode",
+    "BlockNodeSecurity",
+    "BlockOwners",
     "BlockStoreClient",
     "BlockStoreService",
     "LinkPacer",
     "TransferStats",
+    "block_namespace",
     "serve_blockstore",
 ]
 
@@ -83,15 +115,229 @@ def _codec_name(code: int) -> str:
     return name
 
 
+def block_namespace(ns: Namespace) -> str:
+    """The block store namespace of a kvtier namespace: ``<tenant>/<id>``, or ``/<id>`` when it
+    is shared between tenants (see the module docstring)."""
+    return f"{'' if ns.shared else ns.tenant}/{ns.id}"
+
+
+# -- security ------------------------------------------------------------------------------------
+
+
+class BlockOwners:
+    """Which namespace each key was put in, durably (a `BlobStore` of its own beside the block
+    store's disk tier). Rows are written, fsynced, before the block's bytes, so every block a
+    secured node holds has an owner row; a row can outlive its block (eviction does not remove
+    it), and is simply overwritten by the next put of that key when the block is gone."""
+
+    _TAG = b"="  # values are never empty: "" is a namespace too
+
+    def __init__(self, rows: BlobStore) -> None:
+        self._rows = rows
+        # Striped by the key's first byte (keys are content hashes): check, claim and put of one
+        # key happen under its stripe, so two namespaces racing for a new key cannot both win.
+        self._locks = [asyncio.Lock() for _ in range(64)]
+
+    def lock(self, key: bytes) -> asyncio.Lock:
+        return self._locks[key[0] % len(self._locks) if key else 0]
+
+    def get(self, key: bytes) -> str | None:
+        raw = self._rows.get(key)
+        if raw is None or not raw.startswith(self._TAG):
+            return None
+        return raw[len(self._TAG) :].decode("utf-8", errors="replace")
+
+    def claim(self, key: bytes, namespace: str) -> None:
+        self._rows.put(key, self._TAG + namespace.encode(), sync=True)
+
+    def release(self, key: bytes) -> None:
+        self._rows.delete(key)
+
+    def close(self) -> None:
+        self._rows.close()
+
+
+@dataclass(frozen=True, slots=True)
+class BlockNodeSecurity:
+    """What a secured block store node needs: its certificate's name, the guard that checks
+    callers (k2store/security.py) and the owner index."""
+
+    settings: SecuritySettings
+    name: str
+    """This node's certificate: ``<certs_dir>/<name>.pem`` (`k2store.certs.blockstore_name`)."""
+    guard: Guard
+    owners: BlockOwners
+
+    @classmethod
+    def for_cluster(
+        cls, cluster: ClusterConfig, region: str, owners: BlockOwners
+    ) -> BlockNodeSecurity | None:
+        """The security of `region`'s block store node in `cluster`, or None when it is off.
+        Only block store node certificates are trusted as nodes here: a store node's
+        certificate is nobody to a block store."""
+        from k2store.certs import blockstore_name
+        from truetime import SystemClock
+
+        sec = cluster.settings.security
+        if not sec.tls:
+            return None
+        regions = cluster.region_names()
+        guard = Guard(
+            sec,
+            regions=regions,
+            nodes={blockstore_name(r): r for r in regions},
+            monotonic_ns=SystemClock().monotonic_ns,
+        )
+        return cls(sec, blockstore_name(region), guard, owners)
+
+
+_IDENTITY: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
+    "kvtier_blocknode_identity", default=None
+)
+_Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+async def _abort(context: _Ctx, e: K2Error) -> None:
+    await context.abort(e.code, str(e), trailing_metadata=((ERROR_METADATA_KEY, e.reason),))
+
+
+class _Authenticator(grpc.aio.ServerInterceptor):
+    """Authenticates and rate-limits every call before its request bytes are decoded (the
+    handlers get raw bytes from here and the decoded message only after), then hands the
+    identity to the service through `_IDENTITY`. Authorization needs the decoded namespace, so
+    it stays in the service."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+
+    def _identify(self, context: _Ctx) -> Identity:
+        ident = self.guard.authenticate(context.invocation_metadata() or (), context.auth_context())
+        self.guard.admit(ident)
+        return ident
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        decode: Callable[[bytes], Any] = handler.request_deserializer or (lambda b: b)
+
+        def parse(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except DecodeError:
+                raise InvalidArgument("malformed block store request") from None
+
+        serialize = handler.response_serializer
+        if handler.unary_unary is not None:
+            inner_uu: Any = handler.unary_unary
+
+            async def unary_unary(data: bytes, context: _Ctx) -> Any:
+                try:
+                    _IDENTITY.set(self._identify(context))
+                    request = parse(data)
+                except K2Error as e:
+                    await _abort(context, e)
+                    raise AssertionError("unreachable: context.abort raises") from e
+                return await inner_uu(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=serialize)
+        if handler.unary_stream is not None:
+            inner_us: Any = handler.unary_stream
+
+            async def unary_stream(data: bytes, context: _Ctx) -> AsyncIterator[Any]:
+                try:
+                    _IDENTITY.set(self._identify(context))
+                    request = parse(data)
+                except K2Error as e:
+                    await _abort(context, e)
+                    return
+                async for item in inner_us(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=serialize)
+        if handler.stream_unary is not None:
+            inner_su: Any = handler.stream_unary
+
+            async def stream_unary(requests: AsyncIterator[bytes], context: _Ctx) -> Any:
+                try:
+                    _IDENTITY.set(self._identify(context))
+                except K2Error as e:
+                    await _abort(context, e)
+                    raise AssertionError("unreachable: context.abort raises") from e
+
+                async def decoded() -> AsyncIterator[Any]:
+                    async for data in requests:
+                        yield parse(data)
+
+                return await inner_su(decoded(), context)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, response_serializer=serialize)
+        return handler  # no stream-stream methods in this service
+
+
 class BlockStoreService(bpb_grpc.BlockStoreServicer):
-    """The gRPC face of one `BlockStore`; K2Errors become statuses with their reason."""
+    """The gRPC face of one `BlockStore`; K2Errors become statuses with their reason.
+
+    With `security`, every handler runs after `_Authenticator` and checks the request's
+    namespace (see the module docstring); without it, namespaces are ignored."""
 
     def __init__(
-        self, store: BlockStore, region: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+        self,
+        store: BlockStore,
+        region: str,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        security: BlockNodeSecurity | None = None,
     ) -> None:
         self.store = store
         self.region = region
         self.chunk_bytes = chunk_bytes
+        self.security = security
+
+    def _namespace(self, namespace: str) -> tuple[str, bool]:
+        """(namespace, allowed) for the caller of this call (secured nodes only)."""
+        assert self.security is not None
+        ident = _IDENTITY.get()
+        if ident is None:  # the interceptor did not run: never serve such a call
+            return namespace, False
+        return self.security.guard.block_namespace(ident, namespace)
+
+    def _writable(self, namespace: str) -> str:
+        ns, ok = self._namespace(namespace)
+        if not ok:
+            raise PermissionDenied("the request is outside the principal's block namespaces")
+        return ns
+
+    def _owned(self, key: bytes, namespace: str, allowed: bool) -> bool:
+        """Whether key was put in namespace (the owner row is read either way, so a refused
+        read costs what a miss costs)."""
+        assert self.security is not None
+        owner = self.security.owners.get(key)
+        return allowed and owner == namespace
+
+    async def _put_owned(self, key: bytes, namespace: str, frame: bytes) -> bool:
+        assert self.security is not None
+        owners = self.security.owners
+        async with owners.lock(key):
+            owner = await asyncio.to_thread(owners.get, key)
+            if owner is not None and owner != namespace and self.store.has(key):
+                # Held for another namespace: answered like a block already held, and nothing
+                # changes. The writer's later read of it is a miss, which it recomputes.
+                return False
+            if owner is None and self.store.has(key):
+                # Held without an owner: stored before this node was secured. Nobody can read
+                # it (a miss for every namespace); replace it rather than adopt bytes of unknown
+                # origin.
+                await asyncio.to_thread(self.store.delete, key)
+            if owner != namespace:
+                await asyncio.to_thread(owners.claim, key, namespace)
+            return await asyncio.to_thread(self.store.put, key, frame)
 
     async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], e: K2Error) -> None:
         await context.abort(e.code, str(e), trailing_metadata=((ERROR_METADATA_KEY, e.reason),))
@@ -103,6 +349,7 @@ class BlockStoreService(bpb_grpc.BlockStoreServicer):
     ) -> bpb.PutResponse:
         try:
             key = b""
+            namespace = ""
             codec = "none"
             total = 0
             parts: list[bytes] = []
@@ -113,6 +360,8 @@ class BlockStoreService(bpb_grpc.BlockStoreServicer):
                     key, total, codec = chunk.key, chunk.total_bytes, _codec_name(chunk.codec)
                     if not key:
                         raise InvalidArgument("block put: the first chunk must carry the key")
+                    if self.security is not None:
+                        namespace = self._writable(chunk.namespace)
                     if total > limit:
                         raise BlockTooLarge(
                             f"block {key.hex()[:16]}: {total} bytes on the wire exceeds the limit"
@@ -129,7 +378,10 @@ class BlockStoreService(bpb_grpc.BlockStoreServicer):
                 )
             data = b"".join(parts)
             frame = await asyncio.to_thread(decompress_frame, codec, data)
-            stored = await asyncio.to_thread(self.store.put, key, frame)
+            if self.security is not None:
+                stored = await self._put_owned(key, namespace, frame)
+            else:
+                stored = await asyncio.to_thread(self.store.put, key, frame)
             return bpb.PutResponse(stored=stored, frame_bytes=len(frame))
         except K2Error as e:
             await self._abort(context, e)
@@ -142,6 +394,11 @@ class BlockStoreService(bpb_grpc.BlockStoreServicer):
     ) -> AsyncIterator[bpb.GetChunk]:
         try:
             codec = _codec_name(request.accept)
+            if self.security is not None:
+                ns, ok = self._namespace(request.namespace)
+                if not await asyncio.to_thread(self._owned, request.key, ns, ok):
+                    yield bpb.GetChunk(found=False)  # another namespace's block: a plain miss
+                    return
             frame = await asyncio.to_thread(self.store.get, request.key)
             if frame is None:
                 yield bpb.GetChunk(found=False)
@@ -170,16 +427,41 @@ class BlockStoreService(bpb_grpc.BlockStoreServicer):
         request: bpb.HasRequest,
         context: grpc.aio.ServicerContext[bpb.HasRequest, bpb.HasResponse],
     ) -> bpb.HasResponse:
-        return bpb.HasResponse(present=[self.store.has(k) for k in request.keys])
+        if self.security is None:
+            return bpb.HasResponse(present=[self.store.has(k) for k in request.keys])
+        try:
+            ns, ok = self._namespace(request.namespace)
+        except K2Error as e:
+            await _abort(context, e)
+            raise AssertionError("unreachable: context.abort raises") from e
+
+        def present() -> list[bool]:
+            return [self._owned(k, ns, ok) and self.store.has(k) for k in request.keys]
+
+        return bpb.HasResponse(present=await asyncio.to_thread(present))
 
     async def Delete(
         self,
         request: bpb.DeleteRequest,
         context: grpc.aio.ServicerContext[bpb.DeleteRequest, bpb.DeleteResponse],
     ) -> bpb.DeleteResponse:
+        if self.security is None:
+            n = 0
+            for k in request.keys:
+                n += await asyncio.to_thread(self.store.delete, k)
+            return bpb.DeleteResponse(deleted=n)
+        try:
+            ns = self._writable(request.namespace)
+        except K2Error as e:
+            await _abort(context, e)
+            raise AssertionError("unreachable: context.abort raises") from e
+        owners = self.security.owners
         n = 0
         for k in request.keys:
-            n += await asyncio.to_thread(self.store.delete, k)
+            async with owners.lock(k):
+                if await asyncio.to_thread(self._owned, k, ns, True):
+                    n += await asyncio.to_thread(self.store.delete, k)
+                    await asyncio.to_thread(owners.release, k)
         return bpb.DeleteResponse(deleted=n)
 
     async def Stats(
@@ -187,6 +469,16 @@ class BlockStoreService(bpb_grpc.BlockStoreServicer):
         request: bpb.StatsRequest,
         context: grpc.aio.ServicerContext[bpb.StatsRequest, bpb.StatsResponse],
     ) -> bpb.StatsResponse:
+        if self.security is not None:
+            ident = _IDENTITY.get()
+            try:
+                if ident is None:
+                    raise PermissionDenied("block store stats need the admin role")
+                # Counts of every tenant's traffic: not for tenants.
+                self.security.guard.require_admin(ident, "block store stats")
+            except K2Error as e:
+                await _abort(context, e)
+                raise AssertionError("unreachable: context.abort raises") from e
         s = self.store.stats
         c = self.store.config
         return bpb.StatsResponse(
@@ -216,26 +508,48 @@ class BlockNode:
         address: str,
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        security: BlockNodeSecurity | None = None,
     ) -> None:
+        """`security`: serve mutual TLS and check every caller (None: plaintext, no checks)."""
         self.store = store
         self.region = region
         self.address = address
-        self.service = BlockStoreService(store, region, chunk_bytes=chunk_bytes)
+        self.security = security
+        self.service = BlockStoreService(store, region, chunk_bytes=chunk_bytes, security=security)
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
+        options: list[tuple[str, Any]] = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
+        sec = self.security
+        if sec is not None:
+            options.append(("grpc.max_concurrent_streams", sec.settings.max_concurrent_streams))
+        server = grpc.aio.server(
+            options=options,
+            interceptors=[_Authenticator(sec.guard)] if sec is not None else None,
+        )
         bpb_grpc.add_BlockStoreServicer_to_server(self.service, server)
         try:
-            port = server.add_insecure_port(self.address)
+            if sec is None:
+                port = server.add_insecure_port(self.address)
+            else:
+                from k2store.certs import server_credentials
+
+                port = server.add_secure_port(
+                    self.address, server_credentials(sec.settings, sec.name)
+                )
         except RuntimeError:
             raise Unavailable(f"block store: cannot listen on {self.address}") from None
         host = self.address.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"  # resolves port 0 to the one chosen
         await server.start()
         self._server = server
-        log.info("block store for %s serving on %s", self.region, self.address)
+        log.info(
+            "block store for %s serving on %s (%s)",
+            self.region,
+            self.address,
+            "mutual TLS" if sec is not None else "plaintext",
+        )
 
     async def stop(self, grace_s: float = 1.0, *, close_store: bool = True) -> None:
         """Stop serving; with `close_store`, also close the store (releasing its directory)."""
@@ -245,6 +559,8 @@ class BlockNode:
             await self._server.stop(grace_s)
         if close_store:
             self.store.close()
+            if self.security is not None:
+                self.security.owners.close()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -310,19 +626,39 @@ class BlockStoreClient:
         codec: str = "none",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         pacer: LinkPacer | None = None,
+        security: SecuritySettings | None = None,
+        token: str | None = None,
+        node: str | None = None,
+        namespace: str = "",
     ) -> None:
         """`codec`: compression for transfers through this client (see kvtier.compression;
         choose it with `choose_codec` for the link this client crosses). `pacer`: the emulated
-        link to the node's region, if the cluster emulates one."""
+        link to the node's region, if the cluster emulates one.
+
+        `security`: the cluster's `[security]` settings; with ``tls`` the client dials with
+        mutual TLS and, unless `node` names the block store node it acts as (its certificate,
+        for copies between block stores), sends a bearer token (`token`, else K2_TOKEN,
+        K2_TOKEN_FILE or the settings' token file). `namespace`: the block store namespace
+        every call works in (`block_namespace`; "" is the caller's default)."""
         if codec not in _CODEC_BY_NAME:
             raise InvalidArgument(f"unknown codec {codec!r}")
         self.address = address
         self.timeout_s = timeout_s
         self.codec = codec
         self.chunk_bytes = chunk_bytes
+        self.namespace = namespace
         self.stats = TransferStats()
         self._pacer = pacer
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        if security is not None and security.tls:
+            from k2store.certs import channel_credentials
+
+            creds = channel_credentials(security, node)
+            self._channel = grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS)
+            tok = None if node is not None else client_token(security, token)
+            self._metadata = bearer_metadata(tok) if tok else ()
+        else:
+            self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = bpb_grpc.BlockStoreStub(self._channel)
 
     async def close(self) -> None:
@@ -361,13 +697,14 @@ class BlockStoreClient:
                         total_bytes=len(data),
                         codec=_CODEC_BY_NAME[codec],
                         data=piece,
+                        namespace=self.namespace,
                     )
                 else:
                     yield bpb.PutChunk(data=piece)
 
         await self._pay(len(data), outbound=True)
         try:
-            r = await self._stub.Put(chunks(), timeout=self.timeout_s)
+            r = await self._stub.Put(chunks(), timeout=self.timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as e:
             raise self._error(e) from None
         await self._pay(_REQUEST_BYTES, outbound=False)
@@ -388,8 +725,14 @@ class BlockStoreClient:
         await self._pay(_REQUEST_BYTES, outbound=True)
         try:
             call = self._stub.Get(
-                bpb.GetRequest(key=key, accept=_CODEC_BY_NAME[codec], chunk_bytes=self.chunk_bytes),
+                bpb.GetRequest(
+                    key=key,
+                    accept=_CODEC_BY_NAME[codec],
+                    chunk_bytes=self.chunk_bytes,
+                    namespace=self.namespace,
+                ),
                 timeout=self.timeout_s,
+                metadata=self._metadata,
             )
             async for chunk in call:
                 if not parts:
@@ -425,7 +768,11 @@ class BlockStoreClient:
     async def has(self, keys: Sequence[bytes]) -> list[bool]:
         await self._pay(_REQUEST_BYTES + 32 * len(keys), outbound=True)
         try:
-            r = await self._stub.Has(bpb.HasRequest(keys=list(keys)), timeout=self.timeout_s)
+            r = await self._stub.Has(
+                bpb.HasRequest(keys=list(keys), namespace=self.namespace),
+                timeout=self.timeout_s,
+                metadata=self._metadata,
+            )
         except grpc.aio.AioRpcError as e:
             raise self._error(e) from None
         await self._pay(_REQUEST_BYTES, outbound=False)
@@ -433,14 +780,20 @@ class BlockStoreClient:
 
     async def delete(self, keys: Sequence[bytes]) -> int:
         try:
-            r = await self._stub.Delete(bpb.DeleteRequest(keys=list(keys)), timeout=self.timeout_s)
+            r = await self._stub.Delete(
+                bpb.DeleteRequest(keys=list(keys), namespace=self.namespace),
+                timeout=self.timeout_s,
+                metadata=self._metadata,
+            )
         except grpc.aio.AioRpcError as e:
             raise self._error(e) from None
         return r.deleted
 
     async def node_stats(self) -> bpb.StatsResponse:
         try:
-            return await self._stub.Stats(bpb.StatsRequest(), timeout=self.timeout_s)
+            return await self._stub.Stats(
+                bpb.StatsRequest(), timeout=self.timeout_s, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as e:
             raise self._error(e) from None
 
@@ -466,7 +819,16 @@ async def serve_blockstore(
     connectors find it; a cluster that cannot be reached is logged and serving continues
     (connectors given the address explicitly still work)."""
     store = open_store(data, config)
-    node = BlockNode(store, region, address)
+    security = None
+    if cluster_file is not None:
+        from k2store import cluster as cluster_mod
+        from k2store.rocksengine import RocksBlobStore
+
+        cluster = cluster_mod.load(cluster_file)
+        if cluster.settings.security.tls:
+            owners = BlockOwners(RocksBlobStore(data / "owners"))
+            security = BlockNodeSecurity.for_cluster(cluster, region, owners)
+    node = BlockNode(store, region, address, security=security)
     # With a fixed port, register before serving: whoever sees this node answer (the launcher
     # waits for that) can also find it in the metadata. Port 0 is known only once serving.
     early = cluster_file is not None and not address.endswith(":0")

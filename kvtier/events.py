@@ -25,6 +25,10 @@ Payload: one UTF-8 JSON object (keys sorted), version 1::
   (blocks a tenant opted in to share).
 - `heartbeat` carries the publisher's last assigned `seq` (it consumes no number) and its load.
 
+Security: with `MqttCredentials` (kvtier/broker.py) publishers and subscribers connect with TLS
+and log in as a principal of the cluster (its name, its bearer token); the broker URL is then
+``mqtts://``. Credentials are never logged (log lines name the URL, which holds none).
+
 Sequence contract (per publisher id)
     - `epoch` is chosen when a publisher starts and never reused; within an epoch `seq` runs
       1, 2, 3, ... with no gaps at the source. A number is consumed when the event is created,
@@ -58,7 +62,7 @@ from typing import Any
 import aiomqtt
 
 from k2store.errors import InvalidArgument
-from kvtier.broker import parse_broker_url
+from kvtier.broker import MqttCredentials, client_options, parse_broker_url
 from truetime.clock import ClockSource
 
 __all__ = [
@@ -410,11 +414,14 @@ class EventPublisher:
         heartbeat_s: float | None = 1.0,
         reconnect: ReconnectPolicy | None = None,
         rng: random.Random | None = None,
+        credentials: MqttCredentials | None = None,
     ) -> None:
         """`epoch`: unique per publisher start (default: random 63 bits from `rng`).
         `heartbeat_s`: interval of heartbeats (None: none; consumers then find a lost last
-        event only when the next one arrives). `clock` stamps events (`ts_ns`)."""
+        event only when the next one arrives). `clock` stamps events (`ts_ns`).
+        `credentials`: TLS and a login for a secured broker (kvtier/broker.py)."""
         self.address = parse_broker_url(broker_url)
+        self.credentials = credentials
         for what, v in (("region", region), ("node", node)):
             if not v or "/" in v or "+" in v or "#" in v:
                 raise InvalidArgument(f"{what} {v!r}: must be non-empty, without / + #")
@@ -539,6 +546,7 @@ class EventPublisher:
                     identifier=f"k2-pub-{self.publisher_id}-{self.epoch:x}",
                     timeout=policy.connect_timeout_s,
                     clean_session=True,
+                    **client_options(self.address, self.credentials),
                 ) as client:
                     self.connects += 1
                     failures, backoff = 0, policy.initial_backoff_s
@@ -616,8 +624,11 @@ class EventSubscriber:
         reconnect: ReconnectPolicy | None = None,
         client_id: str | None = None,
         rng: random.Random | None = None,
+        credentials: MqttCredentials | None = None,
     ) -> None:
+        """`credentials`: TLS and a login for a secured broker (kvtier/broker.py)."""
         self.address = parse_broker_url(broker_url)
+        self.credentials = credentials
         self.handler = handler
         self.resync = resync
         wanted: Sequence[str | None] = list(regions) if regions else [None]
@@ -702,6 +713,7 @@ class EventSubscriber:
                     identifier=self.client_id,
                     timeout=policy.connect_timeout_s,
                     clean_session=True,
+                    **client_options(self.address, self.credentials),
                 ) as client:
                     for t in self.topics:
                         await client.subscribe(t, qos=1)

@@ -7,6 +7,11 @@ A frame is self-describing (kvtier/blocks.py: header with spec and checksums, th
 bytes). Transfers are streams of chunks so that a block larger than one gRPC message moves,
 and so that the first bytes arrive before the last are read. A transfer may be compressed
 (kvtier/compression.py); the codec is named in the first chunk.
+
+`namespace` names the block store namespace a request works in: "<tenant>/<label>" for a
+tenant's blocks ("/<label>" for a namespace shared between tenants); "" is the caller's
+default. A secured block store node keeps each namespace's blocks apart and lets a principal
+use only its own tenant's (kvtier/blocknode.py); an unsecured one ignores it.
 """
 
 from collections import abc as _abc
@@ -56,11 +61,14 @@ class PutChunk(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     CODEC_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
     key: _builtins.bytes
     total_bytes: _builtins.int
     """bytes on the wire, all chunks together"""
     codec: Global___Codec.ValueType
     data: _builtins.bytes
+    namespace: _builtins.str
+    """first chunk only"""
     def __init__(
         self,
         *,
@@ -68,10 +76,11 @@ class PutChunk(_message.Message):
         total_bytes: _builtins.int = ...,
         codec: Global___Codec.ValueType = ...,
         data: _builtins.bytes = ...,
+        namespace: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "data", b"data", "key", b"key", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "data", b"data", "key", b"key", "namespace", b"namespace", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -108,21 +117,24 @@ class GetRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     ACCEPT_FIELD_NUMBER: _builtins.int
     CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
     key: _builtins.bytes
     accept: Global___Codec.ValueType
     """the codec the reader wants; CODEC_NONE for raw frames"""
     chunk_bytes: _builtins.int
     """0: the server's default"""
+    namespace: _builtins.str
     def __init__(
         self,
         *,
         key: _builtins.bytes = ...,
         accept: Global___Codec.ValueType = ...,
         chunk_bytes: _builtins.int = ...,
+        namespace: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "chunk_bytes", b"chunk_bytes", "key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "chunk_bytes", b"chunk_bytes", "key", b"key", "namespace", b"namespace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -163,16 +175,19 @@ class HasRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEYS_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
         self,
         *,
         keys: _abc.Iterable[_builtins.bytes] | None = ...,
+        namespace: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "namespace", b"namespace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -205,16 +220,19 @@ class DeleteRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEYS_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
         self,
         *,
         keys: _abc.Iterable[_builtins.bytes] | None = ...,
+        namespace: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "namespace", b"namespace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -7,6 +7,11 @@ A frame is self-describing (kvtier/blocks.py: header with spec and checksums, th
 bytes). Transfers are streams of chunks so that a block larger than one gRPC message moves,
 and so that the first bytes arrive before the last are read. A transfer may be compressed
 (kvtier/compression.py); the codec is named in the first chunk.
+
+`namespace` names the block store namespace a request works in: "<tenant>/<label>" for a
+tenant's blocks ("/<label>" for a namespace shared between tenants); "" is the caller's
+default. A secured block store node keeps each namespace's blocks apart and lets a principal
+use only its own tenant's (kvtier/blocknode.py); an unsecured one ignores it.
 """
 
 from collections import abc as _abc
