@@ -13,7 +13,10 @@ oracle that restarted or failed over.
 
 Failures: an exception from `fetch` (for example `OracleUnavailable`, `UncertaintyExceeded`)
 reaches every caller waiting on that fetch; the next call fetches again. A batch that arrives
-already stale (the round trip took longer than the usable TTL) raises `BatchExpired`.
+already stale (the round trip took longer than the usable TTL: a loaded machine, a slow
+scheduler) is fetched again, up to `stale_retries` more times within the same call, before
+`BatchExpired` is raised: one slow round trip is common under load, several in a row mean the
+oracle is too far or the TTL too short for this deployment.
 """
 
 from __future__ import annotations
@@ -59,7 +62,10 @@ class BatchClient:
         clock: ClockSource,
         batch_size: int = 256,
         safety_margin_ns: int = 100_000,
+        stale_retries: int = 3,
     ) -> None:
+        if stale_retries < 0:
+            raise ValueError(f"stale_retries must be >= 0, got {stale_retries}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if safety_margin_ns < 0:
@@ -68,6 +74,7 @@ class BatchClient:
         self._clock = clock
         self.batch_size = batch_size
         self.safety_margin_ns = safety_margin_ns
+        self.stale_retries = stale_retries
         self.stats = BatchClientStats()
         self._batch: TimestampBatch | None = None
         self._next_index = 0
@@ -78,8 +85,10 @@ class BatchClient:
     async def next_timestamp(self) -> Timestamp:
         """The next timestamp, greater than any this client returned before.
 
-        Fetches a new batch when the current one is used up or its usable TTL has passed.
+        Fetches a new batch when the current one is used up or its usable TTL has passed, and
+        again (up to `stale_retries` times) when a fetched batch arrives already stale.
         """
+        stale = 0
         while True:
             ts = self._take()
             if ts is not None:
@@ -91,7 +100,12 @@ class BatchClient:
                 task.add_done_callback(_consume_outcome)
                 self._inflight = task
             # shield: one waiter being cancelled must not cancel the fetch the others share.
-            await asyncio.shield(self._inflight)
+            try:
+                await asyncio.shield(self._inflight)
+            except BatchExpired:
+                stale += 1
+                if stale > self.stale_retries:
+                    raise
 
     def _take(self) -> Timestamp | None:
         """A timestamp from the current batch, or None if it is used up or stale (and drop it)."""

@@ -108,19 +108,38 @@ def test_every_timestamp_covers_true_time_when_returned() -> None:
     assert client.stats.batches_expired_unused > 0
 
 
-def test_a_batch_that_arrives_stale_raises_batch_expired() -> None:
+def test_batches_that_keep_arriving_stale_raise_batch_expired() -> None:
     _clock, fake, client = make(delay_ns=TTL - MARGIN)
 
     async def main() -> None:
         with pytest.raises(BatchExpired, match="arrived stale") as info:
             await client.next_timestamp()
         assert info.value.retryable
-        assert client.stats.batches_expired_unused == 1
+        # The first stale batch and every retry's.
+        assert client.stats.batches_expired_unused == 1 + client.stale_retries
         fake.delay_ns = 1_000
-        await client.next_timestamp()  # the retry fetches afresh
+        await client.next_timestamp()  # the next call fetches afresh
 
     asyncio.run(main())
-    assert len(fake.calls) == 2
+    assert len(fake.calls) == 2 + client.stale_retries
+
+
+def test_one_slow_round_trip_is_retried_within_the_call() -> None:
+    clock, fake, client = make(delay_ns=TTL - MARGIN)
+    delays = iter([TTL - MARGIN, TTL, 1_000])
+
+    async def slow_then_fast(count: int) -> TimestampBatch:
+        fake.delay_ns = next(delays)
+        return await fake.fetch(count)
+
+    client._fetch = slow_then_fast
+
+    async def main() -> None:
+        ts = await client.next_timestamp()
+        assert ts >= clock.now_ns()  # the fresh batch's timestamp covers true time
+
+    asyncio.run(main())
+    assert len(fake.calls) == 3 and client.stats.batches_expired_unused == 2
 
 
 def test_concurrent_callers_share_one_fetch() -> None:
