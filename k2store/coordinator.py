@@ -59,7 +59,8 @@ class _Txn:
     """Shards that ran operations of this transaction (d2PL: they hold its locks)."""
     max_version_ts: int = 0
     last_activity_ns: int = 0
-    heartbeat: asyncio.Task[None] | None = None
+    heartbeat: asyncio.TimerHandle | asyncio.Task[None] | None = None
+    """The timer of the first heartbeat, then the task that sends them (see _start_heartbeat)."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     done: bool = False
     aligned: bool = False
@@ -116,8 +117,10 @@ class Coordinator:
     async def stop(self) -> None:
         tasks = [t for t in [self._reaper, *self._background] if t is not None]
         for txn in self.txns.values():
-            if txn.heartbeat is not None:
+            if isinstance(txn.heartbeat, asyncio.Task):
                 tasks.append(txn.heartbeat)
+            elif txn.heartbeat is not None:
+                txn.heartbeat.cancel()
         await stop_tasks(tasks)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
@@ -415,9 +418,15 @@ class Coordinator:
                 *((sid, set()) for sid in txn.touched if sid not in txn.writes),
             ]
         ]
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        if any(isinstance(r, BaseException) for r in results):
-            return  # the record stays; waiters and sweeps resolve the rest from it
+        if len(calls) == 1:  # one shard (most transactions): no gather, no extra task
+            try:
+                await calls[0]
+            except Exception:
+                return  # the record stays; waiters and sweeps resolve the rest from it
+        else:
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            if any(isinstance(r, BaseException) for r in results):
+                return  # the record stays; waiters and sweeps resolve the rest from it
         with contextlib.suppress(K2Error):
             await self.call(
                 self._record_leader(txn),
@@ -426,11 +435,21 @@ class Coordinator:
                 pb.ForgetTxnResponse,
             )
 
+    def _start_heartbeat(self, txn: _Txn) -> None:
+        """Heartbeat txn's record every `heartbeat_s` until it ends. Most transactions end
+        before the first beat is due, so that one waits on a plain timer; only a transaction
+        still running then gets a task (same beats, one task fewer per transaction)."""
+        txn.heartbeat = asyncio.get_running_loop().call_later(
+            self.settings.heartbeat_s, self._heartbeat_due, txn
+        )
+
+    def _heartbeat_due(self, txn: _Txn) -> None:
+        if not txn.done:
+            txn.heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop(txn))
+
     async def _heartbeat_loop(self, txn: _Txn) -> None:
+        """Beat now, then every `heartbeat_s`, while txn runs."""
         while not txn.done:
-            await asyncio.sleep(self.settings.heartbeat_s)
-            if txn.done:
-                return
             with contextlib.suppress(K2Error):
                 resp: pb.HeartbeatResponse = await self.call(
                     self._record_leader(txn),
@@ -440,6 +459,7 @@ class Coordinator:
                 )
                 if resp.status == pb.TXN_ABORTED:
                     return
+            await asyncio.sleep(self.settings.heartbeat_s)
 
     def _split(self, ops: list[pb.TxnOp]) -> list[tuple[ShardConfig, list[tuple[int, pb.TxnOp]]]]:
         """Group ops by shard, keeping each op's index; scans are split per shard in key order."""
@@ -488,7 +508,7 @@ class Coordinator:
                     )
                 if not txn.record_key:
                     txn.record_key = self._choose_record_key(op.key)
-                    txn.heartbeat = asyncio.ensure_future(self._heartbeat_loop(txn))
+                    self._start_heartbeat(txn)
         results: list[pb.TxnOpResult | None] = [None] * len(ops)
         point = [(i, op) for i, op in enumerate(ops) if op.kind != pb.OP_SCAN]
         if point:
@@ -501,7 +521,12 @@ class Coordinator:
                 )
                 if keys is not None:
                     keys.update(op.key for _, op in group if op.kind in (pb.OP_PUT, pb.OP_DELETE))
-            if self.settings.one_shot:
+            responses: list[pb.ExecResponse | BaseException]
+            if self.settings.one_shot and len(groups) == 1:
+                # One shard (most transactions): no gather, so no task and no extra loop hops.
+                shard, g = groups[0]
+                responses = [await self._exec(txn, shard, [op for _, op in g])]
+            elif self.settings.one_shot:
                 responses = await asyncio.gather(
                     *(self._exec(txn, shard, [op for _, op in g]) for shard, g in groups),
                     return_exceptions=True,

@@ -123,6 +123,12 @@ class Replicator:
         self._appended: dict[int, asyncio.Event] = {}
         self._acked: dict[int, dict[str, int]] = {}
         self.seal_aborts: dict[int, int] = {}
+        self.seals_logged: dict[int, int] = {}
+        """shard -> seals logged (this node leads it)."""
+        self.seal_pushes = 0
+        """Push calls sent to replicas (each carries the log through a new seal)."""
+        self.seal_queries = 0
+        """Seals calls sent to peers in this region (the visible timestamp's inputs)."""
         self.active: dict[int, dict[bytes, int]] = {}
         """shard -> read-write transactions running there (txn_id -> ts); see in_flight."""
         txn = cluster.settings.txn
@@ -137,6 +143,7 @@ class Replicator:
             self._appended[sid] = asyncio.Event()
             self._acked[sid] = {}
             self.seal_aborts[sid] = 0
+            self.seals_logged[sid] = 0
             self.active[sid] = {}
             store.on_append = self._on_append_fn(sid, leader.shard.home_region)
             self.visibility.set_seal(sid, store.sealed_ts)
@@ -153,6 +160,8 @@ class Replicator:
         self._visible_changed = asyncio.Event()
         self._last_visible = 0
         self._wake = asyncio.Event()
+        self._seal_waiting = True
+        """The last tick's seal waits on a transaction, so its end should wake the tick loop."""
 
     def _on_append_fn(self, sid: int, home: str) -> Callable[[LogEntry], None]:
         def on_append(entry: LogEntry) -> None:
@@ -171,6 +180,7 @@ class Replicator:
         (see PushRequest): fire and forget; a lost push costs only latency."""
         store = self.logs[sid]
         shard = self.cluster.shard(sid)
+        self.seals_logged[sid] += 1
         for region in self.cluster.regions:
             holder = self.cluster.replica_node(shard, region.name)
             if holder is None:
@@ -182,6 +192,7 @@ class Replicator:
             if not entries:
                 continue
             req = pb.PushRequest(shard_id=sid, entries=entries)
+            self.seal_pushes += 1
             task = asyncio.get_running_loop().create_task(self._push(holder, req))
             self._pushes.add(task)
             task.add_done_callback(self._pushes.discard)
@@ -232,8 +243,18 @@ class Replicator:
         if active is None:
             return
         if not running:
-            active.pop(txn_id, None)
-            self._wake.set()  # a seal may have been waiting for it
+            ended_ts = active.pop(txn_id, None)
+            # A seal may have been waiting for it: only then can an early tick seal more. A
+            # seal waits only on transactions at or below the closed timestamp, and none at
+            # all when the last tick said so (the next scheduled tick, at the epoch boundary or
+            # the publishing interval, comes anyway); waking for any other transaction's end
+            # would cost a tick per transaction and change nothing. Region peers' ticks also
+            # merge their seals, so they still wake on every end.
+            if self.peers or (
+                self._seal_waiting
+                and (ended_ts is None or ended_ts <= self.logs[shard_id].closed_ts)
+            ):
+                self._wake.set()
         elif txn_id not in active and self.logs[shard_id].check_open(ts):
             active[txn_id] = ts
 
@@ -322,7 +343,7 @@ class Replicator:
         while True:
             waiting = False
             try:
-                waiting = self.seal_step()
+                waiting = self._seal_waiting = self.seal_step()
                 if self.peers:
                     await self._merge_peer_seals()
                     self._visibility_moved()
@@ -336,11 +357,14 @@ class Replicator:
             except Exception:  # a failed tick must not stop sealing for good
                 log.exception("replication tick failed on %s", self.name)
             self._wake.clear()
+            # asyncio.timeout rather than wait_for: the same wait without a task per tick.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._next_tick_s(waiting))
+                async with asyncio.timeout(self._next_tick_s(waiting)):
+                    await self._wake.wait()
 
     async def _merge_peer_seals(self) -> None:
         async def one(peer: str) -> None:
+            self.seal_queries += 1
             try:
                 r = await self.call(
                     peer, R + "Seals", pb.SealsRequest(), pb.SealsResponse, self.short_timeout_s
@@ -375,7 +399,8 @@ class Replicator:
         if req.from_lsn >= store.next_lsn and req.wait_ms:
             event = self._appended[req.shard_id]
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), req.wait_ms / 1000)
+                async with asyncio.timeout(req.wait_ms / 1000):
+                    await event.wait()
         limit = req.max_entries or self.settings.pull_max_entries
         return pb.PullResponse(
             entries=store.read_log_raw(req.from_lsn, limit),
@@ -513,7 +538,8 @@ class Replicator:
                     "is stalled or cut off"
                 )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._visible_changed.wait(), min(left, 0.5))
+                async with asyncio.timeout(min(left, 0.5)):
+                    await self._visible_changed.wait()
 
     async def replica_read(self, req: pb.ReplicaReadRequest) -> pb.ReplicaReadResponse:
         visible = self.visibility.visible_ts()
@@ -632,6 +658,7 @@ class Replicator:
                 sealed_ts=s.sealed_ts,
                 closed_ts=s.closed_ts,
                 seal_aborts=self.seal_aborts[sid],
+                seals=self.seals_logged[sid],
             )
             for sid, s in sorted(self.logs.items())
         ]
@@ -667,4 +694,6 @@ class Replicator:
             visible_ts=self.visibility.visible_ts(),
             shards=shards,
             delays=delays,
+            seal_pushes=self.seal_pushes,
+            seal_queries=self.seal_queries,
         )

@@ -211,7 +211,7 @@ class NodeService:
             self.call,
             st.txn,
             hlc=self.hlc,
-            future_source=self.future_batch.next_timestamp,
+            future_source=self._future_timestamp,
             **({"new_txn_id": new_txn_id} if new_txn_id else {}),
         )
 
@@ -291,6 +291,14 @@ class NodeService:
             return await self.batch.next_timestamp()
         except UncertaintyExceeded as e:
             raise ClockUncertain(f"node {self.me.name} refuses to serve: {e}") from None
+        except BatchExpired as e:
+            raise Unavailable(f"node {self.me.name}: timestamp batch arrived stale: {e}") from None
+
+    async def _future_timestamp(self) -> int:
+        """A timestamp from the future-timestamp slot's batch, errors typed as in `timestamp`
+        (a stale batch used to escape as an untyped BatchExpired: an INTERNAL error)."""
+        try:
+            return await self.future_batch.next_timestamp()
         except BatchExpired as e:
             raise Unavailable(f"node {self.me.name}: timestamp batch arrived stale: {e}") from None
 

@@ -42,9 +42,26 @@ from k2store.cluster import (
     TxnSettings,
 )
 from k2store.errors import InvalidArgument, K2Error, TxnAborted
+from k2store.wan import DEFAULT_RTT_MS
 from truetime import SystemClock
 
 DISTRICTS = 10
+REGIONS = (*DEFAULT_REGIONS, "us-west", "ap-northeast")
+"""`--regions N` takes the first N: DESIGN's three, then us-west (Oregon) and ap-northeast
+(Tokyo)."""
+FIVE_REGION_RTT_MS = {
+    **DEFAULT_RTT_MS,  # DESIGN.md's three pairs: 75, 210 and 160 ms
+    frozenset({"us-east", "us-west"}): 65.0,
+    frozenset({"us-west", "eu-west"}): 125.0,
+    frozenset({"us-west", "ap-southeast"}): 165.0,
+    frozenset({"us-west", "ap-northeast"}): 100.0,
+    frozenset({"us-east", "ap-northeast"}): 150.0,
+    frozenset({"eu-west", "ap-northeast"}): 215.0,
+    frozenset({"ap-southeast", "ap-northeast"}): 70.0,
+}
+"""Round-trip times (ms) between the five regions: DESIGN's three pairs, and for the two added
+regions rounded figures of the kind public inter-region latency tables give for the
+corresponding cloud regions (Virginia, Ireland, Singapore, Oregon, Tokyo)."""
 RETRY = RetryPolicy(max_attempts=50, initial_backoff_s=0.005, max_backoff_s=0.5)
 
 
@@ -98,6 +115,8 @@ class TpccConfig:
     duration_s: float = 20.0
     sim: bool = False
     seed: int = 1
+    regions: int = 3
+    """How many of `REGIONS` (one warehouse set and one node each); 1 to 5."""
     interactive: bool = False
     """Reads in one round, then writes in another (an interactive client). Default: one round
     with the reads and writes together (`AsyncTransaction.batch`), as a stored procedure would
@@ -113,6 +132,12 @@ class TpccConfig:
             raise InvalidArgument(f"remote-fraction must be in [0, 1], got {self.remote_fraction}")
         if self.duration_s <= 0:
             raise InvalidArgument("duration must be positive")
+        if not 1 <= self.regions <= len(REGIONS):
+            raise InvalidArgument(f"regions must be 1 to {len(REGIONS)}, got {self.regions}")
+
+    @property
+    def region_names(self) -> tuple[str, ...]:
+        return REGIONS[: self.regions]
 
 
 class _Rng:
@@ -137,7 +162,7 @@ async def tpcc_client(
     """One closed-loop terminal: new-order and payment, half each, on its home region's
     warehouses."""
     home = c.region
-    others = [r for r in DEFAULT_REGIONS if r != home]
+    others = [r for r in tc.region_names if r != home]
     stats = result.regions.setdefault(home, RegionStats())
     rng = _Rng(tc.seed * 100_003 + index)
     w_id = rng.next(tc.warehouses_per_region)
@@ -160,7 +185,7 @@ async def tpcc_client(
         d = f"{w}/d/{rng.next(DISTRICTS)}"
         if j % 2:
             remote = None
-            if rng.next(1000) < tc.remote_fraction * 1000:
+            if others and rng.next(1000) < tc.remote_fraction * 1000:
                 r = others[rng.next(len(others))]
                 remote = f"{r}/w/{rng.next(tc.warehouses_per_region)}/d/{rng.next(DISTRICTS)}"
             keys = [w, d] + ([remote] if remote else [])
@@ -207,7 +232,9 @@ def settings_for(protocol: str) -> ClusterSettings:
     return replace(
         base,
         txn=TxnSettings(protocol=protocol),
-        network=replace(base.network, enabled=True),
+        # The sim builds its network from this table too (SimNetwork.from_settings), so its
+        # delays and the coordinators' RTT priors agree; three regions get DESIGN's RTTs.
+        network=replace(base.network, enabled=True, rtt_ms=dict(FIVE_REGION_RTT_MS)),
         replication=replication_for(protocol),
     )
 
@@ -216,13 +243,17 @@ def run_sim(protocol: str, tc: TpccConfig) -> TpccResult:
     from k2store.cluster import local_cluster as make_cluster
     from k2store.sim import SimCluster, run_simulation
 
+    regions = tc.region_names
     cfg = make_cluster(
-        DEFAULT_REGIONS, [1, 2, 3], root=Path("/nonexistent-sim"), settings=settings_for(protocol)
+        regions,
+        list(range(1, len(regions) + 1)),
+        root=Path("/nonexistent-sim"),
+        settings=settings_for(protocol),
     )
     result = TpccResult(
         protocol,
         "sim",
-        tc.clients_per_region * 3,
+        tc.clients_per_region * len(regions),
         tc.remote_fraction,
         tc.duration_s,
         tc.interactive,
@@ -232,7 +263,7 @@ def run_sim(protocol: str, tc: TpccConfig) -> TpccResult:
         cluster = SimCluster(cfg, seed=tc.seed)
         clients = [
             cluster.txn_client(r, retry=RETRY)
-            for r in DEFAULT_REGIONS
+            for r in regions
             for _ in range(tc.clients_per_region)
         ]
         stop = asyncio.Event()
@@ -260,7 +291,7 @@ async def _run_on(cfg: ClusterConfig, protocol: str, tc: TpccConfig) -> TpccResu
     result = TpccResult(
         protocol,
         "processes",
-        tc.clients_per_region * 3,
+        tc.clients_per_region * len(cfg.region_names()),
         tc.remote_fraction,
         tc.duration_s,
         tc.interactive,
@@ -289,16 +320,20 @@ async def _run_on(cfg: ClusterConfig, protocol: str, tc: TpccConfig) -> TpccResu
 
 
 def run_processes(protocol: str, tc: TpccConfig, data: Path, progress: bool) -> TpccResult:
-    with local_cluster(data, settings_for(protocol), progress=progress) as cfg:
+    with local_cluster(
+        data, settings_for(protocol), progress=progress, regions=tc.region_names
+    ) as cfg:
         return asyncio.run(_run_on(cfg, protocol, tc))
 
 
 def format_results(results: Sequence[TpccResult]) -> str:
     by = {r.protocol: r for r in results if not r.error}
+    regions = next((list(r.regions) for r in results if r.regions), list(DEFAULT_REGIONS))
+    regions = [g for g in REGIONS if g in regions]  # a fixed order, whoever ran first
     lines = []
     head = (
         f"{'protocol':<10} {'txn/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'aborts':>7} "
-        + " ".join(f"{r[:8]:>9}" for r in DEFAULT_REGIONS)
+        + " ".join(f"{r[:8]:>9}" for r in regions)
         + f" {'vs d2pl':>8} {'vs hlc':>7}"
     )
     for r in results:
@@ -309,7 +344,7 @@ def format_results(results: Sequence[TpccResult]) -> str:
         hl = by.get("mvto-hlc")
         vs_d2 = f"{r.throughput / d2.throughput:.2f}x" if d2 and d2.throughput else "-"
         vs_hl = f"{r.throughput / hl.throughput:.2f}x" if hl and hl.throughput else "-"
-        per_region = " ".join(f"{r.abort_rate(g):>9.1%}" for g in DEFAULT_REGIONS)
+        per_region = " ".join(f"{r.abort_rate(g):>9.1%}" for g in regions)
         lines.append(
             f"{r.protocol:<10} {r.throughput:>8.1f} {r.percentile(0.5):>8.1f} "
             f"{r.percentile(0.99):>8.1f} {r.abort_rate():>7.1%} {per_region} {vs_d2:>8} {vs_hl:>7}"
@@ -322,7 +357,8 @@ def format_results(results: Sequence[TpccResult]) -> str:
             lines.append(f"{'':<10} gave up: {top}")
     first = results[0]
     title = (
-        f"TPC-C-like ({first.mode}): {first.clients} clients, {first.remote_fraction:.0%} "
+        f"TPC-C-like ({first.mode}): {len(regions)} regions, {first.clients} clients, "
+        f"{first.remote_fraction:.0%} "
         f"cross-region new-orders, {first.duration_s:.0f} s per protocol, "
         f"{'interactive' if first.interactive else 'one-shot'}"
         " (aborts: failed attempts / attempts, overall then per region)"
@@ -373,6 +409,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", action="append", choices=TXN_PROTOCOLS, help="repeatable")
     p.add_argument("--clients-per-region", type=int, default=d.clients_per_region, metavar="N")
     p.add_argument("--warehouses-per-region", type=int, default=d.warehouses_per_region)
+    p.add_argument(
+        "--regions",
+        type=int,
+        default=d.regions,
+        metavar="N",
+        help=f"the first N of {', '.join(REGIONS)} (default {d.regions})",
+    )
     p.add_argument("--remote-fraction", type=float, default=d.remote_fraction)
     p.add_argument("--duration", type=float, default=None, metavar="S")
     p.add_argument("--sim", action="store_true", help="the deterministic simulator (virtual time)")
@@ -396,6 +439,7 @@ def main(args: argparse.Namespace) -> int:
         sim=args.sim,
         seed=args.seed,
         interactive=args.interactive,
+        regions=args.regions,
     )
     tc.validate()
     progress = sys.stderr.isatty()
@@ -418,4 +462,12 @@ def main(args: argparse.Namespace) -> int:
     return 0 if all(not r.error for r in results) else 1
 
 
-__all__ = ["TpccConfig", "TpccResult", "main", "run_processes", "run_sim"]
+__all__ = [
+    "FIVE_REGION_RTT_MS",
+    "REGIONS",
+    "TpccConfig",
+    "TpccResult",
+    "main",
+    "run_processes",
+    "run_sim",
+]

@@ -550,13 +550,19 @@ async def run_mix(
 
 @contextlib.contextmanager
 def local_cluster(
-    data: Path, settings: ClusterSettings, *, progress: bool, timeout_s: float = 60.0
+    data: Path,
+    settings: ClusterSettings,
+    *,
+    progress: bool,
+    timeout_s: float = 60.0,
+    regions: Sequence[str] = DEFAULT_REGIONS,
 ) -> Iterator[ClusterConfig]:
-    """A fresh local cluster (DESIGN's three regions, one node each) with `settings`, stopped
-    on exit. (launcher.up cannot take ClusterSettings yet, so this writes the file itself.)"""
+    """A fresh local cluster (`regions`, by default DESIGN's three, one node each) with
+    `settings`, stopped on exit. (launcher.up cannot take ClusterSettings yet, so this writes
+    the file itself.)"""
     data.mkdir(parents=True, exist_ok=True)
-    ports = launcher.free_ports(len(DEFAULT_REGIONS))
-    cfg = cluster_mod.local_cluster(DEFAULT_REGIONS, ports, root=data, settings=settings).write(
+    ports = launcher.free_ports(len(regions))
+    cfg = cluster_mod.local_cluster(regions, ports, root=data, settings=settings).write(
         data / launcher.CLUSTER_FILE
     )
     procs = {}

@@ -648,6 +648,7 @@ class ReplicationShardStatus(_message.Message):
     LAG_MS_FIELD_NUMBER: _builtins.int
     SNAPSHOTS_FIELD_NUMBER: _builtins.int
     SEAL_ABORTS_FIELD_NUMBER: _builtins.int
+    SEALS_FIELD_NUMBER: _builtins.int
     shard_id: _builtins.int
     role: _builtins.str
     """"leader" or "replica" """
@@ -667,6 +668,8 @@ class ReplicationShardStatus(_message.Message):
     """replica: snapshot installs so far"""
     seal_aborts: _builtins.int
     """leader: writes refused by rule sealed"""
+    seals: _builtins.int
+    """leader: seals logged so far"""
     def __init__(
         self,
         *,
@@ -680,10 +683,11 @@ class ReplicationShardStatus(_message.Message):
         lag_ms: _builtins.float = ...,
         snapshots: _builtins.int = ...,
         seal_aborts: _builtins.int = ...,
+        seals: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed_ts", b"closed_ts", "first_lsn", b"first_lsn", "lag_entries", b"lag_entries", "lag_ms", b"lag_ms", "next_lsn", b"next_lsn", "role", b"role", "seal_aborts", b"seal_aborts", "sealed_ts", b"sealed_ts", "shard_id", b"shard_id", "snapshots", b"snapshots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed_ts", b"closed_ts", "first_lsn", b"first_lsn", "lag_entries", b"lag_entries", "lag_ms", b"lag_ms", "next_lsn", b"next_lsn", "role", b"role", "seal_aborts", b"seal_aborts", "sealed_ts", b"sealed_ts", "seals", b"seals", "shard_id", b"shard_id", "snapshots", b"snapshots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -733,10 +737,16 @@ class ReplicationStatus(_message.Message):
     VISIBLE_TS_FIELD_NUMBER: _builtins.int
     SHARDS_FIELD_NUMBER: _builtins.int
     DELAYS_FIELD_NUMBER: _builtins.int
+    SEAL_PUSHES_FIELD_NUMBER: _builtins.int
+    SEAL_QUERIES_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     policy: _builtins.str
     visible_ts: _builtins.int
     """this region's visible timestamp as this node knows it"""
+    seal_pushes: _builtins.int
+    """Push calls this node sent to replicas (one per seal per replica)"""
+    seal_queries: _builtins.int
+    """Seals calls this node sent to peers in its region"""
     @_builtins.property
     def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicationShardStatus]: ...
     @_builtins.property
@@ -749,10 +759,12 @@ class ReplicationStatus(_message.Message):
         visible_ts: _builtins.int = ...,
         shards: _abc.Iterable[Global___ReplicationShardStatus] | None = ...,
         delays: _abc.Iterable[Global___VisibilityDelay] | None = ...,
+        seal_pushes: _builtins.int = ...,
+        seal_queries: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delays", b"delays", "enabled", b"enabled", "policy", b"policy", "shards", b"shards", "visible_ts", b"visible_ts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delays", b"delays", "enabled", b"enabled", "policy", b"policy", "seal_pushes", b"seal_pushes", "seal_queries", b"seal_queries", "shards", b"shards", "visible_ts", b"visible_ts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,7 +5,9 @@ What is real
     `ShardLeader`s (MVTO rules), K2-TB `TimestampOracle` and `BatchClient`, `TrueTime` and
     commit-wait, forwarding and typed errors; clients route and retry as `AsyncClient` does.
     Requests and responses cross the simulated wire as serialized protobuf, so sizes are real and
-    nodes share no objects.
+    nodes share no objects (a handler that mutates its request, as forwarding does, cannot
+    affect the caller). It is cheap: serializing and parsing take 1-2% of a TPC-C-like run.
+    Calls a node makes to itself skip the wire, as in the node process.
 
 What is simulated
     - time: `SimEventLoop`, an asyncio loop whose clock is virtual and jumps to the next timer
@@ -22,7 +24,7 @@ What is simulated
 What is not simulated (yet)
     CPU time (a handler costs no virtual time; throughput numbers are latency-bound, not
     CPU-bound), disk latency and fsync, torn writes or lost unsynced data, gRPC framing overhead,
-    replicas and replication, transactions (txn/), and clock *steps* of true time.
+    and clock *steps* of true time.
 
 Determinism contract
     Same program + same seed -> the same sequence of events, the same timestamps and the same

@@ -98,13 +98,17 @@ class SimCluster:
         batch_size: int = 256,
     ) -> None:
         """`seed`: the run's seed (default: the running loop's). `network`: a configured
-        `SimNetwork` (default: DESIGN.md's regions); it is reseeded from `seed`.
+        `SimNetwork` (default: the config's ``[network]`` table when it is enabled, else
+        DESIGN.md's regions); it is reseeded from `seed`.
         `clock_skew_ns`: node name -> initial clock offset (change later with `set_clock_skew`).
         `batch_size`: timestamps per K2-TB batch request, as `NodeOptions.batch_size`."""
         self.loop: SimEventLoop = current_sim_loop()
         self.config = config
         self.seed = self.loop.seed if seed is None else seed
-        self.network = network if network is not None else SimNetwork()
+        if network is None:
+            net = config.settings.network
+            network = SimNetwork.from_settings(net) if net.enabled else SimNetwork()
+        self.network = network
         self.network.reseed(f"{self.seed}:network")
         self._txn_ids = random.Random(f"{self.seed}:txn-ids")
         self._stopping: set[asyncio.Task[None]] = set()

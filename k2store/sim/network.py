@@ -55,20 +55,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf.message import Message
 
 from k2store.errors import DeadlineExceeded, K2Error, Unavailable, UnknownNode
 from k2store.service import METHODS_BY_PATH
-from k2store.sim.loop import current_sim_loop
+from k2store.sim.loop import SimEventLoop, current_sim_loop
 
 if TYPE_CHECKING:
     from k2store.service import NodeService
+    from k2store.wan import NetworkSettings
 
 __all__ = [
     "DEFAULT_BANDWIDTH_BPS",
@@ -158,7 +158,34 @@ class _Pending:
     src_incarnation: int
     dst: str
     method: str
-    reply: asyncio.Future[tuple[bytes, type[K2Error] | None]]
+    reply: asyncio.Future[_Outcome]
+    loop: SimEventLoop
+    """The simulation's loop (looked up once per call, not at every hop)."""
+
+
+@dataclass(slots=True)
+class _Link:
+    """What `_transmit` needs about a directed endpoint pair, looked up once."""
+
+    loopback: bool
+    regions: tuple[str, str]
+    """(source region, destination region): the bandwidth queue this pair shares."""
+    params: _LinkParams
+    stats: LinkStats | None
+    """None until the first message: `link_stats` lists only pairs that carried one."""
+
+
+class _TimedOut(K2Error):
+    """Marks a reply the deadline completed (never raised: `call` raises DeadlineExceeded)."""
+
+
+_Outcome = tuple[bytes, type[K2Error] | None]
+"""A reply on the wire: the serialized response, or an error message and its type."""
+
+
+def _expire(reply: asyncio.Future[_Outcome]) -> None:
+    if not reply.done():
+        reply.set_result((b"", _TimedOut))
 
 
 class SimNetwork:
@@ -203,15 +230,32 @@ class SimNetwork:
         self._endpoints: dict[str, _Endpoint] = {}
         self._cuts: set[tuple[str, str]] = set()
         self._isolated: set[str] = set()
-        self._msg_ids = itertools.count(1)
+        self._next_msg_id = 0
+        self._links: dict[tuple[str, str], _Link] = {}
         self._rng = random.Random(seed)
         self._digest = hashlib.sha256()
+        self._tags: dict[tuple[str, str, str, str], bytes] = {}
         self.record_trace = record_trace
         self.trace: list[TraceEvent] = []
         self.link_stats: dict[tuple[str, str], LinkStats] = {}
         """Traffic per directed (src, dst) endpoint pair."""
         self.internal_errors: list[tuple[str, str, BaseException]] = []
         """(node, method, exception) for every handler that raised something not a K2Error."""
+
+    @classmethod
+    def from_settings(cls, net: NetworkSettings, **kwargs: Any) -> SimNetwork:
+        """The network a cluster file's ``[network]`` table describes (RTT matrix, RTT of
+        pairs absent from it, intra-region RTT, jitter, bandwidth), so the simulator's delays
+        and the coordinator's RTT priors (`NetworkSettings.rtt_of`) agree. `kwargs` go to the
+        constructor (seed, record_trace, drop_probability, ...)."""
+        return cls(
+            rtt_s={pair: ms / 1000 for pair, ms in net.rtt_ms.items()},
+            intra_region_rtt_s=net.intra_region_rtt_ms / 1000,
+            unknown_pair_rtt_s=net.default_rtt_ms / 1000,
+            jitter_s=net.jitter_ms / 1000,
+            bandwidth_bps=net.bandwidth_mbit * 1e6 if net.bandwidth_mbit > 0 else None,
+            **kwargs,
+        )
 
     def reseed(self, seed: int | str) -> None:
         """Restart the random stream (jitter, drops) from `seed`."""
@@ -399,28 +443,34 @@ class SimNetwork:
     def _record(
         self, t_ns: int, event: str, src: str, dst: str, method: str, payload: bytes
     ) -> None:
-        self._digest.update(f"{t_ns}|{event}|{src}|{dst}|{method}|{len(payload)}|".encode())
-        self._digest.update(payload)
+        # The bytes hashed are f"{t_ns}|{event}|{src}|{dst}|{method}|{len(payload)}|" + payload;
+        # the middle part is built once per distinct (event, src, dst, method).
+        key = (event, src, dst, method)
+        tag = self._tags.get(key)
+        if tag is None:
+            tag = self._tags[key] = f"|{event}|{src}|{dst}|{method}|".encode()
+        self._digest.update(b"%d%s%d|%s" % (t_ns, tag, len(payload), payload))
         if self.record_trace:
             self.trace.append(TraceEvent(t_ns, event, src, dst, method, len(payload)))
 
     # -- moving messages -----------------------------------------------------------------------
 
-    def _transmit(self, src: str, dst: str, method: str, payload: bytes) -> int | None:
-        """Account for a message and return its delay in ns, or None if it is lost."""
-        loop = current_sim_loop()
-        now = loop.virtual_ns()
-        stats = self.link_stats.get((src, dst))
+    def _transmit(self, now: int, src: str, dst: str, method: str, payload: bytes) -> int | None:
+        """Account for a message sent at virtual time `now` (ns) and return its delay in ns, or
+        None if it is lost."""
+        link = self._links.get((src, dst))
+        if link is None:
+            link = self._link(src, dst)
+        stats = link.stats
         if stats is None:
-            stats = self.link_stats[(src, dst)] = LinkStats()
+            stats = link.stats = self.link_stats[(src, dst)] = LinkStats()
         stats.messages += 1
         stats.bytes += len(payload)
         self._record(now, "send", src, dst, method, payload)
-        if src == dst:
+        if link.loopback:
             return 0  # loopback: no wire
-        s, d = self._endpoints[src], self._endpoints[dst]
-        p = self._pair_params(s.region, d.region)
-        if self.is_cut(src, dst) or (
+        p = link.params
+        if ((self._cuts or self._isolated) and self.is_cut(src, dst)) or (
             p.drop_probability > 0 and self._rng.random() < p.drop_probability
         ):
             stats.dropped += 1
@@ -429,13 +479,25 @@ class SimNetwork:
         start = now
         if p.bandwidth_bps is not None:
             # FIFO per direction: wait for the messages ahead, then hold the link for our bits.
-            link = (s.region, d.region)
-            start = max(now, self._busy_until_ns.get(link, 0))
+            busy = self._busy_until_ns
+            start = max(now, busy.get(link.regions, 0))
             tx_ns = -(-len(payload) * 8 * _NS // round(p.bandwidth_bps))
-            self._busy_until_ns[link] = start + tx_ns
+            busy[link.regions] = start + tx_ns
             start += tx_ns
         jitter = self._rng.randint(0, p.jitter_ns) if p.jitter_ns > 0 else 0
         return start - now + p.one_way_ns + jitter
+
+    def _link(self, src: str, dst: str) -> _Link:
+        """The cached routing facts of a directed endpoint pair (endpoints never move region,
+        and a pair's `_LinkParams` object is never replaced, only changed in place)."""
+        s, d = self._endpoints[src], self._endpoints[dst]
+        link = self._links[(src, dst)] = _Link(
+            src == dst,
+            (s.region, d.region),
+            self._pair_params(s.region, d.region),
+            self.link_stats.get((src, dst)),
+        )
+        return link
 
     async def call(
         self,
@@ -450,30 +512,41 @@ class SimNetwork:
         for every outcome."""
         loop = current_sim_loop()
         s = self._endpoint(src)
-        self._endpoint(dst)
+        if dst not in self._endpoints:
+            self._endpoint(dst)  # UnknownNode
         if s.is_node and s.service is None:
             raise Unavailable(f"node {src!r} is down and cannot send {method}")
         if method not in METHODS_BY_PATH:
             raise K2Error(f"unknown method {method!r} (UNIMPLEMENTED)")
         payload = request.SerializeToString()
-        reply: asyncio.Future[tuple[bytes, type[K2Error] | None]] = loop.create_future()
-        pending = _Pending(next(self._msg_ids), src, s.incarnation, dst, method, reply)
-        delay = self._transmit(src, dst, method, payload)
+        reply: asyncio.Future[_Outcome] = loop.create_future()
+        self._next_msg_id += 1
+        pending = _Pending(self._next_msg_id, src, s.incarnation, dst, method, reply, loop)
+        now = loop.virtual_ns()
+        delay = self._transmit(now, src, dst, method, payload)
         if delay is not None:
-            loop.call_at((loop.virtual_ns() + delay) / _NS, self._arrive, pending, payload)
+            loop.call_at((now + delay) / _NS, self._arrive, pending, payload)
+        # The deadline: a plain timer that completes the reply future, rather than
+        # asyncio.timeout (which cancels and uncancels the calling task): one per message.
+        deadline = (
+            loop.call_later(timeout_s, _expire, reply)
+            if timeout_s > 0
+            else loop.call_soon(_expire, reply)
+        )
         try:
-            async with asyncio.timeout(timeout_s):
-                body, error = await reply
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"node {dst!r} did not answer {method} from {src!r} within {timeout_s} s"
-            ) from None
+            body, error = await reply
+        finally:
+            deadline.cancel()
         if error is not None:
+            if error is _TimedOut:
+                raise DeadlineExceeded(
+                    f"node {dst!r} did not answer {method} from {src!r} within {timeout_s} s"
+                )
             raise error(body.decode())
         return response_type.FromString(body)
 
     def _arrive(self, pending: _Pending, payload: bytes) -> None:
-        loop = current_sim_loop()
+        loop = pending.loop
         self._record(
             loop.virtual_ns(), "deliver", pending.src, pending.dst, pending.method, payload
         )
@@ -493,8 +566,9 @@ class SimNetwork:
         method = METHODS_BY_PATH[pending.method]
         incarnation = ep.incarnation
         try:
-            response = await service.handler(pending.method)(method.request.FromString(payload))
-            outcome: tuple[bytes, type[K2Error] | None] = (response.SerializeToString(), None)
+            handler = getattr(service, method.handler)
+            response = await handler(method.request.FromString(payload))
+            outcome: _Outcome = (response.SerializeToString(), None)
         except K2Error as e:
             outcome = _error(type(e), str(e))
         except asyncio.CancelledError:
@@ -513,18 +587,18 @@ class SimNetwork:
         if ep.incarnation == incarnation:  # else the process died meanwhile and sends nothing
             self._reply(pending, outcome)
 
-    def _reply(self, pending: _Pending, outcome: tuple[bytes, type[K2Error] | None]) -> None:
+    def _reply(self, pending: _Pending, outcome: _Outcome) -> None:
         body, error = outcome
         size = body if error is None else body + bytes(_ERROR_OVERHEAD_BYTES)
-        delay = self._transmit(pending.dst, pending.src, pending.method + ":reply", size)
+        loop = pending.loop
+        now = loop.virtual_ns()
+        delay = self._transmit(now, pending.dst, pending.src, pending.method + ":reply", size)
         if delay is not None:
-            loop = current_sim_loop()
-            loop.call_at((loop.virtual_ns() + delay) / _NS, self._arrive_reply, pending, outcome)
+            loop.call_at((now + delay) / _NS, self._arrive_reply, pending, outcome)
 
-    def _arrive_reply(self, pending: _Pending, outcome: tuple[bytes, type[K2Error] | None]) -> None:
-        loop = current_sim_loop()
+    def _arrive_reply(self, pending: _Pending, outcome: _Outcome) -> None:
         self._record(
-            loop.virtual_ns(),
+            pending.loop.virtual_ns(),
             "deliver",
             pending.dst,
             pending.src,
@@ -555,7 +629,7 @@ class SimTransport:
         pass
 
 
-def _error(cls: type[K2Error], message: str) -> tuple[bytes, type[K2Error] | None]:
+def _error(cls: type[K2Error], message: str) -> _Outcome:
     return message.encode(), cls
 
 

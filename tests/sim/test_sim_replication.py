@@ -54,7 +54,8 @@ async def write_all(c: AsyncClient, items: dict[str, bytes]) -> int:
 
     async def body(tx: AsyncTransaction) -> None:
         holder.append(tx)
-        await tx.put_many(dict(items))
+        batch: dict[str | bytes, bytes | None] = {k: v for k, v in items.items()}
+        await tx.put_many(batch)
 
     await c.run(body, keys=list(items))
     ts = holder[-1].commit_ts

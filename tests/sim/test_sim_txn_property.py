@@ -12,6 +12,7 @@ transaction counts.
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -118,7 +119,9 @@ def run_plans(protocol: str, plans: list[ClientPlan], seed: int) -> list[Committ
                 assert ts is not None
                 committed.append((ts, dict(seen), writes))
 
-        finished = await cluster.run([lambda c=c: client_run(c) for c in range(len(plans))], 300)
+        finished = await cluster.run(
+            [functools.partial(client_run, c) for c in range(len(plans))], 300
+        )
         assert finished, "workload did not finish in 300 virtual seconds"
         # A final read-only snapshot of every key joins the history as one more reader.
         reader = cluster.txn_client(DEFAULT_REGIONS[0], retry=retry)
