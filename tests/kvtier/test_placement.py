@@ -133,7 +133,7 @@ def test_sweeper_evicts_the_coldest_unheld_copies_down_to_low_water(tmp_path: Pa
             left = await env.metadata.rows(east.record, hashes, "us-east")
             assert [r is not None for r in left] == [True, False, False, False, True]
             assert (await sweeper.sweep()).evicted == 0  # under high water now
-            raw = await env.client.get(block_key("us-east", ns.id, hashes[4]))
+            raw = await env.client.get(block_key("us-east", ns.tenant, ns.id, hashes[4]))
             assert raw is not None
 
     run(body)
