@@ -211,7 +211,11 @@ class SweepResult:
 
 
 class PlacementSweeper:
-    """Keeps one region's published bytes under its capacity by evicting its coldest copies."""
+    """Keeps one region's published bytes under its capacity by evicting its coldest copies.
+
+    An operator process: it reads every tenant's rows (`BlockMetadata.region_copies` lists the
+    tenants, then scans each tenant's root and the shared one) and refunds whoever paid, so on a
+    secured cluster its metadata client needs an admin token; a tenant's token is refused."""
 
     def __init__(
         self,
