@@ -53,12 +53,17 @@ here), for every region R::
 
 A read grant covers Get, Scan, the reads of a transaction and replica reads, and the keys a
 BeginTxn declares (a placement hint: the transaction's writes are checked one by one in TxnOps).
-Quota rows and region rows are the operator's: an admin (`register_tenant`) or a node (a block
-store registering its address) writes them. Known limit: a tenant's usage rows sit in its
+Quota rows and region rows are the operator's: only an admin token writes them
+(`register_tenant`; a block store registers its address with its cluster file's token, the
+operator's). Known limit: a tenant's usage rows sit in its
 read-write space, because its own publish transaction charges them together with the quota
 check, so a malicious tenant can rewrite its usage and get past its quota; the block stores'
 capacity (LRU eviction per region) still bounds what it can hold, and other tenants' rows and
-blocks stay out of its reach.
+blocks stay out of its reach. Likewise its pins and leases (which the placement sweeper honours)
+are its own to write. ``R/kv/shared/`` is one space for every tenant that opted in: they can
+rewrite or drop each other's shared rows (not each other's usage rows), as they can each other's
+shared blocks at the block stores, so opting in means trusting the other opted-in tenants with
+the shared namespaces.
 
 KV-cache block store nodes (kvtier/blocknode.py) run the same authentication and rate limit,
 then `Guard.block_namespace`: block store namespaces are strings ``<tenant>/<label>`` (the
