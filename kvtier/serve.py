@@ -723,6 +723,6 @@ async def _ensure_tenant(metadata: BlockMetadata, tenant: str) -> None:
     except PermissionDenied:
         raise PermissionDenied(
             f"tenant {tenant!r} is not registered in the KV tier and this token may not register "
-            f"it: an operator registers it first with an admin token "
-            f"(kvtier.metadata.BlockMetadata.register_tenant)"
+            f"it: an operator registers it first with an admin token (`k2 tenant register "
+            f"{tenant}`, or kvtier.metadata.BlockMetadata.register_tenant)"
         ) from None

@@ -107,9 +107,15 @@ def test_a_tenant_serves_on_its_own_token_and_sees_nothing_of_another(
         # A tenant nobody registered: its own token may not register it, and the error says so.
         with pytest.raises(PermissionDenied, match="register"):
             await _open(cluster, "globex", globex_tok)
-        async with AsyncClient(cluster) as operator:  # the cluster file's token: the admin
-            for t in ("acme", "globex"):
-                await BlockMetadata(operator).register_tenant(t, quota_bytes=1 << 30)
+        for t in ("acme", "globex"):  # the operator's command, on the cluster file's token
+            r = await asyncio.to_thread(
+                subprocess.run,
+                [*(sys.executable, "-m", "k2store", "tenant", "--cluster", str(cluster.path)),
+                 *("register", t, "--quota-bytes", str(1 << 30))],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            assert f"{t}\tus-east\tquota {1 << 30}\tused 0" in r.stdout
 
         node = await _open(cluster, "acme", acme_tok)
         stop = asyncio.Event()
