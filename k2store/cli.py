@@ -218,6 +218,29 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--limit", type=int, default=None)
     sc.add_argument("--at", type=int, default=None)
 
+    te = sub.add_parser(
+        "tenant", help="register a KV-tier tenant: quota, sharing (an operator's command)"
+    )
+    te.add_argument(
+        "--cluster", type=Path, default=None, help="cluster file (default: <data>/cluster.toml)"
+    )
+    te.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    tsub = te.add_subparsers(dest="op", required=True, metavar="OP")
+    tr = tsub.add_parser(
+        "register",
+        help="create TENANT or change its quota and sharing in every region (admin token: a "
+        "tenant's serving node cannot register itself on a secured cluster)",
+    )
+    tr.add_argument("tenant")
+    tr.add_argument(
+        "--quota-bytes", type=int, default=16 << 30, help="bytes of KV blocks per region"
+    )
+    tr.add_argument(
+        "--share", action="store_true", help="the tenant opts in to namespaces shared by tenants"
+    )
+    ts = tsub.add_parser("show", help="TENANT's quota and its usage in each region")
+    ts.add_argument("tenant")
+
     from k2store.bench import txn as bench_txn
 
     be = sub.add_parser("bench", help="benchmarks against a real cluster of node processes")
@@ -371,6 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _kv(args)
         if args.cmd == "certs":
             return _certs(args)
+        if args.cmd == "tenant":
+            return _tenant(args)
         if args.cmd == "jepsen":
             from jepsen_tests import command as jepsen_command
 
@@ -659,6 +684,31 @@ def _kv(args: argparse.Namespace) -> int:
             for k, v in rows:
                 print(f"{enc(k)}\t{enc(v)}")
             print(f"({len(rows)} keys)", file=sys.stderr)
+    return 0
+
+
+def _tenant(args: argparse.Namespace) -> int:
+    from k2store import launcher
+    from k2store.client import AsyncClient
+    from kvtier.metadata import BlockMetadata
+
+    cfg = launcher.load_cluster(args.data, args.cluster)
+
+    async def run() -> None:
+        async with AsyncClient(cfg) as client:
+            md = BlockMetadata(client)
+            if args.op == "register":
+                await md.register_tenant(
+                    args.tenant, quota_bytes=args.quota_bytes, share=args.share
+                )
+            for r in cfg.region_names():
+                t = await md.tenant(args.tenant, region=r)
+                print(
+                    f"{t.tenant}\t{r}\tquota {t.quota_bytes}\tused {t.used_bytes}\t"
+                    f"blocks {t.blocks}\tshare {'yes' if t.share else 'no'}"
+                )
+
+    asyncio.run(run())
     return 0
 
 

@@ -120,6 +120,9 @@ class AsyncClient:
         self._transport: Transport = transport or cluster_transport(
             cluster, region=self.region, token=token
         )
+        self.token = token
+        """The bearer token given at construction (None: the defaults above); clients of other
+        services of the cluster (the KV tier's block stores) present the same identity."""
         self._rng = rng or random.Random()
         self.retries = 0
         """Attempts retried after a retryable error (a metric for callers and tests)."""

@@ -32,11 +32,38 @@ authenticated principal), `ADMIN` (admin role), everything else internal: node c
 Forwarded requests (K2/Put to the shard leader, Participant/* from a coordinator) travel between
 nodes under the sending node's certificate; the first node has already authorized the client.
 
-Tenant key convention: a principal of tenant T may touch exactly the keys under
+Tenant key convention: a principal of tenant T may read and write exactly the keys under
 ``<region>/t/<T>/`` for each region of the cluster (so its data is homed where it is born, like any
-key under ``<region>/``), or, when the principal lists ``prefixes``, exactly those. Admins may
-touch every key. A refused key gets the same answer whether or not it exists, and messages never
-echo another tenant's name or the key.
+key under ``<region>/``), plus its KV-cache tier rows (below); when the principal lists
+``prefixes``, exactly those and nothing else. Admins may touch every key. A refused key gets the
+same answer whether or not it exists, and messages never echo another tenant's name or the key.
+
+KV-cache tier rows (kvtier/metadata.py, kvtier/sessions.py build their keys from the roots
+here), for every region R::
+
+    key or prefix              tenant T's principal          why
+    R/t/T/                     read, write                   the tenant's own data
+    R/kv/t/T/                  read, write                   T's namespaces, blocks, leases, pins,
+                                                             usage
+    R/kvs/T/                   read, write                   T's chat sessions
+    R/kv/shared/               read, write if share_blocks   namespaces shared between tenants
+    R/kv/tenant/T (exact)      read                          T's quota and sharing opt-in
+    R/kv/region/               read                          every region's block store addresses
+    anything else              nothing                       (admins and nodes: everything)
+
+A read grant covers Get, Scan, the reads of a transaction and replica reads, and the keys a
+BeginTxn declares (a placement hint: the transaction's writes are checked one by one in TxnOps).
+Quota rows and region rows are the operator's: only an admin token writes them
+(`register_tenant`; a block store registers its address with its cluster file's token, the
+operator's). Known limit: a tenant's usage rows sit in its
+read-write space, because its own publish transaction charges them together with the quota
+check, so a malicious tenant can rewrite its usage and get past its quota; the block stores'
+capacity (LRU eviction per region) still bounds what it can hold, and other tenants' rows and
+blocks stay out of its reach. Likewise its pins and leases (which the placement sweeper honours)
+are its own to write. ``R/kv/shared/`` is one space for every tenant that opted in: they can
+rewrite or drop each other's shared rows (not each other's usage rows), as they can each other's
+shared blocks at the block stores, so opting in means trusting the other opted-in tenants with
+the shared namespaces.
 
 KV-cache block store nodes (kvtier/blocknode.py) run the same authentication and rate limit,
 then `Guard.block_namespace`: block store namespaces are strings ``<tenant>/<label>`` (the
@@ -47,14 +74,6 @@ principal of tenant T may use namespaces ``T/...`` (its default, when a request 
 tenants (``/<label>``, empty tenant) is open to the principals of tenants that opted in
 (``share_blocks = true``), and to admins and nodes. Reads outside the caller's namespaces
 answer as misses; writes are refused with PERMISSION_DENIED.
-
-Known gap, kvtier metadata: its rows (kvtier/metadata.py) live under ``R/kv/...`` (block rows
-``R/kv/blk/<nsid>/<hash>``, namespaces, leases, pins, usage, quotas, block store addresses), not
-under ``R/t/<tenant>/``, so a tenant's principal is refused every one of them and a serving node
-must use an admin token (or explicit ``prefixes`` covering ``R/kv/``), which reaches every
-tenant's metadata. Moving a tenant's rows under its prefix needs read-only grants first (a
-tenant must read, but not write, its quota) and is not done yet; block bytes are isolated by the
-block stores regardless.
 
 Tokens are 256-bit random strings (`new_token`); the cluster file holds only their SHA-256, which
 is compared with `hmac.compare_digest` against every principal (no early exit). Nothing here logs
@@ -465,6 +484,49 @@ def tenant_prefixes(tenant: str, regions: Sequence[str]) -> tuple[bytes, ...]:
     return tuple(f"{r}/t/{tenant}/".encode() for r in regions)
 
 
+# Roots of the KV-cache tier's rows in region R (the module doc's table); kvtier/metadata.py and
+# kvtier/sessions.py build their keys from these, so the grants and the layout cannot drift.
+KV_TENANT_ROOT = "kv/t/"
+"""``R/kv/t/<T>/``: tenant T's namespaces, blocks, leases, pins and usage."""
+KV_SHARED_ROOT = "kv/shared/"
+"""``R/kv/shared/``: namespaces shared between the tenants that opted in."""
+KV_SESSION_ROOT = "kvs/"
+"""``R/kvs/<T>/``: tenant T's chat sessions."""
+KV_TENANT_CONFIG_ROOT = "kv/tenant/"
+"""``R/kv/tenant/<T>``: T's quota and sharing opt-in (the operator's; T reads its own)."""
+KV_REGION_ROOT = "kv/region/"
+"""``R/kv/region/<R>``: R's block store addresses (the operator's; every tenant reads them)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grants:
+    """Where one principal may go: `write` prefixes may be read and written, `read` prefixes and
+    `read_keys` (exact keys) only read."""
+
+    write: tuple[bytes, ...] = ()
+    read: tuple[bytes, ...] = ()
+    read_keys: frozenset[bytes] = frozenset()
+
+
+def principal_grants(p: Principal, regions: Sequence[str]) -> Grants:
+    """The key space of a non-admin principal (see the module doc's table)."""
+    if p.prefixes:
+        return Grants(write=p.prefixes)
+    t = p.tenant
+    write = [
+        f"{r}/{root}{t}/".encode()
+        for r in regions
+        for root in ("t/", KV_TENANT_ROOT, KV_SESSION_ROOT)
+    ]
+    if p.share_blocks:
+        write += [f"{r}/{KV_SHARED_ROOT}".encode() for r in regions]
+    return Grants(
+        write=tuple(write),
+        read=tuple(f"{r}/{KV_REGION_ROOT}".encode() for r in regions),
+        read_keys=frozenset(f"{r}/{KV_TENANT_CONFIG_ROOT}{t}".encode() for r in regions),
+    )
+
+
 @dataclass(slots=True)
 class _Owners:
     """Which principal began each open transaction on this node (bounded; oldest forgotten)."""
@@ -502,9 +564,7 @@ class Guard:
         self._now = monotonic_ns
         self._principals = settings.principals
         self._digests = [bytes.fromhex(p.token_sha256) for p in self._principals]
-        self._prefixes = {
-            p.name: p.prefixes or tenant_prefixes(p.tenant, self._regions) for p in self._principals
-        }
+        self._grants = {p.name: principal_grants(p, self._regions) for p in self._principals}
         self._buckets: dict[str, TokenBucket] = {}
         self._owners = _Owners()
         self._lock = threading.Lock()
@@ -572,8 +632,9 @@ class Guard:
             raise PermissionDenied(f"{path} is internal: only cluster nodes may call it")
         if ident.is_admin:
             return
-        for start, end, point in _keys_of(path, request):
-            if not self._allowed(ident, start, end, point):
+        grants = self._grants[ident.name]
+        for start, end, point, write in _keys_of(path, request):
+            if not _allowed(grants, start, end, point, write):
                 raise PermissionDenied(_NO_ACCESS)
         txn_id = getattr(request, "txn_id", None)
         if isinstance(txn_id, bytes) and path != "/k2.v1.K2/BeginTxn":
@@ -581,17 +642,6 @@ class Guard:
                 owner = self._owners.by_txn.get(txn_id)
             if owner != ident.name:
                 raise PermissionDenied("no such transaction for this principal")
-
-    def _allowed(self, p: Principal, start: bytes, end: bytes | None, point: bool) -> bool:
-        for prefix in self._prefixes[p.name]:
-            if not start.startswith(prefix):
-                continue
-            if point:
-                return True
-            limit = prefix_end(prefix)
-            if end is not None and (limit is None or end <= limit):
-                return True
-        return False
 
     def observe(self, ident: Identity, path: str, request: Message, response: Message) -> None:
         """Record what a successful call created or ended (transaction ownership)."""
@@ -659,6 +709,20 @@ def parse_block_namespace(namespace: str) -> str:
     return tenant
 
 
+def _allowed(g: Grants, start: bytes, end: bytes | None, point: bool, write: bool) -> bool:
+    if point and not write and start in g.read_keys:
+        return True
+    for prefix in g.write if write else g.write + g.read:
+        if not start.startswith(prefix):
+            continue
+        if point:
+            return True
+        limit = prefix_end(prefix)
+        if end is not None and (limit is None or end <= limit):
+            return True
+    return False
+
+
 def _bearer(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
     for k, v in metadata:
         if k == AUTHORIZATION_KEY and isinstance(v, str):
@@ -668,25 +732,32 @@ def _bearer(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
     return None
 
 
-def _keys_of(path: str, r: Message) -> list[tuple[bytes, bytes | None, bool]]:
-    """(start, end, is_point) for every key or range `r` reads or writes."""
-    if isinstance(r, pb.GetRequest | pb.PutRequest | pb.DeleteRequest):
-        return [(r.key, None, True)]
+_Access = tuple[bytes, bytes | None, bool, bool]
+"""(start, end, is_point, is_write) of one key or range a request touches."""
+
+
+def _keys_of(path: str, r: Message) -> list[_Access]:
+    """Every key or range `r` reads or writes."""
+    if isinstance(r, pb.GetRequest):
+        return [(r.key, None, True, False)]
+    if isinstance(r, pb.PutRequest | pb.DeleteRequest):
+        return [(r.key, None, True, True)]
     if isinstance(r, pb.ScanRequest):
-        return [(r.start, r.end if r.has_end else None, False)]
+        return [(r.start, r.end if r.has_end else None, False, False)]
     if isinstance(r, pb.BeginTxnRequest):
-        return [(k, None, True) for k in r.keys]
+        # Declared keys only place the record and pick the timestamp; TxnOps checks each write.
+        return [(k, None, True, False) for k in r.keys]
     if isinstance(r, pb.TxnOpsRequest):
         return [
-            (op.key, op.end if op.has_end else None, False)
+            (op.key, op.end if op.has_end else None, False, False)
             if op.kind == pb.OP_SCAN
-            else (op.key, None, True)
+            else (op.key, None, True, op.kind in (pb.OP_PUT, pb.OP_DELETE))
             for op in r.ops
         ]
     if isinstance(r, pb.ReplicaReadRequest):
-        out: list[tuple[bytes, bytes | None, bool]] = [(k, None, True) for k in r.keys]
+        out: list[_Access] = [(k, None, True, False) for k in r.keys]
         if r.has_scan:
-            out.append((r.scan_start, r.scan_end if r.scan_has_end else None, False))
+            out.append((r.scan_start, r.scan_end if r.scan_has_end else None, False, False))
         return out
     if isinstance(r, pb.CommitTxnRequest | pb.AbortTxnRequest):
         return []

@@ -844,6 +844,10 @@ async def serve_blockstore(
 
 
 async def _register(cluster_file: Path, region: str, address: str, capacity: int) -> None:
+    """Add this store to its region's row. The row is the operator's (tenants only read it), so
+    on a secured cluster this runs on an admin token: K2_TOKEN, K2_TOKEN_FILE or the cluster
+    file's `client_token_file` (the operator's, as `k2 cluster up --secure` writes it). A block
+    store node's certificate is not a K2 node's, so it cannot stand in."""
     from k2store.client import AsyncClient
     from kvtier.metadata import BlockMetadata
 

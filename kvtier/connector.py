@@ -61,7 +61,7 @@ from k2store.cluster import ClusterConfig
 from k2store.errors import InvalidArgument, K2Error, Unavailable
 from k2store.transport import WanEmulation
 from k2store.wan import OVERRIDES_FILE
-from kvtier.blocknode import BlockStoreClient, LinkPacer
+from kvtier.blocknode import BlockStoreClient, LinkPacer, block_namespace
 from kvtier.blocks import (
     FRAME_HEADER_BYTES,
     BlockSpec,
@@ -268,7 +268,9 @@ class AsyncKVConnector:
     ) -> AsyncKVConnector:
         """Check the namespace is registered (UnknownNamespace otherwise) and connect to the
         block stores: `stores` maps region -> addresses, default the ones registered in the
-        metadata by each region's block store node."""
+        metadata by each region's block store node. On a secured cluster the block store
+        clients dial with the cluster's TLS settings and `client`'s token, in the block
+        namespace of `ns` (`block_namespace`): a tenant's token suffices."""
         client.cluster.region(config.region)
         metadata = BlockMetadata(client, clock=clock)
         record = await metadata.namespace(ns)
@@ -280,10 +282,17 @@ class AsyncKVConnector:
                     found[r] = list(rr.stores)
             stores = found
         wan = _wan_of(client.cluster, config.region)
+        # On a secured cluster the block stores see the client's own identity (its token) and
+        # work in the namespace's block namespace, which they check against its tenant.
+        security = client.cluster.settings.security
+        namespace = block_namespace(ns) if security.tls else ""
         clients = {
             r: [
                 BlockStoreClient(
                     a,
+                    security=security,
+                    token=client.token,
+                    namespace=namespace,
                     timeout_s=config.timeout_s,
                     codec="none" if r == config.region else config.remote_codec,
                     pacer=None if wan is None else LinkPacer(wan, config.region, r),

@@ -6,16 +6,32 @@ Purpose
     reader leases, last use, each region's block stores and capacity, and each tenant's quota and
     usage.
 
-Key layout (keys are UTF-8; every row of region R lives under ``R/``, on shards led in R)
+Key layout, version 2 (keys are UTF-8; every row of region R lives under ``R/``, on shards led in
+R; the roots are k2store/security.py's, whose Guard grants tenant T's principal read and write on
+``R/kv/t/<T>/`` and, with ``share_blocks``, ``R/kv/shared/``, and read only on its own config row
+and the region rows)
     ::
 
-        R/kv/tenant/<tenant>                     {"quota_bytes", "share"}   config, in every region
-        R/kv/usage/<tenant>                      {"used_bytes", "blocks"}   the tenant's bytes in R
-        R/kv/ns/<nsid>                           namespace record           in every region
-        R/kv/blk/<nsid>/<hash hex>               R holds this block (row below)
-        R/kv/lease/<nsid>/<hash hex>/<holder>    a reader's lease on R's copy: expiry ns (decimal)
-        R/kv/pin/<nsid>/<hash hex>/<holder>      a pin on R's copy: until ns, 0 = until unpinned
-        R/kv/region/R                            {"capacity_bytes", "stores": [address, ...]}
+        R/kv/tenant/<tenant>                        {"quota_bytes", "share"}  config, every region
+        R/kv/region/R                               {"capacity_bytes", "stores": [address, ...]}
+        R/kv/t/<tenant>/usage                       {"used_bytes", "blocks"}  tenant's bytes in R
+        <root>ns/<nsid>                             namespace record          in every region
+        <root>blk/<nsid>/<hash hex>                 R holds this block (row below)
+        <root>lease/<nsid>/<hash hex>/<holder>      a reader's lease on R's copy: expiry ns
+        <root>pin/<nsid>/<hash hex>/<holder>        a pin on R's copy: until ns, 0 = until unpinned
+
+    where ``<root>`` is the namespace owner's: ``R/kv/t/<tenant>/`` for a tenant's namespace,
+    ``R/kv/shared/`` for one shared between tenants (owner "" below, as at the block stores).
+    Version 1 kept every row under ``R/kv/<kind>/`` with no tenant in the key, so only an admin
+    token could serve; its rows are not read any more (re-register tenants and namespaces).
+
+    Who writes what on a secured cluster: tenant and region rows are the operator's (an admin
+    token: `register_tenant`, a block store's `register_store`); everything under a tenant's root,
+    including its usage, is written by that tenant's own transactions (see k2store/security.py
+    for what that lets a malicious tenant do to its own quota). A copy in a shared namespace is
+    charged to its publisher's usage row, so only that publisher (or an admin: the placement
+    sweeper) can remove it; another tenant's `remove` of it is refused (PermissionDenied) and the
+    stale row stays until then, which readers treat as a miss.
 
     Block row: ``{"v": 1, "index": i, "size": frame bytes, "dtype", "layout", "checksum": crc32
     of the payload, "checksum_algorithm", "hash_algorithm", "tenant": who pays for this copy,
@@ -70,6 +86,12 @@ from typing import Any
 
 from k2store.client import AsyncClient, AsyncTransaction, KeyLike
 from k2store.errors import InvalidArgument, K2Error
+from k2store.security import (
+    KV_REGION_ROOT,
+    KV_SHARED_ROOT,
+    KV_TENANT_CONFIG_ROOT,
+    KV_TENANT_ROOT,
+)
 from kvtier.blocks import CHECKSUM_ALGORITHM, HASH_ALGORITHM, Namespace
 from kvtier.errors import QuotaExceeded, SharingNotAllowed, UnknownNamespace, UnknownTenant
 from truetime import ClockSource, SystemClock
@@ -78,17 +100,23 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_LEASE_S",
+    "LAYOUT_VERSION",
     "BlockInfo",
     "BlockMetadata",
     "BlockRow",
     "NamespaceRecord",
     "PublishBlock",
     "PublishResult",
+    "RegionCopy",
     "RegionRecord",
     "TenantRecord",
     "block_key",
+    "blocks_prefix",
     "lease_prefix",
+    "leases_prefix",
     "namespace_key",
+    "owner_of",
+    "owner_root",
     "pin_prefix",
     "region_key",
     "tenant_key",
@@ -99,32 +127,59 @@ DEFAULT_LEASE_S = 30.0
 _NS = 1_000_000_000
 
 
+LAYOUT_VERSION = 2
+"""Of the key layout in the module doc."""
+
+
 def tenant_key(region: str, tenant: str) -> str:
-    return f"{region}/kv/tenant/{tenant}"
-
-
-def usage_key(region: str, tenant: str) -> str:
-    return f"{region}/kv/usage/{tenant}"
-
-
-def namespace_key(region: str, nsid: str) -> str:
-    return f"{region}/kv/ns/{nsid}"
-
-
-def block_key(region: str, nsid: str, block_hash: bytes) -> str:
-    return f"{region}/kv/blk/{nsid}/{block_hash.hex()}"
-
-
-def lease_prefix(region: str, nsid: str, block_hash: bytes) -> str:
-    return f"{region}/kv/lease/{nsid}/{block_hash.hex()}/"
-
-
-def pin_prefix(region: str, nsid: str, block_hash: bytes) -> str:
-    return f"{region}/kv/pin/{nsid}/{block_hash.hex()}/"
+    return f"{region}/{KV_TENANT_CONFIG_ROOT}{tenant}"
 
 
 def region_key(region: str) -> str:
-    return f"{region}/kv/region/{region}"
+    return f"{region}/{KV_REGION_ROOT}{region}"
+
+
+def owner_of(ns: NamespaceRecord | Namespace) -> str:
+    """Whose root a namespace's rows live under: its tenant, or "" when it is shared."""
+    return "" if ns.shared else ns.tenant
+
+
+def owner_root(region: str, owner: str) -> str:
+    """``R/kv/t/<owner>/``, or ``R/kv/shared/`` for owner "" (namespaces shared by tenants)."""
+    if "/" in owner:
+        raise InvalidArgument(f"tenant name {owner!r}")
+    return f"{region}/{KV_TENANT_ROOT}{owner}/" if owner else f"{region}/{KV_SHARED_ROOT}"
+
+
+def usage_key(region: str, tenant: str) -> str:
+    if not tenant:
+        raise InvalidArgument("usage is charged to a tenant, not to the shared namespace")
+    return owner_root(region, tenant) + "usage"
+
+
+def namespace_key(region: str, owner: str, nsid: str) -> str:
+    return owner_root(region, owner) + f"ns/{nsid}"
+
+
+def blocks_prefix(region: str, owner: str) -> str:
+    """Every block row of `owner`'s namespaces in `region`."""
+    return owner_root(region, owner) + "blk/"
+
+
+def block_key(region: str, owner: str, nsid: str, block_hash: bytes) -> str:
+    return blocks_prefix(region, owner) + f"{nsid}/{block_hash.hex()}"
+
+
+def leases_prefix(region: str, owner: str) -> str:
+    return owner_root(region, owner) + "lease/"
+
+
+def lease_prefix(region: str, owner: str, nsid: str, block_hash: bytes) -> str:
+    return leases_prefix(region, owner) + f"{nsid}/{block_hash.hex()}/"
+
+
+def pin_prefix(region: str, owner: str, nsid: str, block_hash: bytes) -> str:
+    return owner_root(region, owner) + f"pin/{nsid}/{block_hash.hex()}/"
 
 
 def _dump(d: Mapping[str, Any]) -> bytes:
@@ -223,6 +278,23 @@ class BlockInfo:
     @property
     def regions(self) -> tuple[str, ...]:
         return tuple(sorted(self.copies))
+
+
+@dataclass(frozen=True, slots=True)
+class RegionCopy:
+    """One copy a region holds, as an operator's scan finds it (`BlockMetadata.region_copies`)."""
+
+    owner: str
+    """The namespace's tenant, "" for a shared namespace."""
+    nsid: str
+    row: BlockRow
+    newest_lease_ns: int
+    """Expiry of the newest lease on this copy (0: none)."""
+
+    @property
+    def record(self) -> NamespaceRecord:
+        """Enough of the namespace's record to address this copy's rows (`evict`, `remove`)."""
+        return NamespaceRecord(self.nsid, self.owner, not self.owner, {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,13 +406,15 @@ class BlockMetadata:
                 f"tenant {ns.tenant} has not opted in to sharing; namespace {ns.id} is shared"
             )
         record = ns.describe()
-        await self._blind({namespace_key(r, ns.id): _dump(record) for r in self._regions()})
+        await self._blind(
+            {namespace_key(r, owner_of(ns), ns.id): _dump(record) for r in self._regions()}
+        )
         return _namespace_record(ns.id, record)
 
     async def namespace(self, ns: Namespace) -> NamespaceRecord:
         """The registered record of ns; `UnknownNamespace` when it was never registered, and
         `SharingNotAllowed` when ns is shared and its tenant has not opted in."""
-        key = namespace_key(self.local_region, ns.id)
+        key = namespace_key(self.local_region, owner_of(ns), ns.id)
         raw = await self.client.get(key)
         if raw is None:
             raise UnknownNamespace(
@@ -382,6 +456,43 @@ class BlockMetadata:
         d = _load(raw, region_key(region))
         return RegionRecord(region, int(d["capacity_bytes"]), tuple(d["stores"]))
 
+    # -- operator scans (admin token) -----------------------------------------------------------
+
+    async def tenants(self, region: str | None = None) -> list[str]:
+        """Every tenant registered in `region` (default: this client's). Reads every tenant's
+        config row: an operator's call (admin token on a secured cluster)."""
+        prefix = f"{self._check_region(region or self.local_region)}/{KV_TENANT_CONFIG_ROOT}"
+        rows = await self.client.scan(prefix, _prefix_end(prefix))
+        return [k.decode()[len(prefix) :] for k, _ in rows]
+
+    async def region_copies(self, region: str) -> list[RegionCopy]:
+        """Every block copy published in `region`, each tenant's and the shared namespaces',
+        with its newest lease: the registered tenants are listed, then each owner's block and
+        lease rows are scanned. An operator's call (placement, the router's resync)."""
+        self._check_region(region)
+        owners = ["", *await self.tenants(region)]
+        out: list[RegionCopy] = []
+        for owner in owners:
+            blk, lease = blocks_prefix(region, owner), leases_prefix(region, owner)
+            rows = await self.client.scan(blk, _prefix_end(blk))
+            if not rows:
+                continue
+            leases = await self.client.scan(lease, _prefix_end(lease))
+            newest: dict[tuple[str, str], int] = {}
+            for k, v in leases:
+                parts = k.decode()[len(lease) :].split("/")  # nsid, hash, holder
+                if len(parts) == 3:
+                    at = (parts[0], parts[1])
+                    newest[at] = max(newest.get(at, 0), int(v))
+            for k, v in rows:
+                parts = k.decode()[len(blk) :].split("/")  # nsid, hash
+                if len(parts) != 2:
+                    continue
+                h = bytes.fromhex(parts[1])
+                row = BlockRow.parse(h, region, v, k.decode())
+                out.append(RegionCopy(owner, parts[0], row, newest.get((parts[0], parts[1]), 0)))
+        return out
+
     # -- finding blocks ------------------------------------------------------------------------
 
     async def lookup(
@@ -410,13 +521,15 @@ class BlockMetadata:
         stale = [r for r in rs if r in replica_regions]
 
         async def read(r: str) -> list[bytes | None]:
-            keys: list[KeyLike] = [block_key(r, rec.nsid, h) for h in hashes]
+            keys: list[KeyLike] = [block_key(r, owner_of(rec), rec.nsid, h) for h in hashes]
             return await self.client.run(lambda tx: tx.get_many(keys), read_only=True)
 
         async def read_replicas() -> dict[str, list[bytes | None]]:
             if not stale:
                 return {}
-            keys: list[KeyLike] = [block_key(r, rec.nsid, h) for r in stale for h in hashes]
+            keys: list[KeyLike] = [
+                block_key(r, owner_of(rec), rec.nsid, h) for r in stale for h in hashes
+            ]
             try:
                 raws = await asyncio.wait_for(
                     self.client.replica_snapshot().get_many(keys), timeout_s
@@ -454,7 +567,7 @@ class BlockMetadata:
             for r in sorted(per_region):
                 raw = per_region[r][i]
                 if raw is not None:
-                    copies[r] = BlockRow.parse(h, r, raw, block_key(r, rec.nsid, h))
+                    copies[r] = BlockRow.parse(h, r, raw, block_key(r, owner_of(rec), rec.nsid, h))
             if not copies:
                 break
             first = next(iter(copies.values()))
@@ -467,7 +580,7 @@ class BlockMetadata:
         """Region's row for each block (None where it holds none), read at one snapshot."""
         if not hashes:
             return []
-        keys: list[KeyLike] = [block_key(region, rec.nsid, h) for h in hashes]
+        keys: list[KeyLike] = [block_key(region, owner_of(rec), rec.nsid, h) for h in hashes]
         raws = await self.client.run(lambda tx: tx.get_many(keys), read_only=True)
         return [
             None if raw is None else BlockRow.parse(h, region, raw, str(k))
@@ -491,14 +604,18 @@ class BlockMetadata:
         region), so eviction there keeps its hands off while the holder loads them."""
         _holder(holder)
         until = str(self.clock.now_ns() + int(lease_s * _NS)).encode()
-        await self._blind({lease_prefix(region, rec.nsid, h) + holder: until for h in hashes})
+        await self._blind(
+            {lease_prefix(region, owner_of(rec), rec.nsid, h) + holder: until for h in hashes}
+        )
 
     async def release(
         self, rec: NamespaceRecord, region: str, hashes: Sequence[bytes], holder: str
     ) -> None:
         """Drop holder's leases (best done after loading; they also expire on their own)."""
         _holder(holder)
-        await self._blind({lease_prefix(region, rec.nsid, h) + holder: None for h in hashes})
+        await self._blind(
+            {lease_prefix(region, owner_of(rec), rec.nsid, h) + holder: None for h in hashes}
+        )
 
     # -- publishing and removing ---------------------------------------------------------------
 
@@ -520,7 +637,9 @@ class BlockMetadata:
                 f"tenant {tenant} cannot publish into namespace {rec.nsid} of tenant {rec.tenant}"
             )
         tkey, ukey = tenant_key(region, tenant), usage_key(region, tenant)
-        bkeys: list[KeyLike] = [block_key(region, rec.nsid, b.block_hash) for b in blocks]
+        bkeys: list[KeyLike] = [
+            block_key(region, owner_of(rec), rec.nsid, b.block_hash) for b in blocks
+        ]
 
         async def fn(tx: AsyncTransaction) -> PublishResult:
             cfg_raw, use_raw, *raws = await tx.get_many([tkey, ukey, *bkeys])
@@ -590,7 +709,7 @@ class BlockMetadata:
         self, rec: NamespaceRecord, hashes: Sequence[bytes], region: str, *, check_holds: bool
     ) -> int:
         self._check_region(region)
-        bkeys: list[KeyLike] = [block_key(region, rec.nsid, h) for h in hashes]
+        bkeys: list[KeyLike] = [block_key(region, owner_of(rec), rec.nsid, h) for h in hashes]
 
         async def fn(tx: AsyncTransaction) -> int:
             raws = await tx.get_many(bkeys)
@@ -603,13 +722,13 @@ class BlockMetadata:
                 row = BlockRow.parse(h, region, raw, str(key))
                 if check_holds:
                     held = False
-                    for prefix in (
-                        lease_prefix(region, rec.nsid, h),
-                        pin_prefix(region, rec.nsid, h),
+                    for prefix, is_pin in (
+                        (lease_prefix(region, owner_of(rec), rec.nsid, h), False),
+                        (pin_prefix(region, owner_of(rec), rec.nsid, h), True),
                     ):
-                        for k, v in await tx.scan(prefix, _prefix_end(prefix)):
+                        for _, v in await tx.scan(prefix, _prefix_end(prefix)):
                             until = int(v)
-                            held |= (until == 0 and b"/kv/pin/" in k) or until > now
+                            held |= (until == 0 and is_pin) or until > now
                     if held:
                         continue
                 writes[key] = None
@@ -643,7 +762,11 @@ class BlockMetadata:
         until = 0 if ttl_s is None else self.clock.now_ns() + int(ttl_s * _NS)
         rs = list(regions) or self._regions()
         await self._blind(
-            {pin_prefix(r, rec.nsid, h) + holder: str(until).encode() for r in rs for h in hashes}
+            {
+                pin_prefix(r, owner_of(rec), rec.nsid, h) + holder: str(until).encode()
+                for r in rs
+                for h in hashes
+            }
         )
 
     async def unpin(
@@ -656,7 +779,9 @@ class BlockMetadata:
     ) -> None:
         _holder(holder)
         rs = list(regions) or self._regions()
-        await self._blind({pin_prefix(r, rec.nsid, h) + holder: None for r in rs for h in hashes})
+        await self._blind(
+            {pin_prefix(r, owner_of(rec), rec.nsid, h) + holder: None for r in rs for h in hashes}
+        )
 
 
 def _namespace_record(nsid: str, d: dict[str, Any]) -> NamespaceRecord:

@@ -32,7 +32,6 @@ and `DemandTracker` do no I/O (time and sizes are passed in).
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -212,7 +211,11 @@ class SweepResult:
 
 
 class PlacementSweeper:
-    """Keeps one region's published bytes under its capacity by evicting its coldest copies."""
+    """Keeps one region's published bytes under its capacity by evicting its coldest copies.
+
+    An operator process: it reads every tenant's rows (`BlockMetadata.region_copies` lists the
+    tenants, then scans each tenant's root and the shared one) and refunds whoever paid, so on a
+    secured cluster its metadata client needs an admin token; a tenant's token is refused."""
 
     def __init__(
         self,
@@ -242,42 +245,29 @@ class PlacementSweeper:
         self.low_water = low_water
         self.lease_ns = int(lease_s * _NS)
 
-    async def _rows(self) -> list[tuple[int, str, bytes, int]]:
-        """(last use ns, nsid, hash, size) of every copy published in the region."""
-        client = self.metadata.client
-        blk = f"{self.region}/kv/blk/"
-        lease = f"{self.region}/kv/lease/"
-        rows = await client.scan(blk, blk[:-1] + "0")
-        leases = await client.scan(lease, lease[:-1] + "0")
-        newest_lease: dict[tuple[str, str], int] = {}
-        for k, v in leases:
-            parts = k.decode().split("/")  # R, kv, lease, nsid, hash, holder
-            if len(parts) >= 6:
-                key = (parts[3], parts[4])
-                newest_lease[key] = max(newest_lease.get(key, 0), int(v) - self.lease_ns)
+    async def _rows(self) -> list[tuple[int, str, str, bytes, int]]:
+        """(last use ns, owner, nsid, hash, size) of every copy published in the region, every
+        tenant's (the sweeper is an operator process: an admin token on a secured cluster)."""
         out = []
-        for k, v in rows:
-            parts = k.decode().split("/")  # R, kv, blk, nsid, hash
-            if len(parts) != 5:
-                continue
-            d = json.loads(v)
+        for c in await self.metadata.region_copies(self.region):
+            d = c.row.raw
             used = max(int(d.get("last_use_ns", 0)), int(d.get("published_ns", 0)))
-            used = max(used, newest_lease.get((parts[3], parts[4]), 0))
-            out.append((used, parts[3], bytes.fromhex(parts[4]), int(d["size"])))
+            used = max(used, c.newest_lease_ns - self.lease_ns if c.newest_lease_ns else 0)
+            out.append((used, c.owner, c.nsid, c.row.block_hash, c.row.size))
         return out
 
     async def sweep(self) -> SweepResult:
         rows = await self._rows()
-        used = sum(size for _, _, _, size in rows)
+        used = sum(size for *_, size in rows)
         result = SweepResult(used, self.capacity_bytes)
         if used <= self.high_water * self.capacity_bytes:
             return result
         target = self.low_water * self.capacity_bytes
         gone: list[bytes] = []
-        for _, nsid, block_hash, size in sorted(rows):
+        for _, owner, nsid, block_hash, size in sorted(rows):
             if used <= target:
                 break
-            rec = NamespaceRecord(nsid, "", False, {})
+            rec = NamespaceRecord(nsid, owner, not owner, {})
             try:
                 removed = await self.metadata.evict(rec, block_hash, self.region)
             except K2Error:

@@ -54,6 +54,7 @@ from typing import Any
 from k2store.client import AsyncClient
 from k2store.errors import InvalidArgument
 from kvtier.events import BlockEvent, EventKind, EventSubscriber, ResyncRequest
+from kvtier.metadata import BlockMetadata
 
 __all__ = [
     "DEFAULT_REGION_RTT_MS",
@@ -506,17 +507,13 @@ class RouterService:
 
 def metadata_snapshotter(client: AsyncClient) -> Snapshotter:
     """The resync hook backed by the store: a holder in region R is credited with every block
-    R's metadata says R holds (block stores serve every node of their region), per tenant."""
+    R's metadata says R holds (block stores serve every node of their region), per tenant. It
+    reads every tenant's rows: on a secured cluster `client` needs an admin token."""
 
     async def snapshot(req: ResyncRequest) -> HolderSnapshot:
-        prefix = f"{req.region}/kv/blk/"
-        rows = await client.scan(prefix, prefix[:-1] + "0")
         blocks: dict[str, list[str]] = {}
-        for key, raw in rows:
-            parts = key.decode().split("/")  # R, kv, blk, nsid, hash
-            if len(parts) == 5:
-                tenant = str(json.loads(raw).get("tenant", ""))
-                blocks.setdefault(tenant, []).append(parts[4])
+        for c in await BlockMetadata(client).region_copies(req.region):
+            blocks.setdefault(c.row.tenant, []).append(c.row.block_hash.hex())
         return HolderSnapshot(req.node, req.region, blocks)
 
     return snapshot

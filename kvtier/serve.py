@@ -49,7 +49,7 @@ from typing import Any
 
 from k2store.client import AsyncClient, RetryPolicy
 from k2store.cluster import ClusterConfig
-from k2store.errors import InvalidArgument, K2Error
+from k2store.errors import InvalidArgument, K2Error, PermissionDenied
 from kvtier.blocks import block_hashes
 from kvtier.connector import AsyncKVConnector, ConnectorConfig
 from kvtier.engine import (
@@ -200,10 +200,13 @@ class ServingNode:
         clock: ClockSource | None = None,
         stores: Mapping[str, Sequence[str]] | None = None,
         connector_config: ConnectorConfig | None = None,
+        token: str | None = None,
     ) -> ServingNode:
-        """Connect to the cluster as a node of `region`: register the tenant (if new) and the
-        model's namespace, open the connector (block stores registered in the metadata unless
-        `stores` is given) and the session store."""
+        """Connect to the cluster as a node of `region`: register the tenant (if new, and the
+        token may: see `_ensure_tenant`) and the model's namespace, open the connector (block stores registered in the metadata unless
+        `stores` is given) and the session store. `token`: the bearer token on a secured
+        cluster (default: K2_TOKEN, K2_TOKEN_FILE or the cluster file's); the tenant's own
+        token suffices once an operator has registered the tenant."""
         clk: ClockSource = clock or SystemClock()
         codec: TokenCodec = (
             tokenizer if hasattr(tokenizer, "chat_ids") else HFTokenCodec(tokenizer, revision)
@@ -212,13 +215,10 @@ class ServingNode:
         # Generous retries: a wide-area transaction can lose several rounds to replication seals
         # while a fresh cluster settles.
         retry = RetryPolicy(max_attempts=30, initial_backoff_s=0.02, max_backoff_s=0.5)
-        client = await AsyncClient.connect(cluster, region=region, retry=retry)
+        client = await AsyncClient.connect(cluster, region=region, retry=retry, token=token)
         try:
             metadata = BlockMetadata(client, clock=clk)
-            try:
-                await metadata.tenant(tenant)
-            except UnknownTenant:
-                await metadata.register_tenant(tenant, quota_bytes=DEFAULT_QUOTA_BYTES)
+            await _ensure_tenant(metadata, tenant)
             spec = block_spec_for(model.config, block_tokens=ecfg.block_tokens, dtype=ecfg.kv_dtype)
             ns = namespace_for(revision, f"{codec.name}"[:128], spec, tenant)
             await metadata.register_namespace(ns)
@@ -706,3 +706,23 @@ def main(args: Any) -> int:
 
     asyncio.run(run())
     return 0
+
+
+async def _ensure_tenant(metadata: BlockMetadata, tenant: str) -> None:
+    """Register `tenant` with the default quota unless it is known. Registration writes the
+    operator's rows (quota, sharing): on a secured cluster only an admin token may, so a serving
+    node running with its tenant's token needs the operator to have registered the tenant first,
+    and says so (PermissionDenied) rather than failing on some later row."""
+    try:
+        await metadata.tenant(tenant)
+        return
+    except UnknownTenant:
+        pass
+    try:
+        await metadata.register_tenant(tenant, quota_bytes=DEFAULT_QUOTA_BYTES)
+    except PermissionDenied:
+        raise PermissionDenied(
+            f"tenant {tenant!r} is not registered in the KV tier and this token may not register "
+            f"it: an operator registers it first with an admin token (`k2 tenant register "
+            f"{tenant}`, or kvtier.metadata.BlockMetadata.register_tenant)"
+        ) from None

@@ -20,6 +20,9 @@ Key layout (all under a region prefix, which homes the key in that region's shar
   id of one tenant names nothing under another tenant's prefix.
 - Tenant, session name and region are restricted to ``[A-Za-z0-9._-]``, so one tenant's prefix is
   never a prefix of another's.
+- On a secured cluster the Guard (k2store/security.py) gives tenant T's principal exactly
+  ``<region>/kvs/<T>/`` in every region (`KV_SESSION_ROOT`), so a serving node runs its sessions
+  on its tenant's token, and another tenant's token is refused every key here.
 
 Contracts
     - `append` is one transaction that reads the record and writes the next turn and the record.
@@ -62,6 +65,7 @@ from typing import Any, Protocol, TypeVar
 
 from k2store.client import AsyncClient, AsyncTransaction, KeyLike
 from k2store.errors import CommitOutcomeUnknown, InvalidArgument, K2Error
+from k2store.security import KV_SESSION_ROOT
 from truetime.clock import ClockSource
 
 __all__ = [
@@ -246,9 +250,9 @@ def session_keys(tenant: str, session_id: str, home: str) -> SessionKeys:
     _check_name("tenant", tenant)
     _check_name("region", home)
     sid = session_id.encode()
-    base = f"{home}/kvs/{tenant}/S/".encode() + sid + b"/"
+    base = f"{home}/{KV_SESSION_ROOT}{tenant}/S/".encode() + sid + b"/"
     return SessionKeys(
-        locator=f"{birth}/kvs/{tenant}/L/".encode() + sid,
+        locator=f"{birth}/{KV_SESSION_ROOT}{tenant}/L/".encode() + sid,
         record=base + b"m",
         turn_prefix=base + b"t/",
     )

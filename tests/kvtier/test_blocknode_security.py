@@ -558,31 +558,108 @@ def test_fuzzed_requests_get_a_clear_status_and_change_nothing(
 # -- kvtier metadata in the store (a known gap, documented in k2store/security.py) ---------------
 
 
-def test_kvtier_metadata_rows_are_outside_tenant_prefixes(tmp_path: Path) -> None:
-    """kvtier's metadata rows live under ``R/kv/...``, not under a tenant's ``R/t/<tenant>/``,
-    so on a secured cluster a tenant's principal may not touch them: the connector's metadata
-    needs an admin token (or explicit prefixes), which sees every tenant's rows. When the rows
-    move under tenant prefixes this test changes with them."""
+def test_kvtier_metadata_rows_follow_the_tenant(tmp_path: Path) -> None:
+    """kvtier's metadata rows (kvtier/metadata.py) and sessions sit where the Guard gives a
+    tenant's principal exactly what its serving node needs: read and write on its own rows,
+    read only on its quota row and the region rows, nothing of another tenant's, and the shared
+    namespace only with `share_blocks`. The operator (admin) reaches everything."""
     from k2store.proto import k2_pb2 as pb
     from kvtier import metadata as md
+    from kvtier.sessions import session_keys
 
     cfg = secured(tmp_path)
     sec = cfg.settings.security
-    guard = Guard(sec, regions=REGIONS, nodes={}, monotonic_ns=SystemClock().monotonic_ns)
-    acme = next(p for p in sec.principals if p.name == "acme")
-    operator = next(p for p in sec.principals if p.name == "operator")
+    by_name = {p.name: p for p in sec.principals}
+    acme, globex, operator = by_name["acme"], by_name["globex"], by_name["operator"]
+    sharing = replace(acme, name="acme-sharing", share_blocks=True)
+    guard = Guard(
+        replace(sec, principals=(*sec.principals, sharing)),
+        regions=REGIONS,
+        nodes={},
+        monotonic_ns=SystemClock().monotonic_ns,
+    )
     ns = Namespace("rev-1", "tok-1", SPEC, "acme", b"salt")
-    rows = [
-        md.block_key("us-east", ns.id, key(1)),
-        md.namespace_key("us-east", ns.id),
-        md.tenant_key("us-east", "acme"),
-        md.usage_key("us-east", "acme"),
-        md.lease_prefix("us-east", ns.id, key(1)) + "h",
-        md.region_key("us-east"),
+    shared = Namespace("rev-1", "tok-1", SPEC, "acme", shared=True)
+    h = key(1)
+
+    def get(k: str) -> pb.GetRequest:
+        return pb.GetRequest(key=k.encode())
+
+    def put(k: str) -> pb.TxnOpsRequest:
+        return pb.TxnOpsRequest(ops=[pb.TxnOp(kind=pb.OP_PUT, key=k.encode(), value=b"x")])
+
+    def scan(prefix: str) -> pb.ScanRequest:
+        return pb.ScanRequest(start=prefix.encode(), end=(prefix[:-1] + "0").encode(), has_end=True)
+
+    for who in (acme, globex, sharing):  # each has an open transaction for its TxnOps
+        guard.observe(
+            who,
+            "/k2.v1.K2/BeginTxn",
+            pb.BeginTxnRequest(),
+            pb.BeginTxnResponse(txn_id=who.name.encode()),
+        )
+
+    def allowed(who: Any, path: str, request: Any) -> bool:
+        if isinstance(request, pb.TxnOpsRequest):
+            request.txn_id = who.name.encode()
+        try:
+            guard.authorize(who, path, request)
+        except PermissionDenied:
+            return False
+        return True
+
+    sess = session_keys("acme", "us-east:s-1", "eu-west")
+    owned = [  # acme's: read and write, in every region
+        md.block_key(r, md.owner_of(ns), ns.id, h) for r in REGIONS
+    ] + [
+        md.namespace_key("us-east", "acme", ns.id),
+        md.usage_key("eu-west", "acme"),
+        md.lease_prefix("us-east", "acme", ns.id, h) + "holder",
+        md.pin_prefix("eu-west", "acme", ns.id, h) + "holder",
+        sess.record.decode(),
+        sess.turn(0).decode(),
+        sess.locator.decode(),
     ]
-    for row in rows:
-        request = pb.GetRequest(key=row.encode())
-        with pytest.raises(PermissionDenied):
-            guard.authorize(acme, "/k2.v1.K2/Get", request)
-        guard.authorize(operator, "/k2.v1.K2/Get", request)
-    guard.authorize(acme, "/k2.v1.K2/Get", pb.GetRequest(key=b"us-east/t/acme/kv/x"))
+    for k in owned:
+        assert allowed(acme, "/k2.v1.K2/Get", get(k)), k
+        assert allowed(acme, "/k2.v1.K2/TxnOps", put(k)), k
+        assert not allowed(globex, "/k2.v1.K2/Get", get(k)), k
+        assert not allowed(globex, "/k2.v1.K2/TxnOps", put(k)), k
+        assert allowed(operator, "/k2.v1.K2/TxnOps", put(k)), k
+    for prefix in (md.blocks_prefix("us-east", "acme"), md.leases_prefix("eu-west", "acme")):
+        assert allowed(acme, "/k2.v1.K2/Scan", scan(prefix))
+        assert not allowed(globex, "/k2.v1.K2/Scan", scan(prefix))
+    read_only = [md.tenant_key(r, "acme") for r in REGIONS] + [md.region_key(r) for r in REGIONS]
+    for k in read_only:
+        assert allowed(acme, "/k2.v1.K2/Get", get(k)), k
+        assert allowed(acme, "/k2.v1.K2/BeginTxn", pb.BeginTxnRequest(keys=[k.encode()])), k
+        assert not allowed(acme, "/k2.v1.K2/TxnOps", put(k)), k
+        assert not allowed(acme, "/k2.v1.K2/Put", pb.PutRequest(key=k.encode(), value=b"x")), k
+        assert not allowed(acme, "/k2.v1.K2/Delete", pb.DeleteRequest(key=k.encode())), k
+        assert allowed(operator, "/k2.v1.K2/TxnOps", put(k)), k
+    assert allowed(acme, "/k2.v1.K2/Scan", scan("us-east/kv/region/"))
+    # Another tenant's quota row, the list of tenants, the old (version 1) layout: nothing.
+    for k in [md.tenant_key("us-east", "globex"), md.tenant_key("us-east", "acme2")]:
+        assert not allowed(acme, "/k2.v1.K2/Get", get(k)), k
+    assert not allowed(acme, "/k2.v1.K2/Scan", scan("us-east/kv/tenant/"))
+    assert not allowed(acme, "/k2.v1.K2/Scan", scan("us-east/kv/t/"))
+    assert not allowed(acme, "/k2.v1.K2/Get", get(f"us-east/kv/blk/{ns.id}/{h.hex()}"))
+    # The shared namespace: only for principals whose tenant opted in.
+    shared_rows = [
+        md.namespace_key("us-east", md.owner_of(shared), shared.id),
+        md.block_key("eu-west", "", shared.id, h),
+    ]
+    for k in shared_rows:
+        assert not allowed(acme, "/k2.v1.K2/Get", get(k)), k
+        assert allowed(sharing, "/k2.v1.K2/Get", get(k)), k
+        assert allowed(sharing, "/k2.v1.K2/TxnOps", put(k)), k
+    # A write hidden in a transaction's ops is checked like a lone Put.
+    mixed = pb.TxnOpsRequest(
+        ops=[
+            pb.TxnOp(kind=pb.OP_GET, key=md.tenant_key("us-east", "acme").encode()),
+            pb.TxnOp(kind=pb.OP_PUT, key=md.usage_key("us-east", "acme").encode(), value=b"1"),
+        ]
+    )
+    assert allowed(acme, "/k2.v1.K2/TxnOps", mixed)
+    mixed.ops[1].key = md.tenant_key("us-east", "acme").encode()
+    assert not allowed(acme, "/k2.v1.K2/TxnOps", mixed)

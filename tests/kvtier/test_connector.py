@@ -41,7 +41,7 @@ def test_store_here_retrieve_in_another_region_counts_bytes_moved(tmp_path: Path
             found = await west.lookup([*TOKENS, 7, 7])
             assert found.num_tokens == N and found.by_region == {"us-east": 4}
             await west.settle()  # leases are written in the background
-            lease = lease_prefix("us-east", ns.id, found.blocks[0].block_hash)
+            lease = lease_prefix("us-east", "acme", ns.id, found.blocks[0].block_hash)
             leases = await env.client.scan(lease, lease + "~")
             assert [k for k, _ in leases] == [(lease + west.holder).encode()]
             assert not await env.metadata.evict(west.record, found.blocks[0].block_hash, "us-east")

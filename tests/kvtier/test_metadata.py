@@ -27,13 +27,19 @@ def blk(i: int, size: int = 100) -> PublishBlock:
 
 def test_key_layout() -> None:
     h = bytes(32)
-    assert block_key("us-east", "ab", h) == "us-east/kv/blk/ab/" + "00" * 32
-    assert lease_prefix("us-east", "ab", h) == "us-east/kv/lease/ab/" + "00" * 32 + "/"
-    assert pin_prefix("eu-west", "ab", h) == "eu-west/kv/pin/ab/" + "00" * 32 + "/"
+    assert block_key("us-east", "acme", "ab", h) == "us-east/kv/t/acme/blk/ab/" + "00" * 32
+    assert block_key("us-east", "", "ab", h) == "us-east/kv/shared/blk/ab/" + "00" * 32
+    assert (
+        lease_prefix("us-east", "acme", "ab", h) == "us-east/kv/t/acme/lease/ab/" + "00" * 32 + "/"
+    )
+    assert pin_prefix("eu-west", "", "ab", h) == "eu-west/kv/shared/pin/ab/" + "00" * 32 + "/"
     assert tenant_key("eu-west", "acme") == "eu-west/kv/tenant/acme"
-    assert usage_key("eu-west", "acme") == "eu-west/kv/usage/acme"
-    assert namespace_key("us-east", "ab") == "us-east/kv/ns/ab"
+    assert usage_key("eu-west", "acme") == "eu-west/kv/t/acme/usage"
+    assert namespace_key("us-east", "acme", "ab") == "us-east/kv/t/acme/ns/ab"
+    assert namespace_key("us-east", "", "ab") == "us-east/kv/shared/ns/ab"
     assert region_key("ap-southeast") == "ap-southeast/kv/region/ap-southeast"
+    with pytest.raises(InvalidArgument):
+        usage_key("eu-west", "")  # the shared namespace pays for nothing
 
 
 def test_every_row_of_a_region_is_homed_there(tmp_path: Path) -> None:
@@ -42,12 +48,13 @@ def test_every_row_of_a_region_is_homed_there(tmp_path: Path) -> None:
             h = bytes(32)
             for r in env.cfg.region_names():
                 for key in [
-                    block_key(r, "ab", h),
-                    lease_prefix(r, "ab", h) + "x",
-                    pin_prefix(r, "ab", h) + "x",
+                    block_key(r, "t", "ab", h),
+                    lease_prefix(r, "t", "ab", h) + "x",
+                    pin_prefix(r, "", "ab", h) + "x",
                     tenant_key(r, "t"),
                     usage_key(r, "t"),
-                    namespace_key(r, "ab"),
+                    namespace_key(r, "t", "ab"),
+                    namespace_key(r, "", "ab"),
                     region_key(r),
                 ]:
                     assert env.cfg.shard_for_key(key.encode()).home_region == r
@@ -67,7 +74,7 @@ def test_namespaces_must_be_registered_and_sharing_needs_an_opt_in(tmp_path: Pat
             assert (await md.namespace(ns)).fields["hash_algorithm"]
             assert await md.register_namespace(ns) == rec  # idempotent
             for r in env.cfg.region_names():  # readable locally everywhere
-                assert await env.client.get(namespace_key(r, ns.id)) is not None
+                assert await env.client.get(namespace_key(r, "acme", ns.id)) is not None
             with pytest.raises(UnknownTenant):
                 await md.register_namespace(namespace("nobody"))
             with pytest.raises(SharingNotAllowed):

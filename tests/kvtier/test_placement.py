@@ -133,7 +133,7 @@ def test_sweeper_evicts_the_coldest_unheld_copies_down_to_low_water(tmp_path: Pa
             left = await env.metadata.rows(east.record, hashes, "us-east")
             assert [r is not None for r in left] == [True, False, False, False, True]
             assert (await sweeper.sweep()).evicted == 0  # under high water now
-            raw = await env.client.get(block_key("us-east", ns.id, hashes[4]))
+            raw = await env.client.get(block_key("us-east", ns.tenant, ns.id, hashes[4]))
             assert raw is not None
 
     run(body)
@@ -171,5 +171,48 @@ def test_stores_and_copies_are_published_and_a_resync_reads_them_back(tmp_path: 
                 ResyncRequest("pub", 1, "eu-west", "eu-west-serve", 3, "gap")
             )
             assert snap.node == "eu-west-serve" and sorted(snap.blocks["acme"]) == sorted(hexes)
+
+    run(body)
+
+
+def test_sweeper_and_resync_see_every_tenant_and_the_shared_namespace(tmp_path: Path) -> None:
+    """Rows live under each tenant's root (and the shared root) since layout version 2: the
+    operator's scans list the tenants and cover each root, paying each copy to its publisher."""
+
+    async def body() -> None:
+        async with kv_env(tmp_path, tenants=("acme", "globex")) as env:
+            await env.metadata.register_tenant("globex", quota_bytes=1 << 30, share=True)
+            stored: dict[str, list[bytes]] = {}
+            for i, ns in enumerate([namespace("acme"), namespace("globex", shared=True)]):
+                await env.metadata.register_namespace(ns)
+                conn = await env.connector(ns, "us-east")
+                prompt = [50 * i + t for t in range(1, 9)]  # two blocks each
+                env.clock.advance(1_000_000_000)
+                await conn.store(prompt, make_kv(SPEC, 8, seed=i))
+                stored[ns.tenant] = block_hashes(ns, prompt)
+            copies = await env.metadata.region_copies("us-east")
+            assert sorted((c.owner, c.row.tenant) for c in copies) == [
+                ("", "globex"),
+                ("", "globex"),
+                ("acme", "acme"),
+                ("acme", "acme"),
+            ]
+            assert sorted(await env.metadata.tenants()) == ["acme", "globex"]
+            snap = await metadata_snapshotter(env.client)(
+                ResyncRequest("pub", 1, "us-east", "us-east-serve", 3, "gap")
+            )
+            assert {t: sorted(hs) for t, hs in snap.blocks.items()} == {
+                t: sorted(h.hex() for h in hs) for t, hs in stored.items()
+            }
+            size = copies[0].row.size
+            sweeper = PlacementSweeper(
+                env.metadata, "us-east", capacity_bytes=size * 4, high_water=0.9, low_water=0.6
+            )
+            result = await sweeper.sweep()  # the two oldest go: acme's, published first
+            assert result.evicted == 2 and result.used_bytes == 4 * size
+            left = await env.metadata.region_copies("us-east")
+            assert sorted(c.row.block_hash for c in left) == sorted(stored["globex"])
+            assert (await env.metadata.tenant("acme")).used_bytes == 0  # refunded
+            assert (await env.metadata.tenant("globex")).used_bytes == 2 * size
 
     run(body)
