@@ -8,7 +8,7 @@ Purpose
 Data flow
     runner (``k2 jepsen``, `command`) -> launcher.up a local cluster
         -> workloads (append | register | bank | replica): Workers record invoke/ok/fail/info
-           into a `History`                      <- nemesis (kill | pause | partition | latency)
+           into a `History`      <- nemesis (kill | pause | partition | latency | clock)
         -> heal, final reads -> history.jsonl
         -> checkers: `elle` (G0, G1a, G1b, G1c, G-single, G2-item, internal, real-time
            variants), `linearizable` (Wing-Gong-Lowe per key), `bank`, `replica`

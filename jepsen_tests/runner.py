@@ -47,6 +47,7 @@ from k2store.cluster import (
     ClusterSettings,
     TxnSettings,
 )
+from truetime import ClockSkew
 
 __all__ = ["PROTOCOLS", "RunOptions", "RunResult", "run"]
 
@@ -68,10 +69,23 @@ class RunOptions:
     drain_s: float = 25.0
     settle_s: float = 3.0
     max_ops_per_client: int = 100_000
+    fault_interval_s: tuple[float, float] = (2.0, 4.0)
+    """Quiet time between two faults, drawn uniformly from this range."""
+    fault_duration_s: tuple[float, float] = (2.0, 4.0)
+    """How long each fault lasts, drawn uniformly from this range."""
     keep_data: bool = False
     unsafe: tuple[str, ...] = ()
-    """Protocol-breaking settings to turn on (e.g. "txn.unsafe_skip_commit_wait"), to prove the
-    checkers catch what they break. The nodes get K2_ALLOW_UNSAFE_SETTINGS=1."""
+    """Protocol-breaking settings to turn on (e.g. "txn.unsafe_skip_commit_wait",
+    "cluster.unsafe_ignore_clock_bound"), to prove the checkers catch what they break. The nodes
+    get K2_ALLOW_UNSAFE_SETTINGS=1."""
+    epsilon_us: int | None = None
+    """The cluster's assumed clock error (None: the cluster default, 400 us)."""
+    max_uncertainty_us: int | None = None
+    """The uncertainty beyond which nodes refuse to issue timestamps (None: default, 5 ms)."""
+    skew: tuple[tuple[str, float], ...] = ()
+    """Clock skews kept for the whole load, (node or region, offset in ms), written to
+    clock.toml before the workload starts and removed with every fault before the final
+    reads. Nodes report them in their clock error bound (see jepsen_tests.nemesis)."""
 
     def validate(self) -> None:
         if self.workload not in WORKLOADS:
@@ -85,6 +99,20 @@ class RunOptions:
         if not 1 <= self.time_s <= 24 * 3600:
             raise ValueError(f"--time must be in 1..86400 seconds, got {self.time_s}")
         parse_nemesis(self.nemesis)
+        names = {*DEFAULT_REGIONS, *(f"{r}-1" for r in DEFAULT_REGIONS)}
+        for name, _ in self.skew:
+            if name not in names:
+                raise ValueError(f"--skew: {name!r} is not a node or region of {sorted(names)}")
+        for flag, v in (
+            ("--epsilon-us", self.epsilon_us),
+            ("--max-uncertainty-us", self.max_uncertainty_us),
+        ):
+            if v is not None and v <= 0:
+                raise ValueError(f"{flag} must be positive, got {v}")
+        cluster_settings(self.protocol, self.unsafe)  # ValueError for an unknown setting
+        eps = self.epsilon_us or ClusterSettings().epsilon_us
+        if self.max_uncertainty_us is not None and self.max_uncertainty_us < eps:
+            raise ValueError(f"--max-uncertainty-us must be at least epsilon ({eps} us)")
 
 
 @dataclass
@@ -122,12 +150,24 @@ class RunResult:
         }
 
 
-def cluster_settings(protocol: str, unsafe: Sequence[str] = ()) -> ClusterSettings:
+def cluster_settings(
+    protocol: str,
+    unsafe: Sequence[str] = (),
+    *,
+    epsilon_us: int | None = None,
+    max_uncertainty_us: int | None = None,
+) -> ClusterSettings:
     """Short timeouts, so a killed or paused coordinator's transactions expire (and their
-    intents resolve) within a few seconds rather than the defaults' tens; plus any
-    protocol-breaking `unsafe` settings ("txn.<field>" or "replication.<field>")."""
+    intents resolve) within a few seconds rather than the defaults' tens; the clock bounds if
+    given; plus any protocol-breaking `unsafe` settings ("cluster.<field>", "txn.<field>" or
+    "replication.<field>")."""
+    clock: dict[str, Any] = {}
+    if epsilon_us is not None:
+        clock["epsilon_us"] = epsilon_us
+    if max_uncertainty_us is not None:
+        clock["max_uncertainty_us"] = max_uncertainty_us
     st = replace(
-        ClusterSettings(request_timeout_s=3.0),
+        ClusterSettings(request_timeout_s=3.0, **clock),
         txn=TxnSettings(
             protocol=protocol,
             heartbeat_s=0.2,
@@ -138,8 +178,14 @@ def cluster_settings(protocol: str, unsafe: Sequence[str] = ()) -> ClusterSettin
     )
     for name in unsafe:
         table, _, field_name = name.partition(".")
-        if table not in ("txn", "replication") or not field_name.startswith("unsafe_"):
+        if table not in ("cluster", "txn", "replication") or not field_name.startswith("unsafe_"):
             raise ValueError(f"unknown unsafe setting {name!r}")
+        if table == "cluster":
+            if not hasattr(st, field_name):
+                raise ValueError(f"unknown unsafe setting {name!r}")
+            flag: dict[str, Any] = {field_name: True}
+            st = replace(st, **flag)
+            continue
         section = getattr(st, table)
         if not hasattr(section, field_name):
             raise ValueError(f"unknown unsafe setting {name!r}")
@@ -181,7 +227,12 @@ def _run_cluster(opts: RunOptions, out: Path, data: Path, say: Callable[[str], N
     cfg = launcher.up(
         data,
         regions=DEFAULT_REGIONS,
-        settings=cluster_settings(opts.protocol, opts.unsafe),
+        settings=cluster_settings(
+            opts.protocol,
+            opts.unsafe,
+            epsilon_us=opts.epsilon_us,
+            max_uncertainty_us=opts.max_uncertainty_us,
+        ),
         wan=opts.wan,
         progress=False,
         timeout_s=60,
@@ -233,8 +284,27 @@ async def _drive(
         )
         for i in range(opts.clients)
     ]
-    nemesis = Nemesis(cfg, history, parse_nemesis(opts.nemesis), rng, log=say)
+    base_skews = {name: ClockSkew(round(ms * 1e6)) for name, ms in opts.skew}
+    nemesis = Nemesis(
+        cfg,
+        history,
+        parse_nemesis(opts.nemesis),
+        rng,
+        interval_s=opts.fault_interval_s,
+        duration_s=opts.fault_duration_s,
+        log=say,
+        base_skews=base_skews,
+    )
     try:
+        if base_skews:
+            launcher.write_clock_skews(cfg, base_skews)
+            say(
+                "clock skew for the whole load: "
+                + ", ".join(
+                    f"{k} {v.offset_ns / 1e6:+.1f} ms" for k, v in sorted(base_skews.items())
+                )
+            )
+            await asyncio.sleep(0.5)  # nodes re-read clock.toml every 0.1 s
         await workload.setup(clients[0])
         say(
             f"running {opts.workload} with {opts.clients} clients for {opts.time_s:.0f} s, "

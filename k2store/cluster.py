@@ -7,6 +7,7 @@ A cluster file is TOML::
     partitioning = "range"          # "range" (default) or "hash"
     epsilon_us = 400                # assumed clock error when the clock reports none
     max_uncertainty_us = 5000       # a node refuses to issue timestamps beyond this
+    unsafe_ignore_clock_bound = false   # test only (K2_ALLOW_UNSAFE_SETTINGS=1): see below
     oracle_ttl_us = 5000            # K2-TB batch lifetime
     max_key_bytes = 4096
     max_value_bytes = 67108864
@@ -198,6 +199,11 @@ class ClusterSettings:
     """Clock error assumed when the clock source reports no bound of its own."""
     max_uncertainty_us: int = 5_000
     """Above this uncertainty a node refuses to issue timestamps rather than risk order."""
+    unsafe_ignore_clock_bound: bool = False
+    """BREAKS real-time order, for proving the checkers (jepsen_tests) catch it: the uncertainty
+    is epsilon whatever the clock reports, so a node whose clock is known to be off beyond the
+    bound (the clock nemesis, truetime/skew.py) keeps serving. Refused unless
+    K2_ALLOW_UNSAFE_SETTINGS=1."""
     oracle_ttl_us: int = 5_000
     """Lifetime of a K2-TB batch: timestamps are this far ahead of the oracle's latest, and a
     coordinator must receive and use the batch within it. Commit-wait grows with it; 5 ms leaves
@@ -303,6 +309,7 @@ class ClusterConfig:
             f"partitioning = {_q(st.partitioning)}",
             f"epsilon_us = {st.epsilon_us}",
             f"max_uncertainty_us = {st.max_uncertainty_us}",
+            *(["unsafe_ignore_clock_bound = true"] if st.unsafe_ignore_clock_bound else []),
             f"oracle_ttl_us = {st.oracle_ttl_us}",
             f"max_key_bytes = {st.max_key_bytes}",
             f"max_value_bytes = {st.max_value_bytes}",
@@ -534,8 +541,14 @@ def _parse_settings(t: Any, fail: Any) -> ClusterSettings:
         "request_timeout_s": (int, float),
         "scan_page_rows": int,
     }
-    _no_unknown(t, set(fields), "cluster", fail)
+    _no_unknown(t, {*fields, "unsafe_ignore_clock_bound"}, "cluster", fail)
     values: dict[str, Any] = {}
+    if "unsafe_ignore_clock_bound" in t:
+        flag = t["unsafe_ignore_clock_bound"]
+        if not isinstance(flag, bool):
+            raise fail("cluster.unsafe_ignore_clock_bound", f"expected true or false, got {flag!r}")
+        values["unsafe_ignore_clock_bound"] = flag
+        _check_unsafe("cluster", values, fail)
     for k, typ in fields.items():
         if k not in t:
             continue

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,9 @@ from k2store.errors import ClusterFileError, K2Error, Unavailable
 from k2store.proto import k2_pb2 as pb
 from k2store.security import bearer_metadata, client_token
 from k2store.wan import OVERRIDES_FILE, LinkModel, NetOverrides, read_overrides, write_overrides
-from truetime import SystemClock
+from truetime import ClockSkew, SystemClock
+from truetime.skew import CLOCK_FILE
+from truetime.skew import write_clock_skews as write_skew_file
 
 CLUSTER_FILE = "cluster.toml"
 _CLOCK = SystemClock()
@@ -411,6 +413,29 @@ def write_net_overrides(cfg: ClusterConfig, overrides: NetOverrides) -> None:
             f"{cfg.region_names()} and nodes {[n.name for n in cfg.nodes]}"
         )
     write_overrides(net_overrides_path(cfg), overrides)
+
+
+# -- run-time clock skew (the Jepsen clock nemesis; truetime/skew.py) -----------------------------
+
+
+def clock_skews_path(cfg: ClusterConfig) -> Path:
+    """The skew file every node of `cfg` watches: clock.toml beside the cluster file."""
+    if cfg.path is None:
+        raise Unavailable("the cluster has no cluster file, so no clock skew file")
+    return cfg.path.parent / CLOCK_FILE
+
+
+def write_clock_skews(cfg: ClusterConfig, skews: Mapping[str, ClockSkew]) -> None:
+    """Atomically replace the skew file (or remove it when nothing is skewed); every name must
+    be a node or a region of `cfg`. The nodes apply it within ~0.1 s."""
+    known = set(cfg.region_names()) | {n.name for n in cfg.nodes}
+    unknown = sorted(set(skews) - known)
+    if unknown:
+        raise ClusterFileError(
+            f"unknown region or node {', '.join(map(repr, unknown))}; the cluster has regions "
+            f"{cfg.region_names()} and nodes {[n.name for n in cfg.nodes]}"
+        )
+    write_skew_file(clock_skews_path(cfg), skews)
 
 
 # -- KV-cache block stores (kvtier), one per region ----------------------------------------------

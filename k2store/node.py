@@ -9,6 +9,8 @@ any node (the handlers are in k2store/service.py). This module owns what is proc
   timestamp above them, so a restart after kill -9 never reorders anything;
 - the gRPC server (the RPCs of service.METHODS, plus grpc.health.v1), typed errors as statuses;
 - with `[security] tls`, mutual TLS and the `Guard` in front of every handler (k2store/security.py);
+- the clock: the system clock wrapped in a `SkewedClock` that follows ``clock.toml`` beside the
+  cluster file (truetime/skew.py: the Jepsen clock nemesis), re-read every 0.1 s like net.toml;
 - graceful shutdown: health goes NOT_SERVING, in-flight requests get `grace_s`, engines close.
 """
 
@@ -21,6 +23,7 @@ import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -36,7 +39,8 @@ from k2store.security import Guard
 from k2store.service import METHODS, Method, NodeService, decode_request
 from k2store.shard import Limits, ShardLeader
 from k2store.transport import CHANNEL_OPTIONS, Transport, cluster_transport
-from truetime import ClockSource, SystemClock, TimestampOracle, TrueTime
+from truetime import ClockSource, SkewedClock, SystemClock, TimestampOracle, TrueTime
+from truetime.skew import CLOCK_FILE, NO_SKEW, ClockSkew, apply_skew, read_clock_skews, skew_for
 from txn.storage import DataDirLocked, VersionedStore
 
 log = logging.getLogger("k2.node")
@@ -74,8 +78,22 @@ class Node:
         self.me: NodeConfig = cluster.node(name)
         self.options = options or NodeOptions()
         st = cluster.settings
+        self.clock_watch: ClockWatch | None = None
+        if clock is None and cluster.path is not None:
+            skewed = SkewedClock(SystemClock(), reported=True)
+            self.clock_watch = ClockWatch(
+                cluster.path.parent / CLOCK_FILE, name, self.me.region, skewed
+            )
+            self.clock_watch.poll()  # before start() waits on the ceilings with this clock
+            clock = skewed
         self.clock: ClockSource = clock or SystemClock()
-        self.tt = TrueTime(self.clock, st.epsilon_us * 1000, st.max_uncertainty_us * 1000)
+        self.tt = TrueTime(
+            self.clock,
+            st.epsilon_us * 1000,
+            st.max_uncertainty_us * 1000,
+            unsafe_ignore_clock_bound=st.unsafe_ignore_clock_bound,
+        )
+        self._watch_task: asyncio.Task[None] | None = None
         # Pays the cluster's wide-area emulation, if any, as this node (k2store/wan.py).
         self.transport: Transport = transport or cluster_transport(cluster, node=name)
         self._engine_factory = engine_factory or (lambda p: RocksEngine(p))
@@ -95,6 +113,8 @@ class Node:
 
     async def start(self) -> None:
         self._lock.acquire()
+        if self.clock_watch is not None:
+            self._watch_task = asyncio.ensure_future(self.clock_watch.run())
         try:
             oracle_ceiling = DurableCeiling(self.me.data_dir / "oracle.ceiling", CEILING_STEP_NS)
             read_ceiling = DurableCeiling(self.me.data_dir / "read.ceiling", CEILING_STEP_NS)
@@ -145,6 +165,8 @@ class Node:
             await server.start()
             self._server = server
         except BaseException:
+            if self._watch_task is not None:
+                self._watch_task.cancel()
             if self.service is not None:
                 await self.service.stop()
             self._close_engines()
@@ -215,6 +237,10 @@ class Node:
             await self._server.stop(self.options.grace_s if grace_s is None else grace_s)
         if self.service is not None:
             await self.service.stop()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
         await self.transport.close()
         self._close_engines()
         self._lock.release()
@@ -223,6 +249,52 @@ class Node:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+class ClockWatch:
+    """Keeps a node's `SkewedClock` at the skew ``clock.toml`` gives it (truetime/skew.py).
+
+    `poll` re-reads the file when its inode, mtime or size changed and applies the node's entry
+    if that changed (re-applying an unchanged one would restart its drift); `run` polls every
+    `interval_s`. A malformed file is logged and ignored: the previous skew stays.
+    """
+
+    def __init__(self, path: Path, node: str, region: str, clock: SkewedClock) -> None:
+        self.path = path
+        self.node = node
+        self.region = region
+        self.clock = clock
+        self.skew: ClockSkew = NO_SKEW
+        self._file_id: tuple[int, int, int] | None = None
+
+    def poll(self) -> None:
+        try:
+            st = os.stat(self.path)
+            file_id: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            file_id = None
+        if file_id == self._file_id:
+            return
+        self._file_id = file_id
+        try:
+            skew = skew_for(read_clock_skews(self.path), self.node, self.region)
+        except (OSError, ValueError) as e:
+            log.warning("ignoring clock skew file: %s", e)
+            return
+        if skew != self.skew:
+            apply_skew(self.clock, skew)
+            self.skew = skew
+            log.warning(
+                "clock skew now %+.3f ms, drift %+.1f ppm (from %s)",
+                skew.offset_ns / 1e6,
+                skew.drift_ppm,
+                self.path,
+            )
+
+    async def run(self, interval_s: float = 0.1) -> None:
+        while True:
+            self.poll()
+            await asyncio.sleep(interval_s)
 
 
 def _generic_handlers(

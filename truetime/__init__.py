@@ -39,6 +39,13 @@ HAZARDs (places where correctness depends on the clock bound; each is marked `# 
     - `TimestampOracle.issue`: base = latest + ttl is >= true time at use only within the bound.
     - `BatchClient` TTL check: a slow monotonic clock lets a batch be used past its real TTL.
     - `SystemClock.error_bound_ns`: trusts the sync daemon's maxerror; epsilon is the floor.
+    - `SkewedClock.error_bound_ns` (reported): vouches for the skew alone when the base has no
+      bound; epsilon must cover the base's own error.
+
+Fault injection
+    `truetime.skew`: the ``clock.toml`` file through which the Jepsen clock nemesis skews a
+    node's clock at run time (offset and drift, reported in the clock's error bound), and
+    `TrueTime(unsafe_ignore_clock_bound=True)`, the test-only mode that ignores that report.
 """
 
 from truetime.batch import BatchClient, BatchClientStats
@@ -62,6 +69,7 @@ from truetime.oracle import (
     TimestampOracle,
     timestamp_origin,
 )
+from truetime.skew import ClockSkew, apply_skew, read_clock_skews, write_clock_skews
 from truetime.sysclock import SystemClock
 from truetime.truetime import TrueTime
 
@@ -73,6 +81,7 @@ __all__ = [
     "BatchClient",
     "BatchClientStats",
     "BatchExpired",
+    "ClockSkew",
     "ClockSource",
     "HybridLogicalClock",
     "ManualClock",
@@ -87,6 +96,9 @@ __all__ = [
     "TrueTime",
     "TrueTimeError",
     "UncertaintyExceeded",
+    "apply_skew",
     "format_ts",
+    "read_clock_skews",
     "timestamp_origin",
+    "write_clock_skews",
 ]

@@ -110,16 +110,28 @@ class SkewedClock:
     the skew accumulated so far into the offset, so the reading never jumps when only the rate
     changes; setting the offset fixes the skew to exactly that value from now on.
 
-    Skew is a wall-clock error only: `monotonic_ns()` and `error_bound_ns()` come from the base
-    unchanged. That is the dangerous case the HAZARD notes are about: a clock that is wrong and
-    does not know it.
+    Skew is a wall-clock error only: `monotonic_ns()` comes from the base unchanged. By default
+    so does `error_bound_ns()`: that is the dangerous case the HAZARD notes are about, a clock that
+    is wrong and does not know it. With `reported=True` the clock knows how wrong it is, as a
+    synchronisation daemon that measured the offset would: `error_bound_ns()` is the base's bound
+    (0 if it has none) plus `|skew_ns()|`, so TrueTime widens its intervals to cover the skew,
+    and refuses to issue timestamps once that is beyond its bound (the Jepsen clock nemesis).
     """
 
-    def __init__(self, base: ClockSource, offset_ns: int = 0, drift_ppm: float = 0.0) -> None:
+    def __init__(
+        self,
+        base: ClockSource,
+        offset_ns: int = 0,
+        drift_ppm: float = 0.0,
+        *,
+        reported: bool = False,
+    ) -> None:
         self.base = base
         self._offset = offset_ns
         self._drift_ppm = drift_ppm
         self._anchor = base.now_ns()
+        self.reported = reported
+        """Whether `error_bound_ns()` includes the skew (see the class docstring)."""
 
     @property
     def offset_ns(self) -> int:
@@ -155,7 +167,16 @@ class SkewedClock:
         return self.base.monotonic_ns()
 
     def error_bound_ns(self) -> int | None:
-        return self.base.error_bound_ns()
+        bound = self.base.error_bound_ns()
+        if not self.reported:
+            return bound
+        # HAZARD: the base's own error is not known when it reports no bound; then this vouches
+        # for |skew| alone and TrueTime's epsilon must cover the base's error. On one machine
+        # (a loopback cluster, where the base is true time) that error is 0.
+        skew = abs(self.skew_ns())
+        if bound is None:
+            return skew or None
+        return bound + skew
 
     async def sleep_ns(self, ns: int) -> None:
         """Sleep until this clock's reading has moved `ns` (at the current drift).

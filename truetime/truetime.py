@@ -24,9 +24,21 @@ class TrueTime:
     clock error when the source reports nothing (or too little). `max_uncertainty_ns` is the
     widest uncertainty at which the node still issues timestamps. A configuration with
     `epsilon_ns > max_uncertainty_ns` is accepted but never issues a timestamp.
+
+    `unsafe_ignore_clock_bound` BREAKS real-time order on purpose, to prove the Jepsen checkers
+    catch a clock beyond its bound: the uncertainty is `epsilon_ns` whatever the source reports,
+    so a node whose clock is known to be far off keeps issuing timestamps as if it were not
+    (the cluster setting of the same name; refused unless K2_ALLOW_UNSAFE_SETTINGS=1).
     """
 
-    def __init__(self, clock: ClockSource, epsilon_ns: int, max_uncertainty_ns: int) -> None:
+    def __init__(
+        self,
+        clock: ClockSource,
+        epsilon_ns: int,
+        max_uncertainty_ns: int,
+        *,
+        unsafe_ignore_clock_bound: bool = False,
+    ) -> None:
         if epsilon_ns < 0:
             raise ValueError(f"epsilon_ns must be >= 0, got {epsilon_ns}")
         if max_uncertainty_ns < 0:
@@ -34,6 +46,7 @@ class TrueTime:
         self.clock = clock
         self.epsilon_ns = epsilon_ns
         self.max_uncertainty_ns = max_uncertainty_ns
+        self.unsafe_ignore_clock_bound = unsafe_ignore_clock_bound
 
     def uncertainty_ns(self) -> int:
         """Half-width of `now()`: max(configured epsilon, the source's error bound)."""
@@ -42,6 +55,8 @@ class TrueTime:
         # after()/before() can answer wrongly, commit-wait ends early and a transaction that
         # starts after another committed can get a smaller timestamp (stale reads, lost
         # real-time order).
+        if self.unsafe_ignore_clock_bound:
+            return self.epsilon_ns  # broken on purpose: see the class docstring
         reported = self.clock.error_bound_ns()
         return max(self.epsilon_ns, reported or 0)
 
