@@ -36,9 +36,9 @@ from google.protobuf.message import Message
 
 from k2store.background import stop_tasks
 from k2store.cluster import ClusterConfig, ShardConfig, TxnSettings
-from k2store.errors import InvalidArgument, K2Error, TxnAborted
+from k2store.errors import ClockUncertain, InvalidArgument, K2Error, TxnAborted
 from k2store.proto import k2_pb2 as pb
-from truetime import STEP_GRANULARITY, HybridLogicalClock, TrueTime
+from truetime import STEP_GRANULARITY, HybridLogicalClock, TrueTime, UncertaintyExceeded
 
 log = logging.getLogger("k2.coordinator")
 
@@ -151,6 +151,17 @@ class Coordinator:
 
     # -- client RPCs -----------------------------------------------------------------------------
 
+    def _hlc_now(self) -> int:
+        """MVTO-HLC's timestamp: the hybrid clock's reading, refused (`ClockUncertain`) when
+        this node's clock error is beyond the bound, as K2-TB's oracle refuses: other leaders'
+        uncertainty windows cannot cover a clock that far off."""
+        assert self.hlc is not None
+        try:
+            self.tt.check()
+        except UncertaintyExceeded as e:
+            raise ClockUncertain(f"coordinator {self.node_name} refuses to stamp: {e}") from None
+        return self.hlc.now()
+
     async def begin(self, req: pb.BeginTxnRequest) -> pb.BeginTxnResponse:
         # MVTO-HLC stamps with the node's hybrid logical clock; the others with K2-TB batches
         # (d2PL-TTC uses the start timestamp only as its wound-wait priority and snapshot time).
@@ -159,7 +170,7 @@ class Coordinator:
                 raise InvalidArgument("read_ts is only for read-only transactions")
             ts = req.read_ts
         else:
-            ts = self.hlc.now() if self.hlc is not None else await self.timestamp()
+            ts = self._hlc_now() if self.hlc is not None else await self.timestamp()
         future = False
         if req.keys and self.hlc is None and self.settings.future_ts and not req.read_ts:
             delay = max(self.one_way_ns(self.cluster.shard_for_key(k).leader) for k in req.keys)
@@ -239,7 +250,7 @@ class Coordinator:
         async with txn.lock:
             if txn.restamp:
                 txn.restamp = False
-                txn.ts = self.hlc.now() if self.hlc is not None else await self.timestamp()
+                txn.ts = self._hlc_now() if self.hlc is not None else await self.timestamp()
             try:
                 results = await self._run_ops(txn, list(req.ops))
             except TxnAborted as e:

@@ -48,7 +48,7 @@ import asyncio
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -101,8 +101,8 @@ __all__ = [
 log = logging.getLogger("kvtier.connector")
 T = TypeVar("T")
 Tokens = Sequence[int] | torch.Tensor | np.ndarray[Any, Any]
-BlockSink = Callable[[int, torch.Tensor], None]
-"""`sink(index, block)`: takes block number `index` of a retrieve (see `retrieve`)."""
+BlockSink = Callable[[int, torch.Tensor], Awaitable[None]]
+"""`await sink(index, block)`: takes block number `index` of a retrieve (see `retrieve`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,9 +501,10 @@ class AsyncKVConnector:
         longest prefix that loads and verifies; the rest is counted for recompute.
 
         With a `sink`, each block is handed over as soon as it has arrived and verified, in
-        whatever order blocks arrive, as `sink(index, block)` in a worker thread, where block is
-        a read-only view of the received bytes valid only during the call; the result's `kv`
-        is then None. A caller that converts blocks into its own buffers this way overlaps the
+        whatever order blocks arrive, as `await sink(index, block)`, where block is a read-only
+        view of the received bytes valid only until the sink returns (a sink that converts it
+        runs the copy off the event loop, as the engine does on its torch thread); the result's
+        `kv` is then None. A caller that converts blocks into its own buffers this way overlaps the
         conversion with the transfers still in flight and copies each byte once. Blocks after
         the first failed one may have been handed over too; only `num_tokens` count."""
         if found is None:
@@ -546,7 +547,7 @@ class AsyncKVConnector:
                             tensor = decode_block(frame, self.spec, block_hash=loc.block_hash)
                         else:  # get verified the frame's checksum and key
                             tensor = block_view(frame, self.spec)
-                            await asyncio.to_thread(sink, loc.index, tensor)
+                            await sink(loc.index, tensor)
                     except CorruptBlock:
                         lost.setdefault(region, []).append(loc.block_hash)
                         continue

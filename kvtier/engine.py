@@ -36,8 +36,9 @@ Contracts
       the same greedy tokens in our tests).
     - Only full blocks are cached; a partial tail is always recomputed. When the whole prompt is
       cached the last token is recomputed anyway (its logits are needed).
-    - Requests run one at a time (`asyncio.Lock`); model calls run in a worker thread so the
-      event loop keeps serving gRPC and HTTP meanwhile.
+    - Requests run one at a time (`asyncio.Lock`); model calls run on one worker thread of the
+      engine's own (never spread over a pool: see `_torch`), so the event loop keeps serving
+      gRPC and HTTP meanwhile.
     - A block that fails to load is recomputed (the connector counts it); a failed store only
       loses the chance of reuse. Neither fails the request.
 
@@ -53,12 +54,13 @@ Time
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -67,6 +69,8 @@ from kvtier.attention import use_k2_attention
 from kvtier.blocks import BlockSpec, Layout, Namespace
 from kvtier.connector import AsyncKVConnector
 from truetime import ClockSource, SystemClock
+
+T = TypeVar("T")
 
 __all__ = [
     "Completion",
@@ -449,12 +453,20 @@ class Engine:
         self._lock = asyncio.Lock()
         self._stores: set[asyncio.Task[None]] = set()
         self._pinned = _PinnedPool() if self.device.type == "cuda" else None
+        # Every torch call runs on this one thread. OpenMP keeps a thread team per calling
+        # thread and a team spins a while after its work, so torch calls spread over a pool's
+        # threads (as asyncio.to_thread does) leave teams competing for the same two cores.
+        self._torch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="k2-torch")
         self.requests = 0
         self.history: list[RequestMetrics] = []
         """Metrics of finished requests (the last 1,000)."""
 
     def _now(self) -> int:
         return self.clock.monotonic_ns()
+
+    async def _in_torch(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on the engine's torch thread (see `_torch`)."""
+        return await asyncio.get_running_loop().run_in_executor(self._torch, fn, *args)
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -520,7 +532,7 @@ class Engine:
                         yield TokenEvent(tok, delta, len(out) - 1, finish, m)
                         return
                     yield TokenEvent(tok, delta, len(out) - 1)
-                    logits = await asyncio.to_thread(self._step, pre.cache, tok)
+                    logits = await self._in_torch(self._step, pre.cache, tok)
             finally:
                 if finish is None:  # the caller stopped early: still keep what was computed
                     m.total_s = (self._now() - t0) / 1e9
@@ -558,7 +570,7 @@ class Engine:
         n_full = len(ids) // self.spec.block_tokens * self.spec.block_tokens
         if n_full == 0:
             return 0
-        kv = await asyncio.to_thread(self._export, cache, n_full)
+        kv = await self._in_torch(self._export, cache, n_full)
         try:
             r = await self.connector.store(ids[:n_full], kv)
         except Exception as e:  # a failed store only loses reuse
@@ -576,11 +588,11 @@ class Engine:
         g = torch.Generator().manual_seed(0)
         vocab = int(self.model.config.get_text_config().vocab_size)
         async with self._lock:
-            await asyncio.to_thread(self._forward, [1] * 16, None, False)  # warm-up, untimed
+            await self._in_torch(self._forward, [1] * 16, None, False)  # warm-up, untimed
             for n in sizes:
                 ids = torch.randint(0, vocab, (n,), generator=g).tolist()
                 t = self._now()
-                await asyncio.to_thread(self._forward, ids, None, False)
+                await self._in_torch(self._forward, ids, None, False)
                 self._observe_prefill(n, (self._now() - t) / 1e9)
 
     # -- internals ------------------------------------------------------------------------------
@@ -619,8 +631,12 @@ class Engine:
             if skipped:
                 m.choice = "recompute"
             if found.num_tokens:
-                builder = await asyncio.to_thread(_CacheBuilder, self, found.num_tokens)
-                got = await self.connector.retrieve(ids, found, sink=builder.put)
+                builder = await self._in_torch(_CacheBuilder, self, found.num_tokens)
+
+                async def sink(index: int, block: torch.Tensor) -> None:
+                    await self._in_torch(builder.put, index, block)
+
+                got = await self.connector.retrieve(ids, found, sink=sink)
                 t2 = self._now()
                 m.load_s = (t2 - t1) / 1e9
                 cached = got.num_tokens
@@ -635,7 +651,7 @@ class Engine:
             m.choice = _choice(m.cached_by_region, self.connector.config.region, m)
         m.cached_tokens = cached
         t3 = self._now()
-        cache, logits, computed = await asyncio.to_thread(
+        cache, logits, computed = await self._in_torch(
             self._load_and_forward, ids, built, cached, all_logits
         )
         m.prefill_s = (self._now() - t3) / 1e9

@@ -536,13 +536,13 @@ def test_fuzzed_requests_get_a_clear_status_and_change_nothing(
             try:
                 if method == "Put":
                     stub: Any = ch.stream_unary(path, **raw)
-                    await stub(iter(messages), timeout=5, metadata=md)
+                    await stub(iter(messages), timeout=30, metadata=md)
                 elif method == "Get":
                     stub = ch.unary_stream(path, **raw)
-                    _ = [c async for c in stub(messages[0], timeout=5, metadata=md)]
+                    _ = [c async for c in stub(messages[0], timeout=30, metadata=md)]
                 else:
                     stub = ch.unary_unary(path, **raw)
-                    await stub(messages[0], timeout=5, metadata=md)
+                    await stub(messages[0], timeout=30, metadata=md)
                 code = grpc.StatusCode.OK
             except grpc.aio.AioRpcError as e:
                 code = e.code()

@@ -368,12 +368,11 @@ def test_retrieve_into_a_sink_hands_over_each_block_once(tmp_path: Path) -> None
             await east.store(TOKENS, kv)
             out = torch.full(SPEC.shape(N), float("nan"), dtype=SPEC.torch_dtype)
             seen: list[int] = []
-            lock = threading.Lock()
 
-            def sink(i: int, block: torch.Tensor) -> None:
+            async def sink(i: int, block: torch.Tensor) -> None:
                 assert block.shape == SPEC.shape()
-                with lock:
-                    seen.append(i)
+                seen.append(i)
+                await asyncio.sleep(0)  # other blocks arrive meanwhile; this view stays valid
                 out[:, :, :, i * SPEC.block_tokens : (i + 1) * SPEC.block_tokens].copy_(block)
 
             got = await east.retrieve(TOKENS, sink=sink)
