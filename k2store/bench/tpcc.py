@@ -118,6 +118,10 @@ class TpccConfig:
     seed: int = 1
     regions: int = 3
     """How many of `REGIONS` (one warehouse set and one node each); 1 to 5."""
+    epsilon_us: int | None = None
+    """Clock error to assume (default: the cluster default, 400 us). Larger values show what
+    clock uncertainty costs each protocol: MVTO-HLC restarts reads in its uncertainty window,
+    K2-MVTO's commit-wait grows."""
     split_schema: bool = False
     """Payment's columns (warehouse and district year-to-date) on rows of their own, as a
     column-level or split-table schema has them: new-order's reads of the warehouse and district
@@ -138,6 +142,8 @@ class TpccConfig:
             raise InvalidArgument(f"remote-fraction must be in [0, 1], got {self.remote_fraction}")
         if self.duration_s <= 0:
             raise InvalidArgument("duration must be positive")
+        if self.epsilon_us is not None and not 0 <= self.epsilon_us <= 1_000_000:
+            raise InvalidArgument(f"epsilon-us must be 0-1000000, got {self.epsilon_us}")
         if not 1 <= self.regions <= len(REGIONS):
             raise InvalidArgument(f"regions must be 1 to {len(REGIONS)}, got {self.regions}")
 
@@ -234,8 +240,16 @@ async def tpcc_client(
         stats.attempts += attempts
 
 
-def settings_for(protocol: str) -> ClusterSettings:
+def settings_for(protocol: str, epsilon_us: int | None = None) -> ClusterSettings:
     base = ClusterSettings()
+    if epsilon_us is not None:
+        # The clock error every node assumes (the simulator's clocks report no bound of their
+        # own); nodes refuse beyond max_uncertainty_us, so that moves with it.
+        base = replace(
+            base,
+            epsilon_us=epsilon_us,
+            max_uncertainty_us=max(base.max_uncertainty_us, 2 * epsilon_us),
+        )
     return replace(
         base,
         txn=TxnSettings(protocol=protocol),
@@ -255,7 +269,7 @@ def run_sim(protocol: str, tc: TpccConfig) -> TpccResult:
         regions,
         list(range(1, len(regions) + 1)),
         root=Path("/nonexistent-sim"),
-        settings=settings_for(protocol),
+        settings=settings_for(protocol, tc.epsilon_us),
     )
     result = TpccResult(
         protocol,
@@ -330,7 +344,10 @@ async def _run_on(cfg: ClusterConfig, protocol: str, tc: TpccConfig) -> TpccResu
 
 def run_processes(protocol: str, tc: TpccConfig, data: Path, progress: bool) -> TpccResult:
     with local_cluster(
-        data, settings_for(protocol), progress=progress, regions=tc.region_names
+        data,
+        settings_for(protocol, tc.epsilon_us),
+        progress=progress,
+        regions=tc.region_names,
     ) as cfg:
         return asyncio.run(_run_on(cfg, protocol, tc))
 
@@ -435,6 +452,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="read round then write round (default: one round with reads and writes, one-shot)",
     )
     p.add_argument(
+        "--epsilon-us",
+        type=int,
+        default=None,
+        metavar="US",
+        help="clock error every node assumes (default 400): what uncertainty costs each protocol",
+    )
+    p.add_argument(
         "--split-schema",
         action="store_true",
         help="payment's year-to-date columns on rows of their own (no new-order/payment "
@@ -456,6 +480,7 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         interactive=args.interactive,
         split_schema=args.split_schema,
+        epsilon_us=args.epsilon_us,
         regions=args.regions,
     )
     tc.validate()

@@ -54,4 +54,5 @@ def test_bench_visibility_sim_quick(tmp_path: Path) -> None:
 
 def test_bad_bench_input_is_refused() -> None:
     assert main(["bench", "tpcc", "--sim", "--remote-fraction", "2"]) == 2
+    assert main(["bench", "tpcc", "--sim", "--epsilon-us", "-5"]) == 2
     assert visibility.VisibilityConfig(duration_s=1).policies == ("vcr", "watermark", "closed-ts")
