@@ -140,6 +140,10 @@ class TxnSettings:
     """Local transactions take their timestamp when their first operation is dispatched, not at
     begin, so the time between stamping and arriving at the leader, in which a later reader of
     the same key can overtake a write, is as short as it can be (refinement)."""
+    wait_places: bool = True
+    """A request that waits holds a place in line on every key it still has to write (while the
+    line is short), so a later reader queues there instead of read-marking the key under the
+    waiting write (refinement; `Participant.exec`, `PLACE_MAX_LINE`)."""
     unsafe_skip_commit_wait: bool = False
     """BREAKS real-time order, for proving the checkers (jepsen_tests) catch it: acknowledge
     commits without commit-wait. Refused unless K2_ALLOW_UNSAFE_SETTINGS=1."""

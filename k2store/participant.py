@@ -231,7 +231,7 @@ class Participant:
         # no place: a later writer lays its intent above this reader, which reads below it.
         # Nor does a key whose line is already long (see PLACE_MAX_LINE).
         in_line: dict[bytes, None] = {}  # an ordered set: iteration order must not vary
-        if several:
+        if several and self.settings.wait_places:
             for i in deferred:
                 key = ops[i].key
                 if (

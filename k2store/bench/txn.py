@@ -73,6 +73,7 @@ REFINEMENTS: tuple[str, ...] = (
     "async_resolve",
     "future_ts",
     "late_stamping",
+    "wait_places",
 )
 """The `[txn]` switches that `--ablate` turns off one at a time (see cluster.TxnSettings)."""
 
