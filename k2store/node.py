@@ -34,6 +34,7 @@ from k2store.certs import server_credentials
 from k2store.cluster import ClusterConfig, NodeConfig
 from k2store.datadir import DataDirLock, DurableCeiling
 from k2store.errors import ERROR_METADATA_KEY, K2Error, Unavailable
+from k2store.filewatch import FileWatch
 from k2store.rocksengine import RocksEngine
 from k2store.security import Guard
 from k2store.service import METHODS, Method, NodeService, decode_request
@@ -265,17 +266,11 @@ class ClockWatch:
         self.region = region
         self.clock = clock
         self.skew: ClockSkew = NO_SKEW
-        self._file_id: tuple[int, int, int] | None = None
+        self._watch = FileWatch(path)
 
     def poll(self) -> None:
-        try:
-            st = os.stat(self.path)
-            file_id: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            file_id = None
-        if file_id == self._file_id:
+        if not self._watch.changed():
             return
-        self._file_id = file_id
         try:
             skew = skew_for(read_clock_skews(self.path), self.node, self.region)
         except (OSError, ValueError) as e:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -43,6 +42,7 @@ from k2store.errors import (
     UnknownNode,
     error_for,
 )
+from k2store.filewatch import FileWatch
 from k2store.wan import OVERRIDES_FILE, LinkCut, LinkModel, NetworkSettings, read_overrides
 
 if TYPE_CHECKING:
@@ -278,11 +278,10 @@ class WanEmulation:
         self.node = node
         self._regions_of = dict(regions_of)
         self._settings = settings
-        self._path = overrides_path
         self._rng = rng or random.Random()
         self._check_interval_s = check_interval_s
         self._next_check = float("-inf")
-        self._file_id: tuple[int, int, int] | None = None
+        self._watch = None if overrides_path is None else FileWatch(overrides_path)
         self._model = LinkModel(settings)
 
     def applies_to(self, node: str) -> bool:
@@ -291,20 +290,13 @@ class WanEmulation:
 
     def model(self, now: float) -> LinkModel:
         """The model in force at event-loop time `now`, after re-reading a changed file."""
-        if self._path is not None and now >= self._next_check:
+        if self._watch is not None and now >= self._next_check:
             self._next_check = now + self._check_interval_s
-            self._maybe_reload(self._path)
+            if self._watch.changed():
+                self._reload(self._watch.path)
         return self._model
 
-    def _maybe_reload(self, path: Path) -> None:
-        try:
-            st = os.stat(path)
-            file_id: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            file_id = None
-        if file_id == self._file_id:
-            return
-        self._file_id = file_id
+    def _reload(self, path: Path) -> None:
         try:
             overrides = read_overrides(path)
         except (OSError, ValueError) as e:
