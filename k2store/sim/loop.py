@@ -89,6 +89,23 @@ _MIN_CANCELLED_TIMER_HANDLES_FRACTION = 0.5
 the heap is rebuilt without them (asyncio's rule; cancelled RPC deadlines pile up otherwise)."""
 
 
+def _init_handle(
+    h: events.Handle,
+    callback: Callable[..., object],
+    args: tuple[Any, ...],
+    loop: asyncio.AbstractEventLoop,
+    context: contextvars.Context | None,
+) -> None:
+    """What `Handle.__init__` sets, less its debug-mode hooks (shared by `_Timer`, `_Ready`)."""
+    h._context = context if context is not None else contextvars.copy_context()  # type: ignore[attr-defined]
+    h._loop = loop  # type: ignore[attr-defined]
+    h._callback = callback  # type: ignore[attr-defined]
+    h._args = args
+    h._cancelled = False
+    h._repr = None  # type: ignore[attr-defined]
+    h._source_traceback = None  # type: ignore[attr-defined]
+
+
 class _Timer(events.TimerHandle):
     """A `TimerHandle` built without asyncio's debug hooks (the simulation never runs in debug
     mode: `SimEventLoop.set_debug` refuses), since one is built for every message and deadline."""
@@ -104,13 +121,7 @@ class _Timer(events.TimerHandle):
         loop: asyncio.AbstractEventLoop,
         context: contextvars.Context | None,
     ) -> None:
-        self._context = context if context is not None else contextvars.copy_context()
-        self._loop = loop
-        self._callback = callback
-        self._args = args
-        self._cancelled = False
-        self._repr = None
-        self._source_traceback = None
+        _init_handle(self, callback, args, loop, context)
         self._when = when
         self._scheduled = True
 
@@ -127,13 +138,7 @@ class _Ready(events.Handle):
         loop: asyncio.AbstractEventLoop,
         context: contextvars.Context | None,
     ) -> None:
-        self._context = context if context is not None else contextvars.copy_context()
-        self._loop = loop
-        self._callback = callback
-        self._args = args
-        self._cancelled = False
-        self._repr = None
-        self._source_traceback = None
+        _init_handle(self, callback, args, loop, context)
 
 
 class SimEventLoop(asyncio.BaseEventLoop):
