@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiomqtt
 import pytest
+from mosquitto_env import SKIP_REASON, free_port, mosquitto_exe, running_mosquitto
 
 from k2store.errors import InvalidArgument
 from kvtier.broker import EmbeddedBroker, parse_broker_url
@@ -316,38 +313,16 @@ def test_malformed_payloads_are_counted_not_fatal() -> None:
     asyncio.run(body())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[str]:
-    exe = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
+    exe = mosquitto_exe()
     if exe is None:
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-    port = _free_port()
+        pytest.skip(SKIP_REASON)
+    port = free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen(
-        [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        for _ in range(200):
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if proc.poll() is not None:
-                pytest.fail(f"mosquitto exited with {proc.returncode}")
-            time.sleep(0.01)  # waiting for a real process to listen
+    with running_mosquitto(exe, conf, port):
         yield f"mqtt://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(5)
 
 
 @pytest.mark.slow

@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import shutil
-import socket
 import subprocess
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from mosquitto_env import SKIP_REASON, free_port, mosquitto_exe, running_mosquitto
 
 from k2store import cluster as cluster_mod
 from k2store.certs import BROKER, CERTS_DIR, secure_cluster
@@ -216,21 +215,12 @@ def test_broker_security_needs_the_certificate(tmp_path: Path) -> None:
 # -- mosquitto, configured the same way ---------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def secured_mosquitto(tmp_path: Path) -> Iterator[tuple[str, ClusterConfig]]:
-    exe = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
+    exe = mosquitto_exe()
     passwd = shutil.which("mosquitto_passwd")
     if exe is None or passwd is None:
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+        pytest.skip(SKIP_REASON)
     cfg = secured(tmp_path)
     d = tmp_path / CERTS_DIR
     pw = tmp_path / "mosquitto.passwd"
@@ -241,28 +231,15 @@ def secured_mosquitto(tmp_path: Path) -> Iterator[tuple[str, ClusterConfig]]:
             check=True,
             capture_output=True,
         )
-    port = _free_port()
+    port = free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(
         f"user root\npersistence false\nlistener {port} 127.0.0.1\nallow_anonymous false\n"
         f"password_file {pw}\ncafile {d / 'ca.pem'}\ncertfile {d / 'broker.pem'}\n"
         f"keyfile {d / 'broker.key'}\n"
     )
-    proc = subprocess.Popen(
-        [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        for _ in range(200):
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if proc.poll() is not None:
-                pytest.fail(f"mosquitto exited with {proc.returncode}")
-            time.sleep(0.01)  # waiting for a real process to listen
+    with running_mosquitto(exe, conf, port):
         yield f"mqtts://127.0.0.1:{port}", cfg
-    finally:
-        proc.terminate()
-        proc.wait(5)
 
 
 @pytest.mark.slow
