@@ -208,6 +208,26 @@ def _describe(txn: Txn | None, tid: int) -> dict[str, Any]:
     }
 
 
+def _check_source(
+    res: CheckResult, t: Txn, k: Key, v: Any, w: Txn | None, read: str, verb: str
+) -> bool:
+    """A value read must come from a write that happened: report one nobody wrote
+    (unexpected-value) or a failed transaction wrote (G1a). True if reported."""
+    if w is None:
+        res.add("unexpected-value", f"T{t.id} {read}, never {verb}", txn=t.id, key=k, value=v)
+        return True
+    if w.type == "fail":
+        res.add(
+            "G1a",
+            f"T{t.id} {read}, {verb} by failed T{w.id}",
+            reader=_describe(t, t.id),
+            writer=_describe(w, w.id),
+            key=k,
+        )
+        return True
+    return False
+
+
 def find_cycles(g: DepGraph, res: CheckResult, by_id: dict[int, Txn], *, realtime: bool) -> None:
     """Add one anomaly per distinct cycle found (see the module docstring for the levels)."""
     base = [WW, WR, RW]
@@ -345,22 +365,7 @@ def check_list_append(ops: Iterable[Op], *, realtime: bool = True) -> CheckResul
     for t, k, lst, ext in reads:
         for v in lst:
             w = appender.get((k, v))
-            if w is None:
-                res.add(
-                    "unexpected-value",
-                    f"T{t.id} read {v!r} in {k!r}, never appended",
-                    txn=t.id,
-                    key=k,
-                    value=v,
-                )
-            elif w.type == "fail":
-                res.add(
-                    "G1a",
-                    f"T{t.id} read {v!r} in {k!r}, appended by failed T{w.id}",
-                    reader=_describe(t, t.id),
-                    writer=_describe(w, w.id),
-                    key=k,
-                )
+            _check_source(res, t, k, v, w, f"read {v!r} in {k!r}", "appended")
         if lst and ext:
             w = appender.get((k, lst[-1]))
             if w is not None and w.id != t.id:
@@ -524,23 +529,9 @@ def check_rw_register(
         if v is None:
             continue
         w = writer.get((k, v))
-        if w is None:
-            res.add(
-                "unexpected-value",
-                f"T{t.id} read {k!r} = {v!r}, never written",
-                txn=t.id,
-                key=k,
-                value=v,
-            )
-        elif w.type == "fail":
-            res.add(
-                "G1a",
-                f"T{t.id} read {k!r} = {v!r}, written by failed T{w.id}",
-                reader=_describe(t, t.id),
-                writer=_describe(w, w.id),
-                key=k,
-            )
-        elif w.id != t.id and writes_of[(w.id, k)][-1] != v:
+        if _check_source(res, t, k, v, w, f"read {k!r} = {v!r}", "written"):
+            continue
+        if w is not None and w.id != t.id and writes_of[(w.id, k)][-1] != v:
             res.add(
                 "G1b",
                 f"T{t.id} read {k!r} = {v!r}, which T{w.id} later overwrote",
