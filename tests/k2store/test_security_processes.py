@@ -17,12 +17,13 @@ import grpc
 import pytest
 
 from k2store import launcher
-from k2store.certs import CERTS_DIR, channel_credentials
+from k2store.certs import channel_credentials
 from k2store.client import Client, RetryPolicy
 from k2store.cluster import ClusterConfig
 from k2store.errors import PermissionDenied, Unauthenticated
 from k2store.proto import k2_pb2 as pb
 from k2store.security import bearer_metadata
+from tests.secure_env import secured_cluster_up, token
 
 pytestmark = pytest.mark.slow
 
@@ -41,24 +42,15 @@ def k2(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPro
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterConfig]:
-    data = tmp_path_factory.mktemp("secure")
-    r = k2("cluster", "up", "--data", str(data), "--secure", "--tenant", "acme", "--no-wan")
-    assert r.returncode == 0, r.stderr
-    cfg = launcher.load_cluster(data, None)
-    try:
+    with secured_cluster_up(
+        tmp_path_factory.mktemp("secure"), "--tenant", "acme", "--no-wan"
+    ) as cfg:
         yield cfg
-    finally:
-        launcher.down(cfg)
-
-
-def _token(cfg: ClusterConfig, name: str) -> str:
-    assert cfg.path is not None
-    return (cfg.path.parent / CERTS_DIR / "tokens" / f"{name}.token").read_text().strip()
 
 
 def test_secured_cluster_refuses_and_serves(cluster: ClusterConfig) -> None:
     assert cluster.settings.security.tls
-    with Client(cluster, token=_token(cluster, "acme"), retry=RETRY) as acme:
+    with Client(cluster, token=token(cluster, "acme"), retry=RETRY) as acme:
         acme.put("eu-west/t/acme/doc", b"mine")
         for n in cluster.nodes:
             assert acme.get("eu-west/t/acme/doc", via=n.name) == b"mine"
@@ -76,7 +68,7 @@ def test_secured_cluster_refuses_and_serves(cluster: ClusterConfig) -> None:
             response_deserializer=pb.PullResponse.FromString,
         )
         with pytest.raises(grpc.RpcError) as e:
-            stub(pb.PullRequest(), timeout=5, metadata=bearer_metadata(_token(cluster, "operator")))
+            stub(pb.PullRequest(), timeout=5, metadata=bearer_metadata(token(cluster, "operator")))
         assert isinstance(e.value, grpc.Call)
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # The operator's tools work with one flag's worth of setup: status and the kv CLI.

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from kvtier.broker import BrokerSecurity, EmbeddedBroker, MqttCredentials
 from kvtier.errors import BlockStoreUnavailable
 from kvtier.events import BlockEvent, EventKind, EventPublisher, EventSubscriber
 from kvtier.metadata import BlockMetadata
+from tests.secure_env import secured_cluster_up, token
 from truetime import ManualClock
 
 pytestmark = pytest.mark.slow
@@ -39,28 +38,18 @@ ACME = Namespace("rev-1", "tok-1", SPEC, "acme", b"acme-salt")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterConfig]:
-    data = tmp_path_factory.mktemp("secure-kv")
-    r = subprocess.run(
-        [
-            *(sys.executable, "-m", "k2store", "cluster", "up", "--data", str(data)),
-            *("--regions", "us-east,eu-west", "--secure", "--tenant", "acme", "--tenant", "globex"),
-            *("--blockstores", "--no-wan"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert r.returncode == 0, r.stderr
-    cfg = launcher.load_cluster(data, None)
-    try:
+    with secured_cluster_up(
+        tmp_path_factory.mktemp("secure-kv"),
+        "--regions",
+        "us-east,eu-west",
+        "--tenant",
+        "acme",
+        "--tenant",
+        "globex",
+        "--blockstores",
+        "--no-wan",
+    ) as cfg:
         yield cfg
-    finally:
-        launcher.down(cfg)
-
-
-def _token(cfg: ClusterConfig, name: str) -> str:
-    assert cfg.path is not None
-    return (cfg.path.parent / CERTS_DIR / "tokens" / f"{name}.token").read_text().strip()
 
 
 def test_secured_block_stores_refuse_and_serve(cluster: ClusterConfig) -> None:
@@ -76,7 +65,7 @@ def test_secured_block_stores_refuse_and_serve(cluster: ClusterConfig) -> None:
         def client(
             address: str, principal: str | None, ns: str, node: str | None = None
         ) -> BlockStoreClient:
-            tok = "-" if principal is None else _token(cluster, principal)
+            tok = "-" if principal is None else token(cluster, principal)
             return BlockStoreClient(
                 address, timeout_s=10, security=sec, token=tok, node=node, namespace=ns
             )
@@ -130,7 +119,7 @@ def test_secured_block_stores_refuse_and_serve(cluster: ClusterConfig) -> None:
         found = await fetch_cluster_info(
             cluster.nodes[0].address,
             security=client_security(cluster.path.parent / CERTS_DIR),
-            token=_token(cluster, "acme"),
+            token=token(cluster, "acme"),
         )
         assert found.region_names() == cluster.region_names()
 
@@ -148,7 +137,7 @@ def test_secured_block_stores_refuse_and_serve(cluster: ClusterConfig) -> None:
                 broker.url,
                 handler=got_events.append,
                 resync=resync,
-                credentials=MqttCredentials.for_cluster(sec, "acme", _token(cluster, "acme")),
+                credentials=MqttCredentials.for_cluster(sec, "acme", token(cluster, "acme")),
             ) as sub,
         ):
             await sub.wait_subscribed(10)
@@ -159,7 +148,7 @@ def test_secured_block_stores_refuse_and_serve(cluster: ClusterConfig) -> None:
                 clock=ManualClock(),
                 heartbeat_s=None,
                 credentials=MqttCredentials.for_cluster(
-                    sec, "operator", _token(cluster, "operator")
+                    sec, "operator", token(cluster, "operator")
                 ),
             ) as pub:
                 await pub.wait_connected(10)

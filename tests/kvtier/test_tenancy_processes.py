@@ -18,8 +18,6 @@ from typing import Any
 import pytest
 from engine_env import ByteCodec, tiny_model
 
-from k2store import launcher
-from k2store.certs import CERTS_DIR
 from k2store.client import AsyncClient
 from k2store.cluster import ClusterConfig
 from k2store.errors import PermissionDenied
@@ -31,6 +29,7 @@ from kvtier.engine import EngineConfig
 from kvtier.metadata import BlockMetadata
 from kvtier.serve import ServingNode, serve_http
 from kvtier.sessions import SessionStore, session_keys
+from tests.secure_env import secured_cluster_up, token
 from truetime import SystemClock
 
 pytestmark = pytest.mark.slow
@@ -41,28 +40,18 @@ ENGINE = EngineConfig(block_tokens=4, kv_dtype="float32")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterConfig]:
-    data = tmp_path_factory.mktemp("tenancy")
-    r = subprocess.run(
-        [
-            *(sys.executable, "-m", "k2store", "cluster", "up", "--data", str(data)),
-            *("--regions", "us-east,eu-west", "--secure", "--tenant", "acme", "--tenant", "globex"),
-            *("--blockstores", "--no-wan"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert r.returncode == 0, r.stderr
-    cfg = launcher.load_cluster(data, None)
-    try:
+    with secured_cluster_up(
+        tmp_path_factory.mktemp("tenancy"),
+        "--regions",
+        "us-east,eu-west",
+        "--tenant",
+        "acme",
+        "--tenant",
+        "globex",
+        "--blockstores",
+        "--no-wan",
+    ) as cfg:
         yield cfg
-    finally:
-        launcher.down(cfg)
-
-
-def _token(cfg: ClusterConfig, name: str) -> str:
-    assert cfg.path is not None
-    return (cfg.path.parent / CERTS_DIR / "tokens" / f"{name}.token").read_text().strip()
 
 
 def _chat(url: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -101,7 +90,7 @@ async def _refused(what: str, call: Any) -> None:
 def test_a_tenant_serves_on_its_own_token_and_sees_nothing_of_another(
     cluster: ClusterConfig,
 ) -> None:
-    acme_tok, globex_tok = _token(cluster, "acme"), _token(cluster, "globex")
+    acme_tok, globex_tok = token(cluster, "acme"), token(cluster, "globex")
 
     async def main() -> None:
         # A tenant nobody registered: its own token may not register it, and the error says so.
