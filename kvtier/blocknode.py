@@ -53,6 +53,7 @@ Failure modes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import signal
@@ -76,6 +77,7 @@ from k2store.security import Guard, Identity, SecuritySettings, bearer_metadata,
 from k2store.transport import CHANNEL_OPTIONS, WanEmulation, rpc_error_to_k2
 from kvtier.blocks import Namespace, verify_frame
 from kvtier.blockstore import BlobStore, BlockStore, BlockStoreConfig
+from kvtier.shm import ArenaMapper, SharedArena, SharedUnavailable, Slot
 
 if TYPE_CHECKING:
     from k2store.cluster import ClusterConfig
@@ -299,6 +301,7 @@ class BlockStoreService(bpb_grpc.BlockStoreServicer):
         self.region = region
         self.chunk_bytes = chunk_bytes
         self.security = security
+        self.arenas = ArenaMapper()
 
     def _namespace(self, namespace: str) -> tuple[str, bool]:
         """(namespace, allowed) for the caller of this call (secured nodes only)."""
@@ -421,6 +424,45 @@ class BlockStoreService(bpb_grpc.BlockStoreServicer):
                 )
             else:
                 yield bpb.GetChunk(data=bytes(mv[off : off + step]))
+
+    async def GetShared(
+        self,
+        request: bpb.GetSharedRequest,
+        context: grpc.aio.ServicerContext[bpb.GetSharedRequest, bpb.GetSharedResponse],
+    ) -> bpb.GetSharedResponse:
+        """Get for a reader on this host: the frame is copied into the reader's shared-memory
+        arena (kvtier/shm.py) instead of streamed. Same namespace checks as Get."""
+        try:
+            if self.security is not None:
+                ns, ok = self._namespace(request.namespace)
+                if not await asyncio.to_thread(self._owned, request.key, ns, ok):
+                    return bpb.GetSharedResponse(found=False)
+
+            def copy() -> bpb.GetSharedResponse:
+                frame = self.store.get(request.key)
+                if frame is None:
+                    return bpb.GetSharedResponse(found=False)
+                if len(frame) > request.capacity:
+                    return bpb.GetSharedResponse(
+                        found=True, length=len(frame), status=bpb.SHARED_TOO_SMALL
+                    )
+                self.arenas.write(
+                    request.pid,
+                    request.fd,
+                    request.nonce,
+                    request.offset,
+                    request.capacity,
+                    frame,
+                )
+                return bpb.GetSharedResponse(found=True, length=len(frame))
+
+            try:
+                return await asyncio.to_thread(copy)
+            except SharedUnavailable as e:
+                return bpb.GetSharedResponse(status=bpb.SHARED_NO_ARENA, detail=str(e))
+        except K2Error as e:
+            await self._abort(context, e)
+            raise AssertionError("unreachable: context.abort raises") from e
 
     async def Has(
         self,
@@ -557,6 +599,7 @@ class BlockNode:
             return
         if self._server is not None:
             await self._server.stop(grace_s)
+        self.service.arenas.close()
         if close_store:
             self.store.close()
             if self.security is not None:
@@ -613,6 +656,8 @@ class TransferStats:
     gets: int = 0
     puts: int = 0
     failures: int = 0
+    shared_gets: int = 0
+    """Gets served through the shared-memory arena (kvtier/shm.py) rather than streamed."""
 
 
 class BlockStoreClient:
@@ -630,6 +675,7 @@ class BlockStoreClient:
         token: str | None = None,
         node: str | None = None,
         namespace: str = "",
+        arena: SharedArena | None = None,
     ) -> None:
         """`codec`: compression for transfers through this client (see kvtier.compression;
         choose it with `choose_codec` for the link this client crosses). `pacer`: the emulated
@@ -639,7 +685,9 @@ class BlockStoreClient:
         mutual TLS and, unless `node` names the block store node it acts as (its certificate,
         for copies between block stores), sends a bearer token (`token`, else K2_TOKEN,
         K2_TOKEN_FILE or the settings' token file). `namespace`: the block store namespace
-        every call works in (`block_namespace`; "" is the caller's default)."""
+        every call works in (`block_namespace`; "" is the caller's default). `arena`: a
+        shared-memory arena (kvtier/shm.py) for `fetch` to receive frames through when the node
+        is on this host; the caller owns and closes it."""
         if codec not in _CODEC_BY_NAME:
             raise InvalidArgument(f"unknown codec {codec!r}")
         self.address = address
@@ -649,6 +697,7 @@ class BlockStoreClient:
         self.namespace = namespace
         self.stats = TransferStats()
         self._pacer = pacer
+        self._arena = arena
         self._metadata: tuple[tuple[str, str], ...] = ()
         if security is not None and security.tls:
             from k2store.certs import channel_credentials
@@ -759,6 +808,74 @@ class BlockStoreClient:
         verify_frame(frame, key)
         self.stats.frame_bytes_received += len(frame)
         return frame, len(data)
+
+    @contextlib.asynccontextmanager
+    async def fetch(
+        self, key: bytes, *, size_hint: int = 0
+    ) -> AsyncIterator[tuple[bytes | memoryview | None, int]]:
+        """`async with client.fetch(key, size_hint=n) as (frame, moved)`: the verified frame
+        (None on a miss) and the bytes moved, as `get_sized`, but through this client's shared
+        arena when it has one, the node is on this host and a slot of `size_hint` bytes is free.
+        The frame is then a view of the arena, valid only inside the block. Any other case, and
+        a node that cannot use the arena (from then on), goes through `get_sized`."""
+        arena = self._arena
+        slot = arena.alloc(size_hint) if arena is not None and size_hint > 0 else None
+        if slot is None or arena is None:
+            yield await self.get_sized(key)
+            return
+        done = False
+        try:
+            r = await self._get_shared(key, arena, slot)
+            done = True
+        finally:
+            if not done:  # the node may still write the slot: never reuse it
+                arena.quarantine(slot)
+        if r.status != bpb.SHARED_OK or not r.found:
+            arena.free(slot)
+            if r.status == bpb.SHARED_NO_ARENA:
+                log.info("block store %s cannot use shared memory: %s", self.address, r.detail)
+                self._arena = None
+            if r.status == bpb.SHARED_OK:  # a miss
+                yield None, 0
+            else:
+                yield await self.get_sized(key)
+            return
+        view = arena.view(slot, r.length)
+        try:
+            verify_frame(view, key)
+            self.stats.gets += 1
+            self.stats.shared_gets += 1
+            self.stats.bytes_received += r.length
+            self.stats.frame_bytes_received += r.length
+            yield view, r.length
+        finally:
+            with contextlib.suppress(BufferError):
+                view.release()
+            arena.free(slot)
+
+    async def _get_shared(
+        self, key: bytes, arena: SharedArena, slot: Slot
+    ) -> bpb.GetSharedResponse:
+        await self._pay(_REQUEST_BYTES, outbound=True)
+        try:
+            r = await self._stub.GetShared(
+                bpb.GetSharedRequest(
+                    key=key,
+                    namespace=self.namespace,
+                    pid=arena.pid,
+                    fd=arena.fd,
+                    nonce=arena.nonce,
+                    offset=slot.offset,
+                    capacity=slot.size,
+                ),
+                timeout=self.timeout_s,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as e:
+            raise self._error(e) from None
+        # What the emulated link, if any, would have carried.
+        await self._pay(max(r.length if r.found else 0, _REQUEST_BYTES), outbound=False)
+        return r
 
     async def get(self, key: bytes, *, codec: str | None = None) -> bytes | None:
         """The verified frame stored under key, or None (see `get_sized`)."""

@@ -84,6 +84,7 @@ from kvtier.metadata import (
     PublishBlock,
 )
 from kvtier.placement import CostModel, DemandTracker
+from kvtier.shm import SharedArena
 from truetime import ClockSource
 
 __all__ = [
@@ -103,6 +104,8 @@ T = TypeVar("T")
 Tokens = Sequence[int] | torch.Tensor | np.ndarray[Any, Any]
 BlockSink = Callable[[int, torch.Tensor], Awaitable[None]]
 """`await sink(index, block)`: takes block number `index` of a retrieve (see `retrieve`)."""
+_SUNK = torch.empty(0)
+"""What a load handed to a sink stands for in retrieve's list (its bytes are gone)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +128,10 @@ class ConnectorConfig:
     recomputing it (kvtier/placement.py); False: every confirmed block, this region first."""
     replicate_after: int = 2
     """Copy a block into this region after this many loads of it from other regions (0: never)."""
+    shared_memory_bytes: int = 64 * 1024 * 1024
+    """A shared-memory arena of this size for loads from this region's block store when it
+    runs on the same host (kvtier/shm.py: one copy instead of a gRPC stream; 0: never). Pages
+    are touched only as slots are used; a node on another host is detected and streamed from."""
     remote_metadata: str = "replica"
     """Where lookup reads other regions' block rows: "replica" (this region's replicas, no
     wide-area round trip; rows published in the last visibility delay are missed and those
@@ -245,6 +252,8 @@ class AsyncKVConnector:
         self.cost = cost or CostModel(config.region)
         self.demand = DemandTracker(max(config.replicate_after, 1))
         self._mono = self.metadata.clock.monotonic_ns
+        self.arena: SharedArena | None = None
+        """The shared-memory arena the local block store clients receive through, if any."""
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -282,6 +291,7 @@ class AsyncKVConnector:
                     found[r] = list(rr.stores)
             stores = found
         wan = _wan_of(client.cluster, config.region)
+        arena = _open_arena(config) if stores.get(config.region) else None
         # On a secured cluster the block stores see the client's own identity (its token) and
         # work in the namespace's block namespace, which they check against its tenant.
         security = client.cluster.settings.security
@@ -296,6 +306,7 @@ class AsyncKVConnector:
                     timeout_s=config.timeout_s,
                     codec="none" if r == config.region else config.remote_codec,
                     pacer=None if wan is None else LinkPacer(wan, config.region, r),
+                    arena=arena if r == config.region else None,
                 )
                 for a in addrs
             ]
@@ -307,13 +318,18 @@ class AsyncKVConnector:
             for r in client.cluster.region_names()
         }
         cost = CostModel(config.region, rtt_s=prior, bytes_per_s=net.bandwidth_mbit * 1e6 / 8)
-        return cls(metadata, ns, record, clients, config, cost)
+        conn = cls(metadata, ns, record, clients, config, cost)
+        conn.arena = arena
+        return conn
 
     async def close(self) -> None:
         await self.settle()
         for cs in self.stores.values():
             for c in cs:
                 await c.close()
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
 
     def _store_for(self, region: str, block_hash: bytes) -> BlockStoreClient | None:
         cs = self.stores.get(region)
@@ -528,26 +544,33 @@ class AsyncKVConnector:
                         continue
                     try:
                         t0 = self._mono()
-                        frame, moved = await store.get_sized(loc.block_hash)
-                        t1 = self._mono()
-                        if frame is None:  # a small reply: a round-trip sample
-                            self.cost.observe_transfer(region, moved, (t1 - t0) / 1e9)
-                        else:
-                            span = spans.setdefault(region, [t0, t1, 0])
-                            span[0], span[1] = min(span[0], t0), max(span[1], t1)
-                            span[2] += moved
-                        if region == self.config.region:
-                            self.stats.bytes_fetched_local += moved
-                        else:
-                            self.stats.bytes_fetched_remote += moved
-                        if frame is None:
-                            lost.setdefault(region, []).append(loc.block_hash)
-                            continue
-                        if sink is None:
-                            tensor = decode_block(frame, self.spec, block_hash=loc.block_hash)
-                        else:  # get verified the frame's checksum and key
-                            tensor = block_view(frame, self.spec)
-                            await sink(loc.index, tensor)
+                        async with store.fetch(loc.block_hash, size_hint=loc.size) as got:
+                            frame, moved = got
+                            t1 = self._mono()
+                            if frame is None:  # a small reply: a round-trip sample
+                                self.cost.observe_transfer(region, moved, (t1 - t0) / 1e9)
+                            else:
+                                span = spans.setdefault(region, [t0, t1, 0])
+                                span[0], span[1] = min(span[0], t0), max(span[1], t1)
+                                span[2] += moved
+                            if region == self.config.region:
+                                self.stats.bytes_fetched_local += moved
+                            else:
+                                self.stats.bytes_fetched_remote += moved
+                            if frame is None:
+                                lost.setdefault(region, []).append(loc.block_hash)
+                                continue
+                            if sink is None:
+                                tensor = decode_block(frame, self.spec, block_hash=loc.block_hash)
+                            else:  # fetch verified the frame's checksum and key
+                                await sink(loc.index, block_view(frame, self.spec))
+                                tensor = _SUNK
+                            if (
+                                region != self.config.region
+                                and self.config.replicate_after > 0
+                                and self.demand.record_remote_load(loc.block_hash)
+                            ):
+                                self._background(self._replicate(loc, bytes(frame)))
                     except CorruptBlock:
                         lost.setdefault(region, []).append(loc.block_hash)
                         continue
@@ -556,12 +579,6 @@ class AsyncKVConnector:
                         log.warning("load of block %d from %s failed: %s", loc.index, region, e)
                         continue
                     by_region[region] = by_region.get(region, 0) + 1
-                    if (
-                        region != self.config.region
-                        and self.config.replicate_after > 0
-                        and self.demand.record_remote_load(loc.block_hash)
-                    ):
-                        self._background(self._replicate(loc, frame))
                     return tensor
             return None
 
@@ -710,6 +727,16 @@ class AsyncKVConnector:
                 EventKind.STORED, [p.block_hash.hex() for p in publish], tenant=self.ns.tenant
             )
         return StoreResult(n_full, r.published, present + r.unchanged, r.charged_bytes)
+
+
+def _open_arena(config: ConnectorConfig) -> SharedArena | None:
+    if config.shared_memory_bytes <= 0:
+        return None
+    try:
+        return SharedArena(config.shared_memory_bytes)
+    except (OSError, AttributeError) as e:  # no memfd here: stream everything
+        log.info("no shared-memory arena for block loads: %s", e)
+        return None
 
 
 def _wan_of(cluster: ClusterConfig, region: str) -> WanEmulation | None:

@@ -51,6 +51,29 @@ CODEC_LZ4: Codec.ValueType  # 2
 """byte-shuffled payload, lz4 frame (only where the lz4 package is installed)"""
 Global___Codec: _TypeAlias = Codec  # noqa: Y015
 
+class _SharedStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SharedStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SharedStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SHARED_OK: _SharedStatus.ValueType  # 0
+    """found = false: a miss; found = true: length bytes are in the slot"""
+    SHARED_TOO_SMALL: _SharedStatus.ValueType  # 1
+    """the frame is length bytes, more than capacity: nothing written"""
+    SHARED_NO_ARENA: _SharedStatus.ValueType  # 2
+    """the node cannot use this arena (another host, no access): use Get"""
+
+class SharedStatus(_SharedStatus, metaclass=_SharedStatusEnumTypeWrapper): ...
+
+SHARED_OK: SharedStatus.ValueType  # 0
+"""found = false: a miss; found = true: length bytes are in the slot"""
+SHARED_TOO_SMALL: SharedStatus.ValueType  # 1
+"""the frame is length bytes, more than capacity: nothing written"""
+SHARED_NO_ARENA: SharedStatus.ValueType  # 2
+"""the node cannot use this arena (another host, no access): use Get"""
+Global___SharedStatus: _TypeAlias = SharedStatus  # noqa: Y015
+
 @_typing.final
 class PutChunk(_message.Message):
     """The first chunk carries key, total_bytes and codec; later chunks carry data only."""
@@ -169,6 +192,75 @@ class GetChunk(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetChunk: _TypeAlias = GetChunk  # noqa: Y015
+
+@_typing.final
+class GetSharedRequest(_message.Message):
+    """A same-host read (kvtier/shm.py): the node copies the frame into the reader's shared-memory
+    arena, named by the reader's pid and memfd and proven by the nonce in its header.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    FD_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    key: _builtins.bytes
+    namespace: _builtins.str
+    pid: _builtins.int
+    fd: _builtins.int
+    nonce: _builtins.bytes
+    offset: _builtins.int
+    capacity: _builtins.int
+    def __init__(
+        self,
+        *,
+        key: _builtins.bytes = ...,
+        namespace: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        fd: _builtins.int = ...,
+        nonce: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
+        capacity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "fd", b"fd", "key", b"key", "namespace", b"namespace", "nonce", b"nonce", "offset", b"offset", "pid", b"pid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSharedRequest: _TypeAlias = GetSharedRequest  # noqa: Y015
+
+@_typing.final
+class GetSharedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOUND_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    found: _builtins.bool
+    length: _builtins.int
+    status: Global___SharedStatus.ValueType
+    detail: _builtins.str
+    def __init__(
+        self,
+        *,
+        found: _builtins.bool = ...,
+        length: _builtins.int = ...,
+        status: Global___SharedStatus.ValueType = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "found", b"found", "length", b"length", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSharedResponse: _TypeAlias = GetSharedResponse  # noqa: Y015
 
 @_typing.final
 class HasRequest(_message.Message):

@@ -44,6 +44,11 @@ class BlockStoreStub:
                 request_serializer=kvtier_dot_proto_dot_blockstore__pb2.GetRequest.SerializeToString,
                 response_deserializer=kvtier_dot_proto_dot_blockstore__pb2.GetChunk.FromString,
                 _registered_method=True)
+        self.GetShared = channel.unary_unary(
+                '/k2.kvtier.v1.BlockStore/GetShared',
+                request_serializer=kvtier_dot_proto_dot_blockstore__pb2.GetSharedRequest.SerializeToString,
+                response_deserializer=kvtier_dot_proto_dot_blockstore__pb2.GetSharedResponse.FromString,
+                _registered_method=True)
         self.Has = channel.unary_unary(
                 '/k2.kvtier.v1.BlockStore/Has',
                 request_serializer=kvtier_dot_proto_dot_blockstore__pb2.HasRequest.SerializeToString,
@@ -71,6 +76,12 @@ class BlockStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Get(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetShared(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,6 +117,11 @@ def add_BlockStoreServicer_to_server(servicer, server):
                     servicer.Get,
                     request_deserializer=kvtier_dot_proto_dot_blockstore__pb2.GetRequest.FromString,
                     response_serializer=kvtier_dot_proto_dot_blockstore__pb2.GetChunk.SerializeToString,
+            ),
+            'GetShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShared,
+                    request_deserializer=kvtier_dot_proto_dot_blockstore__pb2.GetSharedRequest.FromString,
+                    response_serializer=kvtier_dot_proto_dot_blockstore__pb2.GetSharedResponse.SerializeToString,
             ),
             'Has': grpc.unary_unary_rpc_method_handler(
                     servicer.Has,
@@ -177,6 +193,33 @@ class BlockStore:
             '/k2.kvtier.v1.BlockStore/Get',
             kvtier_dot_proto_dot_blockstore__pb2.GetRequest.SerializeToString,
             kvtier_dot_proto_dot_blockstore__pb2.GetChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/k2.kvtier.v1.BlockStore/GetShared',
+            kvtier_dot_proto_dot_blockstore__pb2.GetSharedRequest.SerializeToString,
+            kvtier_dot_proto_dot_blockstore__pb2.GetSharedResponse.FromString,
             options,
             channel_credentials,
             insecure,

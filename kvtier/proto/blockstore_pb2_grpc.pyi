@@ -44,6 +44,7 @@ class BlockStoreStub:
     def __new__(cls, channel: _aio.Channel) -> BlockStoreAsyncStub: ...
     Put: _grpc.StreamUnaryMultiCallable[_blockstore_pb2.PutChunk, _blockstore_pb2.PutResponse]
     Get: _grpc.UnaryStreamMultiCallable[_blockstore_pb2.GetRequest, _blockstore_pb2.GetChunk]
+    GetShared: _grpc.UnaryUnaryMultiCallable[_blockstore_pb2.GetSharedRequest, _blockstore_pb2.GetSharedResponse]
     Has: _grpc.UnaryUnaryMultiCallable[_blockstore_pb2.HasRequest, _blockstore_pb2.HasResponse]
     Delete: _grpc.UnaryUnaryMultiCallable[_blockstore_pb2.DeleteRequest, _blockstore_pb2.DeleteResponse]
     Stats: _grpc.UnaryUnaryMultiCallable[_blockstore_pb2.StatsRequest, _blockstore_pb2.StatsResponse]
@@ -53,6 +54,7 @@ class BlockStoreAsyncStub(BlockStoreStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Put: _aio.StreamUnaryMultiCallable[_blockstore_pb2.PutChunk, _blockstore_pb2.PutResponse]  # type: ignore[assignment]
     Get: _aio.UnaryStreamMultiCallable[_blockstore_pb2.GetRequest, _blockstore_pb2.GetChunk]  # type: ignore[assignment]
+    GetShared: _aio.UnaryUnaryMultiCallable[_blockstore_pb2.GetSharedRequest, _blockstore_pb2.GetSharedResponse]  # type: ignore[assignment]
     Has: _aio.UnaryUnaryMultiCallable[_blockstore_pb2.HasRequest, _blockstore_pb2.HasResponse]  # type: ignore[assignment]
     Delete: _aio.UnaryUnaryMultiCallable[_blockstore_pb2.DeleteRequest, _blockstore_pb2.DeleteResponse]  # type: ignore[assignment]
     Stats: _aio.UnaryUnaryMultiCallable[_blockstore_pb2.StatsRequest, _blockstore_pb2.StatsResponse]  # type: ignore[assignment]
@@ -71,6 +73,13 @@ class BlockStoreServicer(metaclass=_abc_1.ABCMeta):
         request: _blockstore_pb2.GetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_blockstore_pb2.GetChunk], _abc.AsyncIterator[_blockstore_pb2.GetChunk]]: ...
+
+    @_abc_1.abstractmethod
+    def GetShared(
+        self,
+        request: _blockstore_pb2.GetSharedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_blockstore_pb2.GetSharedResponse, _abc.Awaitable[_blockstore_pb2.GetSharedResponse]]: ...
 
     @_abc_1.abstractmethod
     def Has(

@@ -45,6 +45,7 @@ from kvtier.blocks import BlockSpec, Namespace, block_hashes, encode_block
 from kvtier.blockstore import BlockStore, MemoryBlobStore
 from kvtier.errors import BlockStoreUnavailable
 from kvtier.proto import blockstore_pb2 as bpb
+from kvtier.shm import SharedArena
 from truetime import SystemClock
 
 REGIONS = ["us-east", "eu-west"]
@@ -306,6 +307,20 @@ def test_another_tenants_block_reads_exactly_like_a_miss(tmp_path: Path) -> None
             assert await c.has([key(1), key(9)]) == [False, False]
         mine = await raw_chunks(env, "acme", bpb.GetRequest(key=key(1), namespace=ACME))
         assert mine[0] == grpc.StatusCode.OK and len(mine[1]) == 1
+        # The same-host shared-memory read (kvtier/shm.py) checks the namespace the same way.
+        arena = SharedArena(1 << 20)
+        try:
+            size = len(frame(1))
+            for principal, ns, want in (("globex", ACME, None), ("globex", GLOBEX, None),
+                                        ("acme", ACME, frame(1))):  # fmt: skip
+                c = env.client(principal, ns)
+                c._arena = arena
+                async with c.fetch(key(1), size_hint=size) as (got, _):
+                    assert (None if got is None else bytes(got)) == want
+                assert c.stats.shared_gets == (want is not None)
+                assert arena.in_use == 0
+        finally:
+            arena.close()
 
     run(cfg, body)
 
