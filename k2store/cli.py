@@ -271,6 +271,9 @@ def _parser() -> argparse.ArgumentParser:
     bk.add_argument("--json", type=Path, default=None, help="also write the figures here")
     bk.add_argument("--connector", action="store_true", help="also time retrieval over WAN")
     bk.add_argument("--prefix", type=int, default=2048, help="prefix tokens for --connector")
+    bk.add_argument(
+        "--quick", action="store_true", help="4 blocks of 64 tokens (CI smoke test, seconds)"
+    )
     from k2store.bench import visibility as bench_visibility
 
     # kvtier (and torch) load only when the benchmark runs: its options are spelled out here.

@@ -30,6 +30,7 @@ from kvtier.blocknode import BlockNode, BlockStoreClient
 from kvtier.blocks import BlockSpec, decode_block, encode_block
 from kvtier.blockstore import BlockStore, BlockStoreConfig
 from kvtier.compression import choose_codec
+from kvtier.shm import ARENA_HEADER_BYTES, SharedArena
 from truetime import SystemClock
 
 _clock = SystemClock()
@@ -138,6 +139,34 @@ async def _grpc(store: BlockStore, frames: dict[bytes, bytes], total: int) -> di
             await asyncio.gather(*(c.get(k) for k in frames))
             best = min(best, _clock.monotonic_ns() / 1e9 - t0)
         res["grpc.get_parallel_MBps"] = total / best / 1e6
+        # The same node read by a client on its host through a shared-memory arena (what a
+        # serving node does with its region's store: kvtier/shm.py).
+        arena = SharedArena(ARENA_HEADER_BYTES + 2 * total + (1 << 20))
+        shared = BlockStoreClient(node.address, arena=arena)
+        try:
+            size = max(len(f) for f in frames.values())
+
+            async def fetch(k: bytes) -> None:
+                async with shared.fetch(k, size_hint=size) as (frame, _):
+                    assert frame is not None
+
+            for mode, many in (("sequential", False), ("parallel", True)):
+                best = float("inf")
+                for _ in range(3):
+                    t0 = _clock.monotonic_ns() / 1e9
+                    if many:
+                        await asyncio.gather(*(fetch(k) for k in frames))
+                    else:
+                        for k in frames:
+                            await fetch(k)
+                    best = min(best, _clock.monotonic_ns() / 1e9 - t0)
+                res[f"shm.get_{mode}_MBps"] = total / best / 1e6
+            if shared.stats.shared_gets == 0:  # the node could not use the arena: streamed
+                for mode in ("sequential", "parallel"):
+                    del res[f"shm.get_{mode}_MBps"]
+        finally:
+            await shared.close()
+            arena.close()
     finally:
         await c.close()
         await node.stop(0, close_store=False)
@@ -294,6 +323,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--connector", action="store_true", help="also time retrieval over WAN")
     p.add_argument("--prefix", type=int, default=2048, help="prefix tokens for --connector")
+    p.add_argument(
+        "--quick", action="store_true", help="4 blocks of 64 tokens (CI smoke test, seconds)"
+    )
 
 
 def ratios(figures: dict[str, Any]) -> list[str]:
@@ -311,6 +343,12 @@ def ratios(figures: dict[str, Any]) -> list[str]:
         if mem:
             line += f", memory copy {mem:.0f} MB/s ({ours / mem:.0%} of it)"
         out.append(line)
+        shm = figures.get(f"shm.get_{mode}_MBps")
+        if shm is not None:
+            line = f"block get ({mode}), same host through shared memory: {shm:.0f} MB/s"
+            if theirs:
+                line += f" ({shm / theirs:.2f}x Redis)"
+            out.append(line)
     if not figures.get("redis.get_sequential_MBps"):
         out.append("Redis: not measured (apt-get install redis-server; pip install redis)")
     return out
@@ -318,6 +356,8 @@ def ratios(figures: dict[str, Any]) -> list[str]:
 
 def main_args(a: argparse.Namespace) -> int:
     """`k2 bench kvtier` and `python -m kvtier.blockbench`."""
+    if a.quick:
+        a.tokens, a.blocks = 64, 4
     figures = run(a.tokens, a.blocks)
     if a.connector:
         figures.update(asyncio.run(_connector_bench(a.prefix, a.tokens)))

@@ -82,14 +82,18 @@ def run_bench(
     block_tokens: int = 64,
     kv_dtype: str = "float16",
     data: Path | None = None,
+    loaded: Any = None,
 ) -> dict[str, Any]:
+    """`loaded`: a model already loaded (a `kvtier.models.LoadedModel`, or anything with its
+    model, tokenizer and revision; tests pass a tiny one) instead of loading `model_path`."""
     from k2store import launcher
     from kvtier.models import load_model
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    loaded = load_model(model_path, progress=say)
+    if loaded is None:
+        loaded = load_model(model_path, progress=say)
     tmp = None
     if data is None:
         tmp = tempfile.TemporaryDirectory(prefix="k2-bench-engine-")

@@ -77,3 +77,17 @@ def test_wait_places_cut_k2_mvto_aborts_on_tpcc(monkeypatch: pytest.MonkeyPatch)
     without_places = tpcc.run_sim("k2-mvto", cfg)
     assert with_places.abort_rate() < 0.6 * without_places.abort_rate()
     assert with_places.rules["read-mark"] < without_places.rules["read-mark"]
+
+
+def test_bench_kvtier_quick_reads_through_grpc_and_shared_memory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "kvtier.json"
+    assert main(["bench", "kvtier", "--quick", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    for path in ("grpc", "shm"):
+        for mode in ("sequential", "parallel"):
+            assert figures[f"{path}.get_{mode}_MBps"] > 0
+    assert figures["memcopy_MBps"] > 0
+    printed = capsys.readouterr().out
+    assert "same host through shared memory" in printed
