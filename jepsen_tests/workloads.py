@@ -268,8 +268,14 @@ class AppendWorkload(Workload):
         keys = list(dict.fromkeys(m[1] for m in mops))
         read_only = all(m[0] == "r" for m in mops)
 
+        # Half the transactions (those of an even number of operations) read the keys they
+        # append to for update, so both the plain and the for-update read paths are checked.
+        appended = {m[1] for m in mops if m[0] == "append"}
+        for_update = [k in appended and len(mops) % 2 == 0 for k in keys]
+
         async def body(tx: AsyncTransaction) -> list[list[Any]]:
-            cur = dict(zip(keys, map(_decode_list, await tx.get_many(list(keys))), strict=True))
+            first = await tx.get_many(list(keys), for_update=for_update)
+            cur = dict(zip(keys, map(_decode_list, first), strict=True))
             touched: set[str] = set()
             out: list[list[Any]] = []
             for f, k, v in mops:
@@ -432,7 +438,9 @@ class BankWorkload(Workload):
         ledger = self.ledger_key(t["id"])
 
         async def body(tx: AsyncTransaction) -> dict[str, Any]:
-            a, b, done = await tx.get_many([t["from"], t["to"], ledger])
+            a, b, done = await tx.get_many(
+                [t["from"], t["to"], ledger], for_update=[True, True, False]
+            )
             if done is not None:
                 return {**t, "result": "already-applied"}
             if a is None or b is None:

@@ -459,13 +459,29 @@ class AsyncTransaction:
         self.ts = r.ts or self.ts  # final from the first operation on (late stamping)
         return list(r.results)
 
-    async def get(self, key: KeyLike) -> bytes | None:
-        (r,) = await self._ops([pb.TxnOp(kind=pb.OP_GET, key=_key(key))])
+    async def get(self, key: KeyLike, *, for_update: bool = False) -> bytes | None:
+        """The value of key at this transaction's timestamp (None: absent). `for_update`: see
+        `get_many`."""
+        (r,) = await self._ops([pb.TxnOp(kind=pb.OP_GET, key=_key(key), for_update=for_update)])
         return r.value if r.found else None
 
-    async def get_many(self, keys: list[KeyLike]) -> list[bytes | None]:
-        """Read several keys in one parallel round."""
-        rs = await self._ops([pb.TxnOp(kind=pb.OP_GET, key=_key(k)) for k in keys])
+    async def get_many(
+        self, keys: list[KeyLike], *, for_update: bool | Sequence[bool] = False
+    ) -> list[bytes | None]:
+        """Read several keys in one parallel round. `for_update` (all keys, or one flag per
+        key): this transaction will write the key (a read-modify-write, SQL's SELECT ... FOR
+        UPDATE). Its leader then lets later transactions read the key only after that write, so
+        they cannot read it under the coming write and abort it (d2PL-TTC locks it exclusively
+        at once). Only timing changes; results are the same."""
+        flags = [for_update] * len(keys) if isinstance(for_update, bool) else list(for_update)
+        if len(flags) != len(keys):
+            raise InvalidArgument(f"for_update has {len(flags)} flags for {len(keys)} keys")
+        rs = await self._ops(
+            [
+                pb.TxnOp(kind=pb.OP_GET, key=_key(k), for_update=f)
+                for k, f in zip(keys, flags, strict=True)
+            ]
+        )
         return [r.value if r.found else None for r in rs]
 
     async def put(self, key: KeyLike, value: bytes) -> None:
@@ -818,11 +834,13 @@ class Transaction:
     def commit_ts(self) -> int | None:
         return self._tx.commit_ts
 
-    def get(self, key: KeyLike) -> bytes | None:
-        return self._client._run(self._tx.get(key))
+    def get(self, key: KeyLike, *, for_update: bool = False) -> bytes | None:
+        return self._client._run(self._tx.get(key, for_update=for_update))
 
-    def get_many(self, keys: list[KeyLike]) -> list[bytes | None]:
-        return self._client._run(self._tx.get_many(keys))
+    def get_many(
+        self, keys: list[KeyLike], *, for_update: bool | Sequence[bool] = False
+    ) -> list[bytes | None]:
+        return self._client._run(self._tx.get_many(keys, for_update=for_update))
 
     def put(self, key: KeyLike, value: bytes) -> None:
         self._client._run(self._tx.put(key, value))

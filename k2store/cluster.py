@@ -144,6 +144,14 @@ class TxnSettings:
     """A request that waits holds a place in line on every key it still has to write (while the
     line is short), so a later reader queues there instead of read-marking the key under the
     waiting write (refinement; `Participant.exec`, `PLACE_MAX_LINE`)."""
+    for_update: bool = True
+    """Reads marked for update (a read-modify-write: `get_many(keys, for_update=True)`) keep
+    the transaction's place in the key's line at its leader until it writes the key, so a later
+    reader queues behind it there instead of read-marking the key under the coming write
+    (refinement; `Participant._reserve`). d2PL-TTC takes the exclusive lock at the read."""
+    for_update_hold_s: float = 1.0
+    """The longest a for-update place is held without the write arriving (a transaction that
+    died or went elsewhere); after it, later transactions go ahead."""
     unsafe_skip_commit_wait: bool = False
     """BREAKS real-time order, for proving the checkers (jepsen_tests) catch it: acknowledge
     commits without commit-wait. Refused unless K2_ALLOW_UNSAFE_SETTINGS=1."""

@@ -84,6 +84,8 @@ class Participant:
         self._key_waiters: dict[bytes, list[int]] = {}
         """key -> timestamps of transactions waiting on it (sorted): see _wait_in_order."""
         self._key_turns: dict[bytes, asyncio.Event] = {}
+        self._reserved: dict[bytes, dict[bytes, tuple[int, asyncio.TimerHandle]]] = {}
+        """txn_id -> key -> (ts, expiry timer): places held for reads for update (_reserve)."""
         self._heartbeats: dict[bytes, int] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.counters: dict[str, int] = {}
@@ -131,6 +133,41 @@ class Participant:
         ev = self._resolved.pop(txn_id, None)
         if ev is not None:
             ev.set()
+        self._unreserve_all(txn_id)  # it ended: it will write nothing more here
+
+    # -- reads for update ----------------------------------------------------------------------
+
+    def _reserve(self, txn: TxnRef, key: bytes) -> None:
+        """After a read for update: hold txn's place in key's line (see _wait_in_order) until
+        its write of key has laid its intent, the transaction ends here, or
+        `for_update_hold_s` passes. A later transaction that arrives meanwhile queues behind it
+        instead of reading the key first, which would abort the coming write by rule
+        read-mark. Only when operations run changes: each still passes the MVTO rules at its
+        timestamp, and the place is at txn's own timestamp, so waits still run from higher to
+        lower timestamps only (no deadlock)."""
+        held = self._reserved.setdefault(txn.txn_id, {})
+        if key in held:
+            return
+        self._join_line(key, txn.ts)
+        timer = asyncio.get_running_loop().call_later(
+            self.settings.for_update_hold_s, self._unreserve, txn.txn_id, key
+        )
+        held[key] = (txn.ts, timer)
+        self._count("for-update-places")
+
+    def _unreserve(self, txn_id: bytes, key: bytes) -> None:
+        held = self._reserved.get(txn_id)
+        if held is None or key not in held:
+            return
+        ts, timer = held.pop(key)
+        timer.cancel()
+        if not held:
+            del self._reserved[txn_id]
+        self._leave_line(key, ts)
+
+    def _unreserve_all(self, txn_id: bytes) -> None:
+        for key in list(self._reserved.get(txn_id, ())):
+            self._unreserve(txn_id, key)
 
     # -- Exec ----------------------------------------------------------------------------------
 
@@ -158,6 +195,8 @@ class Participant:
                 raise InvalidArgument(f"unknown operation kind {op.kind}")
         results: list[pb.TxnOpResult] = [pb.TxnOpResult() for _ in ops]
         pending: list[Mutation] = []
+        written: list[bytes] = []
+        """Keys written by this request that its transaction had reserved (_reserve)."""
         waited_s = 0.0
 
         def flush() -> None:
@@ -187,13 +226,18 @@ class Participant:
                 flush()
                 self._count(f"abort:{out.rule}")
                 leader.counters.aborts += 1
+                self._unreserve_all(txn.txn_id)  # it writes nothing more anywhere
                 raise TxnAborted(out.message)
             if isinstance(out, WriteDone):
                 pending.append(out.mutation)
                 leader.counters.writes += 1
+                if txn.txn_id in self._reserved:
+                    written.append(op.key)
             elif isinstance(out, ReadDone):
                 leader.counters.reads += 1
                 results[i] = _read_result(out.version)
+                if op.for_update and self.settings.for_update and not h.read_only:
+                    self._reserve(txn, op.key)
             else:
                 leader.counters.reads += 1
                 results[i] = pb.TxnOpResult(
@@ -272,6 +316,8 @@ class Participant:
             for key in in_line:
                 self._leave_line(key, txn.ts)
         flush()
+        for key in written:  # its intents are in place: those queued behind them may look
+            self._unreserve(txn.txn_id, key)
         return pb.ExecResponse(results=results)
 
     def _uncertainty(
@@ -334,7 +380,10 @@ class Participant:
                 raise InvalidArgument("a write needs a record key")
             if op.kind == pb.OP_PUT:
                 leader.check_value(op.key, op.value)
-            mode = Mode.EXCLUSIVE if writes else Mode.SHARED
+            # A read for update takes the lock its write will need (no upgrade later, which
+            # between two readers of a hot key would wound one of them).
+            exclusive = writes or (op.for_update and self.settings.for_update)
+            mode = Mode.EXCLUSIVE if exclusive else Mode.SHARED
             while True:
                 self._check_live(h.txn_id, info)
                 got = self.locks.acquire(h.txn_id, h.ts, op.key, mode)

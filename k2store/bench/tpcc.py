@@ -122,6 +122,12 @@ class TpccConfig:
     """Clock error to assume (default: the cluster default, 400 us). Larger values show what
     clock uncertainty costs each protocol: MVTO-HLC restarts reads in its uncertainty window,
     K2-MVTO's commit-wait grows."""
+    clock_offset_us: int = 0
+    """Simulator only: real clock offsets, not just an assumed bound. Region i of n runs its
+    node's clock off true time by (2i/(n-1) - 1) * this (so -X, 0 and +X for three regions:
+    2X apart at the extremes). Within epsilon every protocol stays correct; MVTO-HLC restarts
+    reads that meet a value stamped by a clock ahead of its own, K2-MVTO's cost is the bound
+    whatever the offsets."""
     split_schema: bool = False
     """Payment's columns (warehouse and district year-to-date) on rows of their own, as a
     column-level or split-table schema has them: new-order's reads of the warehouse and district
@@ -146,6 +152,18 @@ class TpccConfig:
             raise InvalidArgument(f"epsilon-us must be 0-1000000, got {self.epsilon_us}")
         if not 1 <= self.regions <= len(REGIONS):
             raise InvalidArgument(f"regions must be 1 to {len(REGIONS)}, got {self.regions}")
+        if self.clock_offset_us:
+            if not self.sim:
+                raise InvalidArgument(
+                    "--clock-offset-us needs --sim (on node processes skew clocks with the "
+                    "jepsen clock nemesis or clock.toml)"
+                )
+            bound = self.epsilon_us if self.epsilon_us is not None else ClusterSettings().epsilon_us
+            if not 0 <= self.clock_offset_us <= bound:
+                raise InvalidArgument(
+                    f"clock-offset-us must be 0 to epsilon ({bound} us), got "
+                    f"{self.clock_offset_us}: beyond the bound nodes refuse to serve"
+                )
 
     @property
     def region_names(self) -> tuple[str, ...]:
@@ -282,7 +300,7 @@ def run_sim(protocol: str, tc: TpccConfig) -> TpccResult:
     )
 
     async def main() -> None:
-        cluster = SimCluster(cfg, seed=tc.seed)
+        cluster = SimCluster(cfg, seed=tc.seed, clock_skew_ns=clock_offsets_ns(cfg, tc))
         clients = [
             cluster.txn_client(r, retry=RETRY)
             for r in regions
@@ -307,6 +325,21 @@ def run_sim(protocol: str, tc: TpccConfig) -> TpccResult:
 
     run_simulation(main, seed=tc.seed)
     return result
+
+
+def clock_offsets_ns(cfg: ClusterConfig, tc: TpccConfig) -> dict[str, int]:
+    """Node name -> clock offset for `tc.clock_offset_us`: spread evenly from -X to +X over the
+    regions in order, every node of a region alike."""
+    if not tc.clock_offset_us:
+        return {}
+    names = list(cfg.region_names())
+    n = len(names)
+    out: dict[str, int] = {}
+    for node in cfg.nodes:
+        i = names.index(node.region)
+        frac = 0.0 if n == 1 else 2 * i / (n - 1) - 1
+        out[node.name] = round(frac * tc.clock_offset_us * 1000)
+    return out
 
 
 async def _run_on(cfg: ClusterConfig, protocol: str, tc: TpccConfig) -> TpccResult:
@@ -459,6 +492,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="clock error every node assumes (default 400): what uncertainty costs each protocol",
     )
     p.add_argument(
+        "--clock-offset-us",
+        type=int,
+        default=0,
+        metavar="US",
+        help="with --sim: real clock offsets, -US to +US across the regions (at most epsilon)",
+    )
+    p.add_argument(
         "--split-schema",
         action="store_true",
         help="payment's year-to-date columns on rows of their own (no new-order/payment "
@@ -482,6 +522,7 @@ def main(args: argparse.Namespace) -> int:
         split_schema=args.split_schema,
         epsilon_us=args.epsilon_us,
         regions=args.regions,
+        clock_offset_us=args.clock_offset_us,
     )
     tc.validate()
     progress = sys.stderr.isatty()

@@ -42,7 +42,7 @@ import random
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,6 +74,7 @@ REFINEMENTS: tuple[str, ...] = (
     "future_ts",
     "late_stamping",
     "wait_places",
+    "for_update",
 )
 """The `[txn]` switches that `--ablate` turns off one at a time (see cluster.TxnSettings)."""
 
@@ -264,6 +265,8 @@ class _ObservingClient(AsyncClient):
 
     def __init__(self, cluster: ClusterConfig, **kw: Any) -> None:
         super().__init__(cluster, **kw)
+        self.now_ns: Callable[[], int] = _CLOCK.monotonic_ns
+        """The run's clock (the simulator's virtual one in `--sim` runs)."""
         self.attempts = 0
         self.attempt_started_ns = 0
         self.failures: list[str] = []
@@ -283,7 +286,7 @@ class _ObservingClient(AsyncClient):
     async def begin(self, **kw: Any) -> AsyncTransaction:
         for i in range(self.retry.max_attempts):
             self.attempts += 1
-            self.attempt_started_ns = _CLOCK.monotonic_ns()
+            self.attempt_started_ns = self.now_ns()
             try:
                 tx = await super().begin(**kw)
             except K2Error as e:
@@ -331,10 +334,14 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     """Why the run could not complete (an ablation variant that broke); empty when it ran."""
+    mode: str = "processes"
+    """"processes" (node processes, emulated links) or "sim" (the simulator, virtual time)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "label": self.label,
+            "mode": self.mode,
+            "protocol": self.config.protocol,
             "error": self.error,
             "txn_settings": asdict(self.txn_settings),
             "regions": self.regions,
@@ -424,13 +431,21 @@ def summarize(
 # -- running ------------------------------------------------------------------------------------
 
 
-async def _load(cfg: ClusterConfig, bc: BenchConfig, regions: Sequence[str]) -> None:
+MakeClient = Callable[[str, RetryPolicy], _ObservingClient]
+"""A client located in a region, with a retry policy (node processes or the simulator)."""
+
+
+def _process_clients(cfg: ClusterConfig) -> MakeClient:
+    return lambda region, retry: _ObservingClient(cfg, region=region, retry=retry)
+
+
+async def _load(make_client: MakeClient, bc: BenchConfig, regions: Sequence[str]) -> None:
     """Write every key once, in transactions of up to 100 keys homed in one region."""
     per_region = bc.keys_per_region(len(regions))
     retry = RetryPolicy(max_attempts=bc.max_attempts, initial_backoff_s=0.005, max_backoff_s=0.2)
 
     async def load_region(region: str) -> None:
-        async with _ObservingClient(cfg, region=region, retry=retry) as client:
+        async with make_client(region, retry) as client:
             for lo in range(0, per_region, 100):
                 batch: dict[bytes | str, bytes | None] = {
                     ycsb_key(region, i): _bump(None, bc.value_bytes)
@@ -453,35 +468,47 @@ async def run_mix(
     *,
     label: str = "default",
     progress: bool = True,
+    make_client: MakeClient | None = None,
+    now_ns: Callable[[], int] = _CLOCK.monotonic_ns,
 ) -> RunResult:
-    """Load the keys, run the closed-loop clients for `bc.duration_s`, and summarize."""
+    """Load the keys, run the closed-loop clients for `bc.duration_s`, and summarize.
+    `make_client` and `now_ns`: where clients come from and what clock times the run (default:
+    `cfg`'s node processes and the OS clock; `run_sim` passes the simulator's)."""
     from tqdm import tqdm
 
     bc.validate()
     regions = cfg.region_names()
     bc.check_keys(len(regions))
-    await _load(cfg, bc, regions)
+    make_client = make_client or _process_clients(cfg)
+    await _load(make_client, bc, regions)
 
     retry = RetryPolicy(max_attempts=10, initial_backoff_s=0.002, max_backoff_s=0.1)
     clients = [
-        (region, _ObservingClient(cfg, region=region, retry=retry))
+        (region, make_client(region, retry))
         for region in regions
         for _ in range(bc.clients_per_region)
     ]
+    for _, c in clients:
+        c.now_ns = now_ns
     records: list[TxnRecord] = []
     failed_attempts = 0
-    start_ns = _CLOCK.monotonic_ns()
+    start_ns = now_ns()
     stop_ns = start_ns + int(bc.duration_s * 1e9)
 
     async def closed_loop(index: int, region: str, client: _ObservingClient) -> None:
         nonlocal failed_attempts
         workload = Workload(bc, regions, region, seed=bc.seed * 1_000_003 + index)
-        while _CLOCK.monotonic_ns() < stop_ns:
+        while now_ns() < stop_ns:
             spec = workload.next()
 
             async def body(tx: AsyncTransaction, spec: TxnSpec = spec) -> None:
                 try:
-                    values = await tx.get_many(list(spec.reads + spec.rmw))
+                    # The read-modify-write keys are read for update (every protocol: 2PL
+                    # locks them exclusively at the read, the MVTO ones hold a place in line).
+                    values = await tx.get_many(
+                        list(spec.reads + spec.rmw),
+                        for_update=[False] * len(spec.reads) + [True] * len(spec.rmw),
+                    )
                     old = values[len(spec.reads) :]
                     await tx.put_many(
                         {k: _bump(v, bc.value_bytes) for k, v in zip(spec.rmw, old, strict=True)}
@@ -491,14 +518,14 @@ async def run_mix(
                     raise
 
             client.reset()
-            t0 = _CLOCK.monotonic_ns()
+            t0 = now_ns()
             committed = True
             try:
                 # keys: lets a transaction that reaches another region take a future timestamp.
                 await client.run(body, max_attempts=bc.max_attempts, keys=spec.reads + spec.rmw)
             except K2Error:
                 committed = False
-            t1 = _CLOCK.monotonic_ns()
+            t1 = now_ns()
             failed_attempts += len(client.failures)
             records.append(
                 TxnRecord(
@@ -516,7 +543,7 @@ async def run_mix(
     async def show_progress(bar: Any) -> None:
         while True:
             await asyncio.sleep(0.25)
-            elapsed = min((_CLOCK.monotonic_ns() - start_ns) / 1e9, bc.duration_s)
+            elapsed = min((now_ns() - start_ns) / 1e9, bc.duration_s)
             bar.n = round(elapsed, 1)
             attempts = sum(r.attempts for r in records) or 1
             bar.set_postfix(
@@ -543,10 +570,92 @@ async def run_mix(
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
             await asyncio.gather(*(c.close() for _, c in clients), return_exceptions=True)
-    elapsed_s = (_CLOCK.monotonic_ns() - start_ns) / 1e9
+    elapsed_s = (now_ns() - start_ns) / 1e9
     result = RunResult(label, bc, cfg.settings.txn, regions, elapsed_s, records)
     result.summary = summarize(records, elapsed_s, regions)
     return result
+
+
+def run_sim(
+    bc: BenchConfig,
+    *,
+    regions: int = 3,
+    txn: TxnSettings | None = None,
+    label: str = "default",
+) -> RunResult:
+    """The same closed-loop run in the deterministic simulator (k2store/sim): `regions` of
+    us-east, eu-west, ap-southeast, us-west, ap-northeast with the TPC-C benchmark's RTT
+    matrix, virtual time, every node in one process. `txn`: the [txn] table (default: the
+    protocol's defaults). The same seed gives the same figures."""
+    from k2store.bench.tpcc import REGIONS, settings_for
+    from k2store.cluster import local_cluster as make_cluster
+    from k2store.sim import SimCluster, run_simulation
+
+    if not 1 <= regions <= len(REGIONS):
+        raise InvalidArgument(f"regions must be 1 to {len(REGIONS)}, got {regions}")
+    names = list(REGIONS[:regions])
+    settings = settings_for(bc.protocol)
+    if txn is not None:
+        settings = replace(settings, txn=txn)
+    cfg = make_cluster(
+        names, list(range(1, regions + 1)), root=Path("/nonexistent-sim"), settings=settings
+    )
+    out: list[RunResult] = []
+
+    async def main() -> None:
+        cluster = SimCluster(cfg, seed=bc.seed)
+
+        def make_client(region: str, retry: RetryPolicy) -> _ObservingClient:
+            c = cluster.txn_client(region, retry=retry, client_class=_ObservingClient)
+            assert isinstance(c, _ObservingClient)
+            return c
+
+        async def job() -> None:
+            out.append(
+                await run_mix(
+                    cfg,
+                    bc,
+                    label=label,
+                    progress=False,
+                    make_client=make_client,
+                    now_ns=lambda: int(cluster.now_s * 1e9),
+                )
+            )
+
+        await cluster.run([job], bc.duration_s + 120)
+
+    run_simulation(main, seed=bc.seed)
+    if not out:
+        raise K2Error(f"simulated run {label!r} did not finish within its virtual deadline")
+    out[0].mode = "sim"
+    return out[0]
+
+
+def format_side_by_side(results: Sequence[RunResult]) -> str:
+    """One line per protocol with its throughput ratios to d2PL-TTC and MVTO-HLC."""
+    by = {r.config.protocol: r.summary["overall"]["throughput_tps"] for r in results if not r.error}
+
+    def ratio(p: str, base: str) -> str:
+        return f"{by[p] / by[base]:.2f}x" if by.get(base) and p in by else "-"
+
+    regions = results[0].regions
+    lines = [
+        f"{'protocol':<10} {'txn/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'aborts':>7} "
+        + " ".join(f"{r[:9]:>9}" for r in regions)
+        + f" {'vs d2pl':>8} {'vs hlc':>7}"
+    ]
+    for r in results:
+        if r.error:
+            lines.append(f"{r.config.protocol:<10} FAILED: {r.error.splitlines()[0][:100]}")
+            continue
+        g = r.summary["overall"]
+        lines.append(
+            f"{r.config.protocol:<10} {g['throughput_tps']:>8.1f} {_ms(g['p50_ms']):>8} "
+            f"{_ms(g['p99_ms']):>8} {g['abort_rate']:>7.1%} "
+            + " ".join(f"{r.summary['by_region'][x]['abort_rate']:>9.1%}" for x in regions)
+            + f" {ratio(r.config.protocol, 'd2pl-ttc'):>8} {ratio(r.config.protocol, 'mvto-hlc'):>7}"
+        )
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -758,7 +867,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="run against this cluster file (default: a fresh local 3-region cluster)",
     )
-    p.add_argument("--protocol", default=d.protocol, help=f"one of {', '.join(PROTOCOLS)}")
+    p.add_argument(
+        "--protocol",
+        default=None,
+        help=f"one of {', '.join(PROTOCOLS)} (default: {d.protocol}; with --sim, all three "
+        "side by side)",
+    )
+    p.add_argument(
+        "--sim",
+        action="store_true",
+        help="the deterministic simulator (virtual time; the same seed gives the same figures)",
+    )
+    p.add_argument(
+        "--regions",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --sim: the first N of us-east, eu-west, ap-southeast, us-west, ap-northeast "
+        "(default 3)",
+    )
     p.add_argument("--mix", default=d.mix, help=f"one of {', '.join(MIXES)} (default: %(default)s)")
     p.add_argument("--theta", type=float, default=None, help=f"Zipfian skew (default {d.theta})")
     p.add_argument("--keys", type=int, default=None, help=f"total keys (default {d.keys})")
@@ -855,7 +982,26 @@ def main(args: argparse.Namespace) -> int:
         )
     progress = sys.stderr.isatty()
     results: list[RunResult] = []
-    if args.cluster is not None:
+    if args.regions is not None and not args.sim:
+        raise InvalidArgument("--regions needs --sim (node-process runs use three regions)")
+    if args.sim:
+        if args.cluster is not None:
+            raise InvalidArgument("--sim builds its own simulated cluster; drop --cluster")
+        if args.ablate:
+            protocols = [bc.protocol]
+        else:
+            protocols = [args.protocol] if args.protocol else list(PROTOCOLS)
+        for proto in protocols:
+            for label, txn in variants(proto, args.ablate):
+                print(f"[{proto} {label}] simulating ...", file=sys.stderr, flush=True)
+                run = run_sim(
+                    replace(bc, protocol=proto), regions=args.regions or 3, txn=txn, label=label
+                )
+                results.append(run)
+                print(format_run(run) + "\n", flush=True)
+        if len(protocols) > 1:
+            print(format_side_by_side(results), flush=True)
+    elif args.cluster is not None:
         cfg = cluster_mod.load(args.cluster)
         if cfg.settings.txn.protocol != bc.protocol:
             raise InvalidArgument(
@@ -890,7 +1036,7 @@ def main(args: argparse.Namespace) -> int:
                     run = RunResult(label, bc, txn, list(DEFAULT_REGIONS), 0.0, error=str(e))
                 results.append(run)
                 print(format_run(run) + "\n", flush=True)
-    if len(results) > 1:
+    if args.ablate and len(results) > 1:
         print(format_ablation(results), flush=True)
     json_path, png_path = write_results(
         results, args.out, cluster_file=args.cluster, ablate=args.ablate

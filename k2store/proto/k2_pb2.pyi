@@ -780,6 +780,7 @@ class TxnOp(_message.Message):
     END_FIELD_NUMBER: _builtins.int
     HAS_END_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    FOR_UPDATE_FIELD_NUMBER: _builtins.int
     kind: Global___OpKind.ValueType
     key: _builtins.bytes
     """start key for OP_SCAN"""
@@ -789,6 +790,12 @@ class TxnOp(_message.Message):
     has_end: _builtins.bool
     limit: _builtins.int
     """OP_SCAN only; 0: the node's page size"""
+    for_update: _builtins.bool
+    """OP_GET only: the transaction will write this key (a read-modify-write). The leader holds
+    the transaction's place in the key's line until that write, so later transactions queue
+    behind it instead of reading the key under it (K2-MVTO, MVTO-HLC); d2PL-TTC takes the
+    exclusive lock at once. Changes when operations run, never what they may do.
+    """
     def __init__(
         self,
         *,
@@ -798,10 +805,11 @@ class TxnOp(_message.Message):
         end: _builtins.bytes = ...,
         has_end: _builtins.bool = ...,
         limit: _builtins.int = ...,
+        for_update: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "has_end", b"has_end", "key", b"key", "kind", b"kind", "limit", b"limit", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "for_update", b"for_update", "has_end", b"has_end", "key", b"key", "kind", b"kind", "limit", b"limit", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

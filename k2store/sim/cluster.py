@@ -284,15 +284,21 @@ class SimCluster:
         )
 
     def txn_client(
-        self, region: str, *, retry: RetryPolicy | None = None, timeout_s: float | None = None
+        self,
+        region: str,
+        *,
+        retry: RetryPolicy | None = None,
+        timeout_s: float | None = None,
+        client_class: type[AsyncClient] = AsyncClient,
     ) -> AsyncClient:
         """The production `AsyncClient` (transactions and all) located in `region`, talking over
-        the simulated network with seeded backoff jitter."""
+        the simulated network with seeded backoff jitter. `client_class`: a subclass to build
+        instead (benchmarks that watch attempts), taking AsyncClient's arguments."""
         self.config.region(region)
         self._client_count += 1
         name = f"client-{region}-{self._client_count}"
         self.network.add_client(name, region)
-        return AsyncClient(
+        return client_class(
             self.config,
             region=region,
             retry=retry,
