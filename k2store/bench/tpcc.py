@@ -122,6 +122,9 @@ class TpccConfig:
     """Clock error to assume (default: the cluster default, 400 us). Larger values show what
     clock uncertainty costs each protocol: MVTO-HLC restarts reads in its uncertainty window,
     K2-MVTO's commit-wait grows."""
+    oracle_ttl_us: int | None = None
+    """K2-TB batch lifetime (default: the cluster default, 5 ms). Shorter batches lead true time
+    by less, so commit-wait is shorter, for more batch fetches."""
     clock_offset_us: int = 0
     """Simulator only: real clock offsets, not just an assumed bound. Region i of n runs its
     node's clock off true time by (2i/(n-1) - 1) * this (so -X, 0 and +X for three regions:
@@ -152,6 +155,8 @@ class TpccConfig:
             raise InvalidArgument(f"epsilon-us must be 0-1000000, got {self.epsilon_us}")
         if not 1 <= self.regions <= len(REGIONS):
             raise InvalidArgument(f"regions must be 1 to {len(REGIONS)}, got {self.regions}")
+        if self.oracle_ttl_us is not None and not 200 <= self.oracle_ttl_us <= 1_000_000:
+            raise InvalidArgument(f"oracle-ttl-us must be 200-1000000, got {self.oracle_ttl_us}")
         if self.clock_offset_us:
             if not self.sim:
                 raise InvalidArgument(
@@ -258,8 +263,14 @@ async def tpcc_client(
         stats.attempts += attempts
 
 
-def settings_for(protocol: str, epsilon_us: int | None = None) -> ClusterSettings:
+def settings_for(
+    protocol: str, epsilon_us: int | None = None, oracle_ttl_us: int | None = None
+) -> ClusterSettings:
     base = ClusterSettings()
+    if oracle_ttl_us is not None:
+        # K2-TB batch lifetime: timestamps lead true time by up to this, and every read-write
+        # transaction commit-waits that lead away.
+        base = replace(base, oracle_ttl_us=oracle_ttl_us)
     if epsilon_us is not None:
         # The clock error every node assumes (the simulator's clocks report no bound of their
         # own); nodes refuse beyond max_uncertainty_us, so that moves with it.
@@ -287,7 +298,7 @@ def run_sim(protocol: str, tc: TpccConfig) -> TpccResult:
         regions,
         list(range(1, len(regions) + 1)),
         root=Path("/nonexistent-sim"),
-        settings=settings_for(protocol, tc.epsilon_us),
+        settings=settings_for(protocol, tc.epsilon_us, tc.oracle_ttl_us),
     )
     result = TpccResult(
         protocol,
@@ -378,7 +389,7 @@ async def _run_on(cfg: ClusterConfig, protocol: str, tc: TpccConfig) -> TpccResu
 def run_processes(protocol: str, tc: TpccConfig, data: Path, progress: bool) -> TpccResult:
     with local_cluster(
         data,
-        settings_for(protocol, tc.epsilon_us),
+        settings_for(protocol, tc.epsilon_us, tc.oracle_ttl_us),
         progress=progress,
         regions=tc.region_names,
     ) as cfg:
@@ -492,6 +503,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="clock error every node assumes (default 400): what uncertainty costs each protocol",
     )
     p.add_argument(
+        "--oracle-ttl-us",
+        type=int,
+        default=None,
+        metavar="US",
+        help="K2-TB timestamp batch lifetime (default 5000): how far timestamps lead true time, "
+        "which every read-write transaction commit-waits away",
+    )
+    p.add_argument(
         "--clock-offset-us",
         type=int,
         default=0,
@@ -523,6 +542,7 @@ def main(args: argparse.Namespace) -> int:
         epsilon_us=args.epsilon_us,
         regions=args.regions,
         clock_offset_us=args.clock_offset_us,
+        oracle_ttl_us=args.oracle_ttl_us,
     )
     tc.validate()
     progress = sys.stderr.isatty()

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from k2store.bench import tpcc, visibility
+from k2store.bench import tpcc, txn, visibility
 from k2store.cli import main
-from k2store.cluster import ClusterSettings
+from k2store.cluster import ClusterSettings, TxnSettings
 
 
 def test_bench_tpcc_sim_quick_ranks_k2_mvto_first(tmp_path: Path) -> None:
@@ -59,6 +59,11 @@ def test_bench_visibility_sim_quick(tmp_path: Path) -> None:
 def test_bad_bench_input_is_refused() -> None:
     assert main(["bench", "tpcc", "--sim", "--remote-fraction", "2"]) == 2
     assert main(["bench", "tpcc", "--sim", "--epsilon-us", "-5"]) == 2
+    # Offsets beyond the bound (nodes would refuse), or without the simulator.
+    assert main(["bench", "tpcc", "--sim", "--clock-offset-us", "500"]) == 2
+    assert main(["bench", "tpcc", "--clock-offset-us", "100"]) == 2
+    assert main(["bench", "tpcc", "--sim", "--oracle-ttl-us", "10"]) == 2
+    assert main(["bench", "txn", "--regions", "5"]) == 2  # --regions needs --sim
     assert visibility.VisibilityConfig(duration_s=1).policies == ("vcr", "watermark", "closed-ts")
 
 
@@ -69,8 +74,10 @@ def test_wait_places_cut_k2_mvto_aborts_on_tpcc(monkeypatch: pytest.MonkeyPatch)
     with_places = tpcc.run_sim("k2-mvto", cfg)
     base = tpcc.settings_for
 
-    def without(protocol: str, epsilon_us: int | None = None) -> ClusterSettings:
-        st = base(protocol, epsilon_us)
+    def without(
+        protocol: str, epsilon_us: int | None = None, oracle_ttl_us: int | None = None
+    ) -> ClusterSettings:
+        st = base(protocol, epsilon_us, oracle_ttl_us)
         return replace(st, txn=replace(st.txn, wait_places=False))
 
     monkeypatch.setattr(tpcc, "settings_for", without)
@@ -91,3 +98,37 @@ def test_bench_kvtier_quick_reads_through_grpc_and_shared_memory(
     assert figures["memcopy_MBps"] > 0
     printed = capsys.readouterr().out
     assert "same host through shared memory" in printed
+
+
+def test_bench_txn_sim_quick_runs_the_three_protocols_side_by_side(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "txn", "--sim", "--quick", "--out", str(tmp_path)]) == 0
+    (out,) = tmp_path.glob("txn-*.json")
+    runs = {r["protocol"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"k2-mvto", "d2pl-ttc", "mvto-hlc"}
+    assert all(
+        r["mode"] == "sim" and r["summary"]["overall"]["committed"] > 0 for r in runs.values()
+    )
+    assert "vs d2pl" in capsys.readouterr().out
+
+
+def test_reads_for_update_cut_k2_mvto_aborts_on_ycsb_rmw() -> None:
+    """The read-modify-write mix in the simulator with and without `[txn] for_update`: with
+    it, cross-region writes are no longer read-marked under (deterministic)."""
+    bc = txn.BenchConfig(duration_s=6.0)
+    on = txn.run_sim(bc)
+    off = txn.run_sim(bc, txn=TxnSettings(protocol="k2-mvto", for_update=False))
+    assert on.summary["overall"]["abort_rate"] < 0.3 * off.summary["overall"]["abort_rate"]
+    assert on.summary["overall"]["throughput_tps"] > 1.3 * off.summary["overall"]["throughput_tps"]
+
+
+def test_clock_offsets_reach_the_simulated_nodes() -> None:
+    from k2store.cluster import local_cluster
+
+    tc = tpcc.TpccConfig(sim=True, clock_offset_us=300)
+    cfg = local_cluster(list(tc.region_names), [1, 2, 3], root=Path("/nonexistent-sim"))
+    offsets = tpcc.clock_offsets_ns(cfg, tc)
+    by_region = {n.region: offsets[n.name] for n in cfg.nodes}
+    assert by_region == {"us-east": -300_000, "eu-west": 0, "ap-southeast": 300_000}
+    assert tpcc.clock_offsets_ns(cfg, tpcc.TpccConfig(sim=True)) == {}
