@@ -8,8 +8,10 @@ after a crash never finds a stale lock. A second process that tries the same dir
 
 from __future__ import annotations
 
+import concurrent.futures
 import fcntl
 import os
+import threading
 from pathlib import Path
 
 from k2store.errors import DataDirLockedError
@@ -49,14 +51,23 @@ class DurableCeiling:
 
     Used for what a restarted node must stay above although it was never logged item by item:
     the oracle's issued timestamps and the shard reads' timestamps (whose read marks live in
-    memory). `cover(t)` returns once the persisted value is >= t; it fsyncs only when t passes the
-    recorded ceiling, and then records t + step, so steady use costs one small write per step.
+    memory). `cover(t)` returns once the persisted value is >= t. When t passes the recorded
+    ceiling it writes t + step and fsyncs, on the caller's thread; before that, once t comes
+    within half a step of the ceiling, it extends the ceiling by a step in a worker thread, so
+    steady use seldom waits for an fsync (on a node's event loop an fsync of a few ms delays the
+    request that crossed the ceiling, and can make a fresh timestamp batch arrive stale).
     """
 
     def __init__(self, path: Path, step: int) -> None:
         self.path = path
         self.step = step
         self.writes = 0
+        self.sync_writes = 0
+        """Writes a `cover` call waited for (the rest ran ahead in the worker)."""
+        self._lock = threading.Lock()  # guards value and _ahead
+        self._write_lock = threading.Lock()  # one write of the file at a time
+        self._ahead: concurrent.futures.Future[None] | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         try:
             self.value = int(path.read_text().strip() or 0)
         except FileNotFoundError:
@@ -68,14 +79,44 @@ class DurableCeiling:
             ) from None
 
     def cover(self, t: int) -> None:
-        if t < self.value:
-            return
-        ceiling = t + self.step
+        with self._lock:
+            if t < self.value:
+                if t >= self.value - self.step // 2 and self._ahead is None:
+                    if self._pool is None:
+                        self._pool = concurrent.futures.ThreadPoolExecutor(
+                            1, thread_name_prefix="k2-ceiling"
+                        )
+                    self._ahead = self._pool.submit(self._write_ahead, self.value + self.step)
+                return
+        with self._write_lock:  # waits out a write ahead in flight, which may cover t
+            if t < self.value:
+                return
+            self._write(t + self.step)
+            self.sync_writes += 1
+
+    def _write_ahead(self, ceiling: int) -> None:
+        try:
+            with self._write_lock:
+                if ceiling > self.value:
+                    self._write(ceiling)
+        finally:
+            with self._lock:
+                self._ahead = None
+
+    def _write(self, ceiling: int) -> None:
+        """Persist ceiling (the caller holds _write_lock); the value rises only once durable."""
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w") as f:
             f.write(f"{ceiling}\n")
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(self.path)
-        self.value = ceiling
-        self.writes += 1
+        with self._lock:
+            self.value = max(self.value, ceiling)
+            self.writes += 1
+
+    def close(self) -> None:
+        """Finish a write ahead in flight (the value on disk is then final)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

@@ -254,8 +254,8 @@ class NodeService:
 
     async def _fetch_batch(self, count: int, coordinator: str = "") -> TimestampBatch:
         coordinator = coordinator or self.me.name
-        if self.oracle is not None:
-            return self._issue(coordinator, count)
+        if self.oracle is not None:  # no round trip: a short batch (oracle_local_ttl_us)
+            return self._issue(coordinator, count, self.cluster.settings.oracle_local_ttl_us * 1000)
         resp = await self.transport.call(
             self.region.oracle,
             "/k2.v1.Oracle/GetTimestampBatch",
@@ -273,10 +273,10 @@ class NodeService:
             issued_latest=resp.issued_latest,
         )
 
-    def _issue(self, coordinator: str, count: int) -> TimestampBatch:
+    def _issue(self, coordinator: str, count: int, ttl_ns: int | None = None) -> TimestampBatch:
         assert self.oracle is not None
         try:
-            batch = self.oracle.issue(self.oracle.register(coordinator), count)
+            batch = self.oracle.issue(self.oracle.register(coordinator), count, ttl_ns=ttl_ns)
         except UncertaintyExceeded as e:
             raise ClockUncertain(f"oracle {self.me.name}: {e}") from None
         except ValueError as e:

@@ -182,8 +182,11 @@ class TimestampOracle:
         self._slots[coordinator] = slot
         return slot
 
-    def issue(self, slot: int, count: int) -> TimestampBatch:
+    def issue(self, slot: int, count: int, *, ttl_ns: int | None = None) -> TimestampBatch:
         """A batch of `count` timestamps for `slot`, all later than any this slot had before.
+        `ttl_ns`: a shorter lifetime than the oracle's for this batch (a coordinator on the
+        oracle's own node has no round trip to cover: its timestamps then lead true time, and
+        its transactions commit-wait, by less).
 
         Raises `ValueError` for a count outside `[1, max_batch]` or a slot outside
         `[0, MAX_SLOTS_PER_ORACLE)`, and `UncertaintyExceeded` (counted in `refusals`) while the
@@ -208,7 +211,8 @@ class TimestampOracle:
         # With commit-wait (wait_until_after(ts) before acknowledging) it gives real-time order;
         # if it breaks, a transaction that starts after another was acknowledged can be ordered
         # before it, and reads at its timestamp can miss acknowledged writes.
-        base = _round_up(interval.latest + self.ttl_ns, self.step_ns)
+        ttl = self.ttl_ns if ttl_ns is None else max(1, min(ttl_ns, self.ttl_ns))
+        base = _round_up(interval.latest + ttl, self.step_ns)
         offset = self.oracle_id * MAX_SLOTS_PER_ORACLE + slot
         floor = self._last_issued.get(slot, self._resume_after)
         if floor is not None:
@@ -221,7 +225,7 @@ class TimestampOracle:
             base=base,
             step=self.step_ns,
             count=count,
-            ttl_ns=self.ttl_ns,
+            ttl_ns=ttl,
             issued_latest=interval.latest,
         )
         self._last_issued[slot] = batch.last

@@ -10,10 +10,15 @@ from k2store.cluster import ClusterConfig, ClusterSettings
 from k2store.sim import SimCluster, SimNetwork, run_simulation
 
 EPSILON_S = ClusterSettings().epsilon_us * 1e-6
-TTL_S = ClusterSettings().oracle_ttl_us * 1e-6
+TTL_S = ClusterSettings().oracle_local_ttl_us * 1e-6
 COMMIT_WAIT_S = 2 * EPSILON_S + TTL_S
-"""A write's timestamp is about now().latest + TTL; commit-wait lasts until now().earliest
-passes it: TTL plus both halves of the uncertainty interval (plus step rounding)."""
+"""A write's timestamp is about now().latest + TTL (the batch lifetime the oracle gives a
+coordinator on its own node, as each region's single node is here); commit-wait lasts until
+now().earliest passes it: TTL plus both halves of the uncertainty interval (plus step
+rounding)."""
+REMOTE_COMMIT_WAIT_S = 2 * EPSILON_S + ClusterSettings().oracle_ttl_us * 1e-6
+"""The same for a coordinator that fetches its batches from the oracle over the network: the
+batch must cover the round trip, so it lives (and leads true time) the full `oracle_ttl_us`."""
 
 
 def test_remote_put_costs_one_rtt_plus_commit_wait(cfg: ClusterConfig) -> None:
@@ -94,7 +99,7 @@ def test_non_oracle_leader_fetches_batches_over_the_network(cfg2: ClusterConfig)
     assert batch_requests == 1
     # client RTT + oracle RTT + commit-wait (the batch's base is set at the oracle, half an
     # in-region RTT before the leader uses it, so the wait is that much shorter).
-    assert elapsed == pytest.approx(0.001 + 0.001 + COMMIT_WAIT_S - 0.0005, abs=0.0002)
+    assert elapsed == pytest.approx(0.001 + 0.001 + REMOTE_COMMIT_WAIT_S - 0.0005, abs=0.0002)
 
 
 def test_bandwidth_queues_large_messages(cfg: ClusterConfig) -> None:

@@ -55,6 +55,23 @@ def test_base_is_latest_plus_ttl_rounded_up_to_the_step(start: int, step: int) -
     assert (batch.step, batch.count, batch.ttl_ns) == (step, 5, TTL)
 
 
+@pytest.mark.parametrize("asked,got", [(500_000, 500_000), (TTL, TTL), (5 * TTL, TTL)])
+def test_a_batch_may_ask_for_a_shorter_lifetime_never_a_longer_one(asked: int, got: int) -> None:
+    """A coordinator on the oracle's node asks for a short batch: it leads true time by less.
+    Never longer than the oracle's: the lifetime is what the batch invariant rests on."""
+    clock, oracle = make_oracle()
+    step = oracle.step_ns
+    batch = oracle.issue(0, 3, ttl_ns=asked)
+    latest = START + EPS
+    assert batch.ttl_ns == got
+    assert batch.base == round_up(latest + got, step)
+    # Still above every earlier batch of the slot, whatever the lifetimes.
+    long = oracle.issue(1, 3)
+    clock.advance(1)
+    short = oracle.issue(1, 3, ttl_ns=1)
+    assert short.base > long.last
+
+
 def test_timestamps_are_spaced_by_step_and_carry_their_origin() -> None:
     _clock, oracle = make_oracle(oracle_id=5)
     slot = 7
