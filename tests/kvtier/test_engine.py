@@ -172,3 +172,43 @@ def test_prefill_cost_model_fits_measurements() -> None:
     assert cm.estimate(64, past=4096) == pytest.approx(
         1e-3 * 64 + 1e-7 * 64 * (4096 + 32), rel=1e-2
     )
+
+
+def test_pooled_cache_buffers_are_reused_only_after_the_store_read_them(tmp_path: Path) -> None:
+    """Caches loaded from the tier are built in pooled buffers (no fresh 100 MB of page faults
+    per request). A buffer goes back to the pool only once the request's background store has
+    exported from it; greedy outputs stay the same whichever buffer a request got."""
+
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            eng, _ = await engine_in(env, "us-east")
+            plain = Engine(eng.model, ByteCodec(), None, config=EngineConfig(block_tokens=BT))
+            greedy = SamplingParams(max_tokens=6, stop_at_eos=False)
+            first = await eng.complete(PROMPT, greedy)  # a miss: nothing pooled
+            await eng.flush()
+            assert eng._buffers == []
+            want = (await plain.complete([*PROMPT, 1, 2, 3, 4], greedy)).token_ids
+            leased: list[int] = []
+            real_lease = eng._lease_buffer
+
+            def lease(numel: int) -> torch.Tensor:
+                b = real_lease(numel)
+                leased.append(b.data_ptr())
+                return b
+
+            eng._lease_buffer = lease  # type: ignore[method-assign]
+            # Each hit stores its new blocks (the prompt goes past the cached prefix): its
+            # buffer must not come back before that store is done.
+            for extra in ([1, 2, 3, 4], [5, 6, 7, 8]):
+                c = await eng.complete([*PROMPT, *extra], greedy)
+                assert c.metrics.cached_tokens == 16
+                pooled = [b.data_ptr() for b in eng._buffers]
+                assert eng._stores and leased[-1] not in pooled
+                await eng.flush()
+                assert leased[-1] in [b.data_ptr() for b in eng._buffers]
+            assert leased[0] == leased[1]  # the second hit reused the first one's buffer
+            again = await eng.complete([*PROMPT, 1, 2, 3, 4], greedy)
+            assert again.token_ids == want
+            assert first.token_ids == (await plain.complete(PROMPT, greedy)).token_ids
+
+    run(body)
