@@ -132,3 +132,35 @@ def test_clock_offsets_reach_the_simulated_nodes() -> None:
     by_region = {n.region: offsets[n.name] for n in cfg.nodes}
     assert by_region == {"us-east": -300_000, "eu-west": 0, "ap-southeast": 300_000}
     assert tpcc.clock_offsets_ns(cfg, tpcc.TpccConfig(sim=True)) == {}
+
+
+@pytest.mark.slow
+def test_bench_txn_quick_on_node_processes(tmp_path: Path) -> None:
+    """`k2 bench txn --quick` as CI's smoke test: a local cluster of node processes, the
+    read-modify-write mix, and a result that committed transactions in every region."""
+    assert main(["bench", "txn", "--quick", "--out", str(tmp_path)]) == 0
+    (out,) = tmp_path.glob("txn-*.json")
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["mode"] == "processes" and run["protocol"] == "k2-mvto"
+    by_region = run["summary"]["by_region"]
+    assert set(by_region) == {"us-east", "eu-west", "ap-southeast"}
+    assert all(g["committed"] > 0 for g in by_region.values())
+    assert "begin:batch-expired" not in run["summary"]["aborts_by_rule"]
+
+
+@pytest.mark.slow
+def test_bench_tpcc_and_visibility_quick_on_node_processes(tmp_path: Path) -> None:
+    """`k2 bench tpcc --quick` and `k2 bench visibility --quick` on node processes (CI's smoke
+    tests of the process benchmarks): every protocol and policy ran and measured something."""
+    assert main(["bench", "tpcc", "--quick", "--out", str(tmp_path / "t")]) == 0
+    (out,) = (tmp_path / "t").glob("tpcc-*.json")
+    rows = {r["protocol"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"k2-mvto", "d2pl-ttc", "mvto-hlc"}
+    assert all(r["mode"] == "processes" and r["throughput"] > 0 for r in rows.values())
+    assert main(["bench", "visibility", "--quick", "--out", str(tmp_path / "v")]) == 0
+    (vout,) = (tmp_path / "v").glob("visibility-*.json")
+    results = {r["policy"]: r for r in json.loads(vout.read_text())["results"]}
+    assert "vcr" in results and not results["vcr"]["error"]
+    delays = results["vcr"]["delays"]
+    assert len(delays) == 9 and all(d["count"] > 0 and d["p50_ms"] > 0 for d in delays)
+    assert results["vcr"]["seal_messages_per_s"] > 0
