@@ -1,12 +1,12 @@
-"""Helpers of the secured-cluster tests: a `k2 cluster up --secure` of real processes, and the
-tokens `k2 certs init` wrote for its principals."""
+"""Helpers of the process tests: `k2 cluster up` (plain or `--secure`) of real processes, and the
+tokens `k2 certs init` wrote for a secured cluster's principals."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from k2store import launcher
@@ -21,10 +21,10 @@ def token(cfg: ClusterConfig, principal: str) -> str:
 
 
 @contextmanager
-def secured_cluster_up(data: Path, *args: str) -> Iterator[ClusterConfig]:
-    """`k2 cluster up --data DATA --secure ARGS...` as a user runs it; `k2 cluster down` after."""
+def cluster_up(data: Path, *args: str) -> Iterator[ClusterConfig]:
+    """`k2 cluster up --data DATA ARGS...` as a user runs it; `k2 cluster down` after."""
     r = subprocess.run(
-        [sys.executable, "-m", "k2store", "cluster", "up", "--data", str(data), "--secure", *args],
+        [sys.executable, "-m", "k2store", "cluster", "up", "--data", str(data), *args],
         capture_output=True,
         text=True,
         timeout=180,
@@ -35,3 +35,8 @@ def secured_cluster_up(data: Path, *args: str) -> Iterator[ClusterConfig]:
         yield cfg
     finally:
         launcher.down(cfg)
+
+
+def secured_cluster_up(data: Path, *args: str) -> AbstractContextManager[ClusterConfig]:
+    """`cluster_up` with `--secure`."""
+    return cluster_up(data, "--secure", *args)

@@ -20,6 +20,7 @@ import pytest
 from k2store import launcher
 from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
 from k2store.cluster import ClusterConfig
+from tests.secure_env import cluster_up
 from truetime import SystemClock
 
 pytestmark = pytest.mark.slow
@@ -29,20 +30,9 @@ RETRY = RetryPolicy(max_attempts=20, initial_backoff_s=0.01, max_backoff_s=0.3)
 
 @pytest.fixture
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterConfig]:
-    data = tmp_path_factory.mktemp("repl")
-    r = subprocess.run(
-        [sys.executable, "-m", "k2store", "cluster", "up", "--data", str(data)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stderr
-    cfg = launcher.load_cluster(data, None)
-    try:
+    with cluster_up(tmp_path_factory.mktemp("repl")) as cfg:
         yield cfg
-    finally:
-        launcher.down(cfg)
-        assert launcher.running_nodes(cfg) == {}
+    assert launcher.running_nodes(cfg) == {}
 
 
 def test_killed_replica_catches_up_and_snapshots_are_local_and_whole(
