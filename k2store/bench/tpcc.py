@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from k2store.bench.txn import local_cluster, pyplot, replication_for
+from k2store.bench.txn import ProtocolRow, local_cluster, protocol_table, pyplot, replication_for
 from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
 from k2store.cluster import (
     DEFAULT_REGIONS,
@@ -397,34 +397,33 @@ def run_processes(protocol: str, tc: TpccConfig, data: Path, progress: bool) -> 
 
 
 def format_results(results: Sequence[TpccResult]) -> str:
-    by = {r.protocol: r for r in results if not r.error}
     regions = next((list(r.regions) for r in results if r.regions), list(DEFAULT_REGIONS))
     regions = [g for g in REGIONS if g in regions]  # a fixed order, whoever ran first
-    lines = []
-    head = (
-        f"{'protocol':<10} {'txn/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'aborts':>7} "
-        + " ".join(f"{r[:8]:>9}" for r in regions)
-        + f" {'vs d2pl':>8} {'vs hlc':>7}"
+    ok = [r for r in results if not r.error]
+    table = protocol_table(
+        [
+            ProtocolRow(
+                r.protocol,
+                r.throughput,
+                r.percentile(0.5),
+                r.percentile(0.99),
+                r.abort_rate(),
+                {g: r.abort_rate(g) for g in regions},
+            )
+            for r in ok
+        ],
+        regions,
     )
-    for r in results:
-        if r.error:
-            lines.append(f"{r.protocol}: FAILED: {r.error}")
-            continue
-        d2 = by.get("d2pl-ttc")
-        hl = by.get("mvto-hlc")
-        vs_d2 = f"{r.throughput / d2.throughput:.2f}x" if d2 and d2.throughput else "-"
-        vs_hl = f"{r.throughput / hl.throughput:.2f}x" if hl and hl.throughput else "-"
-        per_region = " ".join(f"{r.abort_rate(g):>9.1%}" for g in regions)
-        lines.append(
-            f"{r.protocol:<10} {r.throughput:>8.1f} {r.percentile(0.5):>8.1f} "
-            f"{r.percentile(0.99):>8.1f} {r.abort_rate():>7.1%} {per_region} {vs_d2:>8} {vs_hl:>7}"
-        )
+    head, lines = table[0], []
+    for r, line in zip(ok, table[1:], strict=True):
+        lines.append(line)
         if r.rules:
             top = ", ".join(f"{k} {v}" for k, v in r.rules.most_common(5))
             lines.append(f"{'':<10} aborted by: {top}")
         if r.failures:
             top = ", ".join(f"{k} {v}" for k, v in r.failures.most_common(4))
             lines.append(f"{'':<10} gave up: {top}")
+    lines += [f"{r.protocol}: FAILED: {r.error}" for r in results if r.error]
     first = results[0]
     title = (
         f"TPC-C-like ({first.mode}): {len(regions)} regions, {first.clients} clients, "

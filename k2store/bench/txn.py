@@ -42,7 +42,7 @@ import random
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -631,31 +631,62 @@ def run_sim(
     return out[0]
 
 
-def format_side_by_side(results: Sequence[RunResult]) -> str:
-    """One line per protocol with its throughput ratios to d2PL-TTC and MVTO-HLC."""
-    by = {r.config.protocol: r.summary["overall"]["throughput_tps"] for r in results if not r.error}
+@dataclass(frozen=True, slots=True)
+class ProtocolRow:
+    """One protocol's figures in a side-by-side table (`protocol_table`)."""
+
+    protocol: str
+    throughput: float
+    p50_ms: float
+    p99_ms: float
+    abort_rate: float
+    region_abort_rates: Mapping[str, float]
+
+
+def protocol_table(rows: Sequence[ProtocolRow], regions: Sequence[str]) -> list[str]:
+    """The header and one line per protocol: throughput, latency, failed attempts overall and
+    per region, and throughput ratios to d2PL-TTC and MVTO-HLC (`k2 bench txn --sim` and
+    `k2 bench tpcc` both print it)."""
+    by = {r.protocol: r.throughput for r in rows}
 
     def ratio(p: str, base: str) -> str:
         return f"{by[p] / by[base]:.2f}x" if by.get(base) and p in by else "-"
 
-    regions = results[0].regions
     lines = [
         f"{'protocol':<10} {'txn/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'aborts':>7} "
-        + " ".join(f"{r[:9]:>9}" for r in regions)
+        + " ".join(f"{g[:9]:>9}" for g in regions)
         + f" {'vs d2pl':>8} {'vs hlc':>7}"
     ]
-    for r in results:
-        if r.error:
-            lines.append(f"{r.config.protocol:<10} FAILED: {r.error.splitlines()[0][:100]}")
-            continue
-        g = r.summary["overall"]
+    for r in rows:
         lines.append(
-            f"{r.config.protocol:<10} {g['throughput_tps']:>8.1f} {_ms(g['p50_ms']):>8} "
-            f"{_ms(g['p99_ms']):>8} {g['abort_rate']:>7.1%} "
-            + " ".join(f"{r.summary['by_region'][x]['abort_rate']:>9.1%}" for x in regions)
-            + f" {ratio(r.config.protocol, 'd2pl-ttc'):>8} {ratio(r.config.protocol, 'mvto-hlc'):>7}"
+            f"{r.protocol:<10} {r.throughput:>8.1f} {_ms(r.p50_ms):>8} {_ms(r.p99_ms):>8} "
+            f"{r.abort_rate:>7.1%} "
+            + " ".join(f"{r.region_abort_rates.get(g, 0.0):>9.1%}" for g in regions)
+            + f" {ratio(r.protocol, 'd2pl-ttc'):>8} {ratio(r.protocol, 'mvto-hlc'):>7}"
         )
-    return "\n".join(lines)
+    return lines
+
+
+def format_side_by_side(results: Sequence[RunResult]) -> str:
+    """`protocol_table` of the runs (one per protocol); failed runs as a line each."""
+    rows = [
+        ProtocolRow(
+            r.config.protocol,
+            r.summary["overall"]["throughput_tps"],
+            r.summary["overall"]["p50_ms"],
+            r.summary["overall"]["p99_ms"],
+            r.summary["overall"]["abort_rate"],
+            {g: v["abort_rate"] for g, v in r.summary["by_region"].items()},
+        )
+        for r in results
+        if not r.error
+    ]
+    failed = [
+        f"{r.config.protocol:<10} FAILED: {r.error.splitlines()[0][:100]}"
+        for r in results
+        if r.error
+    ]
+    return "\n".join(protocol_table(rows, results[0].regions) + failed)
 
 
 @contextlib.contextmanager
