@@ -20,7 +20,7 @@ import argparse
 import asyncio
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,26 @@ def run(tokens: int, blocks: int) -> dict[str, Any]:
     return out
 
 
+async def _get_rates(
+    name: str, get: Callable[[bytes], Awaitable[object]], keys: list[bytes], total: int
+) -> dict[str, float]:
+    """`<name>.get_sequential_MBps` and `<name>.get_parallel_MBps`: every key read one after
+    another, then all at once; the best of three rounds each."""
+    res: dict[str, float] = {}
+    for mode in ("sequential", "parallel"):
+        best = float("inf")
+        for _ in range(3):
+            t0 = _clock.monotonic_ns() / 1e9
+            if mode == "parallel":
+                await asyncio.gather(*(get(k) for k in keys))
+            else:
+                for k in keys:
+                    await get(k)
+            best = min(best, _clock.monotonic_ns() / 1e9 - t0)
+        res[f"{name}.get_{mode}_MBps"] = total / best / 1e6
+    return res
+
+
 async def _grpc(store: BlockStore, frames: dict[bytes, bytes], total: int) -> dict[str, float]:
     node = BlockNode(store, "us-east", "127.0.0.1:0")
     await node.start()
@@ -126,19 +146,7 @@ async def _grpc(store: BlockStore, frames: dict[bytes, bytes], total: int) -> di
     res: dict[str, float] = {}
     try:
         await c.get(next(iter(frames)))  # connect
-        best = float("inf")
-        for _ in range(3):
-            t0 = _clock.monotonic_ns() / 1e9
-            for k in frames:
-                await c.get(k)
-            best = min(best, _clock.monotonic_ns() / 1e9 - t0)
-        res["grpc.get_sequential_MBps"] = total / best / 1e6
-        best = float("inf")
-        for _ in range(3):
-            t0 = _clock.monotonic_ns() / 1e9
-            await asyncio.gather(*(c.get(k) for k in frames))
-            best = min(best, _clock.monotonic_ns() / 1e9 - t0)
-        res["grpc.get_parallel_MBps"] = total / best / 1e6
+        res.update(await _get_rates("grpc", c.get, list(frames), total))
         # The same node read by a client on its host through a shared-memory arena (what a
         # serving node does with its region's store: kvtier/shm.py).
         arena = SharedArena(ARENA_HEADER_BYTES + 2 * total + (1 << 20))
@@ -150,20 +158,9 @@ async def _grpc(store: BlockStore, frames: dict[bytes, bytes], total: int) -> di
                 async with shared.fetch(k, size_hint=size) as (frame, _):
                     assert frame is not None
 
-            for mode, many in (("sequential", False), ("parallel", True)):
-                best = float("inf")
-                for _ in range(3):
-                    t0 = _clock.monotonic_ns() / 1e9
-                    if many:
-                        await asyncio.gather(*(fetch(k) for k in frames))
-                    else:
-                        for k in frames:
-                            await fetch(k)
-                    best = min(best, _clock.monotonic_ns() / 1e9 - t0)
-                res[f"shm.get_{mode}_MBps"] = total / best / 1e6
-            if shared.stats.shared_gets == 0:  # the node could not use the arena: streamed
-                for mode in ("sequential", "parallel"):
-                    del res[f"shm.get_{mode}_MBps"]
+            shm = await _get_rates("shm", fetch, list(frames), total)
+            if shared.stats.shared_gets:  # else the node could not use the arena: streamed
+                res.update(shm)
         finally:
             await shared.close()
             arena.close()
@@ -205,19 +202,7 @@ async def _redis(frames: dict[bytes, bytes], total: int) -> dict[str, float]:
         for k, f in frames.items():
             await r.set(k, f)
         res["redis.set_MBps"] = total / (_clock.monotonic_ns() / 1e9 - t0) / 1e6
-        best = float("inf")
-        for _ in range(3):
-            t0 = _clock.monotonic_ns() / 1e9
-            for k in frames:
-                await r.get(k)
-            best = min(best, _clock.monotonic_ns() / 1e9 - t0)
-        res["redis.get_sequential_MBps"] = total / best / 1e6
-        best = float("inf")
-        for _ in range(3):
-            t0 = _clock.monotonic_ns() / 1e9
-            await asyncio.gather(*(r.get(k) for k in frames))
-            best = min(best, _clock.monotonic_ns() / 1e9 - t0)
-        res["redis.get_parallel_MBps"] = total / best / 1e6
+        res.update(await _get_rates("redis", r.get, list(frames), total))
     finally:
         await r.aclose()
         proc.terminate()
