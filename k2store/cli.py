@@ -276,7 +276,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     from k2store.bench import visibility as bench_visibility
 
-    # kvtier (and torch) load only when the benchmark runs: its options are spelled out here.
+    # kvtier (and torch) load only when the benchmark runs: its options are spelled out here,
+    # not in kvtier.enginebench (importing kvtier takes a second).
     eb = bsub.add_parser(
         "engine",
         help="time to first token: recompute vs local vs cross-region KV hits (kvtier)",
@@ -289,6 +290,10 @@ def _parser() -> argparse.ArgumentParser:
     eb.add_argument("--model", default=None, help="model directory or GGUF (default SmolLM2)")
     eb.add_argument("--block-tokens", type=int, default=64)
     eb.add_argument("--kv-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    eb.add_argument(
+        "--remote-codec", default=None, choices=["none", "zlib"],
+        help="compression of cross-region block transfers (default: the connector's)",
+    )  # fmt: skip
     eb.add_argument("--out", type=Path, default=Path("k2-bench-engine.json"))
     eb.add_argument("--data", type=Path, default=None, help="cluster data dir (default: temp)")
     bench_visibility.add_arguments(

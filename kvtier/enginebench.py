@@ -30,27 +30,15 @@ import json
 import statistics
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_arguments", "main", "plot", "run_bench"]
+__all__ = ["main", "plot", "run_bench"]
 
 SUFFIX_TOKENS = 16
 TARGETS = {"local": 0.10, "remote": 0.20}
 TARGET_TOKENS = 2048
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="256, 1024 and 2048 tokens, 2 reps")
-    p.add_argument(
-        "--sizes", default=None, help="comma-separated prefix lengths (default 256..4096)"
-    )
-    p.add_argument("--reps", type=int, default=None, help="requests per hit measurement (3)")
-    p.add_argument("--model", default=None, help="model directory or GGUF (default SmolLM2)")
-    p.add_argument("--block-tokens", type=int, default=64)
-    p.add_argument("--kv-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--out", type=Path, default=Path("k2-bench-engine.json"))
-    p.add_argument("--data", type=Path, default=None, help="cluster data dir (default: temp)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -66,6 +54,7 @@ def main(args: argparse.Namespace) -> int:
         block_tokens=args.block_tokens,
         kv_dtype=args.kv_dtype,
         data=args.data,
+        remote_codec=args.remote_codec,
     )
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     png = args.out.with_suffix(".png")
@@ -83,6 +72,7 @@ def run_bench(
     kv_dtype: str = "float16",
     data: Path | None = None,
     loaded: Any = None,
+    remote_codec: str | None = None,
 ) -> dict[str, Any]:
     """`loaded`: a model already loaded (a `kvtier.models.LoadedModel`, or anything with its
     model, tokenizer and revision; tests pass a tiny one) instead of loading `model_path`."""
@@ -101,7 +91,7 @@ def run_bench(
     say("starting a local three-region cluster with block stores ...")
     cfg = launcher.up(data, progress=False, blockstores=True)
     try:
-        return asyncio.run(_run(cfg, loaded, sizes, reps, block_tokens, kv_dtype))
+        return asyncio.run(_run(cfg, loaded, sizes, reps, block_tokens, kv_dtype, remote_codec))
     finally:
         launcher.down(cfg)
         if tmp is not None:
@@ -110,7 +100,13 @@ def run_bench(
 
 
 async def _run(
-    cfg: Any, loaded: Any, sizes: list[int], reps: int, block_tokens: int, kv_dtype: str
+    cfg: Any,
+    loaded: Any,
+    sizes: list[int],
+    reps: int,
+    block_tokens: int,
+    kv_dtype: str,
+    remote_codec: str | None,
 ) -> dict[str, Any]:
     import torch
 
@@ -128,7 +124,10 @@ async def _run(
         revision=loaded.revision, tenant="bench",
         engine_config=EngineConfig(block_tokens=block_tokens, kv_dtype=kv_dtype, store=False),
         # Nor copies made by demand (placement): every repetition is a cross-region hit.
-        connector_config=ConnectorConfig("eu-west", replicate_after=0),
+        connector_config=replace(
+            ConnectorConfig("eu-west", replicate_after=0),
+            **({} if remote_codec is None else {"remote_codec": remote_codec}),
+        ),
     )  # fmt: skip
     one = SamplingParams(max_tokens=1, stop_at_eos=False)
     plain = Engine(loaded.model, east.engine.tokenizer, None)
