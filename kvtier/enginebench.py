@@ -30,7 +30,6 @@ import json
 import statistics
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -124,9 +123,8 @@ async def _run(
         revision=loaded.revision, tenant="bench",
         engine_config=EngineConfig(block_tokens=block_tokens, kv_dtype=kv_dtype, store=False),
         # Nor copies made by demand (placement): every repetition is a cross-region hit.
-        connector_config=replace(
-            ConnectorConfig("eu-west", replicate_after=0),
-            **({} if remote_codec is None else {"remote_codec": remote_codec}),
+        connector_config=ConnectorConfig(
+            "eu-west", replicate_after=0, remote_codec=remote_codec or "none"
         ),
     )  # fmt: skip
     one = SamplingParams(max_tokens=1, stop_at_eos=False)
