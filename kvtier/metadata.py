@@ -17,7 +17,8 @@ and the region rows)
         R/kv/t/<tenant>/usage                       {"used_bytes", "blocks"}  tenant's bytes in R
         <root>ns/<nsid>                             namespace record          in every region
         <root>blk/<nsid>/<hash hex>                 R holds this block (row below)
-        <root>lease/<nsid>/<hash hex>/<holder>      a reader's lease on R's copy: expiry ns
+        <root>lease/<nsid>/<hash hex>/<holder>      a reader's lease on R's copy: expiry ns,
+                                                    or "released:<ns>" once it loaded (last use)
         <root>pin/<nsid>/<hash hex>/<holder>        a pin on R's copy: until ns, 0 = until unpinned
 
     where ``<root>`` is the namespace owner's: ``R/kv/t/<tenant>/`` for a tenant's namespace,
@@ -36,8 +37,9 @@ and the region rows)
     Block row: ``{"v": 1, "index": i, "size": frame bytes, "dtype", "layout", "checksum": crc32
     of the payload, "checksum_algorithm", "hash_algorithm", "tenant": who pays for this copy,
     "published_ns", "last_use_ns"}``. Readers ignore fields they do not know (placement adds its
-    own). Reads never rewrite a block row: a copy's recent use is its newest lease row, and
-    `last_use_ns` is refreshed only by whoever rewrites the row anyway (placement).
+    own). Reads never rewrite a block row: a copy's recent use is in its lease rows (a held
+    lease's expiry, or the time a reader released it), and `last_use_ns` is refreshed only by
+    whoever rewrites the row anyway (placement).
 
 Why per region
     A region's rows describe only that region's copies, so everything that changes them (publish,
@@ -60,7 +62,11 @@ Two-phase publish
 
 Leases and pins
     Each lease and pin is its own row, so readers never write the same key (no conflicts between
-    them). `evict` refuses a copy with an unexpired lease or pin. A lease is taken just after the
+    them). `evict` refuses a copy with an unexpired lease or pin. Releasing a lease rewrites its
+    row as "released:<ns>" rather than deleting it: the row then holds nothing back but keeps the
+    copy's last use, which the placement sweeper ranks copies by (a copy read a moment ago must
+    not look as cold as its publish time). A copy's lease rows go with its block row (`evict`,
+    `remove`), so they are bounded by the readers that used the copy. A lease is taken just after the
     read that found the block (separate transactions, so that a lookup is one read-only round
     plus one blind write round); an eviction in between makes the load fail, which the reader
     counts and recomputes (a miss, never wrong data).
@@ -202,6 +208,20 @@ def _holder(holder: str) -> str:
     return holder
 
 
+_RELEASED = b"released:"
+
+
+def parse_lease(raw: bytes, where: str) -> tuple[int, bool]:
+    """A lease row's (ns, held): a lease's expiry and True, or the release time of a lease its
+    reader gave back and False (it holds nothing: only a record of last use)."""
+    try:
+        if raw.startswith(_RELEASED):
+            return int(raw[len(_RELEASED) :]), False
+        return int(raw), True
+    except ValueError:
+        raise InvalidArgument(f"malformed lease row {where}: {raw[:64]!r}") from None
+
+
 def _prefix_end(prefix: str) -> str:
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
@@ -289,7 +309,9 @@ class RegionCopy:
     nsid: str
     row: BlockRow
     newest_lease_ns: int
-    """Expiry of the newest lease on this copy (0: none)."""
+    """Expiry of the newest lease held on this copy, expired or not (0: none)."""
+    last_release_ns: int = 0
+    """When a reader last released a lease on this copy, after loading it (0: never)."""
 
     @property
     def record(self) -> NamespaceRecord:
@@ -479,18 +501,22 @@ class BlockMetadata:
                 continue
             leases = await self.client.scan(lease, _prefix_end(lease))
             newest: dict[tuple[str, str], int] = {}
+            released: dict[tuple[str, str], int] = {}
             for k, v in leases:
                 parts = k.decode()[len(lease) :].split("/")  # nsid, hash, holder
                 if len(parts) == 3:
                     at = (parts[0], parts[1])
-                    newest[at] = max(newest.get(at, 0), int(v))
+                    ns, held = parse_lease(v, k.decode())
+                    into = newest if held else released
+                    into[at] = max(into.get(at, 0), ns)
             for k, v in rows:
                 parts = k.decode()[len(blk) :].split("/")  # nsid, hash
                 if len(parts) != 2:
                     continue
                 h = bytes.fromhex(parts[1])
                 row = BlockRow.parse(h, region, v, k.decode())
-                out.append(RegionCopy(owner, parts[0], row, newest.get((parts[0], parts[1]), 0)))
+                at = (parts[0], parts[1])
+                out.append(RegionCopy(owner, parts[0], row, newest.get(at, 0), released.get(at, 0)))
         return out
 
     # -- finding blocks ------------------------------------------------------------------------
@@ -611,10 +637,13 @@ class BlockMetadata:
     async def release(
         self, rec: NamespaceRecord, region: str, hashes: Sequence[bytes], holder: str
     ) -> None:
-        """Drop holder's leases (best done after loading; they also expire on their own)."""
+        """Give back holder's leases (best done after loading; they also expire on their own).
+        Each row stays, as "released:<now>": it holds nothing back any more but records the
+        copy's last use for placement."""
         _holder(holder)
+        at = _RELEASED + str(self.clock.now_ns()).encode()
         await self._blind(
-            {lease_prefix(region, owner_of(rec), rec.nsid, h) + holder: None for h in hashes}
+            {lease_prefix(region, owner_of(rec), rec.nsid, h) + holder: at for h in hashes}
         )
 
     # -- publishing and removing ---------------------------------------------------------------
@@ -720,18 +749,23 @@ class BlockMetadata:
                 if raw is None:
                     continue
                 row = BlockRow.parse(h, region, raw, str(key))
+                lprefix = lease_prefix(region, owner_of(rec), rec.nsid, h)
+                leases = await tx.scan(lprefix, _prefix_end(lprefix))
                 if check_holds:
                     held = False
-                    for prefix, is_pin in (
-                        (lease_prefix(region, owner_of(rec), rec.nsid, h), False),
-                        (pin_prefix(region, owner_of(rec), rec.nsid, h), True),
-                    ):
-                        for _, v in await tx.scan(prefix, _prefix_end(prefix)):
-                            until = int(v)
-                            held |= (until == 0 and is_pin) or until > now
+                    for k, v in leases:
+                        until, holds = parse_lease(v, k.decode())
+                        held |= holds and until > now
+                    pprefix = pin_prefix(region, owner_of(rec), rec.nsid, h)
+                    for _, v in await tx.scan(pprefix, _prefix_end(pprefix)):
+                        until = int(v)
+                        held |= until == 0 or until > now
                     if held:
                         continue
                 writes[key] = None
+                # The copy's lease rows go with it (expired and released ones: nothing holds
+                # it). Pins stay: a pin covers copies that arrive later too.
+                writes.update({k: None for k, _ in leases})
                 size, n = refunds.get(row.tenant, (0, 0))
                 refunds[row.tenant] = (size + row.size, n + 1)
             for tenant, (size, n) in refunds.items():

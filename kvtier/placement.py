@@ -253,6 +253,7 @@ class PlacementSweeper:
             d = c.row.raw
             used = max(int(d.get("last_use_ns", 0)), int(d.get("published_ns", 0)))
             used = max(used, c.newest_lease_ns - self.lease_ns if c.newest_lease_ns else 0)
+            used = max(used, c.last_release_ns)  # a reader loaded it then
             out.append((used, c.owner, c.nsid, c.row.block_hash, c.row.size))
         return out
 

@@ -173,6 +173,42 @@ def test_leases_and_pins_hold_a_copy_and_removal_refunds(tmp_path: Path) -> None
     run(body)
 
 
+def test_a_released_lease_keeps_the_copys_last_use_and_goes_with_the_copy(
+    tmp_path: Path,
+) -> None:
+    """Releasing a lease after a load must not erase when the copy was last used (placement
+    ranks copies by it), must not hold the copy, and evicting the copy takes its lease rows."""
+
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            md = env.metadata
+            rec = await md.register_namespace(namespace())
+            await md.publish(rec, "acme", "us-east", [blk(1), blk(2)])
+            h1, h2 = blk(1).block_hash, blk(2).block_hash
+            env.clock.advance(60 * 10**9)
+            await md.lease(rec, "us-east", [h1], "reader-1", lease_s=10)
+            await md.lease(rec, "us-east", [h1], "reader-2", lease_s=10)
+            env.clock.advance(10**9)
+            await md.release(rec, "us-east", [h1], "reader-1")
+            released_at = env.clock.now_ns()
+            copies = {c.row.block_hash: c for c in await md.region_copies("us-east")}
+            assert copies[h1].last_release_ns == released_at
+            assert copies[h2].last_release_ns == 0 and copies[h2].newest_lease_ns == 0
+            assert copies[h1].newest_lease_ns == released_at - 10**9 + 10 * 10**9  # reader-2's
+            assert await md.evict(rec, h1, "us-east") is False  # reader-2 still holds it
+            await md.release(rec, "us-east", [h1], "reader-2")
+            assert await md.evict(rec, h1, "us-east") is True  # released rows hold nothing
+            prefix = lease_prefix("us-east", "acme", rec.nsid, h1)
+            assert await env.client.scan(prefix, prefix + "~") == []
+            # remove (lost bytes) takes the lease rows too.
+            await md.lease(rec, "us-east", [h2], "reader-3", lease_s=10)
+            assert await md.remove(rec, [h2], "us-east") == 1
+            prefix = lease_prefix("us-east", "acme", rec.nsid, h2)
+            assert await env.client.scan(prefix, prefix + "~") == []
+
+    run(body)
+
+
 def test_block_stores_register_in_their_region_row(tmp_path: Path) -> None:
     async def body() -> None:
         async with kv_env(tmp_path) as env:

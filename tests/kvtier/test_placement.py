@@ -139,6 +139,43 @@ def test_sweeper_evicts_the_coldest_unheld_copies_down_to_low_water(tmp_path: Pa
     run(body)
 
 
+def test_sweeper_keeps_a_copy_read_a_moment_ago_over_a_newer_unread_one(
+    tmp_path: Path,
+) -> None:
+    """A copy whose readers loaded it (and released their leases) is warmer than one published
+    later and never read: the sweeper evicts the unread one (the release keeps the last use)."""
+
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            ns = namespace()
+            await env.metadata.register_namespace(ns)
+            east = await env.connector(ns, "us-east")
+            prompts = [[100 * p + i for i in range(1, 5)] for p in range(2)]  # one block each
+            for i, p in enumerate(prompts):
+                env.clock.advance(1_000_000_000)
+                await east.store(p, make_kv(SPEC, 4, seed=i))
+            hashes = [block_hashes(ns, p)[0] for p in prompts]
+            env.clock.advance(1_000_000_000)
+            got = await east.retrieve(prompts[0])  # the older copy is read (lease, release)
+            await east.settle()
+            assert got.num_tokens == 4
+            row = (await env.metadata.rows(east.record, hashes[:1], "us-east"))[0]
+            assert row is not None
+            deleted: list[bytes] = []
+
+            async def delete(hs: list[bytes]) -> None:
+                deleted.extend(hs)
+
+            sweeper = PlacementSweeper(
+                env.metadata, "us-east", capacity_bytes=int(row.size * 1.5),
+                delete_bytes=delete, high_water=0.9, low_water=0.7,  # room for one after
+            )  # fmt: skip
+            assert (await sweeper.sweep()).evicted == 1
+            assert deleted == [hashes[1]]
+
+    run(body)
+
+
 class Recorder:
     """Stands in for an EventPublisher: records what would go out on MQTT."""
 
