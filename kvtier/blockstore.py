@@ -95,6 +95,10 @@ class BlockStoreConfig:
     """fsync each put before acknowledging it (turn off only for throw-away stores)."""
 
 
+EVICTED_KEPT = 10_000
+"""How many evicted keys `BlockStoreStats.evicted` keeps for `drain_evicted` (the newest)."""
+
+
 @dataclass(slots=True)
 class BlockStoreStats:
     puts: int = 0
@@ -108,7 +112,11 @@ class BlockStoreStats:
     disk_used: int = 0
     blocks: int = 0
     evicted: list[bytes] = field(default_factory=list)
-    """Keys evicted or dropped since the last `drain_evicted` (for metadata cleanup/events)."""
+    """Keys evicted or dropped since the last `drain_evicted` (for metadata cleanup/events),
+    the newest `EVICTED_KEPT` of them: nothing in a node drains them yet (readers clean up a
+    dropped copy's metadata when its load misses), so the list must not grow without bound."""
+    evicted_total: int = 0
+    """Keys evicted or dropped since the store opened."""
 
 
 class BlockStore:
@@ -256,5 +264,8 @@ class BlockStore:
         self._disk.delete(key)
         self.stats.disk_used -= size
         self.stats.blocks -= 1
+        self.stats.evicted_total += 1
         self.stats.evicted.append(key)
+        if len(self.stats.evicted) > 2 * EVICTED_KEPT:  # trim in batches: amortized O(1)
+            del self.stats.evicted[:-EVICTED_KEPT]
         return True

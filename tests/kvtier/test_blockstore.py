@@ -8,6 +8,7 @@ import pytest
 from kvtier_env import SPEC, make_kv
 
 from k2store.rocksengine import RocksBlobStore
+from kvtier import blockstore
 from kvtier.blocks import FRAME_HEADER_BYTES, encode_block
 from kvtier.blockstore import BlockStore, BlockStoreConfig, MemoryBlobStore
 from kvtier.errors import BlockStoreFull, BlockTooLarge, CorruptBlock
@@ -130,3 +131,16 @@ def test_rocks_blob_store_contract(tmp_path: Path) -> None:
         b.close()
     with pytest.raises(StorageError):
         b.get(b"k2")
+
+
+def test_evicted_keys_are_bounded_when_nobody_drains_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long-running node that never drains keeps only the newest evicted keys (the count
+    keeps going)."""
+    monkeypatch.setattr(blockstore, "EVICTED_KEPT", 3)
+    s = BlockStore(MemoryBlobStore())
+    for i in range(20):
+        s.put(key(i), frame(i))
+        s.delete(key(i))
+    assert s.stats.evicted_total == 20
+    kept = s.drain_evicted()
+    assert 3 <= len(kept) <= 6 and kept == [key(i) for i in range(20 - len(kept), 20)]
