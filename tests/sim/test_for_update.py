@@ -16,6 +16,7 @@ import pytest
 from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
 from k2store.cluster import DEFAULT_REGIONS, ClusterSettings, TxnSettings, local_cluster
 from k2store.errors import TxnAborted
+from k2store.participant import FOR_UPDATE_MAX_LINE
 from k2store.sim import SimCluster, run_simulation
 
 KEY = "eu-west/hot"
@@ -159,3 +160,31 @@ def test_for_update_flags_must_match_the_keys() -> None:
         await tx.abort()
 
     assert scenario(body)["error"] == "InvalidArgument"
+
+
+def test_a_long_line_gives_no_more_for_update_places() -> None:
+    """A read for update on a key whose line already holds FOR_UPDATE_MAX_LINE transactions
+    reads without taking a place (it would only lengthen the convoy); with a shorter line it
+    takes one."""
+    n = FOR_UPDATE_MAX_LINE + 2
+
+    async def body(
+        cluster: SimCluster, far: AsyncClient, near: AsyncClient, out: dict[str, Any]
+    ) -> None:
+        async def stall(i: int) -> None:  # each reads for update, then goes quiet
+            await asyncio.sleep(0.01 * i)
+            tx = await near.begin()
+            await tx.get(KEY, for_update=True)
+            await asyncio.sleep(2.0)
+            await tx.abort()
+
+        await asyncio.gather(*(stall(i) for i in range(n)))
+        counters = [node.service.participant.counters for node in cluster.nodes.values()]
+        out["places"] = sum(c.get("for-update-places", 0) for c in counters)
+        out["full"] = sum(c.get("for-update-line-full", 0) for c in counters)
+
+    out = scenario(body, for_update_hold_s=0.2)
+    # The first reader took a place and the other n - 1 queued behind it; when its hold ran
+    # out the next reader saw n - 2 = FOR_UPDATE_MAX_LINE still in line and took none.
+    assert out["full"] >= 1
+    assert out["places"] + out["full"] == n
