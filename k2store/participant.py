@@ -153,9 +153,8 @@ class Participant:
         instead of reading the key first, which would abort the coming write by rule
         read-mark. Not on a key whose line already holds `FOR_UPDATE_MAX_LINE` places: there
         the place would only lengthen a convoy. Only when operations run changes: each still
-        passes the MVTO rules at its
-        timestamp, and the place is at txn's own timestamp, so waits still run from higher to
-        lower timestamps only (no deadlock)."""
+        passes the MVTO rules at its timestamp, and the place is at txn's own timestamp, so
+        waits still run from higher to lower timestamps only (no deadlock)."""
         held = self._reserved.get(txn.txn_id)
         if held is not None and key in held:
             return

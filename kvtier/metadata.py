@@ -63,13 +63,15 @@ Two-phase publish
 Leases and pins
     Each lease and pin is its own row, so readers never write the same key (no conflicts between
     them). `evict` refuses a copy with an unexpired lease or pin. Releasing a lease rewrites its
-    row as "released:<ns>" rather than deleting it: the row then holds nothing back but keeps the
-    copy's last use, which the placement sweeper ranks copies by (a copy read a moment ago must
-    not look as cold as its publish time). A copy's lease rows go with its block row (`evict`,
-    `remove`), so they are bounded by the readers that used the copy. A lease is taken just after the
-    read that found the block (separate transactions, so that a lookup is one read-only round
-    plus one blind write round); an eviction in between makes the load fail, which the reader
-    counts and recomputes (a miss, never wrong data).
+    row as "released:<ns>" rather than deleting it: the row then holds nothing back but keeps
+    the copy's last use, which the placement sweeper ranks copies by (a copy read a moment ago
+    must not look as cold as its publish time). A copy's lease rows go with its block row
+    (`evict`, `remove`), so they are bounded by the readers that used the copy; a lease or
+    release written just after its copy went (both are blind writes) stays behind as an orphan
+    row, which nothing reads (a copy's rows are found from its block row). A lease is taken
+    just after the read that found the block (separate transactions, so that a lookup is one
+    read-only round plus one blind write round); an eviction in between makes the load fail,
+    which the reader counts and recomputes (a miss, never wrong data).
     HAZARD: lease expiry compares timestamps from different machines' clocks. If a reader's
     clock runs behind the evictor's by more than the lease TTL minus the reader's load time, a
     block can be evicted under it, with the same outcome (a counted miss). The default TTL
