@@ -746,7 +746,8 @@ def _keys_of(path: str, r: Message) -> list[_Access]:
         return [(r.start, r.end if r.has_end else None, False, False)]
     if isinstance(r, pb.BeginTxnRequest):
         # Declared keys only place the record and pick the timestamp; TxnOps checks each write.
-        return [(k, None, True, False) for k in r.keys]
+        # read_keys are read (a one-shot read-only transaction).
+        return [(k, None, True, False) for k in (*r.keys, *r.read_keys)]
     if isinstance(r, pb.TxnOpsRequest):
         return [
             (op.key, op.end if op.has_end else None, False, False)

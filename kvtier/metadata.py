@@ -534,10 +534,10 @@ class BlockMetadata:
         unreachable: list[str] | None = None,
     ) -> list[BlockInfo]:
         """The longest prefix of `hashes` of which some region holds every block, with each
-        block's copies. Each region's rows are read in its own read-only transaction, all in
-        parallel (one round); a region that fails or takes longer than `timeout_s` counts as
-        holding nothing and is appended to `unreachable`, so a region that went away costs a
-        timeout, not every lookup.
+        block's copies. Each region's rows are read in its own one-shot read-only transaction
+        (`AsyncClient.read_many`: one round trip to a coordinator), all in parallel; a region
+        that fails or takes longer than `timeout_s` counts as holding nothing and is appended to
+        `unreachable`, so a region that went away costs a timeout, not every lookup.
 
         Rows of `replica_regions` are read instead from the replicas in this client's region, in
         one snapshot at the region's visible timestamp: no wide-area round trip, at the price of
@@ -550,7 +550,7 @@ class BlockMetadata:
 
         async def read(r: str) -> list[bytes | None]:
             keys: list[KeyLike] = [block_key(r, owner_of(rec), rec.nsid, h) for h in hashes]
-            return await self.client.run(lambda tx: tx.get_many(keys), read_only=True)
+            return await self.client.read_many(keys)  # one round trip, not three
 
         async def read_replicas() -> dict[str, list[bytes | None]]:
             if not stale:

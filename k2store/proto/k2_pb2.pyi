@@ -889,6 +889,7 @@ class BeginTxnRequest(_message.Message):
     READ_ONLY_FIELD_NUMBER: _builtins.int
     KEYS_FIELD_NUMBER: _builtins.int
     READ_TS_FIELD_NUMBER: _builtins.int
+    READ_KEYS_FIELD_NUMBER: _builtins.int
     read_only: _builtins.bool
     read_ts: _builtins.int
     """Read-only transactions only: read at this timestamp instead of a fresh one."""
@@ -898,16 +899,23 @@ class BeginTxnRequest(_message.Message):
         a future timestamp for transactions that reach other regions.
         """
 
+    @_builtins.property
+    def read_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """A one-shot read-only transaction (read_only): the coordinator reads these keys, commits,
+        and answers with their values in results, in this one round trip; nothing stays open.
+        """
+
     def __init__(
         self,
         *,
         read_only: _builtins.bool = ...,
         keys: _abc.Iterable[_builtins.bytes] | None = ...,
         read_ts: _builtins.int = ...,
+        read_keys: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "read_only", b"read_only", "read_ts", b"read_ts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "read_keys", b"read_keys", "read_only", b"read_only", "read_ts", b"read_ts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -920,19 +928,25 @@ class BeginTxnResponse(_message.Message):
     TXN_ID_FIELD_NUMBER: _builtins.int
     TS_FIELD_NUMBER: _builtins.int
     COORDINATOR_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
     txn_id: _builtins.bytes
     ts: _builtins.int
     coordinator: _builtins.str
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TxnOpResult]:
+        """The values of read_keys, in order, when the request named any (the transaction has ended)."""
+
     def __init__(
         self,
         *,
         txn_id: _builtins.bytes = ...,
         ts: _builtins.int = ...,
         coordinator: _builtins.str = ...,
+        results: _abc.Iterable[Global___TxnOpResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator", b"coordinator", "ts", b"ts", "txn_id", b"txn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator", b"coordinator", "results", b"results", "ts", b"ts", "txn_id", b"txn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

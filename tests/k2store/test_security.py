@@ -362,6 +362,14 @@ def test_guard_tokens_prefixes_and_roles() -> None:
     )
     with pytest.raises(PermissionDenied):  # unbounded
         g.authorize(acme, scan, pb.ScanRequest(start=b"us-east/t/acme/"))
+    begin = "/k2.v1.K2/BeginTxn"  # a one-shot read-only transaction's keys are reads
+    g.authorize(acme, begin, pb.BeginTxnRequest(read_only=True, read_keys=[b"us-east/t/acme/k"]))
+    with pytest.raises(PermissionDenied):
+        g.authorize(
+            acme,
+            begin,
+            pb.BeginTxnRequest(read_only=True, read_keys=[b"us-east/t/acme/k", b"us-east/t/x/k"]),
+        )
     narrow = g.authenticate(bearer_metadata("tok-narrow"), {})
     g.authorize(narrow, get, pb.GetRequest(key=b"shared/x/1"))
     with pytest.raises(PermissionDenied):

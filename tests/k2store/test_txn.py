@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -21,6 +22,7 @@ from k2store.cluster import ClusterConfig, ClusterSettings, TxnSettings, local_c
 from k2store.errors import InvalidArgument, TransactionRetry, TxnAborted
 from k2store.launcher import free_ports
 from k2store.node import Node
+from k2store.proto import k2_pb2 as pb
 from truetime import ManualClock
 
 REGIONS = ["us-east", "eu-west", "ap-southeast"]
@@ -389,5 +391,47 @@ def test_future_timestamp_for_transactions_that_reach_a_far_region(tmp_path: Pat
             assert await c.get("ap-southeast/b") == b"2"
             await far2.abort()
             await local.abort()
+
+    run(body)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_one_shot_read_only_transactions_read_a_snapshot_in_one_round_trip(
+    tmp_path: Path, protocol: str
+) -> None:
+    """`read_many` is begin, read and commit at the coordinator in one call: it sees every
+    committed write, waits on a lower intent like any reader, and leaves nothing open."""
+
+    async def body() -> None:
+        async with cluster(tmp_path, replace(FAST, protocol=protocol)) as (cfg, nodes, c):
+            await c.run(lambda tx: tx.put_many({"us-east/a": b"1", "eu-west/b": b"2"}))
+            with mock.patch.object(c, "_call", wraps=c._call) as calls:
+                assert await c.read_many(["us-east/a", "eu-west/b", "us-east/none"]) == [
+                    b"1",
+                    b"2",
+                    None,
+                ]
+            assert [call.args[1] for call in calls.call_args_list] == ["BeginTxn"]
+            assert await c.read_many([]) == []
+            # A lower intent: the one-shot read waits for its outcome and then sees it.
+            t1 = await c.begin()
+            await t1.put("us-east/a", b"t1")
+            read = asyncio.ensure_future(c.read_many(["us-east/a"]))
+            await asyncio.sleep(0.05)
+            if protocol != "d2pl-ttc":
+                assert not read.done()
+            await t1.commit()
+            got = await read
+            assert got == [b"t1"] if protocol != "d2pl-ttc" else got in ([b"t1"], [b"1"])
+            assert await c.read_many(["us-east/a"]) == [b"t1"]
+            for node in nodes.values():  # nothing left open at any coordinator
+                assert node.service is not None and not node.service.coordinator.txns
+            with pytest.raises(InvalidArgument, match="one-shot"):
+                await c._call(
+                    cfg.nodes[0].name,
+                    "BeginTxn",
+                    pb.BeginTxnRequest(read_only=False, read_keys=[b"us-east/a"]),
+                    pb.BeginTxnResponse,
+                )
 
     run(body)
