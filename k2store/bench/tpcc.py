@@ -557,8 +557,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     tc = TpccConfig(
         protocols=tuple(args.protocol or TXN_PROTOCOLS),
-        clients_per_region=args.clients_per_region
-        or (QUICK_CLIENTS_PER_REGION if args.quick else TpccConfig.clients_per_region),
+        clients_per_region=(
+            args.clients_per_region
+            if args.clients_per_region is not None
+            else QUICK_CLIENTS_PER_REGION
+            if args.quick
+            else TpccConfig.clients_per_region
+        ),
         warehouses_per_region=args.warehouses_per_region,
         remote_fraction=args.remote_fraction,
         duration_s=args.duration or (4.0 if args.quick else TpccConfig.duration_s),
