@@ -765,6 +765,10 @@ class Client:
             self, self._async.replica_snapshot(fresh=fresh, max_staleness=max_staleness)
         )
 
+    def read_many(self, keys: Sequence[KeyLike]) -> list[bytes | None]:
+        """One consistent snapshot of keys in one round trip (see `AsyncClient.read_many`)."""
+        return self._run(self._async.read_many(keys))
+
     def transaction(self, *, read_only: bool = False) -> Transaction:
         """`with client.transaction() as tx:` commits on success, aborts on error; it cannot
         re-run its body, so a retryable abort raises TransactionRetry. Prefer `run(fn)`."""
