@@ -142,11 +142,17 @@ async def _get_rates(
 async def _grpc(store: BlockStore, frames: dict[bytes, bytes], total: int) -> dict[str, float]:
     node = BlockNode(store, "us-east", "127.0.0.1:0")
     await node.start()
-    c = BlockStoreClient(node.address)
+    c = BlockStoreClient(node.address, bulk=False)
+    bulk = BlockStoreClient(node.address)
     res: dict[str, float] = {}
     try:
         await c.get(next(iter(frames)))  # connect
         res.update(await _get_rates("grpc", c.get, list(frames), total))
+        # The node's bulk TCP port (kvtier/bulk.py), which the first streamed Get names.
+        await bulk.get(next(iter(frames)))
+        rates = await _get_rates("bulk", bulk.get, list(frames), total)
+        if bulk.stats.bulk_gets:
+            res.update(rates)
         # The same node read by a client on its host through a shared-memory arena (what a
         # serving node does with its region's store: kvtier/shm.py).
         arena = SharedArena(ARENA_HEADER_BYTES + 2 * total + (1 << 20))
@@ -166,6 +172,7 @@ async def _grpc(store: BlockStore, frames: dict[bytes, bytes], total: int) -> di
             arena.close()
     finally:
         await c.close()
+        await bulk.close()
         await node.stop(0, close_store=False)
     return res
 
@@ -322,12 +329,18 @@ def ratios(figures: dict[str, Any]) -> list[str]:
         theirs = figures.get(f"redis.get_{mode}_MBps")
         if ours is None:
             continue
-        line = f"block get ({mode}): block store node {ours:.0f} MB/s"
+        line = f"block get ({mode}): block store node over gRPC {ours:.0f} MB/s"
         if theirs:
             line += f", Redis {theirs:.0f} MB/s ({ours / theirs:.2f}x)"
         if mem:
             line += f", memory copy {mem:.0f} MB/s ({ours / mem:.0%} of it)"
         out.append(line)
+        raw = figures.get(f"bulk.get_{mode}_MBps")
+        if raw is not None:
+            line = f"block get ({mode}), the node's bulk TCP port: {raw:.0f} MB/s"
+            if theirs:
+                line += f" ({raw / theirs:.2f}x Redis)"
+            out.append(line)
         shm = figures.get(f"shm.get_{mode}_MBps")
         if shm is not None:
             line = f"block get ({mode}), same host through shared memory: {shm:.0f} MB/s"

@@ -77,6 +77,7 @@ from k2store.security import Guard, Identity, SecuritySettings, bearer_metadata,
 from k2store.transport import CHANNEL_OPTIONS, WanEmulation, rpc_error_to_k2
 from kvtier.blocks import Namespace, verify_frame
 from kvtier.blockstore import BlobStore, BlockStore, BlockStoreConfig
+from kvtier.bulk import BulkClient, BulkServer, BulkUnavailable
 from kvtier.shm import ArenaMapper, SharedArena, SharedUnavailable, Slot
 
 if TYPE_CHECKING:
@@ -297,6 +298,8 @@ class BlockStoreService(bpb_grpc.BlockStoreServicer):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         security: BlockNodeSecurity | None = None,
     ) -> None:
+        self.bulk_port = 0
+        """The node's bulk read port (kvtier/bulk.py), told to readers in Get replies; 0: none."""
         self.store = store
         self.region = region
         self.chunk_bytes = chunk_bytes
@@ -404,7 +407,7 @@ class BlockStoreService(bpb_grpc.BlockStoreServicer):
                     return
             frame = await asyncio.to_thread(self.store.get, request.key)
             if frame is None:
-                yield bpb.GetChunk(found=False)
+                yield bpb.GetChunk(found=False, bulk_port=self.bulk_port)
                 return
             data = (
                 frame if codec == "none" else await asyncio.to_thread(compress_frame, codec, frame)
@@ -421,6 +424,7 @@ class BlockStoreService(bpb_grpc.BlockStoreServicer):
                     total_bytes=len(data),
                     codec=_CODEC_BY_NAME[codec],
                     data=bytes(mv[off : off + step]),
+                    bulk_port=self.bulk_port,
                 )
             else:
                 yield bpb.GetChunk(data=bytes(mv[off : off + step]))
@@ -551,13 +555,18 @@ class BlockNode:
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         security: BlockNodeSecurity | None = None,
+        bulk: bool = True,
     ) -> None:
-        """`security`: serve mutual TLS and check every caller (None: plaintext, no checks)."""
+        """`security`: serve mutual TLS and check every caller (None: plaintext, no checks).
+        `bulk`: also serve reads on a plain TCP port (kvtier/bulk.py), which readers learn from
+        Get replies; never on a secured node (the path has no TLS and no tokens)."""
         self.store = store
         self.region = region
         self.address = address
         self.security = security
         self.service = BlockStoreService(store, region, chunk_bytes=chunk_bytes, security=security)
+        self.bulk: BulkServer | None = None
+        self._want_bulk = bulk and security is None
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
 
@@ -584,6 +593,15 @@ class BlockNode:
             raise Unavailable(f"block store: cannot listen on {self.address}") from None
         host = self.address.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"  # resolves port 0 to the one chosen
+        if self._want_bulk:
+            bulk = BulkServer(self.store.get, host.strip("[]"))
+            try:
+                await bulk.start()
+            except OSError as e:
+                log.warning("block store %s: no bulk read port (%s); gRPC only", self.address, e)
+            else:
+                self.bulk = bulk
+                self.service.bulk_port = bulk.port
         await server.start()
         self._server = server
         log.info(
@@ -597,6 +615,9 @@ class BlockNode:
         """Stop serving; with `close_store`, also close the store (releasing its directory)."""
         if self._stopped.is_set():
             return
+        if self.bulk is not None:
+            self.service.bulk_port = 0
+            await self.bulk.stop()
         if self._server is not None:
             await self._server.stop(grace_s)
         self.service.arenas.close()
@@ -658,6 +679,8 @@ class TransferStats:
     failures: int = 0
     shared_gets: int = 0
     """Gets served through the shared-memory arena (kvtier/shm.py) rather than streamed."""
+    bulk_gets: int = 0
+    """Gets served through the node's bulk TCP port (kvtier/bulk.py) rather than streamed."""
 
 
 class BlockStoreClient:
@@ -676,6 +699,7 @@ class BlockStoreClient:
         node: str | None = None,
         namespace: str = "",
         arena: SharedArena | None = None,
+        bulk: bool = True,
     ) -> None:
         """`codec`: compression for transfers through this client (see kvtier.compression;
         choose it with `choose_codec` for the link this client crosses). `pacer`: the emulated
@@ -687,7 +711,9 @@ class BlockStoreClient:
         K2_TOKEN_FILE or the settings' token file). `namespace`: the block store namespace
         every call works in (`block_namespace`; "" is the caller's default). `arena`: a
         shared-memory arena (kvtier/shm.py) for `fetch` to receive frames through when the node
-        is on this host; the caller owns and closes it."""
+        is on this host; the caller owns and closes it. `bulk`: read uncompressed frames through
+        the node's bulk TCP port once it names one (kvtier/bulk.py; never on a secured
+        cluster)."""
         if codec not in _CODEC_BY_NAME:
             raise InvalidArgument(f"unknown codec {codec!r}")
         self.address = address
@@ -698,6 +724,10 @@ class BlockStoreClient:
         self.stats = TransferStats()
         self._pacer = pacer
         self._arena = arena
+        self._bulk: BulkClient | None = None
+        self._bulk_ok = bulk and (security is None or not security.tls)
+        """Read through the node's bulk port (kvtier/bulk.py) once a Get reply names one; off
+        for good after a failure there, and on a secured cluster."""
         self._metadata: tuple[tuple[str, str], ...] = ()
         if security is not None and security.tls:
             from k2store.certs import channel_credentials
@@ -711,6 +741,8 @@ class BlockStoreClient:
         self._stub = bpb_grpc.BlockStoreStub(self._channel)
 
     async def close(self) -> None:
+        if self._bulk is not None:
+            self._bulk.close()
         await self._channel.close()
 
     async def _pay(self, nbytes: int, *, outbound: bool) -> None:
@@ -767,6 +799,11 @@ class BlockStoreClient:
         is not the frame (the caller should treat both as a miss). Also returns the bytes this
         call moved over the wire (after compression)."""
         codec = codec or self.codec
+        if self._bulk is not None and codec == "none":
+            got = await self._get_bulk(key)
+            if got is not None:
+                frame_or_none, moved = got
+                return (bytes(frame_or_none) if frame_or_none is not None else None), moved
         parts: list[bytes] = []
         total = 0
         wire_codec = "none"
@@ -785,6 +822,7 @@ class BlockStoreClient:
             )
             async for chunk in call:
                 if not parts:
+                    self._learn_bulk(chunk.bulk_port)
                     found = chunk.found
                     if not found:
                         break
@@ -809,6 +847,36 @@ class BlockStoreClient:
         self.stats.frame_bytes_received += len(frame)
         return frame, len(data)
 
+    def _learn_bulk(self, port: int) -> None:
+        if port and self._bulk is None and self._bulk_ok:
+            host = self.address.rsplit(":", 1)[0].strip("[]")
+            self._bulk = BulkClient(host, port, timeout_s=self.timeout_s)
+
+    async def _get_bulk(self, key: bytes) -> tuple[bytearray | None, int] | None:
+        """The verified frame (None on a miss) and the bytes moved, through the bulk port; None
+        when the path failed (it is off from then on: the caller streams over gRPC)."""
+        bulk = self._bulk
+        assert bulk is not None
+        await self._pay(_REQUEST_BYTES, outbound=True)
+        try:
+            frame = await bulk.get(key)
+        except BulkUnavailable as e:
+            log.info("block store %s: bulk reads off, streaming over gRPC (%s)", self.address, e)
+            bulk.close()
+            self._bulk = None
+            self._bulk_ok = False
+            return None
+        n = len(frame) if frame is not None else 0
+        await self._pay(max(n, _REQUEST_BYTES), outbound=False)
+        self.stats.gets += 1
+        self.stats.bulk_gets += 1
+        if frame is None:
+            return None, 0
+        self.stats.bytes_received += n
+        verify_frame(frame, key)
+        self.stats.frame_bytes_received += n
+        return frame, n
+
     @contextlib.asynccontextmanager
     async def fetch(
         self, key: bytes, *, size_hint: int = 0
@@ -821,6 +889,12 @@ class BlockStoreClient:
         arena = self._arena
         slot = arena.alloc(size_hint) if arena is not None and size_hint > 0 else None
         if slot is None or arena is None:
+            if self._bulk is not None and self.codec == "none":
+                got = await self._get_bulk(key)
+                if got is not None:
+                    frame, moved = got
+                    yield (memoryview(frame) if frame is not None else None), moved
+                    return
             yield await self.get_sized(key)
             return
         done = False

@@ -173,10 +173,15 @@ class GetChunk(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     CODEC_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    BULK_PORT_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
     total_bytes: _builtins.int
     codec: Global___Codec.ValueType
     data: _builtins.bytes
+    bulk_port: _builtins.int
+    """First chunk only: the node's bulk read port on the same host (kvtier/bulk.py); 0 when it
+    runs none (a secured node never does).
+    """
     def __init__(
         self,
         *,
@@ -184,10 +189,11 @@ class GetChunk(_message.Message):
         total_bytes: _builtins.int = ...,
         codec: Global___Codec.ValueType = ...,
         data: _builtins.bytes = ...,
+        bulk_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "data", b"data", "found", b"found", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_port", b"bulk_port", "codec", b"codec", "data", b"data", "found", b"found", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -88,18 +88,19 @@ def test_wait_places_cut_k2_mvto_aborts_on_tpcc(monkeypatch: pytest.MonkeyPatch)
     assert with_places.rules["read-mark"] < without_places.rules["read-mark"]
 
 
-def test_bench_kvtier_quick_reads_through_grpc_and_shared_memory(
+def test_bench_kvtier_quick_reads_through_grpc_bulk_and_shared_memory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "kvtier.json"
     assert main(["bench", "kvtier", "--quick", "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
-    for path in ("grpc", "shm"):
+    for path in ("grpc", "bulk", "shm"):
         for mode in ("sequential", "parallel"):
             assert figures[f"{path}.get_{mode}_MBps"] > 0
     assert figures["memcopy_MBps"] > 0
     printed = capsys.readouterr().out
     assert "same host through shared memory" in printed
+    assert "the node's bulk TCP port" in printed
 
 
 def test_bench_txn_sim_quick_runs_the_three_protocols_side_by_side(

@@ -1,0 +1,158 @@
+"""The block store node's bulk read path (kvtier/bulk.py): found by readers from a Get reply,
+verified like any frame, dropped for gRPC when it fails, absent when switched off."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+from kvtier_env import make_kv, run
+
+from kvtier.blocknode import BlockNode, BlockStoreClient
+from kvtier.blocks import BlockSpec, encode_block
+from kvtier.blockstore import BlockStore, MemoryBlobStore
+from kvtier.errors import CorruptBlock
+
+SPEC = BlockSpec(16, 4, 2, 32, "bfloat16")
+
+
+def key(i: int) -> bytes:
+    return bytes([i]) * 32
+
+
+def frame(i: int) -> bytes:
+    return encode_block(SPEC, make_kv(SPEC, 16, seed=i), key(i))
+
+
+async def node_with(n: int, **kw: bool) -> BlockNode:
+    store = BlockStore(MemoryBlobStore())
+    for i in range(n):
+        store.put(key(i), frame(i))
+    node = BlockNode(store, "us-east", "127.0.0.1:0", **kw)
+    await node.start()
+    return node
+
+
+def test_reads_move_to_the_bulk_port_once_the_node_names_it() -> None:
+    async def body() -> None:
+        node = await node_with(10)
+        c = BlockStoreClient(node.address)
+        try:
+            assert node.bulk is not None and node.bulk.port > 0
+            assert await c.get(key(0)) == frame(0)  # streamed; the reply names the port
+            assert c.stats.bulk_gets == 0
+            assert await c.get(key(1)) == frame(1)
+            assert await c.get(key(99)) is None  # a miss, through the bulk port too
+            assert c.stats.bulk_gets == 2
+            got = await asyncio.gather(*(c.get(key(i)) for i in range(10)))  # several sockets
+            assert got == [frame(i) for i in range(10)]
+            async with c.fetch(key(3), size_hint=len(frame(3))) as (view, moved):
+                assert view is not None and bytes(view) == frame(3) and moved == len(frame(3))
+            assert c.stats.bulk_gets == 13 and node.bulk.served == 12
+        finally:
+            await c.close()
+            await node.stop(0)
+
+    run(body)
+
+
+def test_a_failed_bulk_path_falls_back_to_grpc_for_good() -> None:
+    async def body() -> None:
+        node = await node_with(3)
+        c = BlockStoreClient(node.address)
+        try:
+            assert await c.get(key(0)) == frame(0)
+            assert await c.get(key(1)) == frame(1) and c.stats.bulk_gets == 1
+            assert node.bulk is not None
+            await node.bulk.stop()  # the port goes away (its kept connection too); gRPC stays
+            assert await c.get(key(2)) == frame(2)
+            assert c.stats.bulk_gets == 1 and c._bulk is None
+            assert await c.get(key(1)) == frame(1)  # streamed from now on
+            assert c.stats.bulk_gets == 1
+        finally:
+            await c.close()
+            await node.stop(0)
+
+    run(body)
+
+
+def test_a_kept_connection_the_node_closed_is_replaced_once() -> None:
+    async def body() -> None:
+        node = await node_with(3)
+        c = BlockStoreClient(node.address)
+        try:
+            assert await c.get(key(0)) == frame(0)
+            assert await c.get(key(1)) == frame(1) and c.stats.bulk_gets == 1
+            assert node.bulk is not None and c._bulk is not None
+            await node.bulk.stop()  # a restart: the kept connection is dead
+            await node.bulk.start()
+            c._bulk.port = node.bulk.port  # (a restarted node names its port again)
+            assert await c.get(key(2)) == frame(2)
+            assert c.stats.bulk_gets == 2 and c._bulk is not None  # still on the bulk path
+        finally:
+            await c.close()
+            await node.stop(0)
+
+    run(body)
+
+
+def test_a_damaged_bulk_frame_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body() -> None:
+        node = await node_with(2)
+        c = BlockStoreClient(node.address)
+        try:
+            assert await c.get(key(0)) == frame(0)
+            assert node.bulk is not None
+            good = node.store.get
+
+            def damaged(k: bytes) -> bytes | None:
+                f = good(k)
+                return None if f is None else f[:-1] + bytes([f[-1] ^ 1])
+
+            monkeypatch.setattr(node.bulk, "_get", damaged)
+            with pytest.raises(CorruptBlock):
+                await c.get(key(1))
+        finally:
+            await c.close()
+            await node.stop(0)
+
+    run(body)
+
+
+def test_no_bulk_port_when_the_node_or_the_client_says_so() -> None:
+    async def body() -> None:
+        off = await node_with(2, bulk=False)
+        on = await node_with(2)
+        plain = BlockStoreClient(off.address)
+        refusing = BlockStoreClient(on.address, bulk=False)
+        try:
+            assert off.bulk is None
+            for c in (plain, refusing):
+                assert await c.get(key(0)) == frame(0)
+                assert await c.get(key(1)) == frame(1)
+                assert c.stats.bulk_gets == 0
+        finally:
+            await plain.close()
+            await refusing.close()
+            await off.stop(0)
+            await on.stop(0)
+
+    run(body)
+
+
+def test_the_bulk_server_drops_a_connection_that_does_not_speak_its_protocol() -> None:
+    async def body() -> None:
+        node = await node_with(1)
+        try:
+            assert node.bulk is not None
+            loop = asyncio.get_running_loop()
+            s = socket.create_connection(("127.0.0.1", node.bulk.port))
+            s.setblocking(False)
+            await loop.sock_sendall(s, b"GET / HTTP/1.0\r\n\r\n")
+            assert await asyncio.wait_for(loop.sock_recv(s, 100), 5) == b""  # closed
+            s.close()
+        finally:
+            await node.stop(0)
+
+    run(body)
