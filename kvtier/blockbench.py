@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
+import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,7 +30,7 @@ import torch
 
 from kvtier.blocknode import BlockNode, BlockStoreClient
 from kvtier.blocks import BlockSpec, decode_block, encode_block
-from kvtier.blockstore import BlockStore, BlockStoreConfig
+from kvtier.blockstore import BlockStore, BlockStoreConfig, MemoryBlobStore
 from kvtier.compression import choose_codec
 from kvtier.shm import ARENA_HEADER_BYTES, SharedArena
 from truetime import SystemClock
@@ -110,10 +112,8 @@ def run(tokens: int, blocks: int) -> dict[str, Any]:
             _rate(total, lambda: [store.get(k) for k in frames], repeat=3) / 1e6
         )
         store.config = BlockStoreConfig(memory_bytes=total * 2, disk_bytes=total * 4)
-        for k in frames:
-            store.get(k)
-        out.update(asyncio.run(_grpc(store, frames, total)))
         store.close()
+    out.update(asyncio.run(_node_paths(frames, total)))
     out["memcopy_MBps"] = memcopy_MBps(frames, total)
     out.update(asyncio.run(_redis(frames, total)))
     return out
@@ -139,24 +139,78 @@ async def _get_rates(
     return res
 
 
-async def _grpc(store: BlockStore, frames: dict[bytes, bytes], total: int) -> dict[str, float]:
-    node = BlockNode(store, "us-east", "127.0.0.1:0")
-    await node.start()
-    c = BlockStoreClient(node.address, bulk=False)
-    bulk = BlockStoreClient(node.address)
+def _serve_node(addr_file: Path) -> None:
+    """Run a block store node (memory tier) until stdin closes; its address goes to addr_file.
+    The benchmark reads from it in another process, as it reads Redis."""
+
+    async def main() -> None:
+        store = BlockStore(MemoryBlobStore(), BlockStoreConfig(sync=False))
+        node = BlockNode(store, "us-east", "127.0.0.1:0")
+        await node.start()
+        addr_file.write_text(node.address)
+        await asyncio.to_thread(sys.stdin.read)  # the parent closes stdin when it is done
+        await node.stop(0)
+
+    asyncio.run(main())
+
+
+async def _node_paths(frames: dict[bytes, bytes], total: int) -> dict[str, float]:
+    """The node's read paths (streamed gRPC, bulk TCP port, shared memory), the node in a process
+    of its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        addr_file = Path(tmp) / "address"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvtier.blockbench", "--serve-node", str(addr_file)],
+            stdin=subprocess.PIPE,
+        )
+        try:
+            for _ in range(600):
+                if addr_file.exists() and addr_file.read_text():
+                    break
+                if proc.poll() is not None:
+                    raise RuntimeError("the benchmark's block store node exited at start")
+                await asyncio.sleep(0.05)
+            else:
+                raise RuntimeError("the benchmark's block store node did not start in 30 s")
+            return await _read_paths(addr_file.read_text(), frames, total)
+        finally:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+async def _read_paths(address: str, frames: dict[bytes, bytes], total: int) -> dict[str, float]:
+    loader = BlockStoreClient(address, bulk=False)
+    try:
+        for k, f in frames.items():
+            await loader.put(k, f)
+    finally:
+        await loader.close()
+    c = BlockStoreClient(address, bulk=False)
+    bulk = BlockStoreClient(address)
     res: dict[str, float] = {}
     try:
         await c.get(next(iter(frames)))  # connect
         res.update(await _get_rates("grpc", c.get, list(frames), total))
-        # The node's bulk TCP port (kvtier/bulk.py), which the first streamed Get names.
+        # The node's bulk TCP port (kvtier/bulk.py), which the first streamed Get names; read
+        # with `fetch` as the connector does (the frame is lent, not copied into bytes).
         await bulk.get(next(iter(frames)))
-        rates = await _get_rates("bulk", bulk.get, list(frames), total)
+
+        async def fetch_bulk(k: bytes) -> None:
+            async with bulk.fetch(k) as (frame, _):
+                assert frame is not None
+
+        rates = await _get_rates("bulk", fetch_bulk, list(frames), total)
         if bulk.stats.bulk_gets:
             res.update(rates)
         # The same node read by a client on its host through a shared-memory arena (what a
         # serving node does with its region's store: kvtier/shm.py).
         arena = SharedArena(ARENA_HEADER_BYTES + 2 * total + (1 << 20))
-        shared = BlockStoreClient(node.address, arena=arena)
+        shared = BlockStoreClient(address, arena=arena)
         try:
             size = max(len(f) for f in frames.values())
 
@@ -173,7 +227,6 @@ async def _grpc(store: BlockStore, frames: dict[bytes, bytes], total: int) -> di
     finally:
         await c.close()
         await bulk.close()
-        await node.stop(0, close_store=False)
     return res
 
 
@@ -218,8 +271,15 @@ async def _redis(frames: dict[bytes, bytes], total: int) -> dict[str, float]:
 
 
 def memcopy_MBps(frames: dict[bytes, bytes], total: int) -> float:
-    """The physical limit on this machine: copying the same bytes once in memory."""
-    return _rate(total, lambda: [bytearray(f) for f in frames.values()]) / 1e6
+    """The physical limit on this machine: copying the same bytes once in memory, into a buffer
+    that already exists (fresh memory would time the page faults: FIGURES.md)."""
+    buf = bytearray(max(len(f) for f in frames.values()))
+
+    def copy_all() -> None:
+        for f in frames.values():
+            buf[: len(f)] = f
+
+    return _rate(total, copy_all) / 1e6
 
 
 async def _connector_bench(prefix_tokens: int, block_tokens: int) -> dict[str, Any]:
@@ -372,7 +432,12 @@ def main_args(a: argparse.Namespace) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     add_arguments(p)
-    return main_args(p.parse_args())
+    p.add_argument("--serve-node", type=Path, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.serve_node is not None:
+        _serve_node(a.serve_node)
+        return 0
+    return main_args(a)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,12 @@ Data flow
     message moves and no side holds more than the frame plus one chunk of framing. Disk work
     runs in worker threads, so the event loop keeps serving while a block is read or fsynced.
 
+    Faster read paths, both found by the client on its own: `fetch` from a node on the same
+    host goes through a shared-memory arena (`GetShared`, kvtier/shm.py); any other uncompressed
+    read, once a Get reply has named the node's bulk port, goes over a plain TCP socket
+    (kvtier/bulk.py: ~4x what grpc.aio moves here). A node runs the bulk port only when the
+    cluster is not secured.
+
 Invariants
     - A Put is acknowledged only after the frame is durable in the store (first phase of the
       two-phase publish).
@@ -594,7 +600,9 @@ class BlockNode:
         host = self.address.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"  # resolves port 0 to the one chosen
         if self._want_bulk:
-            bulk = BulkServer(self.store.get, host.strip("[]"))
+            bulk = BulkServer(
+                self.store.get, host.strip("[]"), get_if_in_memory=self.store.get_if_in_memory
+            )
             try:
                 await bulk.start()
             except OSError as e:

@@ -184,6 +184,17 @@ class BlockStore:
         with self._lock:
             return key in self._on_disk
 
+    def get_if_in_memory(self, key: bytes) -> bytes | None:
+        """The frame if the memory tier holds it (counted as a `get`'s memory hit), else None
+        without touching the disk: a caller on an event loop can serve a hit without a thread."""
+        with self._lock:
+            frame = self._memory.get(key)
+            if frame is not None:
+                self._memory.move_to_end(key)
+                self._on_disk.move_to_end(key)
+                self.stats.memory_hits += 1
+            return frame
+
     def get(self, key: bytes) -> bytes | None:
         """The frame, or None on a miss (including a block that failed its checksum and was
         dropped). Disk reads happen under the lock: simple, and RocksDB gets of a block are

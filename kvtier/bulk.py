@@ -51,8 +51,17 @@ class BulkServer:
     """Serves `get(key) -> frame | None` (run in a worker thread: the store reads disk) over TCP.
     Bind to the host of the node's gRPC address, port 0 (the chosen one is `port`)."""
 
-    def __init__(self, get: Callable[[bytes], bytes | None], host: str) -> None:
+    def __init__(
+        self,
+        get: Callable[[bytes], bytes | None],
+        host: str,
+        *,
+        get_if_in_memory: Callable[[bytes], bytes | None] | None = None,
+    ) -> None:
+        """`get_if_in_memory`: a non-blocking lookup tried first on the event loop (a memory
+        hit needs no worker thread)."""
         self._get = get
+        self._peek = get_if_in_memory
         self._host = host
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
@@ -82,7 +91,9 @@ class BulkServer:
                 if head[:4] != MAGIC or not 0 < n <= MAX_KEY_BYTES:
                     return  # not our protocol: drop the connection
                 key = await reader.readexactly(n)
-                frame = await asyncio.to_thread(self._get, key)
+                frame = self._peek(key) if self._peek is not None else None
+                if frame is None:
+                    frame = await asyncio.to_thread(self._get, key)
                 if frame is None:
                     writer.write(bytes([_MISS]) + (0).to_bytes(8, "big"))
                 else:

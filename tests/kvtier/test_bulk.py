@@ -111,6 +111,7 @@ def test_a_damaged_bulk_frame_is_caught(monkeypatch: pytest.MonkeyPatch) -> None
                 return None if f is None else f[:-1] + bytes([f[-1] ^ 1])
 
             monkeypatch.setattr(node.bulk, "_get", damaged)
+            monkeypatch.setattr(node.bulk, "_peek", damaged)
             with pytest.raises(CorruptBlock):
                 await c.get(key(1))
         finally:
