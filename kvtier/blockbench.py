@@ -395,18 +395,16 @@ def ratios(figures: dict[str, Any]) -> list[str]:
         if mem:
             line += f", memory copy {mem:.0f} MB/s ({ours / mem:.0%} of it)"
         out.append(line)
-        raw = figures.get(f"bulk.get_{mode}_MBps")
-        if raw is not None:
-            line = f"block get ({mode}), the node's bulk TCP port: {raw:.0f} MB/s"
-            if theirs:
-                line += f" ({raw / theirs:.2f}x Redis)"
-            out.append(line)
-        shm = figures.get(f"shm.get_{mode}_MBps")
-        if shm is not None:
-            line = f"block get ({mode}), same host through shared memory: {shm:.0f} MB/s"
-            if theirs:
-                line += f" ({shm / theirs:.2f}x Redis)"
-            out.append(line)
+        for path, how in (
+            ("bulk", "the node's bulk TCP port"),
+            ("shm", "same host through shared memory"),
+        ):
+            rate = figures.get(f"{path}.get_{mode}_MBps")
+            if rate is not None:
+                line = f"block get ({mode}), {how}: {rate:.0f} MB/s"
+                if theirs:
+                    line += f" ({rate / theirs:.2f}x Redis)"
+                out.append(line)
     if not figures.get("redis.get_sequential_MBps"):
         out.append("Redis: not measured (apt-get install redis-server; pip install redis)")
     return out

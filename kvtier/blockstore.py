@@ -184,27 +184,28 @@ class BlockStore:
         with self._lock:
             return key in self._on_disk
 
+    def _memory_hit(self, key: bytes) -> bytes | None:
+        """The frame if the memory tier holds it (a hit: LRU and stats updated). Under the lock."""
+        frame = self._memory.get(key)
+        if frame is not None:
+            self._memory.move_to_end(key)
+            self._on_disk.move_to_end(key)
+            self.stats.memory_hits += 1
+        return frame
+
     def get_if_in_memory(self, key: bytes) -> bytes | None:
         """The frame if the memory tier holds it (counted as a `get`'s memory hit), else None
         without touching the disk: a caller on an event loop can serve a hit without a thread."""
         with self._lock:
-            frame = self._memory.get(key)
-            if frame is not None:
-                self._memory.move_to_end(key)
-                self._on_disk.move_to_end(key)
-                self.stats.memory_hits += 1
-            return frame
+            return self._memory_hit(key)
 
     def get(self, key: bytes) -> bytes | None:
         """The frame, or None on a miss (including a block that failed its checksum and was
         dropped). Disk reads happen under the lock: simple, and RocksDB gets of a block are
         memory-speed once cached; a sharded lock is the next step if this shows in profiles."""
         with self._lock:
-            frame = self._memory.get(key)
+            frame = self._memory_hit(key)
             if frame is not None:
-                self._memory.move_to_end(key)
-                self._on_disk.move_to_end(key)
-                self.stats.memory_hits += 1
                 return frame
             if key not in self._on_disk:
                 self.stats.misses += 1

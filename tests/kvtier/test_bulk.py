@@ -4,7 +4,9 @@ verified like any frame, dropped for gRPC when it fails, absent when switched of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 from kvtier_env import make_kv, run
@@ -34,14 +36,25 @@ async def node_with(n: int, **kw: bool) -> BlockNode:
     return node
 
 
+@contextlib.asynccontextmanager
+async def node_and_client(n: int) -> AsyncIterator[tuple[BlockNode, BlockStoreClient]]:
+    """A node holding frames 0..n-1 and a client of it that has read frame 0 (streamed: the
+    reply named the bulk port)."""
+    node = await node_with(n)
+    c = BlockStoreClient(node.address)
+    try:
+        assert await c.get(key(0)) == frame(0)
+        assert c.stats.bulk_gets == 0 and node.bulk is not None
+        yield node, c
+    finally:
+        await c.close()
+        await node.stop(0)
+
+
 def test_reads_move_to_the_bulk_port_once_the_node_names_it() -> None:
     async def body() -> None:
-        node = await node_with(10)
-        c = BlockStoreClient(node.address)
-        try:
+        async with node_and_client(10) as (node, c):
             assert node.bulk is not None and node.bulk.port > 0
-            assert await c.get(key(0)) == frame(0)  # streamed; the reply names the port
-            assert c.stats.bulk_gets == 0
             assert await c.get(key(1)) == frame(1)
             assert await c.get(key(99)) is None  # a miss, through the bulk port too
             assert c.stats.bulk_gets == 2
@@ -50,19 +63,13 @@ def test_reads_move_to_the_bulk_port_once_the_node_names_it() -> None:
             async with c.fetch(key(3), size_hint=len(frame(3))) as (view, moved):
                 assert view is not None and bytes(view) == frame(3) and moved == len(frame(3))
             assert c.stats.bulk_gets == 13 and node.bulk.served == 12
-        finally:
-            await c.close()
-            await node.stop(0)
 
     run(body)
 
 
 def test_a_failed_bulk_path_falls_back_to_grpc_for_good() -> None:
     async def body() -> None:
-        node = await node_with(3)
-        c = BlockStoreClient(node.address)
-        try:
-            assert await c.get(key(0)) == frame(0)
+        async with node_and_client(3) as (node, c):
             assert await c.get(key(1)) == frame(1) and c.stats.bulk_gets == 1
             assert node.bulk is not None
             await node.bulk.stop()  # the port goes away (its kept connection too); gRPC stays
@@ -70,19 +77,13 @@ def test_a_failed_bulk_path_falls_back_to_grpc_for_good() -> None:
             assert c.stats.bulk_gets == 1 and c._bulk is None
             assert await c.get(key(1)) == frame(1)  # streamed from now on
             assert c.stats.bulk_gets == 1
-        finally:
-            await c.close()
-            await node.stop(0)
 
     run(body)
 
 
 def test_a_kept_connection_the_node_closed_is_replaced_once() -> None:
     async def body() -> None:
-        node = await node_with(3)
-        c = BlockStoreClient(node.address)
-        try:
-            assert await c.get(key(0)) == frame(0)
+        async with node_and_client(3) as (node, c):
             assert await c.get(key(1)) == frame(1) and c.stats.bulk_gets == 1
             assert node.bulk is not None and c._bulk is not None
             await node.bulk.stop()  # a restart: the kept connection is dead
@@ -90,19 +91,13 @@ def test_a_kept_connection_the_node_closed_is_replaced_once() -> None:
             c._bulk.port = node.bulk.port  # (a restarted node names its port again)
             assert await c.get(key(2)) == frame(2)
             assert c.stats.bulk_gets == 2 and c._bulk is not None  # still on the bulk path
-        finally:
-            await c.close()
-            await node.stop(0)
 
     run(body)
 
 
 def test_a_damaged_bulk_frame_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     async def body() -> None:
-        node = await node_with(2)
-        c = BlockStoreClient(node.address)
-        try:
-            assert await c.get(key(0)) == frame(0)
+        async with node_and_client(2) as (node, c):
             assert node.bulk is not None
             good = node.store.get
 
@@ -114,9 +109,6 @@ def test_a_damaged_bulk_frame_is_caught(monkeypatch: pytest.MonkeyPatch) -> None
             monkeypatch.setattr(node.bulk, "_peek", damaged)
             with pytest.raises(CorruptBlock):
                 await c.get(key(1))
-        finally:
-            await c.close()
-            await node.stop(0)
 
     run(body)
 
