@@ -268,13 +268,18 @@ class AsyncClient:
 
     # -- transactions ------------------------------------------------------------------------
 
+    def _pick_coordinator(self) -> str:
+        """The next coordinator in this client's region, round robin."""
+        node = self._coordinators[self._next_coordinator % len(self._coordinators)]
+        self._next_coordinator += 1
+        return node
+
     async def begin(
         self, *, read_only: bool = False, keys: Sequence[KeyLike] = ()
     ) -> AsyncTransaction:
         """Start a transaction at a coordinator in this client's region. Prefer `run(fn)`,
         which also retries; a transaction begun here must be committed or aborted."""
-        node = self._coordinators[self._next_coordinator % len(self._coordinators)]
-        self._next_coordinator += 1
+        node = self._pick_coordinator()
         req = pb.BeginTxnRequest(read_only=read_only, keys=[_key(k) for k in keys])
         r = await self._with_retry(lambda: self._call(node, "BeginTxn", req, pb.BeginTxnResponse))
         return AsyncTransaction(self, node, r.txn_id, r.ts, read_only)
@@ -287,8 +292,7 @@ class AsyncClient:
         reading the same keys."""
         if not keys:
             return []
-        node = self._coordinators[self._next_coordinator % len(self._coordinators)]
-        self._next_coordinator += 1
+        node = self._pick_coordinator()
         req = pb.BeginTxnRequest(read_only=True, read_keys=[_key(k) for k in keys])
         r = await self._with_retry(lambda: self._call(node, "BeginTxn", req, pb.BeginTxnResponse))
         if len(r.results) != len(keys):
@@ -396,8 +400,7 @@ class ReplicaSnapshot:
 
     async def _read(self, req: pb.ReplicaReadRequest) -> pb.ReplicaReadResponse:
         c = self._client
-        node = c._coordinators[c._next_coordinator % len(c._coordinators)]
-        c._next_coordinator += 1
+        node = c._pick_coordinator()
         r: pb.ReplicaReadResponse = await c._with_retry(
             lambda: c._call(node, "ReplicaRead", req, pb.ReplicaReadResponse, service="Replication")
         )

@@ -158,7 +158,7 @@ class Participant:
         held = self._reserved.get(txn.txn_id)
         if held is not None and key in held:
             return
-        if len(self._key_waiters.get(key, ())) >= FOR_UPDATE_MAX_LINE:
+        if self._line_length(key) >= FOR_UPDATE_MAX_LINE:
             self._count("for-update-line-full")
             return
         held = self._reserved.setdefault(txn.txn_id, {})
@@ -295,7 +295,7 @@ class Participant:
                 if (
                     ops[i].kind != pb.OP_GET
                     and key not in in_line
-                    and len(self._key_waiters.get(key, ())) < PLACE_MAX_LINE
+                    and self._line_length(key) < PLACE_MAX_LINE
                 ):
                     in_line[key] = None
                     self._join_line(key, txn.ts)
@@ -630,6 +630,10 @@ class Participant:
             del self._key_waiters[key]
         if key in self._key_turns:
             self._key_turns.pop(key).set()  # the next waiter in line re-checks
+
+    def _line_length(self, key: bytes) -> int:
+        """Places in key's line (see `PLACE_MAX_LINE`, `FOR_UPDATE_MAX_LINE`)."""
+        return len(self._key_waiters.get(key, ()))
 
     def _lower_in_line(self, key: bytes, ts: int) -> bool:
         """Whether a transaction below ts is waiting on key: it goes first (see

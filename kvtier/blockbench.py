@@ -111,7 +111,6 @@ def run(tokens: int, blocks: int) -> dict[str, Any]:
         out["store.get_disk_verified_MBps"] = (
             _rate(total, lambda: [store.get(k) for k in frames], repeat=3) / 1e6
         )
-        store.config = BlockStoreConfig(memory_bytes=total * 2, disk_bytes=total * 4)
         store.close()
     out.update(asyncio.run(_node_paths(frames, total)))
     out["memcopy_MBps"] = memcopy_MBps(frames, total)

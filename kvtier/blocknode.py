@@ -806,12 +806,19 @@ class BlockStoreClient:
         Raises BlockStoreUnavailable when the node cannot answer, CorruptBlock when what arrived
         is not the frame (the caller should treat both as a miss). Also returns the bytes this
         call moved over the wire (after compression)."""
-        codec = codec or self.codec
+        frame, moved = await self._get_any(key, codec or self.codec)
+        return (bytes(frame) if isinstance(frame, bytearray) else frame), moved
+
+    async def _get_any(self, key: bytes, codec: str) -> tuple[bytes | bytearray | None, int]:
+        """`get_sized` without the copy a bulk read's buffer needs to become bytes: through the
+        bulk port when the node named one (and nothing is compressed), else streamed."""
         if self._bulk is not None and codec == "none":
             got = await self._get_bulk(key)
             if got is not None:
-                frame_or_none, moved = got
-                return (bytes(frame_or_none) if frame_or_none is not None else None), moved
+                return got
+        return await self._get_streamed(key, codec)
+
+    async def _get_streamed(self, key: bytes, codec: str) -> tuple[bytes | None, int]:
         parts: list[bytes] = []
         total = 0
         wire_codec = "none"
@@ -897,13 +904,8 @@ class BlockStoreClient:
         arena = self._arena
         slot = arena.alloc(size_hint) if arena is not None and size_hint > 0 else None
         if slot is None or arena is None:
-            if self._bulk is not None and self.codec == "none":
-                got = await self._get_bulk(key)
-                if got is not None:
-                    frame, moved = got
-                    yield (memoryview(frame) if frame is not None else None), moved
-                    return
-            yield await self.get_sized(key)
+            frame, moved = await self._get_any(key, self.codec)
+            yield (memoryview(frame) if isinstance(frame, bytearray) else frame), moved
             return
         done = False
         try:
