@@ -4,6 +4,7 @@ eviction of cold copies within capacity with pins and leases honoured."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kvtier_env import SPEC, kv_env, make_kv, namespace, run
@@ -98,17 +99,23 @@ def test_repeated_remote_loads_copy_the_block_here(tmp_path: Path) -> None:
     run(body)
 
 
+async def one_block_prompts(env: Any, n: int) -> tuple[Any, Any, list[list[int]], list[bytes]]:
+    """A registered namespace, a us-east connector, and n prompts of one block each stored
+    through it one second apart (oldest first), with their block hashes."""
+    ns = namespace()
+    await env.metadata.register_namespace(ns)
+    east = await env.connector(ns, "us-east")
+    prompts = [[100 * p + i for i in range(1, 5)] for p in range(n)]
+    for i, p in enumerate(prompts):
+        env.clock.advance(1_000_000_000)
+        await east.store(p, make_kv(SPEC, 4, seed=i))
+    return ns, east, prompts, [block_hashes(ns, p)[0] for p in prompts]
+
+
 def test_sweeper_evicts_the_coldest_unheld_copies_down_to_low_water(tmp_path: Path) -> None:
     async def body() -> None:
         async with kv_env(tmp_path) as env:
-            ns = namespace()
-            await env.metadata.register_namespace(ns)
-            east = await env.connector(ns, "us-east")
-            prompts = [[100 * p + i for i in range(1, 5)] for p in range(5)]  # one block each
-            for i, p in enumerate(prompts):
-                env.clock.advance(1_000_000_000)  # published one second apart
-                await east.store(p, make_kv(SPEC, 4, seed=i))
-            hashes = [block_hashes(ns, p)[0] for p in prompts]
+            ns, east, prompts, hashes = await one_block_prompts(env, 5)
             size = (await env.metadata.rows(east.record, hashes[:1], "us-east"))[0]
             assert size is not None
             # Pin the oldest: it must survive; the next oldest go first.
@@ -147,14 +154,7 @@ def test_sweeper_keeps_a_copy_read_a_moment_ago_over_a_newer_unread_one(
 
     async def body() -> None:
         async with kv_env(tmp_path) as env:
-            ns = namespace()
-            await env.metadata.register_namespace(ns)
-            east = await env.connector(ns, "us-east")
-            prompts = [[100 * p + i for i in range(1, 5)] for p in range(2)]  # one block each
-            for i, p in enumerate(prompts):
-                env.clock.advance(1_000_000_000)
-                await east.store(p, make_kv(SPEC, 4, seed=i))
-            hashes = [block_hashes(ns, p)[0] for p in prompts]
+            ns, east, prompts, hashes = await one_block_prompts(env, 2)
             env.clock.advance(1_000_000_000)
             got = await east.retrieve(prompts[0])  # the older copy is read (lease, release)
             await east.settle()
