@@ -35,11 +35,13 @@ from k2store.launcher import free_ports
 from k2store.rocksengine import RocksBlobStore
 from k2store.security import Guard, SecuritySettings, bearer_metadata, parse_block_namespace
 from kvtier.blocknode import (
+    PUT_ATTEMPTS_ON_LOST_STATUS,
     BlockNode,
     BlockNodeSecurity,
     BlockOwners,
     BlockStoreClient,
     block_namespace,
+    status_lost,
 )
 from kvtier.blocks import BlockSpec, Namespace, block_hashes, encode_block
 from kvtier.blockstore import BlockStore, MemoryBlobStore
@@ -325,6 +327,23 @@ def test_another_tenants_block_reads_exactly_like_a_miss(tmp_path: Path) -> None
     run(cfg, body)
 
 
+def test_a_put_refused_mid_stream_keeps_its_reason(tmp_path: Path) -> None:
+    """The node refuses a put on its first chunk while the client is still sending the rest;
+    grpc.aio then loses the node's status about a quarter of the time with 64-byte chunks
+    (status_lost). The client asks again, so the caller always sees PermissionDenied."""
+    cfg = secured(tmp_path)
+
+    async def body(env: Env) -> None:
+        intruder = env.client("globex", ACME)
+        intruder.chunk_bytes = 64
+        for _ in range(50):
+            with pytest.raises(PermissionDenied):
+                await intruder.put(key(2), frame(2))
+        assert env.node.store.keys() == []
+
+    run(cfg, body)
+
+
 def test_writes_into_another_tenants_namespace_are_permission_denied(tmp_path: Path) -> None:
     cfg = secured(tmp_path)
 
@@ -548,19 +567,25 @@ def test_fuzzed_requests_get_a_clear_status_and_change_nothing(
         md = bearer_metadata(token(cfg, "globex")) if authed else None
         raw: dict[str, Any] = {"request_serializer": None, "response_deserializer": None}
         async with grpc.aio.secure_channel(env.node.address, creds) as ch:
-            try:
-                if method == "Put":
-                    stub: Any = ch.stream_unary(path, **raw)
-                    await stub(iter(messages), timeout=30, metadata=md)
-                elif method == "Get":
-                    stub = ch.unary_stream(path, **raw)
-                    _ = [c async for c in stub(messages[0], timeout=30, metadata=md)]
-                else:
-                    stub = ch.unary_unary(path, **raw)
-                    await stub(messages[0], timeout=30, metadata=md)
-                code = grpc.StatusCode.OK
-            except grpc.aio.AioRpcError as e:
-                code = e.code()
+            # A refused Put can lose the node's status in the client's grpc core (status_lost,
+            # as BlockStoreClient.put does): ask again then. Nothing else may be INTERNAL.
+            for _ in range(PUT_ATTEMPTS_ON_LOST_STATUS):
+                try:
+                    if method == "Put":
+                        stub: Any = ch.stream_unary(path, **raw)
+                        await stub(iter(messages), timeout=30, metadata=md)
+                    elif method == "Get":
+                        stub = ch.unary_stream(path, **raw)
+                        _ = [c async for c in stub(messages[0], timeout=30, metadata=md)]
+                    else:
+                        stub = ch.unary_unary(path, **raw)
+                        await stub(messages[0], timeout=30, metadata=md)
+                    code = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as e:
+                    code = e.code()
+                    if method == "Put" and status_lost(e):
+                        continue
+                break
         if authed:
             assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), code
         else:
