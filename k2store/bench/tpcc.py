@@ -16,6 +16,8 @@ Two scales: node processes on loopback with DESIGN's emulated latencies (default
 deterministic simulator (`--sim`), which reaches hundreds of concurrent clients. Reports
 throughput, p50/p99 latency, abort rate (attempts that failed) per region, and ratios of every
 protocol's throughput to d2PL-TTC's and MVTO-HLC's; writes JSON (and a PNG with matplotlib).
+`--sweep 3,10,30,...` runs every protocol at each of those clients per region and plots
+throughput against concurrency (k2store/bench/sweep.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from k2store.bench.sweep import SweepPoint, parse_clients, sweep_table, write_sweep
 from k2store.bench.txn import ProtocolRow, local_cluster, protocol_table, pyplot, replication_for
 from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
 from k2store.cluster import (
@@ -549,6 +552,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="payment's year-to-date columns on rows of their own (no new-order/payment "
         "read-write conflict; what a column-level schema gives 2PL)",
     )
+    p.add_argument(
+        "--sweep",
+        default=None,
+        metavar="N,N,...",
+        help="throughput against concurrency: run every protocol at each of these clients per "
+        "region (e.g. 3,10,30,100,334 for 9 to 1,002 clients) and plot it",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
@@ -577,11 +587,25 @@ def main(args: argparse.Namespace) -> int:
         oracle_ttl_us=args.oracle_ttl_us,
     )
     tc.validate()
+    if args.sweep is not None:
+        if args.clients_per_region is not None:
+            raise InvalidArgument("--sweep sets the clients per region; drop --clients-per-region")
+        return _sweep(tc, parse_clients(args.sweep), args.out)
+    results = _run_protocols(tc)
+    print(format_results(results))
+    for path in write_results(results, tc, args.out):
+        print(f"wrote {path}")
+    return 0 if all(not r.error for r in results) else 1
+
+
+def _run_protocols(tc: TpccConfig, label: str = "") -> list[TpccResult]:
+    """One run per protocol of `tc`, in the simulator or each on a fresh local cluster; a run
+    that fails is kept as a result with its error."""
     progress = sys.stderr.isatty()
     results: list[TpccResult] = []
     with tempfile.TemporaryDirectory(prefix="k2-bench-tpcc-") as tmp:
         for i, protocol in enumerate(tc.protocols):
-            print(f"[{protocol}] running ...", file=sys.stderr, flush=True)
+            print(f"[{protocol}{label}] running ...", file=sys.stderr, flush=True)
             try:
                 r = (
                     run_sim(protocol, tc)
@@ -591,10 +615,44 @@ def main(args: argparse.Namespace) -> int:
             except K2Error as e:
                 r = TpccResult(protocol, "sim" if tc.sim else "processes", 0, 0, 0, error=str(e))
             results.append(r)
-    print(format_results(results))
-    for path in write_results(results, tc, args.out):
+    return results
+
+
+def sweep_point(r: TpccResult, clients_per_region: int) -> SweepPoint:
+    return SweepPoint(
+        protocol=r.protocol,
+        clients_per_region=clients_per_region,
+        clients=r.clients,
+        throughput=r.throughput,
+        p50_ms=r.percentile(0.5),
+        p99_ms=r.percentile(0.99),
+        abort_rate=r.abort_rate(),
+        worst_region_abort_rate=max((r.abort_rate(g) for g in r.regions), default=0.0),
+        gave_up=sum(r.failures.values()),
+        error=r.error,
+    )
+
+
+def _sweep(tc: TpccConfig, per_region: Sequence[int], out: Path) -> int:
+    """`--sweep`: every protocol at each concurrency; the per-run tables as they finish, then
+    throughput against concurrency (see k2store/bench/sweep.py)."""
+    points: list[SweepPoint] = []
+    for n in per_region:
+        results = _run_protocols(replace(tc, clients_per_region=n), f", {n} clients/region")
+        print(format_results(results) + "\n", flush=True)
+        points += [sweep_point(r, n) for r in results]
+    mode = "sim" if tc.sim else "processes"
+    title = (
+        f"TPC-C-like ({mode}): {tc.regions} regions, {tc.warehouses_per_region} warehouses/region, "
+        f"{tc.remote_fraction:.0%} cross-region new-orders, {tc.duration_s:g} s per run"
+        f"{', split schema' if tc.split_schema else ''}"
+    )
+    print(title)
+    print("\n".join(sweep_table(points, tc.protocols)))
+    stamp = datetime.fromtimestamp(SystemClock().now_ns() / 1e9, UTC).strftime("%Y%m%dT%H%M%SZ")
+    for path in write_sweep(points, asdict(tc), out / f"tpcc-sweep-{stamp}", title):
         print(f"wrote {path}")
-    return 0 if all(not r.error for r in results) else 1
+    return 0 if all(not p.error for p in points) else 1
 
 
 __all__ = [

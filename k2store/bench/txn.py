@@ -50,6 +50,7 @@ from typing import Any
 
 from k2store import cluster as cluster_mod
 from k2store import launcher
+from k2store.bench.sweep import SweepPoint, parse_clients, sweep_table, write_sweep
 from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
 from k2store.cluster import (
     DEFAULT_REGIONS,
@@ -963,6 +964,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="directory for the JSON and PNG (default: %(default)s)",
     )
     p.add_argument(
+        "--sweep",
+        default=None,
+        metavar="N,N,...",
+        help="throughput against concurrency: run every protocol (or --protocol's) at each of "
+        "these clients per region (e.g. 4,33,100,334) and plot it",
+    )
+    p.add_argument(
         "--ablate",
         action="store_true",
         help="also run with each refinement of [txn] switched off in turn (local clusters only)",
@@ -1013,10 +1021,99 @@ def variants(protocol: str, ablate: bool) -> list[tuple[str, TxnSettings]]:
     return out
 
 
+def run_local(bc: BenchConfig, data: Path, *, txn: TxnSettings, label: str) -> RunResult:
+    """The mix on a fresh local 3-region cluster of node processes under `data` (DESIGN's
+    emulated wide-area links), with the [txn] table `txn`; stopped afterwards."""
+    progress = sys.stderr.isatty()
+    print(f"[{label}] starting a local 3-region cluster ...", file=sys.stderr, flush=True)
+    base = ClusterSettings()
+    # DESIGN's wide-area latencies: without them the protocols cannot differ.
+    settings = replace(
+        base,
+        txn=txn,
+        network=replace(base.network, enabled=True),
+        replication=replication_for(txn.protocol),
+    )
+    with local_cluster(data, settings, progress=progress) as cfg:
+        return asyncio.run(run_mix(cfg, bc, label=label, progress=progress))
+
+
+def sweep_point(run: RunResult) -> SweepPoint:
+    bc = run.config
+    n = len(run.regions)
+    if run.error:
+        return SweepPoint(
+            bc.protocol, bc.clients_per_region, n * bc.clients_per_region,
+            math.nan, math.nan, math.nan, math.nan, math.nan, 0, run.error,
+        )  # fmt: skip
+    g = run.summary["overall"]
+    return SweepPoint(
+        protocol=bc.protocol,
+        clients_per_region=bc.clients_per_region,
+        clients=n * bc.clients_per_region,
+        throughput=g["throughput_tps"],
+        p50_ms=g["p50_ms"],
+        p99_ms=g["p99_ms"],
+        abort_rate=g["abort_rate"],
+        worst_region_abort_rate=max(v["abort_rate"] for v in run.summary["by_region"].values()),
+        gave_up=g["gave_up"],
+    )
+
+
+def _sweep(args: argparse.Namespace, bc: BenchConfig) -> int:
+    """`--sweep`: every protocol (or --protocol's) at each concurrency, in the simulator or
+    each on a fresh local cluster; the per-run tables as they finish, then throughput against
+    concurrency (k2store/bench/sweep.py)."""
+    if args.clients_per_region is not None:
+        raise InvalidArgument("--sweep sets the clients per region; drop --clients-per-region")
+    if args.ablate or args.cluster is not None:
+        raise InvalidArgument("--sweep runs fresh clusters with each protocol's defaults; drop "
+                              "--ablate and --cluster")  # fmt: skip
+    per_region = parse_clients(args.sweep)
+    protocols = [args.protocol] if args.protocol else list(PROTOCOLS)
+    regions = args.regions or 3
+    points: list[SweepPoint] = []
+    with tempfile.TemporaryDirectory(prefix="k2-bench-") as tmp:
+        for n in per_region:
+            runs = []
+            for i, proto in enumerate(protocols):
+                run_bc = replace(bc, protocol=proto, clients_per_region=n)
+                label = f"{n} clients/region"
+                try:
+                    if args.sim:
+                        print(f"[{proto} {label}] simulating ...", file=sys.stderr, flush=True)
+                        run = run_sim(run_bc, regions=regions, label=label)
+                    else:
+                        run_bc.check_keys(len(DEFAULT_REGIONS))
+                        run = run_local(
+                            run_bc, Path(tmp) / f"run{n}-{i}", txn=TxnSettings(protocol=proto),
+                            label=label,
+                        )  # fmt: skip
+                except K2Error as e:
+                    run = RunResult(
+                        label, run_bc, TxnSettings(protocol=proto), [], 0.0, error=str(e)
+                    )
+                runs.append(run)
+                points.append(sweep_point(run))
+            print(format_side_by_side(runs) + "\n", flush=True)
+    title = (
+        f"YCSB-T {bc.mix} ({'sim' if args.sim else 'processes'}): theta {bc.theta}, "
+        f"{bc.keys} keys, {bc.ops_per_txn} ops/txn, {bc.remote_fraction:.0%} cross-region, "
+        f"{bc.duration_s:g} s per run"
+    )
+    print(title)
+    print("\n".join(sweep_table(points, protocols)))
+    for path in write_sweep(points, asdict(bc), args.out / f"txn-sweep-{_timestamp()}", title):
+        print(f"wrote {path}")
+    return 0 if all(not p.error for p in points) else 1
+
+
 def main(args: argparse.Namespace) -> int:
     """`k2 bench txn`: run, print the tables, write JSON (and a PNG)."""
     bc = config_from_args(args)
     bc.validate()
+    if args.sweep is not None:
+        return _sweep(args, bc)
     if args.ablate and args.cluster is not None:
         raise InvalidArgument(
             "--ablate needs fresh local clusters (it changes each one's [txn] table); "
@@ -1057,20 +1154,8 @@ def main(args: argparse.Namespace) -> int:
         bc.check_keys(len(DEFAULT_REGIONS))
         with tempfile.TemporaryDirectory(prefix="k2-bench-") as tmp:
             for i, (label, txn) in enumerate(variants(bc.protocol, args.ablate)):
-                print(
-                    f"[{label}] starting a local 3-region cluster ...", file=sys.stderr, flush=True
-                )
-                base = ClusterSettings()
-                # DESIGN's wide-area latencies: without them the protocols cannot differ.
-                settings = replace(
-                    base,
-                    txn=txn,
-                    network=replace(base.network, enabled=True),
-                    replication=replication_for(txn.protocol),
-                )
                 try:
-                    with local_cluster(Path(tmp) / f"run{i}", settings, progress=progress) as cfg:
-                        run = asyncio.run(run_mix(cfg, bc, label=label, progress=progress))
+                    run = run_local(bc, Path(tmp) / f"run{i}", txn=txn, label=label)
                 except K2Error as e:
                     if i == 0:
                         raise  # without the default run there is nothing to compare with

@@ -1,0 +1,86 @@
+"""Throughput against concurrency (`--sweep`): the option's input checks, the table's ratios, and
+both benchmarks' sweeps in the simulator end to end (deterministic figures)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from k2store.bench.sweep import SweepPoint, parse_clients, ratios, sweep_table, write_sweep
+from k2store.cli import main
+from k2store.errors import InvalidArgument
+
+
+def point(protocol: str, n: int, tps: float, *, error: str = "") -> SweepPoint:
+    return SweepPoint(protocol, n, 3 * n, tps, 10.0, 100.0, 0.02, 0.04, 0, error)
+
+
+def test_parse_clients_sorts_dedups_and_refuses_bad_input() -> None:
+    assert parse_clients("30, 10,100,10,") == [10, 30, 100]
+    for bad in ("", ",", "10,x", "0", "-3", "1.5", ",".join(str(i) for i in range(1, 14))):
+        with pytest.raises(InvalidArgument):
+            parse_clients(bad)
+
+
+def test_sweep_table_puts_k2_s_ratios_beside_each_concurrency() -> None:
+    points = [
+        point("k2-mvto", 10, 300.0),
+        point("d2pl-ttc", 10, 100.0),
+        point("mvto-hlc", 10, 250.0),
+        point("k2-mvto", 3, 90.0),
+        point("d2pl-ttc", 3, 60.0),
+        point("mvto-hlc", 3, 0.0, error="cluster did not start"),
+    ]
+    assert ratios(points, "d2pl-ttc") == {3: 1.5, 10: 3.0}
+    assert ratios(points, "mvto-hlc") == {10: 1.2}  # no ratio against a failed run
+    lines = sweep_table(points, ["k2-mvto", "d2pl-ttc", "mvto-hlc"])
+    rows = [line.split() for line in lines[1:3]]
+    assert [r[0] for r in rows] == ["3", "10"]  # ascending, whatever the order of the runs
+    assert rows[0][2:7] == ["90.0", "60.0", "-", "1.50x", "-"]
+    assert rows[1][2:7] == ["300.0", "100.0", "250.0", "3.00x", "1.20x"]
+    assert any("mvto-hlc at 3 clients/region: FAILED: cluster did not start" in x for x in lines)
+
+
+def test_write_sweep_writes_json_without_nan_and_a_plot(tmp_path: Path) -> None:
+    points = [point("k2-mvto", 1, 50.0), point("d2pl-ttc", 1, 25.0)]
+    points.append(SweepPoint("mvto-hlc", 1, 3, math.nan, math.nan, math.nan, 0, 0, 0, "x"))
+    written = write_sweep(points, {"seed": 1}, tmp_path / "s", "title")
+    doc = json.loads(written[0].read_text())
+    assert doc["k2_vs_d2pl"] == {"1": 2.0} and doc["points"][2]["throughput"] is None
+    assert len(written) == 2 and written[1].suffix == ".png" and written[1].stat().st_size > 0
+
+
+def test_tpcc_sweep_in_the_simulator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "tpcc", "--sim", "--quick", "--duration", "1", "--out", str(tmp_path)]
+    assert main([*argv, "--sweep", "2,6"]) == 0
+    (out,) = tmp_path.glob("tpcc-sweep-*.json")
+    doc = json.loads(out.read_text())
+    got = {(p["protocol"], p["clients_per_region"]) for p in doc["points"]}
+    assert got == {(p, n) for p in ("k2-mvto", "d2pl-ttc", "mvto-hlc") for n in (2, 6)}
+    tps = {(p["protocol"], p["clients_per_region"]): p["throughput"] for p in doc["points"]}
+    assert all(tps[p, 6] > tps[p, 2] for p in ("k2-mvto", "d2pl-ttc", "mvto-hlc"))  # not saturated
+    assert set(doc["k2_vs_d2pl"]) == {"2", "6"} and doc["k2_vs_d2pl"]["6"] > 1.0
+    assert "k2/d2pl" in capsys.readouterr().out
+    assert (tmp_path / out.name.replace(".json", ".png")).exists()
+    # The sweep decides the concurrency: one given beside it is a contradiction.
+    assert main([*argv, "--sweep", "2", "--clients-per-region", "4"]) == 2
+    assert main([*argv, "--sweep", "2,zero"]) == 2
+
+
+def test_txn_sweep_in_the_simulator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "txn", "--sim", "--quick", "--duration", "2", "--out", str(tmp_path)]
+    assert main([*argv, "--protocol", "k2-mvto", "--sweep", "1,3"]) == 0
+    (out,) = tmp_path.glob("txn-sweep-*.json")
+    doc = json.loads(out.read_text())
+    assert [(p["protocol"], p["clients"]) for p in doc["points"]] == [
+        ("k2-mvto", 3),
+        ("k2-mvto", 9),
+    ]
+    assert doc["points"][1]["throughput"] > doc["points"][0]["throughput"] > 0
+    assert doc["k2_vs_d2pl"] == {}  # no baseline ran
+    printed = capsys.readouterr().out
+    assert "clients/region" in printed and "k2/d2pl" in printed
+    assert main([*argv, "--sweep", "2", "--ablate"]) == 2
