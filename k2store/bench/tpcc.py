@@ -33,9 +33,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from k2store.bench.sweep import SweepPoint, parse_clients, sweep_table, write_sweep
-from k2store.bench.txn import ProtocolRow, local_cluster, protocol_table, pyplot, replication_for
+from k2store.bench.txn import (
+    REFINEMENTS,
+    AblationRow,
+    ProtocolRow,
+    ablation_table,
+    local_cluster,
+    protocol_table,
+    pyplot,
+    replication_for,
+)
 from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
 from k2store.cluster import (
     DEFAULT_REGIONS,
@@ -154,6 +164,8 @@ class TpccConfig:
     column-level or split-table schema has them: new-order's reads of the warehouse and district
     rows then never conflict with payment's writes, which removes the read-write conflict that
     costs 2PL half its throughput here (issue 8 asks for d2PL-TTC on this schema too)."""
+    off: tuple[str, ...] = ()
+    """Refinements of [txn] switched off (`--ablate` runs each in turn; see cluster.TxnSettings)."""
     interactive: bool = False
     """Reads in one round, then writes in another (an interactive client). Default: one round
     with the reads and writes together (`AsyncTransaction.batch`), as a stored procedure would
@@ -285,8 +297,14 @@ async def tpcc_client(
 
 
 def settings_for(
-    protocol: str, epsilon_us: int | None = None, oracle_ttl_us: int | None = None
+    protocol: str,
+    epsilon_us: int | None = None,
+    oracle_ttl_us: int | None = None,
+    off: Sequence[str] = (),
 ) -> ClusterSettings:
+    """The cluster settings a run of `protocol` uses; `off`: refinements of [txn] switched off
+    (`--ablate`)."""
+    switched_off: dict[str, Any] = dict.fromkeys(off, False)
     base = ClusterSettings()
     if oracle_ttl_us is not None:
         # K2-TB batch lifetime: timestamps lead true time by up to this, and every read-write
@@ -302,7 +320,7 @@ def settings_for(
         )
     return replace(
         base,
-        txn=TxnSettings(protocol=protocol),
+        txn=replace(TxnSettings(protocol=protocol), **switched_off),
         # The sim builds its network from this table too (SimNetwork.from_settings), so its
         # delays and the coordinators' RTT priors agree; three regions get DESIGN's RTTs.
         network=replace(base.network, enabled=True, rtt_ms=dict(FIVE_REGION_RTT_MS)),
@@ -319,7 +337,7 @@ def run_sim(protocol: str, tc: TpccConfig) -> TpccResult:
         regions,
         list(range(1, len(regions) + 1)),
         root=Path("/nonexistent-sim"),
-        settings=settings_for(protocol, tc.epsilon_us, tc.oracle_ttl_us),
+        settings=settings_for(protocol, tc.epsilon_us, tc.oracle_ttl_us, tc.off),
     )
     result = TpccResult(
         protocol,
@@ -410,7 +428,7 @@ async def _run_on(cfg: ClusterConfig, protocol: str, tc: TpccConfig) -> TpccResu
 def run_processes(protocol: str, tc: TpccConfig, data: Path, progress: bool) -> TpccResult:
     with local_cluster(
         data,
-        settings_for(protocol, tc.epsilon_us, tc.oracle_ttl_us),
+        settings_for(protocol, tc.epsilon_us, tc.oracle_ttl_us, tc.off),
         progress=progress,
         regions=tc.region_names,
     ) as cfg:
@@ -457,29 +475,29 @@ def format_results(results: Sequence[TpccResult]) -> str:
     return "\n".join([title, head, *lines])
 
 
+def _result_json(r: TpccResult) -> dict[str, Any]:
+    return {
+        "protocol": r.protocol,
+        "mode": r.mode,
+        "clients": r.clients,
+        "throughput": r.throughput,
+        "committed_in_window": r.committed,
+        "drained": sum(g.drained for g in r.regions.values()),
+        "p50_ms": r.percentile(0.5),
+        "p99_ms": r.percentile(0.99),
+        "abort_rate": r.abort_rate(),
+        "abort_rate_by_region": {g: r.abort_rate(g) for g in r.regions},
+        "failures": dict(r.failures),
+        "aborts_by_rule": dict(r.rules),
+        "error": r.error,
+    }
+
+
 def write_results(results: Sequence[TpccResult], tc: TpccConfig, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.fromtimestamp(SystemClock().now_ns() / 1e9, UTC).strftime("%Y%m%dT%H%M%SZ")
     path = out / f"tpcc-{stamp}.json"
-    rows = []
-    for r in results:
-        rows.append(
-            {
-                "protocol": r.protocol,
-                "mode": r.mode,
-                "clients": r.clients,
-                "throughput": r.throughput,
-                "committed_in_window": r.committed,
-                "drained": sum(g.drained for g in r.regions.values()),
-                "p50_ms": r.percentile(0.5),
-                "p99_ms": r.percentile(0.99),
-                "abort_rate": r.abort_rate(),
-                "abort_rate_by_region": {g: r.abort_rate(g) for g in r.regions},
-                "failures": dict(r.failures),
-                "aborts_by_rule": dict(r.rules),
-                "error": r.error,
-            }
-        )
+    rows = [_result_json(r) for r in results]
     path.write_text(json.dumps({"config": asdict(tc), "results": rows}, indent=2) + "\n")
     written = [path]
     plt = pyplot()
@@ -559,6 +577,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="throughput against concurrency: run every protocol at each of these clients per "
         "region (e.g. 3,10,30,100,334 for 9 to 1,002 clients) and plot it",
     )
+    p.add_argument(
+        "--ablate",
+        action="store_true",
+        help="run the protocol (k2-mvto unless --protocol mvto-hlc) with its defaults, then with "
+        "each refinement of [txn] switched off in turn, and print the ratios",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
@@ -566,7 +590,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     tc = TpccConfig(
-        protocols=tuple(args.protocol or TXN_PROTOCOLS),
+        protocols=tuple(args.protocol or (("k2-mvto",) if args.ablate else TXN_PROTOCOLS)),
         clients_per_region=(
             args.clients_per_region
             if args.clients_per_region is not None
@@ -587,6 +611,15 @@ def main(args: argparse.Namespace) -> int:
         oracle_ttl_us=args.oracle_ttl_us,
     )
     tc.validate()
+    if args.ablate:
+        if len(tc.protocols) != 1 or tc.protocols[0] == "d2pl-ttc":
+            raise InvalidArgument(
+                "--ablate switches off the MVTO refinements of one protocol: give --protocol "
+                "k2-mvto (the default) or --protocol mvto-hlc, once"
+            )
+        if args.sweep is not None:
+            raise InvalidArgument("--ablate runs one concurrency; drop --sweep")
+        return _ablate(tc, args.out)
     if args.sweep is not None:
         if args.clients_per_region is not None:
             raise InvalidArgument("--sweep sets the clients per region; drop --clients-per-region")
@@ -616,6 +649,67 @@ def _run_protocols(tc: TpccConfig, label: str = "") -> list[TpccResult]:
                 r = TpccResult(protocol, "sim" if tc.sim else "processes", 0, 0, 0, error=str(e))
             results.append(r)
     return results
+
+
+def _ablate(tc: TpccConfig, out: Path) -> int:
+    """`--ablate`: the protocol with its defaults, then with each refinement of [txn] off in
+    turn; the ablation table, JSON and a bar plot of throughput by variant."""
+    protocol = tc.protocols[0]
+    variants: list[tuple[str, TpccResult]] = []
+    for off in [(), *((name,) for name in REFINEMENTS)]:
+        label = f"no {off[0]}" if off else "default"
+        r = _run_protocols(replace(tc, off=off), f" {label}")[0]
+        print(format_results([r]) + "\n", flush=True)
+        variants.append((label, r))
+    print(
+        f"TPC-C-like ({'sim' if tc.sim else 'processes'}), {protocol}, "
+        f"{tc.clients_per_region * tc.regions} clients, {tc.duration_s:g} s per variant"
+    )
+    print(ablation_table([_ablation_row(label, r) for label, r in variants]))
+    stamp = datetime.fromtimestamp(SystemClock().now_ns() / 1e9, UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = out / f"tpcc-ablation-{stamp}.json"
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "config": asdict(tc),
+        "variants": [
+            {"label": label, **_result_json(r), "vs_default": _ratio(r, variants[0][1])}
+            for label, r in variants
+        ],
+    }
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {path}")
+    plt = pyplot()
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(9, 4))
+        ax.bar([label for label, _ in variants], [r.throughput for _, r in variants])
+        ax.set_ylabel("committed txn/s")
+        ax.set_title(f"TPC-C-like ablation, {protocol}, {variants[0][1].clients} clients")
+        ax.tick_params(axis="x", rotation=30)
+        fig.tight_layout()
+        png = path.with_suffix(".png")
+        fig.savefig(png, dpi=120)
+        plt.close(fig)
+        print(f"wrote {png}")
+    return 0 if all(not r.error for _, r in variants) else 1
+
+
+def _ratio(r: TpccResult, base: TpccResult) -> float | None:
+    return r.throughput / base.throughput if base.throughput and not r.error else None
+
+
+def _ablation_row(label: str, r: TpccResult) -> AblationRow:
+    worst = max(((g, r.abort_rate(g)) for g in r.regions), key=lambda x: x[1], default=("", 0.0))
+    top = r.rules.most_common(1)[0][0] if r.rules else "-"
+    return AblationRow(
+        label,
+        r.throughput,
+        r.percentile(0.5),
+        r.percentile(0.99),
+        r.abort_rate(),
+        worst,
+        top,
+        r.error,
+    )
 
 
 def sweep_point(r: TpccResult, clients_per_region: int) -> SweepPoint:

@@ -780,8 +780,25 @@ def format_run(result: RunResult) -> str:
     return "\n".join(lines)
 
 
-def format_ablation(results: Sequence[RunResult]) -> str:
-    base = results[0].summary["overall"]
+@dataclass(frozen=True, slots=True)
+class AblationRow:
+    """One variant's figures in an ablation table (`ablation_table`)."""
+
+    label: str
+    throughput: float
+    p50_ms: float
+    p99_ms: float
+    abort_rate: float
+    worst_region: tuple[str, float]
+    top_rule: str
+    error: str = ""
+
+
+def ablation_table(rows: Sequence[AblationRow]) -> str:
+    """Each variant beside the first (the default): throughput and latency with their ratios,
+    failed attempts overall and in the worst region, and the rule that failed most attempts
+    (`k2 bench txn --ablate` and `k2 bench tpcc --ablate` both print it)."""
+    base = rows[0]
 
     def ratio(a: float, b: float) -> str:
         return "-" if not b or math.isnan(a) or math.isnan(b) else f"{a / b:.2f}x"
@@ -791,21 +808,39 @@ def format_ablation(results: Sequence[RunResult]) -> str:
         f"{'variant':<20} {'txn/s':>8} {'ratio':>7} {'p50 ms':>8} {'ratio':>7} {'p99 ms':>8} "
         f"{'ratio':>7} {'aborts':>7} {'worst region aborts':>22} top failure",
     ]
-    for r in results:
+    for r in rows:
         if r.error:
             lines.append(f"{r.label:<20} FAILED: {r.error.splitlines()[0][:100]}")
             continue
-        g = r.summary["overall"]
-        worst = max(r.summary["by_region"].items(), key=lambda kv: kv[1]["abort_rate"])
-        top = next(iter(r.summary["aborts_by_rule"]), "-")
         lines.append(
-            f"{r.label:<20} {g['throughput_tps']:>8.1f} "
-            f"{ratio(g['throughput_tps'], base['throughput_tps']):>7} {_ms(g['p50_ms']):>8} "
-            f"{ratio(g['p50_ms'], base['p50_ms']):>7} {_ms(g['p99_ms']):>8} "
-            f"{ratio(g['p99_ms'], base['p99_ms']):>7} {g['abort_rate']:>7.1%} "
-            f"{worst[0] + ' ' + format(worst[1]['abort_rate'], '.1%'):>22} {top}"
+            f"{r.label:<20} {r.throughput:>8.1f} {ratio(r.throughput, base.throughput):>7} "
+            f"{_ms(r.p50_ms):>8} {ratio(r.p50_ms, base.p50_ms):>7} {_ms(r.p99_ms):>8} "
+            f"{ratio(r.p99_ms, base.p99_ms):>7} {r.abort_rate:>7.1%} "
+            f"{r.worst_region[0] + ' ' + format(r.worst_region[1], '.1%'):>22} {r.top_rule}"
         )
     return "\n".join(lines)
+
+
+def format_ablation(results: Sequence[RunResult]) -> str:
+    rows = []
+    for r in results:
+        if r.error:
+            rows.append(AblationRow(r.label, 0, 0, 0, 0, ("", 0), "", r.error))
+            continue
+        g = r.summary["overall"]
+        worst = max(r.summary["by_region"].items(), key=lambda kv: kv[1]["abort_rate"])
+        rows.append(
+            AblationRow(
+                r.label,
+                g["throughput_tps"],
+                g["p50_ms"],
+                g["p99_ms"],
+                g["abort_rate"],
+                (worst[0], worst[1]["abort_rate"]),
+                next(iter(r.summary["aborts_by_rule"]), "-"),
+            )
+        )
+    return ablation_table(rows)
 
 
 def pyplot() -> Any | None:

@@ -11,7 +11,7 @@ import pytest
 
 from k2store.bench import tpcc, txn, visibility
 from k2store.cli import main
-from k2store.cluster import ClusterSettings, TxnSettings
+from k2store.cluster import TxnSettings
 
 
 def test_bench_tpcc_sim_quick_ranks_k2_mvto_first(tmp_path: Path) -> None:
@@ -69,21 +69,12 @@ def test_bad_bench_input_is_refused() -> None:
     assert visibility.VisibilityConfig(duration_s=1).policies == ("vcr", "watermark", "closed-ts")
 
 
-def test_wait_places_cut_k2_mvto_aborts_on_tpcc(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wait_places_cut_k2_mvto_aborts_on_tpcc() -> None:
     """`[txn] wait_places` (the refinement `--ablate` can switch off): with it, a waiting
     payment keeps later new-orders from read-marking its district under it (deterministic)."""
     cfg = tpcc.TpccConfig(protocols=("k2-mvto",), duration_s=2.0, clients_per_region=10)
     with_places = tpcc.run_sim("k2-mvto", cfg)
-    base = tpcc.settings_for
-
-    def without(
-        protocol: str, epsilon_us: int | None = None, oracle_ttl_us: int | None = None
-    ) -> ClusterSettings:
-        st = base(protocol, epsilon_us, oracle_ttl_us)
-        return replace(st, txn=replace(st.txn, wait_places=False))
-
-    monkeypatch.setattr(tpcc, "settings_for", without)
-    without_places = tpcc.run_sim("k2-mvto", cfg)
+    without_places = tpcc.run_sim("k2-mvto", replace(cfg, off=("wait_places",)))
     assert with_places.abort_rate() < 0.6 * without_places.abort_rate()
     assert with_places.rules["read-mark"] < without_places.rules["read-mark"]
 
