@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -389,6 +392,37 @@ def _add_net_parser(csub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd in _OWNS_PROCESSES:
+        with _sigterm_as_interrupt():
+            return _dispatch(args)
+    return _dispatch(args)
+
+
+_OWNS_PROCESSES = ("bench", "demo", "jepsen")
+"""Commands that start clusters, block stores or peers of their own and stop them when done."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, a CI job's timeout) ends the command as Ctrl-C does, so the finally blocks
+    that stop what it started run: without this, a killed `k2 bench` left its node processes
+    running (they sit in sessions of their own). The previous handler is restored afterwards;
+    only the main thread can install one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.cmd == "node":
             return _node(args)
@@ -484,6 +518,9 @@ def _node(args: argparse.Namespace) -> int:
     )
     cfg = cluster_mod.load(args.cluster)
     cfg.node(args.node)  # UnknownNode before anything starts
+    from k2store.launcher import stop_with_parent
+
+    stop_with_parent()  # a benchmark's node: stops when the benchmark does, even on kill -9
     asyncio.run(serve(cfg, args.node))
     return 0
 
@@ -502,6 +539,9 @@ def _blockstore(args: argparse.Namespace) -> int:
         from k2store import cluster as cluster_mod
 
         cluster_mod.load(args.cluster).region(args.region)  # bad input before anything starts
+    from k2store.launcher import stop_with_parent
+
+    stop_with_parent()  # a benchmark's or demo's block store stops with it
     config = BlockStoreConfig(
         memory_bytes=args.memory_mb * 1024 * 1024, disk_bytes=args.disk_mb * 1024 * 1024
     )

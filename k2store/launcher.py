@@ -71,8 +71,44 @@ _children: dict[int, subprocess.Popen[bytes]] = {}
 garbage-collected while running: a node outlives the `up` call that started it."""
 
 
-def start_node(cfg: ClusterConfig, node: NodeConfig) -> subprocess.Popen[bytes]:
-    """Start `k2 node` for node in its own session, appending its output to <data_dir>/node.log."""
+PARENT_ENV = "K2_STOP_WITH_PARENT"
+"""Set by a command that owns the nodes it starts (`k2 bench`) to its own pid: such a node stops
+when that process ends, even by kill -9 (see `stop_with_parent`)."""
+
+
+def stop_with_parent() -> None:
+    """In a node started with `start_node(..., with_parent=True)`: ask Linux to send this
+    process SIGTERM (the signal `down` sends) when its parent dies, and stop now if the parent
+    is already gone. Nodes sit in sessions of their own, so nothing else would stop them when a
+    benchmark is killed. Elsewhere (no prctl) it does nothing."""
+    want = os.environ.pop(PARENT_ENV, "")
+    if not want.isdigit() or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return
+    if os.getppid() != int(want):  # it died before the prctl took effect
+        raise SystemExit(f"parent process {want} is gone; not starting")
+
+
+def _child_env(with_parent: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop(PARENT_ENV, None)
+    if with_parent:
+        env[PARENT_ENV] = str(os.getpid())
+    return env
+
+
+def start_node(
+    cfg: ClusterConfig, node: NodeConfig, *, with_parent: bool = False
+) -> subprocess.Popen[bytes]:
+    """Start `k2 node` for node in its own session, appending its output to <data_dir>/node.log.
+    `with_parent`: the node stops when this process ends (`stop_with_parent`). Linux sends that
+    signal when the *thread* that started the node ends, so only a long-lived thread (the main
+    one) may ask for it."""
     assert cfg.path is not None
     node.data_dir.mkdir(parents=True, exist_ok=True)
     log = open(node.data_dir / "node.log", "ab")  # noqa: SIM115 - handed to the child
@@ -83,6 +119,7 @@ def start_node(cfg: ClusterConfig, node: NodeConfig) -> subprocess.Popen[bytes]:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=_child_env(with_parent),
         )
     finally:
         log.close()
@@ -159,6 +196,7 @@ def up(
     blockstores: bool = False,
     secure: bool = False,
     tenants: Sequence[str] = (),
+    with_parent: bool = False,
 ) -> ClusterConfig:
     """Start a local cluster in data; `settings` (e.g. the [txn] protocol) go into its file.
 
@@ -171,7 +209,10 @@ def up(
 
     `secure`: mutual TLS and client tokens (`k2store/certs.py`): a fresh CA, node and client
     certificates and tokens under ``<data>/certs`` (an ``operator`` admin, one principal per name
-    in `tenants`); tools started from the cluster file use the operator's token."""
+    in `tenants`); tools started from the cluster file use the operator's token.
+
+    `with_parent`: every process started stops when this one ends (a benchmark's or a demo's
+    cluster; see `stop_with_parent`); `k2 cluster up` leaves its cluster running instead."""
     data = data.resolve()
     cluster_file = data / CLUSTER_FILE
     if cluster_file.exists():
@@ -200,10 +241,10 @@ def up(
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for n in cfg.nodes:
-            procs[n.name] = start_node(cfg, n)
+            procs[n.name] = start_node(cfg, n, with_parent=with_parent)
         wait_healthy(cfg, procs, timeout_s, progress)
         if blockstores:
-            start_blockstores(cfg, timeout_s=timeout_s)
+            start_blockstores(cfg, timeout_s=timeout_s, with_parent=with_parent)
     except BaseException:
         for p in procs.values():
             with contextlib.suppress(ProcessLookupError):
@@ -474,7 +515,9 @@ def _blockstore_answers(cfg: ClusterConfig, address: str, timeout_s: float = 0.5
         return True
 
 
-def start_blockstores(cfg: ClusterConfig, *, timeout_s: float = 60.0) -> dict[str, str]:
+def start_blockstores(
+    cfg: ClusterConfig, *, timeout_s: float = 60.0, with_parent: bool = False
+) -> dict[str, str]:
     """Start one block store process per region (data in <data>/blockstore-<region>, output in
     its blockstore.log) and wait until each answers. A block store registers its address in its
     region's metadata row before it serves, so once this returns connectors can find it.
@@ -494,6 +537,7 @@ def start_blockstores(cfg: ClusterConfig, *, timeout_s: float = 60.0) -> dict[st
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
+                    env=_child_env(with_parent),
                 )
             _children[proc.pid] = proc
             started[region] = (proc, f"127.0.0.1:{port}", d)

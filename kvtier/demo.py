@@ -211,7 +211,8 @@ def run_demo(
     say("loading the model and starting a local three-region cluster (with block stores) ...")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         loading = pool.submit(load_model, model, progress=say)
-        cfg = launcher.up(data, progress=tty, blockstores=True)
+        # Without --keep the cluster is the demo's: it stops with it even if the demo is killed.
+        cfg = launcher.up(data, progress=tty, blockstores=True, with_parent=not keep)
         say(
             f"cluster up: {len(cfg.nodes)} nodes and 3 block stores in {', '.join(cfg.region_names())}"
         )

@@ -88,7 +88,7 @@ def run_bench(
         tmp = tempfile.TemporaryDirectory(prefix="k2-bench-engine-")
         data = Path(tmp.name)
     say("starting a local three-region cluster with block stores ...")
-    cfg = launcher.up(data, progress=False, blockstores=True)
+    cfg = launcher.up(data, progress=False, blockstores=True, with_parent=True)
     try:
         return asyncio.run(_run(cfg, loaded, sizes, reps, block_tokens, kv_dtype, remote_codec))
     finally:

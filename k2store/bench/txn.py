@@ -719,8 +719,8 @@ def local_cluster(
     )
     procs = {}
     try:
-        for n in cfg.nodes:
-            procs[n.name] = launcher.start_node(cfg, n)
+        for n in cfg.nodes:  # they stop with this process, even if it is killed
+            procs[n.name] = launcher.start_node(cfg, n, with_parent=True)
         launcher.wait_healthy(cfg, procs, timeout_s, progress)
         yield cfg
     finally:

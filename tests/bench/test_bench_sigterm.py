@@ -1,0 +1,81 @@
+"""A benchmark that is killed stops the node processes it started (they run in sessions of their
+own, so nothing else would). Marked slow (it starts a real cluster); CI runs it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from k2store import cluster as cluster_mod
+from k2store import launcher
+from k2store.errors import K2Error
+
+pytestmark = pytest.mark.slow
+
+
+def node_pids(marker: str) -> set[int]:
+    """Pids of `k2store node` processes whose command line names a path under marker."""
+    out = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"node" in cmd and any(marker.encode() in part for part in cmd):
+            out.add(int(d.name))
+    return out
+
+
+def healthy(tmp_path: Path) -> bool:
+    files = list(tmp_path.glob("k2-bench-*/run0/cluster.toml"))
+    if not files:
+        return False
+    try:
+        cfg = cluster_mod.load(files[0])
+    except (OSError, K2Error):
+        return False  # still being written
+    return all(launcher.check_health(n.address, 0.5) for n in cfg.nodes)
+
+
+def wait_for(cond: object, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if callable(cond) and cond():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill-9"])
+def test_a_killed_benchmark_stops_its_cluster(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGTERM: the CLI's interrupt path stops the nodes (exit 130). kill -9 leaves no path to
+    run, so the nodes stop themselves: Linux's parent-death signal (launcher.stop_with_parent)."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the bench's cluster lives under here
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "k2store", "bench", "txn", "--quick", "--duration", "60",
+         "--out", str(tmp_path / "out")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        # Killed while it runs its load, not while its nodes start: every node answers health.
+        assert wait_for(lambda: healthy(tmp_path), 90), "no cluster came up"
+        started = node_pids(str(tmp_path))
+        assert len(started) == 3
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=60)
+        assert rc == (130 if sig == signal.SIGTERM else -9)
+        assert wait_for(lambda: not (started & node_pids(str(tmp_path))), 30), "nodes left"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in node_pids(str(tmp_path)):
+            os.kill(pid, signal.SIGKILL)
