@@ -585,7 +585,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
-    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-results"),
+        help="directory for the JSON and PNG (default: %(default)s)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:

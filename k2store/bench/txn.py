@@ -1008,7 +1008,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ablate",
         action="store_true",
-        help="also run with each refinement of [txn] switched off in turn (local clusters only)",
+        help="also run with each refinement of [txn] switched off in turn (fresh local clusters "
+        "or --sim; not with --cluster)",
     )
 
 
