@@ -58,6 +58,7 @@ from typing import Any
 
 from k2store import launcher
 from k2store.bench.linkproxy import LOOPBACK, LinkDelay
+from k2store.bench.sweep import json_safe
 from k2store.bench.txn import local_cluster, percentile, pyplot
 from k2store.client import AsyncClient
 from k2store.cluster import DEFAULT_REGIONS, ClusterConfig, ClusterSettings
@@ -890,16 +891,6 @@ def _timestamp() -> str:
     return datetime.fromtimestamp(_CLOCK.now_ns() / 1e9, tz=UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def plot(r: EtcdRun, path: Path) -> bool:
     """Bars: p50 of each read per region (ticks: p99); a dashed line marks K2 replica p50 + the
     region's RTT to the leader, which etcd's linearizable bar must reach for the target.
@@ -938,7 +929,7 @@ def write_results(r: EtcdRun, out: Path) -> tuple[Path, Path | None]:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"etcd-{_timestamp()}"
     json_path = stem.with_suffix(".json")
-    json_path.write_text(json.dumps(_json_safe(r.to_json()), indent=1, allow_nan=False) + "\n")
+    json_path.write_text(json.dumps(json_safe(r.to_json()), indent=1, allow_nan=False) + "\n")
     png = stem.with_suffix(".png")
     return json_path, png if plot(r, png) else None
 

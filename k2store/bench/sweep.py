@@ -135,6 +135,20 @@ def sweep_table(points: Sequence[SweepPoint], protocols: Sequence[str]) -> list[
     return lines
 
 
+def _per_protocol(
+    ax: Any, points: Sequence[SweepPoint], field: str, label: str, title: str
+) -> None:
+    """One line per protocol: `field` of its points against the total number of clients."""
+    for proto in dict.fromkeys(p.protocol for p in points):
+        pts = sorted((p.clients, getattr(p, field)) for p in points if p.protocol == proto)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=proto)
+    ax.set_xscale("log")
+    ax.set_xlabel("concurrent clients (all regions)")
+    ax.set_ylabel(label)
+    ax.set_title(title)
+    ax.legend()
+
+
 def plot_sweep(points: Sequence[SweepPoint], path: Path, title: str) -> bool:
     """Throughput, K2-MVTO's ratios and p99 latency against the total number of clients (log
     axes where the range calls for it). Returns False, drawing nothing, without matplotlib."""
@@ -144,17 +158,8 @@ def plot_sweep(points: Sequence[SweepPoint], path: Path, title: str) -> bool:
     ok = [p for p in points if not p.error]
     if plt is None or not ok:
         return False
-    protocols = list(dict.fromkeys(p.protocol for p in ok))
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
-    ax = axes[0]
-    for proto in protocols:
-        pts = sorted((p.clients, p.throughput) for p in ok if p.protocol == proto)
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=proto)
-    ax.set_xscale("log")
-    ax.set_xlabel("concurrent clients (all regions)")
-    ax.set_ylabel("committed txn/s")
-    ax.set_title("throughput against concurrency")
-    ax.legend()
+    _per_protocol(axes[0], ok, "throughput", "committed txn/s", "throughput against concurrency")
     ax = axes[1]
     rows = by_concurrency(ok)
     clients = {n: next(iter(row.values())).clients for n, row in rows.items()}
@@ -174,16 +179,10 @@ def plot_sweep(points: Sequence[SweepPoint], path: Path, title: str) -> bool:
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no baseline in this sweep", transform=ax.transAxes, ha="center")
-    ax = axes[2]
-    for proto in protocols:
-        pts = sorted((p.clients, p.p99_ms) for p in ok if p.protocol == proto)
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=proto)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("concurrent clients (all regions)")
-    ax.set_ylabel("p99 end-to-end latency (ms)")
-    ax.set_title("tail latency against concurrency")
-    ax.legend()
+    _per_protocol(
+        axes[2], ok, "p99_ms", "p99 end-to-end latency (ms)", "tail latency against concurrency"
+    )
+    axes[2].set_yscale("log")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -191,14 +190,16 @@ def plot_sweep(points: Sequence[SweepPoint], path: Path, title: str) -> bool:
     return True
 
 
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, float) and math.isnan(v):
+def json_safe(value: Any) -> Any:
+    """NaN (a percentile of nothing, a failed run's figures) as null: JSON has no NaN. Every
+    benchmark's JSON goes through this."""
+    if isinstance(value, float) and math.isnan(value):
         return None
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_json_safe(x) for x in v]
-    return v
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def write_sweep(
@@ -216,7 +217,7 @@ def write_sweep(
         "k2_vs_hlc": {str(n): v for n, v in ratios(points, "mvto-hlc").items()},
     }
     json_path = stem.with_suffix(".json")
-    json_path.write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")
+    json_path.write_text(json.dumps(json_safe(doc), indent=1, allow_nan=False) + "\n")
     written = [json_path]
     png = stem.with_suffix(".png")
     if plot_sweep(points, png, title):
@@ -227,6 +228,7 @@ def write_sweep(
 __all__ = [
     "SweepPoint",
     "by_concurrency",
+    "json_safe",
     "parse_clients",
     "plot_sweep",
     "ratios",

@@ -50,7 +50,7 @@ from typing import Any
 
 from k2store import cluster as cluster_mod
 from k2store import launcher
-from k2store.bench.sweep import SweepPoint, parse_clients, sweep_table, write_sweep
+from k2store.bench.sweep import SweepPoint, json_safe, parse_clients, sweep_table, write_sweep
 from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
 from k2store.cluster import (
     DEFAULT_REGIONS,
@@ -917,20 +917,9 @@ def write_results(
         "runs": [r.to_json() for r in results],
     }
     json_path = stem.with_suffix(".json")
-    json_path.write_text(json.dumps(_json_safe(doc), indent=1, allow_nan=False) + "\n")
+    json_path.write_text(json.dumps(json_safe(doc), indent=1, allow_nan=False) + "\n")
     png_path = stem.with_suffix(".png")
     return json_path, png_path if plot(results, png_path) else None
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN (a percentile of nothing) as null: JSON has no NaN."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 # -- command line -------------------------------------------------------------------------------
