@@ -297,7 +297,18 @@ def _parser() -> argparse.ArgumentParser:
         "--remote-codec", default=None, choices=["none", "zlib"],
         help="compression of cross-region block transfers (default: the connector's)",
     )  # fmt: skip
-    eb.add_argument("--out", type=Path, default=Path("k2-bench-engine.json"))
+    eb.add_argument(
+        "--rtts", default=None, metavar="MS,MS,...",
+        help="instead: where fetching stops paying. For each prefix length (--sizes, default "
+        "256,1024,2048), TTFT in eu-west of a prefix cached in us-east at each of these "
+        "us-east<->eu-west round trips: always fetched, recomputed, and as the cost model "
+        "chooses (e.g. 25,75,300,1000,3000)",
+    )  # fmt: skip
+    eb.add_argument(
+        "--out", type=Path, default=None,
+        help="JSON (default k2-bench-engine.json, or k2-bench-engine-crossover.json with "
+        "--rtts); the plot goes beside it (.png)",
+    )  # fmt: skip
     eb.add_argument("--data", type=Path, default=None, help="cluster data dir (default: temp)")
     bench_visibility.add_arguments(
         bsub.add_parser(

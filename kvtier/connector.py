@@ -129,6 +129,11 @@ class ConnectorConfig:
     cost_aware: bool = True
     """Load each block from its cheapest region, and only the prefix whose loading beats
     recomputing it (kvtier/placement.py); False: every confirmed block, this region first."""
+    rtt_probe_s: float = 1.0
+    """When a lookup finds blocks in another region whose round trip was last sampled longer
+    ago than this, sample it again in the background (a `Has` of no keys to that region's block
+    store), so the cost model's latency follows the link even while it recomputes instead of
+    fetching (a transfer's time alone cannot tell latency from bandwidth). 0: never."""
     replicate_after: int = 2
     """Copy a block into this region after this many loads of it from other regions (0: never)."""
     shared_memory_bytes: int = 64 * 1024 * 1024
@@ -163,6 +168,8 @@ class ConnectorStats:
     """Calls to a block store or the metadata store that got no answer (each became a miss)."""
     metadata_cleanups: int = 0
     """Block regions removed from the metadata because the bytes there were gone or corrupt."""
+    rtt_probes: int = 0
+    """Round-trip samples taken from other regions' block stores (`ConnectorConfig.rtt_probe_s`)."""
     blocks_stored: int = 0
     blocks_already_stored: int = 0
     bytes_stored: int = 0
@@ -255,6 +262,8 @@ class AsyncKVConnector:
         self.cost = cost or CostModel(config.region)
         self.demand = DemandTracker(max(config.replicate_after, 1))
         self._mono = self.metadata.clock.monotonic_ns
+        self._probed: dict[str, int] = {}
+        """Region -> when its last round-trip sample started (monotonic ns)."""
         self.arena: SharedArena | None = None
         """The shared-memory arena the local block store clients receive through, if any."""
 
@@ -334,6 +343,33 @@ class AsyncKVConnector:
             self.arena.close()
             self.arena = None
 
+    def _probe_links(self, rows: Sequence[BlockInfo]) -> None:
+        """Start a round-trip sample of each other region these rows name whose last sample is
+        older than `rtt_probe_s` (one in flight per region)."""
+        every = int(self.config.rtt_probe_s * 1e9)
+        if every <= 0:
+            return
+        now = self._mono()
+        for region in {r for row in rows for r in row.regions} - {self.config.region}:
+            last = self._probed.get(region)
+            if last is not None and now - last < every:
+                continue
+            store = self._store_for(region, b"\x00")
+            if store is None:
+                continue
+            self._probed[region] = now
+            self._background(self._probe(region, store))
+
+    async def _probe(self, region: str, store: BlockStoreClient) -> None:
+        t0 = self._mono()
+        try:
+            await store.has([])
+        except K2Error as e:
+            log.debug("round-trip sample of %s failed: %s", region, e)
+            return
+        self.cost.observe_rtt(region, (self._mono() - t0) / 1e9)
+        self.stats.rtt_probes += 1
+
     def _store_for(self, region: str, block_hash: bytes) -> BlockStoreClient | None:
         cs = self.stores.get(region)
         if not cs:
@@ -406,6 +442,7 @@ class AsyncKVConnector:
             self.stats.unavailable += 1
             log.warning("metadata lookup failed, reporting a miss: %s", e)
             return LookupResult(0, (), len(hashes))
+        self._probe_links(rows)
         chosen = await self._confirm(rows, remote=confirm_remote)
         if self.config.cost_aware and chosen:
             plan = self.cost.plan([{b.region: b.size} for b in chosen], self.spec.block_tokens)

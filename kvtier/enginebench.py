@@ -30,22 +30,40 @@ import json
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "plot", "run_bench"]
+from k2store.errors import InvalidArgument
+
+__all__ = ["crossover_summary", "main", "plot", "plot_crossover", "run_bench", "run_crossover"]
 
 SUFFIX_TOKENS = 16
 TARGETS = {"local": 0.10, "remote": 0.20}
 TARGET_TOKENS = 2048
 
 
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        out = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        out = []
+    if not out or any(v < 1 for v in out):
+        raise InvalidArgument(
+            f"{what} takes positive whole numbers separated by commas, not {text!r}"
+        )
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.rtts:
+        return _main_crossover(args)
     if args.sizes:
-        sizes = [int(s) for s in args.sizes.split(",")]
+        sizes = _ints(args.sizes, "--sizes")
     else:
         sizes = [256, 1024, 2048] if args.quick else [256, 512, 1024, 2048, 4096]
     reps = args.reps or (2 if args.quick else 3)
+    out = args.out or Path("k2-bench-engine.json")
     result = run_bench(
         sizes,
         reps=reps,
@@ -55,11 +73,34 @@ def main(args: argparse.Namespace) -> int:
         data=args.data,
         remote_codec=args.remote_codec,
     )
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    png = args.out.with_suffix(".png")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    png = out.with_suffix(".png")
     drawn = plot(result, png)
-    print(f"\nwrote {args.out}" + (f" and {png}" if drawn else " (no plot: matplotlib missing)"))
+    print(f"\nwrote {out}" + (f" and {png}" if drawn else " (no plot: matplotlib missing)"))
     return 0 if result["targets_met"] in (True, None) else 1
+
+
+def _main_crossover(args: argparse.Namespace) -> int:
+    rtts = _ints(args.rtts, "--rtts")
+    if args.sizes:
+        sizes = _ints(args.sizes, "--sizes")
+    else:
+        sizes = [256, 1024] if args.quick else [256, 1024, 2048]
+    result = run_crossover(
+        sizes,
+        rtts,
+        reps=args.reps or 2,
+        model_path=args.model,
+        block_tokens=args.block_tokens,
+        kv_dtype=args.kv_dtype,
+        data=args.data,
+    )
+    out = args.out or Path("k2-bench-engine-crossover.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    png = out.with_suffix(".png")
+    drawn = plot_crossover(result, png)
+    print(f"\nwrote {out}" + (f" and {png}" if drawn else " (no plot: matplotlib missing)"))
+    return 0
 
 
 def run_bench(
@@ -75,22 +116,35 @@ def run_bench(
 ) -> dict[str, Any]:
     """`loaded`: a model already loaded (a `kvtier.models.LoadedModel`, or anything with its
     model, tokenizer and revision; tests pass a tiny one) instead of loading `model_path`."""
-    from k2store import launcher
     from kvtier.models import load_model
 
-    def say(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     if loaded is None:
-        loaded = load_model(model_path, progress=say)
+        loaded = load_model(model_path, progress=_say)
+    return _on_cluster(
+        data,
+        lambda cfg: _run(cfg, loaded, sizes, reps, block_tokens, kv_dtype, remote_codec),
+    )
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _on_cluster(
+    data: Path | None, fn: Callable[[Any], Coroutine[Any, Any, dict[str, Any]]]
+) -> dict[str, Any]:
+    """Run `fn(cluster)` on a fresh local three-region cluster with block stores (in `data`, or
+    a temporary directory), stopped afterwards."""
+    from k2store import launcher
+
     tmp = None
     if data is None:
         tmp = tempfile.TemporaryDirectory(prefix="k2-bench-engine-")
         data = Path(tmp.name)
-    say("starting a local three-region cluster with block stores ...")
+    _say("starting a local three-region cluster with block stores ...")
     cfg = launcher.up(data, progress=False, blockstores=True, with_parent=True)
     try:
-        return asyncio.run(_run(cfg, loaded, sizes, reps, block_tokens, kv_dtype, remote_codec))
+        return asyncio.run(fn(cfg))
     finally:
         launcher.down(cfg)
         if tmp is not None:
@@ -221,6 +275,223 @@ async def _run(
         "targets": TARGETS,
         "targets_met": met,
     }
+
+
+# -- where fetching stops paying: cross-region fetch against recompute at several RTTs -----------
+
+CROSS_LINK = ("us-east", "eu-west")
+"""The link the crossover run changes (`k2 cluster net set` does the same): blocks are stored in
+us-east and read from eu-west."""
+
+
+def run_crossover(
+    sizes: list[int],
+    rtts: list[int],
+    *,
+    reps: int = 2,
+    model_path: str | None = None,
+    block_tokens: int = 64,
+    kv_dtype: str = "float16",
+    data: Path | None = None,
+    loaded: Any = None,
+) -> dict[str, Any]:
+    """For each prefix length, the time to first token in eu-west of a prefix cached in us-east
+    at each us-east<->eu-west round-trip time: fetched always (a connector without the cost
+    model), recomputed, and as the cost model chooses (after one request at that RTT to
+    measure the link). Shows where fetching stops paying and whether the model switches there.
+    `loaded` as in `run_bench`."""
+    from kvtier.models import load_model
+
+    if loaded is None:
+        loaded = load_model(model_path, progress=_say)
+    return _on_cluster(
+        data, lambda cfg: _crossover(cfg, loaded, sizes, rtts, reps, block_tokens, kv_dtype)
+    )
+
+
+async def _crossover(
+    cfg: Any,
+    loaded: Any,
+    sizes: list[int],
+    rtts: list[int],
+    reps: int,
+    block_tokens: int,
+    kv_dtype: str,
+) -> dict[str, Any]:
+    import torch
+
+    from k2store.wan import OVERRIDES_FILE, LinkOverride, NetOverrides, write_overrides
+    from kvtier.connector import ConnectorConfig
+    from kvtier.engine import Engine, EngineConfig, SamplingParams
+    from kvtier.serve import ServingNode
+
+    net_file = Path(cfg.path).parent / OVERRIDES_FILE
+
+    async def set_rtt(ms: int | None) -> None:
+        links = {} if ms is None else {frozenset(CROSS_LINK): LinkOverride(rtt_ms=float(ms))}
+        write_overrides(net_file, NetOverrides(links=links))
+        await asyncio.sleep(0.5)  # every process re-reads net.toml within a few tenths
+
+    def node(region: str, **connector: Any) -> Any:
+        store = region == "us-east"
+        return ServingNode.open(
+            cfg, region, model=loaded.model, tokenizer=loaded.tokenizer,
+            revision=loaded.revision, tenant="bench",
+            engine_config=EngineConfig(block_tokens=block_tokens, kv_dtype=kv_dtype, store=store),
+            connector_config=None if store else ConnectorConfig(
+                region, replicate_after=0, **connector
+            ),
+        )  # fmt: skip
+
+    east = await node("us-east")
+    auto = await node("eu-west")  # the cost model decides
+    await auto.engine.calibrate((64, 256, 512))  # what `k2 serve` does at start
+    always = await node("eu-west", cost_aware=False)  # fetches whatever it finds
+    one = SamplingParams(max_tokens=1, stop_at_eos=False)
+    plain = Engine(loaded.model, east.engine.tokenizer, None)
+    vocab = int(loaded.model.config.get_text_config().vocab_size)
+    g = torch.Generator().manual_seed(4096)
+
+    def tokens(n: int) -> list[int]:
+        return [int(t) for t in torch.randint(100, vocab, (n,), generator=g)]
+
+    async def ttfts(engine: Any, prefix: list[int], n: int) -> tuple[float, list[Any]]:
+        runs = [await engine.complete(prefix + tokens(SUFFIX_TOKENS), one) for _ in range(n)]
+        return statistics.median(c.metrics.ttft_s for c in runs), [c.metrics for c in runs]
+
+    rows: list[dict[str, Any]] = []
+    print(
+        f"{'prefix':>7} {'rtt ms':>7} {'fetch':>8} {'recompute':>10} {'model chose':>18} "
+        f"{'model':>8} {'best':>10} {'model/best':>11}"
+    )
+    try:
+        await east.engine.complete(tokens(64), one)  # warm-up (first calls are slow)
+        for n in sizes:
+            n = max(block_tokens, n // block_tokens * block_tokens)
+            prefix = tokens(n)
+            await set_rtt(None)
+            await east.engine.complete(prefix + tokens(SUFFIX_TOKENS), one)
+            await east.engine.flush()
+            rc, _ = await ttfts(plain, prefix, reps)
+            # eu-west reads the block rows from its replicas: wait until they show them.
+            for _ in range(50):
+                c = await always.engine.complete(prefix + tokens(SUFFIX_TOKENS), one)
+                if c.metrics.cached_tokens == n:
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                raise RuntimeError(f"eu-west never saw the {n}-token prefix stored in us-east")
+            for rtt in rtts:
+                await set_rtt(rtt)
+                fetch, fms = await ttfts(always.engine, prefix, reps)
+                await auto.engine.complete(prefix + tokens(SUFFIX_TOKENS), one)  # measures
+                model, mms = await ttfts(auto.engine, prefix, reps)
+                mm = mms[-1]
+                best = "fetch" if fetch < rc else "recompute"
+                row = {
+                    "prefix_tokens": n,
+                    "rtt_ms": rtt,
+                    "fetch_ttft_s": fetch,
+                    "fetch_bytes_moved": fms[-1].bytes_moved,
+                    "recompute_ttft_s": rc,
+                    "model_choice": mm.choice,
+                    "model_cached_tokens": mm.cached_tokens,
+                    "model_ttft_s": model,
+                    "model_samples": [_sample_of(m) for m in mms],
+                    "best": best,
+                    "model_over_best": model / min(fetch, rc),
+                }
+                rows.append(row)
+                print(
+                    f"{n:>7} {rtt:>7} {fetch:>7.3f}s {rc:>9.3f}s {mm.choice:>18} "
+                    f"{model:>7.3f}s {best:>10} {row['model_over_best']:>10.2f}x",
+                    flush=True,
+                )
+    finally:
+        await set_rtt(None)
+        for sn in (east, auto, always):
+            await sn.close()
+    summary = crossover_summary(rows)
+    for line in summary["lines"]:
+        print(line)
+    return {
+        "benchmark": "engine-crossover",
+        "model": loaded.revision,
+        "link": "us-east -> eu-west",
+        "suffix_tokens": SUFFIX_TOKENS,
+        "block_tokens": block_tokens,
+        "kv_dtype": kv_dtype,
+        "reps": reps,
+        "rows": rows,
+        "crossover": summary["by_size"],
+    }
+
+
+def _sample_of(m: Any) -> dict[str, Any]:
+    """One request of the cost-aware node: its TTFT, what it chose, and where the time went."""
+    return {"choice": m.choice, "cached_tokens": m.cached_tokens, **_breakdown(m)}
+
+
+def crossover_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per prefix length: the lowest RTT at which fetching measured slower than recomputing, and
+    the lowest at which the cost model no longer fetched the whole prefix (None: not within the
+    RTTs tried)."""
+    by_size: dict[int, dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: (r["prefix_tokens"], r["rtt_ms"])):
+        d = by_size.setdefault(
+            r["prefix_tokens"], {"fetch_loses_from_ms": None, "model_stops_fetching_from_ms": None}
+        )
+        if d["fetch_loses_from_ms"] is None and r["best"] == "recompute":
+            d["fetch_loses_from_ms"] = r["rtt_ms"]
+        whole = r["model_cached_tokens"] >= r["prefix_tokens"]
+        if d["model_stops_fetching_from_ms"] is None and not whole:
+            d["model_stops_fetching_from_ms"] = r["rtt_ms"]
+    lines = []
+    for n, d in by_size.items():
+        lose, stop = d["fetch_loses_from_ms"], d["model_stops_fetching_from_ms"]
+        lines.append(
+            f"{n} tokens: fetching measured slower than recomputing "
+            + (f"from {lose} ms RTT" if lose is not None else "at no RTT tried")
+            + "; the cost model stopped fetching the whole prefix "
+            + (f"from {stop} ms" if stop is not None else "at no RTT tried")
+        )
+    return {"by_size": {str(n): d for n, d in by_size.items()}, "lines": lines}
+
+
+def plot_crossover(result: dict[str, Any], path: Path) -> bool:
+    """One panel per prefix length: TTFT against RTT when always fetching, when recomputing,
+    and as the cost model chose (marker: what it chose). False without matplotlib or rows."""
+    from k2store.bench.txn import pyplot
+
+    plt = pyplot()
+    rows = result["rows"]
+    if plt is None or not rows:
+        return False
+    sizes = sorted({r["prefix_tokens"] for r in rows})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 4.2), squeeze=False)
+    markers = {"remote": "o", "recompute": "x"}
+    for ax, n in zip(axes[0], sizes, strict=True):
+        rs = sorted((r for r in rows if r["prefix_tokens"] == n), key=lambda r: r["rtt_ms"])
+        xs = [r["rtt_ms"] for r in rs]
+        ax.plot(xs, [r["fetch_ttft_s"] for r in rs], marker="o", label="always fetch")
+        ax.plot(xs, [r["recompute_ttft_s"] for r in rs], linestyle="--", label="recompute")
+        for choice in sorted({r["model_choice"] for r in rs}):
+            pts = [r for r in rs if r["model_choice"] == choice]
+            ax.scatter(
+                [r["rtt_ms"] for r in pts], [r["model_ttft_s"] for r in pts],
+                marker=markers.get(choice, "^"), s=60, color="black", zorder=3,
+                label=f"cost model: {choice}",
+            )  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("us-east <-> eu-west round trip (ms)")
+        ax.set_ylabel("time to first token in eu-west (s)")
+        ax.set_title(f"{n}-token prefix cached in us-east", fontsize=9)
+        ax.legend(fontsize="x-small")
+    fig.suptitle(f"{result['model']}: fetch across regions or recompute?", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:

@@ -73,6 +73,10 @@ class PlacementPlan:
     """Estimated time to recompute them instead."""
 
 
+RTT_ALPHA = 0.6
+"""EWMA weight of a new round-trip sample (transfers use the model's `alpha`)."""
+
+
 class CostModel:
     """Per-region link estimates and the local prefill speed; `plan` picks what to load."""
 
@@ -109,9 +113,12 @@ class CostModel:
         return new if samples == 0 else (1 - self.alpha) * old + self.alpha * new
 
     def observe_rtt(self, region: str, seconds: float) -> None:
-        """A small call (no payload to speak of) to region's block store took `seconds`."""
+        """A small call (no payload to speak of) to region's block store took `seconds`. Weighed
+        more than a transfer (`RTT_ALPHA`): it measures latency alone, and a link whose latency
+        changed should change the plan within a request or two."""
         est = self.link(region)
-        est.rtt_s = self._ewma(est.rtt_s, max(seconds, 1e-6), est.samples)
+        s = max(seconds, 1e-6)
+        est.rtt_s = s if est.samples == 0 else (1 - RTT_ALPHA) * est.rtt_s + RTT_ALPHA * s
         est.samples += 1
 
     def observe_transfer(self, region: str, nbytes: int, seconds: float) -> None:

@@ -383,3 +383,40 @@ def test_retrieve_into_a_sink_hands_over_each_block_once(tmp_path: Path) -> None
             assert torch.equal(out, kv[:, :, :, :N])
 
     run(body)
+
+
+def test_a_lookup_that_finds_remote_blocks_samples_that_link_at_most_once_a_second(
+    tmp_path: Path,
+) -> None:
+    """The cost model needs the link's latency even while it chooses to recompute (then nothing
+    is transferred to learn from): a lookup that finds blocks in another region samples that
+    region's round trip in the background, at most once per `rtt_probe_s`."""
+
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            ns = namespace()
+            await env.metadata.register_namespace(ns)
+            east = await env.connector(ns, "us-east")
+            west = await env.connector(ns, "eu-west")
+            await east.store(TOKENS, make_kv(SPEC, len(TOKENS)))
+            prior = west.cost.link("us-east").samples
+            await west.lookup(TOKENS)
+            await west.settle()
+            assert west.stats.rtt_probes == 1
+            assert west.cost.link("us-east").samples == prior + 1
+            await west.lookup(TOKENS)  # within the second: no new sample
+            await west.settle()
+            assert west.stats.rtt_probes == 1
+            env.clock.advance(1_100_000_000)
+            await west.lookup(TOKENS)
+            await west.settle()
+            assert west.stats.rtt_probes == 2
+            # A region's own blocks are never probed; probes off means none at all.
+            await east.lookup(TOKENS)
+            await east.settle()
+            quiet = await env.connector(ns, "eu-west", rtt_probe_s=0.0)
+            await quiet.lookup(TOKENS)
+            await quiet.settle()
+            assert east.stats.rtt_probes == quiet.stats.rtt_probes == 0
+
+    run(body)

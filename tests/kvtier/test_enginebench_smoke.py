@@ -33,3 +33,24 @@ def test_bench_engine_quick_on_a_tiny_model(tmp_path: Path) -> None:
     assert result["targets_met"] is None  # no row at the target length
     assert enginebench.plot(result, tmp_path / "engine.png")
     assert (tmp_path / "engine.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_crossover_shows_where_fetching_stops_paying(tmp_path: Path) -> None:
+    """`k2 bench engine --rtts` on a tiny random Llama: the link change reaches the fetches (a
+    3 s round trip makes fetching take seconds), recomputing a tiny model's prompt takes
+    milliseconds, and the cost model, which samples the link's round trip, stops fetching
+    there; the summary and the plot say so."""
+    loaded = types.SimpleNamespace(
+        model=tiny_model(), tokenizer=ByteCodec(), revision="tiny@smoke", name="tiny"
+    )
+    result = enginebench.run_crossover([64], [3000], reps=1, loaded=loaded, data=tmp_path / "c")
+    (row,) = result["rows"]
+    assert row["fetch_ttft_s"] > 3.0 and row["fetch_bytes_moved"] > 0
+    assert row["recompute_ttft_s"] < 1.0 and row["best"] == "recompute"
+    assert row["model_cached_tokens"] < 64 and row["model_ttft_s"] < 1.0
+    assert result["crossover"]["64"] == {
+        "fetch_loses_from_ms": 3000,
+        "model_stops_fetching_from_ms": 3000,
+    }
+    assert enginebench.plot_crossover(result, tmp_path / "cross.png")

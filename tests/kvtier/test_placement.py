@@ -63,6 +63,23 @@ def test_measurements_move_the_estimates() -> None:
     assert m.recompute_s(1000) > before
 
 
+def test_round_trip_samples_turn_the_plan_within_two_requests() -> None:
+    """A link whose latency grows from 75 ms to 4 s: after two round-trip samples a 1,024-token
+    prefix (2.56 s to recompute here) is recomputed rather than fetched, and after two samples
+    of a fast link again it is fetched. (Weighed like transfers, two samples left it fetching
+    at 2.1 s estimated against 4.1 s measured.)"""
+    m = model()
+    m.observe_transfer("eu-west", 4 * MB, 0.075 + 4 * MB / 125e6)  # the link as configured
+    prefix = [{"eu-west": MB}] * 4
+    assert m.plan(prefix, block_tokens=256).num_blocks == 4
+    for _ in range(2):
+        m.observe_rtt("eu-west", 4.0)
+    assert m.plan(prefix, block_tokens=256).num_blocks == 0
+    for _ in range(2):
+        m.observe_rtt("eu-west", 0.075)
+    assert m.plan(prefix, block_tokens=256).num_blocks == 4
+
+
 def test_demand_tracker_says_copy_once_at_the_threshold() -> None:
     d = DemandTracker(replicate_after=3, capacity=2)
     assert [d.record_remote_load(b"a") for _ in range(4)] == [False, False, True, False]
