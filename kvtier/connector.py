@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -126,6 +127,12 @@ class ConnectorConfig:
     1 Gbit/s link holds 9.4 MB in flight, and a 64-token SmolLM2 block is 1.5 MB, so 8 at once
     barely covered it and any stall left the link idle (a 2,048-token cross-region load took
     0.48-0.50 s against a 0.45 s floor; 0.46-0.47 s with 16)."""
+    max_parallel_loads: int = 64
+    """On a long, wide link retrieve keeps about one bandwidth-delay product in flight (the cost
+    model's round trip times bandwidth for the region, in blocks), never fewer than
+    `parallel_loads` and never more than this; each load in flight holds one frame. With 16 at
+    most, a 2,048-token prefix (32 blocks) loaded in two waves and paid two round trips once the
+    link held more than 16 blocks (6.4 s at a 3 s round trip against 3.4 s in one wave)."""
     cost_aware: bool = True
     """Load each block from its cheapest region, and only the prefix whose loading beats
     recomputing it (kvtier/placement.py); False: every confirmed block, this region first."""
@@ -370,6 +377,18 @@ class AsyncKVConnector:
         self.cost.observe_rtt(region, (self._mono() - t0) / 1e9)
         self.stats.rtt_probes += 1
 
+    def loads_in_flight(self, blocks: Sequence[BlockLocation]) -> int:
+        """How many of these blocks retrieve loads at once: `parallel_loads`, or as many as
+        fill the slowest-to-fill link's bandwidth-delay product (up to `max_parallel_loads`)."""
+        base = max(1, self.config.parallel_loads)
+        need = base
+        for region in {b.region for b in blocks}:
+            sizes = [b.size for b in blocks if b.region == region]
+            est = self.cost.link(region)
+            avg = max(1.0, sum(sizes) / len(sizes))
+            need = max(need, math.ceil(est.rtt_s * est.bytes_per_s / avg))
+        return min(need, max(base, self.config.max_parallel_loads))
+
     def _store_for(self, region: str, block_hash: bytes) -> BlockStoreClient | None:
         cs = self.stores.get(region)
         if not cs:
@@ -565,7 +584,7 @@ class AsyncKVConnector:
         the first failed one may have been handed over too; only `num_tokens` count."""
         if found is None:
             found = await self.lookup(tokens)
-        sem = asyncio.Semaphore(max(1, self.config.parallel_loads))
+        sem = asyncio.Semaphore(self.loads_in_flight(found.blocks))
         remote_before = self.stats.bytes_fetched_remote
         by_region: dict[str, int] = {}
         lost: dict[str, list[bytes]] = {}

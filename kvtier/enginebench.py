@@ -64,6 +64,7 @@ def main(args: argparse.Namespace) -> int:
         sizes = [256, 1024, 2048] if args.quick else [256, 512, 1024, 2048, 4096]
     reps = args.reps or (2 if args.quick else 3)
     out = args.out or Path("k2-bench-engine.json")
+    out.parent.mkdir(parents=True, exist_ok=True)  # before the run: a bad path fails at once
     result = run_bench(
         sizes,
         reps=reps,
@@ -82,6 +83,8 @@ def main(args: argparse.Namespace) -> int:
 
 def _main_crossover(args: argparse.Namespace) -> int:
     rtts = _ints(args.rtts, "--rtts")
+    out = args.out or Path("k2-bench-engine-crossover.json")
+    out.parent.mkdir(parents=True, exist_ok=True)  # before the run: a bad path fails at once
     if args.sizes:
         sizes = _ints(args.sizes, "--sizes")
     else:
@@ -95,7 +98,6 @@ def _main_crossover(args: argparse.Namespace) -> int:
         kv_dtype=args.kv_dtype,
         data=args.data,
     )
-    out = args.out or Path("k2-bench-engine-crossover.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     png = out.with_suffix(".png")
     drawn = plot_crossover(result, png)

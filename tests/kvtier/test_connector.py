@@ -12,7 +12,7 @@ import torch
 from kvtier_env import SPEC, Env, kv_env, make_kv, namespace, run
 
 from kvtier.blocks import BlockSpec, Layout, block_hashes
-from kvtier.connector import ConnectorConfig, KVConnector
+from kvtier.connector import BlockLocation, ConnectorConfig, KVConnector
 from kvtier.errors import (
     BlockSpecMismatch,
     BlockTooLarge,
@@ -418,5 +418,29 @@ def test_a_lookup_that_finds_remote_blocks_samples_that_link_at_most_once_a_seco
             await quiet.lookup(TOKENS)
             await quiet.settle()
             assert east.stats.rtt_probes == quiet.stats.rtt_probes == 0
+
+    run(body)
+
+
+def test_loads_in_flight_cover_the_link_s_bandwidth_delay_product(tmp_path: Path) -> None:
+    """16 blocks at once keep a 75 ms, 1 Gbit/s link busy with 1.5 MB blocks; a 1 s round trip
+    holds 83 of them, so retrieve keeps 64 (the cap) in flight instead of loading in waves
+    that each pay a round trip."""
+
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            ns = namespace()
+            await env.metadata.register_namespace(ns)
+            west = await env.connector(ns, "eu-west")
+            blocks = [BlockLocation(i, bytes([i]) * 32, "us-east", 1_500_000, ("us-east",))
+                      for i in range(32)]  # fmt: skip
+            link = west.cost.link("us-east")
+            link.rtt_s, link.bytes_per_s = 0.075, 125e6
+            assert west.loads_in_flight(blocks) == 16
+            link.rtt_s = 1.0
+            assert west.loads_in_flight(blocks) == 64
+            link.rtt_s = 0.3  # 37.5 MB in flight: 25 blocks
+            assert west.loads_in_flight(blocks) == 25
+            assert west.loads_in_flight(blocks[:0]) == 16
 
     run(body)
