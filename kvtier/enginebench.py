@@ -63,8 +63,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         sizes = [256, 1024, 2048] if args.quick else [256, 512, 1024, 2048, 4096]
     reps = args.reps or (2 if args.quick else 3)
-    out = args.out or Path("k2-bench-engine.json")
-    out.parent.mkdir(parents=True, exist_ok=True)  # before the run: a bad path fails at once
+    out = _output(args, "k2-bench-engine.json")
     result = run_bench(
         sizes,
         reps=reps,
@@ -74,17 +73,27 @@ def main(args: argparse.Namespace) -> int:
         data=args.data,
         remote_codec=args.remote_codec,
     )
+    _write(out, result, plot)
+    return 0 if result["targets_met"] in (True, None) else 1
+
+
+def _output(args: argparse.Namespace, default: str) -> Path:
+    """Where the JSON goes; its directory is made before the run, so a bad path fails at once."""
+    out: Path = args.out or Path(default)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write(out: Path, result: dict[str, Any], draw: Callable[[dict[str, Any], Path], bool]) -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     png = out.with_suffix(".png")
-    drawn = plot(result, png)
+    drawn = draw(result, png)
     print(f"\nwrote {out}" + (f" and {png}" if drawn else " (no plot: matplotlib missing)"))
-    return 0 if result["targets_met"] in (True, None) else 1
 
 
 def _main_crossover(args: argparse.Namespace) -> int:
     rtts = _ints(args.rtts, "--rtts")
-    out = args.out or Path("k2-bench-engine-crossover.json")
-    out.parent.mkdir(parents=True, exist_ok=True)  # before the run: a bad path fails at once
+    out = _output(args, "k2-bench-engine-crossover.json")
     if args.sizes:
         sizes = _ints(args.sizes, "--sizes")
     else:
@@ -98,10 +107,7 @@ def _main_crossover(args: argparse.Namespace) -> int:
         kv_dtype=args.kv_dtype,
         data=args.data,
     )
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    png = out.with_suffix(".png")
-    drawn = plot_crossover(result, png)
-    print(f"\nwrote {out}" + (f" and {png}" if drawn else " (no plot: matplotlib missing)"))
+    _write(out, result, plot_crossover)
     return 0
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from kvtier_env import SPEC, Env, kv_env, make_kv, namespace, run
 
-from kvtier.blocks import BlockSpec, Layout, block_hashes
-from kvtier.connector import BlockLocation, ConnectorConfig, KVConnector
+from kvtier.blocks import BlockSpec, Layout, Namespace, block_hashes
+from kvtier.connector import AsyncKVConnector, BlockLocation, ConnectorConfig, KVConnector
 from kvtier.errors import (
     BlockSpecMismatch,
     BlockTooLarge,
@@ -24,6 +24,16 @@ from kvtier.metadata import NamespaceRecord, PublishBlock, PublishResult, lease_
 
 TOKENS = list(range(1000, 1018))  # 4 full blocks of 4, 2 tokens left over
 N = 16
+
+
+async def stored_in_us_east(env: Env) -> tuple[Namespace, AsyncKVConnector, AsyncKVConnector]:
+    """A namespace, connectors in us-east and eu-west, and TOKENS stored from us-east."""
+    ns = namespace()
+    await env.metadata.register_namespace(ns)
+    east = await env.connector(ns, "us-east")
+    west = await env.connector(ns, "eu-west")
+    await east.store(TOKENS, make_kv(SPEC, len(TOKENS)))
+    return ns, east, west
 
 
 def test_store_here_retrieve_in_another_region_counts_bytes_moved(tmp_path: Path) -> None:
@@ -218,11 +228,7 @@ def test_quota_is_enforced_by_store(tmp_path: Path) -> None:
 def test_killed_block_store_means_miss_and_recompute(tmp_path: Path) -> None:
     async def body() -> None:
         async with kv_env(tmp_path) as env:
-            ns = namespace()
-            await env.metadata.register_namespace(ns)
-            east = await env.connector(ns, "us-east")
-            west = await env.connector(ns, "eu-west")
-            await east.store(TOKENS, make_kv(SPEC, len(TOKENS)))
+            ns, east, west = await stored_in_us_east(env)
             found = await west.lookup(TOKENS)
             assert found.num_tokens == N
             await env.blocknodes["us-east"].stop(0, close_store=False)
@@ -394,11 +400,7 @@ def test_a_lookup_that_finds_remote_blocks_samples_that_link_at_most_once_a_seco
 
     async def body() -> None:
         async with kv_env(tmp_path) as env:
-            ns = namespace()
-            await env.metadata.register_namespace(ns)
-            east = await env.connector(ns, "us-east")
-            west = await env.connector(ns, "eu-west")
-            await east.store(TOKENS, make_kv(SPEC, len(TOKENS)))
+            ns, east, west = await stored_in_us_east(env)
             prior = west.cost.link("us-east").samples
             await west.lookup(TOKENS)
             await west.settle()
