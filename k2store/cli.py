@@ -424,6 +424,10 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         return
 
     def interrupt(signum: int, frame: object) -> None:
+        # If the orderly path hangs (a worker thread that never returns, a lock taken when the
+        # interrupt landed), the process still ends; what it started ends with it (the
+        # parent-death signal of launcher.stop_with_parent).
+        threading.Thread(target=_exit_later, args=(SIGTERM_GRACE_S,), daemon=True).start()
         raise KeyboardInterrupt(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, interrupt)
@@ -431,6 +435,17 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+SIGTERM_GRACE_S = 20.0
+"""How long a command that owns processes may take to stop them after SIGTERM before it exits
+anyway (status 143)."""
+
+
+def _exit_later(seconds: float) -> None:
+    threading.Event().wait(seconds)
+    print(f"error: still stopping {seconds:.0f} s after SIGTERM; exiting now", file=sys.stderr)
+    os._exit(143)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
