@@ -34,7 +34,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from k2store.errors import InvalidArgument
+from k2store.bench.sweep import parse_counts
 
 __all__ = ["crossover_summary", "main", "plot", "plot_crossover", "run_bench", "run_crossover"]
 
@@ -43,23 +43,11 @@ TARGETS = {"local": 0.10, "remote": 0.20}
 TARGET_TOKENS = 2048
 
 
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        out = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        out = []
-    if not out or any(v < 1 for v in out):
-        raise InvalidArgument(
-            f"{what} takes positive whole numbers separated by commas, not {text!r}"
-        )
-    return out
-
-
 def main(args: argparse.Namespace) -> int:
     if args.rtts:
         return _main_crossover(args)
     if args.sizes:
-        sizes = _ints(args.sizes, "--sizes")
+        sizes = parse_counts(args.sizes, "--sizes")
     else:
         sizes = [256, 1024, 2048] if args.quick else [256, 512, 1024, 2048, 4096]
     reps = args.reps or (2 if args.quick else 3)
@@ -92,10 +80,10 @@ def _write(out: Path, result: dict[str, Any], draw: Callable[[dict[str, Any], Pa
 
 
 def _main_crossover(args: argparse.Namespace) -> int:
-    rtts = _ints(args.rtts, "--rtts")
+    rtts = parse_counts(args.rtts, "--rtts")
     out = _output(args, "k2-bench-engine-crossover.json")
     if args.sizes:
-        sizes = _ints(args.sizes, "--sizes")
+        sizes = parse_counts(args.sizes, "--sizes")
     else:
         sizes = [256, 1024] if args.quick else [256, 1024, 2048]
     result = run_crossover(
@@ -328,16 +316,15 @@ async def _crossover(
 ) -> dict[str, Any]:
     import torch
 
-    from k2store.wan import OVERRIDES_FILE, LinkOverride, NetOverrides, write_overrides
+    from k2store.launcher import write_net_overrides
+    from k2store.wan import LinkOverride, NetOverrides
     from kvtier.connector import ConnectorConfig
     from kvtier.engine import Engine, EngineConfig, SamplingParams
     from kvtier.serve import ServingNode
 
-    net_file = Path(cfg.path).parent / OVERRIDES_FILE
-
     async def set_rtt(ms: int | None) -> None:
         links = {} if ms is None else {frozenset(CROSS_LINK): LinkOverride(rtt_ms=float(ms))}
-        write_overrides(net_file, NetOverrides(links=links))
+        write_net_overrides(cfg, NetOverrides(links=links))
         await asyncio.sleep(0.5)  # every process re-reads net.toml within a few tenths
 
     def node(region: str, **connector: Any) -> Any:

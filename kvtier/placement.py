@@ -109,16 +109,16 @@ class CostModel:
             est = self.links[region] = LinkEstimate(0.1, self.default_bytes_per_s)
         return est
 
-    def _ewma(self, old: float, new: float, samples: int) -> float:
-        return new if samples == 0 else (1 - self.alpha) * old + self.alpha * new
+    def _ewma(self, old: float, new: float, samples: int, alpha: float | None = None) -> float:
+        a = self.alpha if alpha is None else alpha
+        return new if samples == 0 else (1 - a) * old + a * new
 
     def observe_rtt(self, region: str, seconds: float) -> None:
         """A small call (no payload to speak of) to region's block store took `seconds`. Weighed
         more than a transfer (`RTT_ALPHA`): it measures latency alone, and a link whose latency
         changed should change the plan within a request or two."""
         est = self.link(region)
-        s = max(seconds, 1e-6)
-        est.rtt_s = s if est.samples == 0 else (1 - RTT_ALPHA) * est.rtt_s + RTT_ALPHA * s
+        est.rtt_s = self._ewma(est.rtt_s, max(seconds, 1e-6), est.samples, RTT_ALPHA)
         est.samples += 1
 
     def observe_transfer(self, region: str, nbytes: int, seconds: float) -> None:

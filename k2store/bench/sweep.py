@@ -24,8 +24,8 @@ from typing import Any
 from k2store.errors import InvalidArgument
 
 MAX_POINTS = 12
-"""More concurrencies than this in one sweep is a typo, not a plan (each point is a run per
-protocol)."""
+"""More values than this in one list is a typo, not a plan (each is a run per protocol, or per
+prefix length)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +48,10 @@ class SweepPoint:
     error: str = ""
 
 
-def parse_clients(text: str) -> list[int]:
-    """`"10,30,100"` -> [10, 30, 100]: clients per region, ascending, each once. Refuses
-    anything else with the reason."""
+def parse_counts(text: str, option: str = "--sweep") -> list[int]:
+    """`"10,30,100"` -> [10, 30, 100]: positive whole numbers, ascending, each once (the
+    benchmarks' lists: --sweep's clients per region, `k2 bench engine`'s --sizes and --rtts).
+    Refuses anything else with the reason."""
     out: set[int] = set()
     for part in text.split(","):
         part = part.strip()
@@ -60,16 +61,16 @@ def parse_clients(text: str) -> list[int]:
             n = int(part)
         except ValueError:
             raise InvalidArgument(
-                f"--sweep takes clients per region as a comma-separated list of whole numbers "
-                f"(e.g. 10,30,100), not {part!r}"
+                f"{option} takes a comma-separated list of whole numbers (e.g. 10,30,100), "
+                f"not {part!r}"
             ) from None
         if n < 1:
-            raise InvalidArgument(f"--sweep: clients per region must be at least 1, got {n}")
+            raise InvalidArgument(f"{option}: each value must be at least 1, got {n}")
         out.add(n)
     if not out:
-        raise InvalidArgument("--sweep needs at least one concurrency (e.g. 10,30,100)")
+        raise InvalidArgument(f"{option} needs at least one value (e.g. 10,30,100)")
     if len(out) > MAX_POINTS:
-        raise InvalidArgument(f"--sweep: at most {MAX_POINTS} concurrencies, got {len(out)}")
+        raise InvalidArgument(f"{option}: at most {MAX_POINTS} values, got {len(out)}")
     return sorted(out)
 
 
@@ -229,7 +230,7 @@ __all__ = [
     "SweepPoint",
     "by_concurrency",
     "json_safe",
-    "parse_clients",
+    "parse_counts",
     "plot_sweep",
     "ratios",
     "sweep_table",

@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from k2store.bench.sweep import SweepPoint, parse_clients, sweep_table, write_sweep
+from k2store.bench.sweep import SweepPoint, parse_counts, sweep_table, write_sweep
 from k2store.bench.txn import (
     REFINEMENTS,
     AblationRow,
@@ -475,6 +475,11 @@ def format_results(results: Sequence[TpccResult]) -> str:
     return "\n".join([title, head, *lines])
 
 
+def _stamp() -> str:
+    """The UTC time in result file names."""
+    return datetime.fromtimestamp(SystemClock().now_ns() / 1e9, UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
 def _result_json(r: TpccResult) -> dict[str, Any]:
     return {
         "protocol": r.protocol,
@@ -495,7 +500,7 @@ def _result_json(r: TpccResult) -> dict[str, Any]:
 
 def write_results(results: Sequence[TpccResult], tc: TpccConfig, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.fromtimestamp(SystemClock().now_ns() / 1e9, UTC).strftime("%Y%m%dT%H%M%SZ")
+    stamp = _stamp()
     path = out / f"tpcc-{stamp}.json"
     rows = [_result_json(r) for r in results]
     path.write_text(json.dumps({"config": asdict(tc), "results": rows}, indent=2) + "\n")
@@ -628,7 +633,7 @@ def main(args: argparse.Namespace) -> int:
     if args.sweep is not None:
         if args.clients_per_region is not None:
             raise InvalidArgument("--sweep sets the clients per region; drop --clients-per-region")
-        return _sweep(tc, parse_clients(args.sweep), args.out)
+        return _sweep(tc, parse_counts(args.sweep), args.out)
     results = _run_protocols(tc)
     print(format_results(results))
     for path in write_results(results, tc, args.out):
@@ -671,7 +676,7 @@ def _ablate(tc: TpccConfig, out: Path) -> int:
         f"{tc.clients_per_region * tc.regions} clients, {tc.duration_s:g} s per variant"
     )
     print(ablation_table([_ablation_row(label, r) for label, r in variants]))
-    stamp = datetime.fromtimestamp(SystemClock().now_ns() / 1e9, UTC).strftime("%Y%m%dT%H%M%SZ")
+    stamp = _stamp()
     path = out / f"tpcc-ablation-{stamp}.json"
     out.mkdir(parents=True, exist_ok=True)
     doc = {
@@ -748,7 +753,7 @@ def _sweep(tc: TpccConfig, per_region: Sequence[int], out: Path) -> int:
     )
     print(title)
     print("\n".join(sweep_table(points, tc.protocols)))
-    stamp = datetime.fromtimestamp(SystemClock().now_ns() / 1e9, UTC).strftime("%Y%m%dT%H%M%SZ")
+    stamp = _stamp()
     for path in write_sweep(points, asdict(tc), out / f"tpcc-sweep-{stamp}", title):
         print(f"wrote {path}")
     return 0 if all(not p.error for p in points) else 1

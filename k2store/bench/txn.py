@@ -50,7 +50,7 @@ from typing import Any
 
 from k2store import cluster as cluster_mod
 from k2store import launcher
-from k2store.bench.sweep import SweepPoint, json_safe, parse_clients, sweep_table, write_sweep
+from k2store.bench.sweep import SweepPoint, json_safe, parse_counts, sweep_table, write_sweep
 from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
 from k2store.cluster import (
     DEFAULT_REGIONS,
@@ -1063,9 +1063,10 @@ def run_local(bc: BenchConfig, data: Path, *, txn: TxnSettings, label: str) -> R
         return asyncio.run(run_mix(cfg, bc, label=label, progress=progress))
 
 
-def sweep_point(run: RunResult) -> SweepPoint:
+def sweep_point(run: RunResult, regions: int) -> SweepPoint:
+    """`run` as one point of a sweep over `regions` regions (a failed run names none itself)."""
     bc = run.config
-    n = len(run.regions)
+    n = regions
     if run.error:
         return SweepPoint(
             bc.protocol, bc.clients_per_region, n * bc.clients_per_region,
@@ -1094,7 +1095,7 @@ def _sweep(args: argparse.Namespace, bc: BenchConfig) -> int:
     if args.ablate or args.cluster is not None:
         raise InvalidArgument("--sweep runs fresh clusters with each protocol's defaults; drop "
                               "--ablate and --cluster")  # fmt: skip
-    per_region = parse_clients(args.sweep)
+    per_region = parse_counts(args.sweep)
     protocols = [args.protocol] if args.protocol else list(PROTOCOLS)
     regions = args.regions or 3
     points: list[SweepPoint] = []
@@ -1119,7 +1120,7 @@ def _sweep(args: argparse.Namespace, bc: BenchConfig) -> int:
                         label, run_bc, TxnSettings(protocol=proto), [], 0.0, error=str(e)
                     )
                 runs.append(run)
-                points.append(sweep_point(run))
+                points.append(sweep_point(run, regions if args.sim else len(DEFAULT_REGIONS)))
             print(format_side_by_side(runs) + "\n", flush=True)
     title = (
         f"YCSB-T {bc.mix} ({'sim' if args.sim else 'processes'}): theta {bc.theta}, "

@@ -14,35 +14,31 @@ import pytest
 
 from k2store import cluster as cluster_mod
 from k2store import launcher
+from k2store.cluster import ClusterConfig
 from k2store.errors import K2Error
 
 pytestmark = pytest.mark.slow
 
 
-def node_pids(marker: str) -> set[int]:
-    """Pids of `k2store node` processes whose command line names a path under marker."""
-    out = set()
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"node" in cmd and any(marker.encode() in part for part in cmd):
-            out.add(int(d.name))
-    return out
+def bench_cluster(tmp_path: Path) -> ClusterConfig | None:
+    """The benchmark's cluster (it lives in a temporary directory under tmp_path) once its file
+    is written."""
+    files = list(tmp_path.glob("k2-bench-*/run0/cluster.toml"))
+    try:
+        return cluster_mod.load(files[0]) if files else None
+    except (OSError, K2Error):
+        return None  # still being written
 
 
 def healthy(tmp_path: Path) -> bool:
-    files = list(tmp_path.glob("k2-bench-*/run0/cluster.toml"))
-    if not files:
-        return False
-    try:
-        cfg = cluster_mod.load(files[0])
-    except (OSError, K2Error):
-        return False  # still being written
-    return all(launcher.check_health(n.address, 0.5) for n in cfg.nodes)
+    cfg = bench_cluster(tmp_path)
+    return cfg is not None and all(launcher.check_health(n.address, 0.5) for n in cfg.nodes)
+
+
+def alive(pids: set[int]) -> set[int]:
+    """Those of pids that still run (a node outlives its data directory, which the benchmark's
+    cleanup removes, so its lock file cannot tell)."""
+    return {p for p in pids if Path(f"/proc/{p}").exists()}
 
 
 def wait_for(cond: object, timeout_s: float) -> bool:
@@ -67,10 +63,13 @@ def test_a_killed_benchmark_stops_its_cluster(tmp_path: Path, sig: signal.Signal
             stdout=subprocess.DEVNULL,
             stderr=stderr,  # the child keeps its own copy of the file
         )
+    started: set[int] = set()
     try:
         # Killed while it runs its load, not while its nodes start: every node answers health.
         assert wait_for(lambda: healthy(tmp_path), 90), "no cluster came up"
-        started = node_pids(str(tmp_path))
+        cfg = bench_cluster(tmp_path)
+        assert cfg is not None
+        started = set(launcher.running_nodes(cfg).values())
         assert len(started) == 3
         proc.send_signal(sig)
         rc = proc.wait(timeout=60)
@@ -78,10 +77,10 @@ def test_a_killed_benchmark_stops_its_cluster(tmp_path: Path, sig: signal.Signal
         # SIGTERM: 130 when the interrupt path finished; 143 when it hung and the CLI's
         # watchdog (cli.SIGTERM_GRACE_S) ended the process. Either way no node may be left.
         assert rc in ((130, 143) if sig == signal.SIGTERM else (-9,)), err
-        assert wait_for(lambda: not (started & node_pids(str(tmp_path))), 30), "nodes left"
+        assert wait_for(lambda: not alive(started), 30), "nodes left"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for pid in node_pids(str(tmp_path)):
+        for pid in alive(started):
             os.kill(pid, signal.SIGKILL)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from k2store.bench.sweep import SweepPoint, parse_clients, ratios, sweep_table, write_sweep
+from k2store.bench.sweep import SweepPoint, parse_counts, ratios, sweep_table, write_sweep
 from k2store.cli import main
 from k2store.errors import InvalidArgument
 
@@ -18,11 +18,11 @@ def point(protocol: str, n: int, tps: float, *, error: str = "") -> SweepPoint:
     return SweepPoint(protocol, n, 3 * n, tps, 10.0, 100.0, 0.02, 0.04, 0, error)
 
 
-def test_parse_clients_sorts_dedups_and_refuses_bad_input() -> None:
-    assert parse_clients("30, 10,100,10,") == [10, 30, 100]
+def test_parse_counts_sorts_dedups_and_refuses_bad_input() -> None:
+    assert parse_counts("30, 10,100,10,") == [10, 30, 100]
     for bad in ("", ",", "10,x", "0", "-3", "1.5", ",".join(str(i) for i in range(1, 14))):
         with pytest.raises(InvalidArgument):
-            parse_clients(bad)
+            parse_counts(bad)
 
 
 def test_sweep_table_puts_k2_s_ratios_beside_each_concurrency() -> None:
