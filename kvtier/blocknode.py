@@ -83,7 +83,7 @@ from k2store.security import Guard, Identity, SecuritySettings, bearer_metadata,
 from k2store.transport import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, WanEmulation, rpc_error_to_k2
 from kvtier.blocks import Namespace, verify_frame
 from kvtier.blockstore import BlobStore, BlockStore, BlockStoreConfig
-from kvtier.bulk import BulkClient, BulkServer, BulkUnavailable
+from kvtier.bulk import BulkClient, BulkServer, BulkUnavailable, frame_range
 from kvtier.shm import ArenaMapper, SharedArena, SharedUnavailable, Slot
 
 if TYPE_CHECKING:
@@ -423,13 +423,20 @@ class BlockStoreService(bpb_grpc.BlockStoreServicer):
                 if not await asyncio.to_thread(self._owned, request.key, ns, ok):
                     yield bpb.GetChunk(found=False)  # another namespace's block: a plain miss
                     return
+            if request.range_length and codec != "none":
+                raise InvalidArgument("a byte range of a frame is read raw (accept CODEC_NONE)")
             frame = await asyncio.to_thread(self.store.get, request.key)
             if frame is None:
                 yield bpb.GetChunk(found=False, bulk_port=self.bulk_port)
                 return
-            data = (
-                frame if codec == "none" else await asyncio.to_thread(compress_frame, codec, frame)
-            )
+            if request.range_length:
+                data: bytes | memoryview = frame_range(
+                    frame, request.range_start, request.range_length
+                )
+            elif codec == "none":
+                data = frame
+            else:
+                data = await asyncio.to_thread(compress_frame, codec, frame)
         except K2Error as e:
             await self._abort(context, e)
             return
@@ -840,11 +847,37 @@ class BlockStoreClient:
                 return got
         return await self._get_streamed(key, codec)
 
-    async def _get_streamed(self, key: bytes, codec: str) -> tuple[bytes | None, int]:
+    async def get_range(
+        self, key: bytes, start: int, length: int
+    ) -> tuple[bytes | bytearray | None, int]:
+        """Bytes [start, start + length) of the frame stored under key, raw (None when the node
+        does not hold it), and the bytes moved. Unverified: a frame's checksum covers all of
+        it, so the caller verifies the frame it assembles from its parts (`verify_frame`). A
+        reply of another length than asked (a frame shorter than expected) is `CorruptBlock`.
+        Through the bulk port when the node named one, else streamed."""
+        if length <= 0 or start < 0:
+            raise InvalidArgument(f"byte range [{start}, {start + length}) of a frame")
+        got: tuple[bytes | bytearray | None, int] | None = None
+        if self._bulk is not None:
+            got = await self._get_bulk(key, (start, length))
+        if got is None:
+            got = await self._get_streamed(key, "none", (start, length))
+        part, moved = got
+        if part is not None and len(part) != length:
+            self.stats.failures += 1
+            raise CorruptBlock(
+                f"block {key.hex()[:16]}: {len(part)} bytes at {start}, {length} asked"
+            )
+        return part, moved
+
+    async def _get_streamed(
+        self, key: bytes, codec: str, span: tuple[int, int] | None = None
+    ) -> tuple[bytes | None, int]:
         parts: list[bytes] = []
         total = 0
         wire_codec = "none"
         found = False
+        start, length = span or (0, 0)
         await self._pay(_REQUEST_BYTES, outbound=True)
         try:
             call = self._stub.Get(
@@ -853,6 +886,8 @@ class BlockStoreClient:
                     accept=_CODEC_BY_NAME[codec],
                     chunk_bytes=self.chunk_bytes,
                     namespace=self.namespace,
+                    range_start=start,
+                    range_length=length,
                 ),
                 timeout=self.timeout_s,
                 metadata=self._metadata,
@@ -875,6 +910,9 @@ class BlockStoreClient:
         self.stats.bytes_received += len(data)
         if len(data) != total:
             raise CorruptBlock(f"block {key.hex()[:16]}: got {len(data)} of {total} bytes")
+        if span is not None:  # a part: the caller verifies the frame it assembles
+            self.stats.frame_bytes_received += len(data)
+            return data, len(data)
         frame = (
             data
             if wire_codec == "none"
@@ -889,14 +927,17 @@ class BlockStoreClient:
             host = self.address.rsplit(":", 1)[0].strip("[]")
             self._bulk = BulkClient(host, port, timeout_s=self.timeout_s)
 
-    async def _get_bulk(self, key: bytes) -> tuple[bytearray | None, int] | None:
+    async def _get_bulk(
+        self, key: bytes, span: tuple[int, int] | None = None
+    ) -> tuple[bytearray | None, int] | None:
         """The verified frame (None on a miss) and the bytes moved, through the bulk port; None
-        when the path failed (it is off from then on: the caller streams over gRPC)."""
+        when the path failed (it is off from then on: the caller streams over gRPC). With
+        `span`: that byte range of the frame, unverified."""
         bulk = self._bulk
         assert bulk is not None
         await self._pay(_REQUEST_BYTES, outbound=True)
         try:
-            frame = await bulk.get(key)
+            frame = await bulk.get(key, span)
         except BulkUnavailable as e:
             log.info("block store %s: bulk reads off, streaming over gRPC (%s)", self.address, e)
             bulk.close()
@@ -910,7 +951,8 @@ class BlockStoreClient:
         if frame is None:
             return None, 0
         self.stats.bytes_received += n
-        verify_frame(frame, key)
+        if span is None:
+            verify_frame(frame, key)
         self.stats.frame_bytes_received += n
         return frame, n
 

@@ -10,7 +10,10 @@ Purpose
 
 Wire format (one request and one reply at a time per connection; connections are reused)
     request: ``b"K2B1" || u16 key length (big endian) || key``
-    reply:   ``status (1 byte: 0 found, 1 miss) || u64 frame length || frame``
+             ``b"K2B2" || u16 key length || key || u64 start || u64 length``: bytes
+             [start, start + length) of the frame, cut at its end (`frame_range`; a layer-wise
+             load reads each block in parts, kvtier/connector.py)
+    reply:   ``status (1 byte: 0 found, 1 miss) || u64 length || frame or range``
 
 Security
     The path has no TLS and no tokens, so a node runs it only when the cluster is not secured
@@ -34,17 +37,25 @@ from collections.abc import Callable
 
 from kvtier.errors import BlockStoreUnavailable
 
-__all__ = ["MAGIC", "BulkClient", "BulkServer", "BulkUnavailable"]
+__all__ = ["MAGIC", "MAGIC_RANGE", "BulkClient", "BulkServer", "BulkUnavailable", "frame_range"]
 
 log = logging.getLogger("kvtier.bulk")
 
 MAGIC = b"K2B1"
+MAGIC_RANGE = b"K2B2"
 _FOUND, _MISS = 0, 1
 MAX_KEY_BYTES = 1024
 
 
 class BulkUnavailable(BlockStoreUnavailable):
     """The bulk path did not deliver a whole reply (the caller falls back to gRPC)."""
+
+
+def frame_range(frame: bytes | bytearray | memoryview, start: int, length: int) -> memoryview:
+    """Bytes [start, start + length) of a frame, cut at its end (empty past it); a view, no
+    copy. The reader compares the length it got with the one it asked for."""
+    mv = memoryview(frame)
+    return mv[min(start, mv.nbytes) : min(start + length, mv.nbytes)]
 
 
 class BulkServer:
@@ -88,17 +99,22 @@ class BulkServer:
             while True:
                 head = await reader.readexactly(6)
                 n = int.from_bytes(head[4:6], "big")
-                if head[:4] != MAGIC or not 0 < n <= MAX_KEY_BYTES:
+                if head[:4] not in (MAGIC, MAGIC_RANGE) or not 0 < n <= MAX_KEY_BYTES:
                     return  # not our protocol: drop the connection
                 key = await reader.readexactly(n)
+                span = None
+                if head[:4] == MAGIC_RANGE:
+                    raw = await reader.readexactly(16)
+                    span = int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:], "big")
                 frame = self._peek(key) if self._peek is not None else None
                 if frame is None:
                     frame = await asyncio.to_thread(self._get, key)
                 if frame is None:
                     writer.write(bytes([_MISS]) + (0).to_bytes(8, "big"))
                 else:
-                    writer.write(bytes([_FOUND]) + len(frame).to_bytes(8, "big"))
-                    writer.write(frame)
+                    data = frame if span is None else frame_range(frame, *span)
+                    writer.write(bytes([_FOUND]) + len(data).to_bytes(8, "big"))
+                    writer.write(data)
                     self.served += 1
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -144,10 +160,22 @@ class BulkClient:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return s
 
-    async def get(self, key: bytes) -> bytearray | None:
-        """The frame stored under key (unverified: the caller verifies it), None on a miss."""
+    async def get(self, key: bytes, span: tuple[int, int] | None = None) -> bytearray | None:
+        """The frame stored under key (unverified: the caller verifies it), None on a miss.
+        `span` (start, length): only that byte range of the frame, cut at its end."""
         if not 0 < len(key) <= MAX_KEY_BYTES:
             raise BulkUnavailable(f"bulk read: a key of {len(key)} bytes")
+        if span is None:
+            request = MAGIC + len(key).to_bytes(2, "big") + key
+        else:
+            start, length = span
+            request = (
+                MAGIC_RANGE
+                + len(key).to_bytes(2, "big")
+                + key
+                + start.to_bytes(8, "big")
+                + length.to_bytes(8, "big")
+            )
         # A kept connection may have been closed by the node since (a restart): one more try
         # on a fresh one before the path counts as failed.
         for reused in (True, False) if self._idle else (False,):
@@ -156,7 +184,7 @@ class BulkClient:
                 async with asyncio.timeout(self.timeout_s):
                     if s is None:
                         s = await self._connect()
-                    frame = await self._exchange(s, key)
+                    frame = await self._exchange(s, request)
             except (OSError, TimeoutError, BulkUnavailable) as e:
                 if s is not None:
                     s.close()
@@ -173,9 +201,9 @@ class BulkClient:
             return frame
         raise AssertionError("unreachable")
 
-    async def _exchange(self, s: socket.socket, key: bytes) -> bytearray | None:
+    async def _exchange(self, s: socket.socket, request: bytes) -> bytearray | None:
         loop = asyncio.get_running_loop()
-        await loop.sock_sendall(s, MAGIC + len(key).to_bytes(2, "big") + key)
+        await loop.sock_sendall(s, request)
         head = bytearray(9)
         await _recv_exactly(loop, s, memoryview(head))
         n = int.from_bytes(head[1:], "big")

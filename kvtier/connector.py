@@ -45,6 +45,7 @@ Failure modes
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import secrets
@@ -74,6 +75,7 @@ from kvtier.blocks import (
     encode_block,
     read_header,
     split_blocks,
+    verify_frame,
 )
 from kvtier.errors import BlockSpecMismatch, BlockTooLarge, CorruptBlock
 from kvtier.events import EventKind, EventPublisher
@@ -103,8 +105,10 @@ __all__ = [
 log = logging.getLogger("kvtier.connector")
 T = TypeVar("T")
 Tokens = Sequence[int] | torch.Tensor | np.ndarray[Any, Any]
-BlockSink = Callable[[int, torch.Tensor], Awaitable[None]]
-"""`await sink(index, block)`: takes block number `index` of a retrieve (see `retrieve`)."""
+BlockSink = Callable[[int, int, torch.Tensor], Awaitable[None]]
+"""`await sink(index, first_layer, part)`: takes layers [first_layer, first_layer + len(part))
+of block number `index` of a retrieve (a whole block: first_layer 0 and every layer; see
+`retrieve`)."""
 _SUNK = torch.empty(0)
 """What a load handed to a sink stands for in retrieve's list (its bytes are gone)."""
 
@@ -133,6 +137,13 @@ class ConnectorConfig:
     `parallel_loads` and never more than this; each load in flight holds one frame. With 16 at
     most, a 2,048-token prefix (32 blocks) loaded in two waves and paid two round trips once the
     link held more than 16 blocks (6.4 s at a 3 s round trip against 3.4 s in one wave)."""
+    layer_parts: int = 6
+    """With a sink, retrieve reads each block from another region in this many parts of
+    consecutive layers (byte ranges of its frame), every block's first part first, so that a
+    caller can compute on the first layers while the last ones are on the wire (the engine's
+    layer-wise prefill; vLLM's connectors wait per layer the same way). More parts overlap more
+    and cost a request each. 1: whole frames. Only raw transfers (`remote_codec` "none");
+    this region's blocks load whole."""
     cost_aware: bool = True
     """Load each block from its cheapest region, and only the prefix whose loading beats
     recomputing it (kvtier/placement.py); False: every confirmed block, this region first."""
@@ -153,6 +164,8 @@ class ConnectorConfig:
     blocks recomputed) or "leader" (their home regions: current, one wide-area round trip)."""
 
     def __post_init__(self) -> None:
+        if self.layer_parts < 1:
+            raise InvalidArgument(f"layer_parts must be at least 1, got {self.layer_parts}")
         if self.remote_metadata not in ("replica", "leader"):
             raise InvalidArgument(
                 f"remote_metadata must be 'replica' or 'leader', got {self.remote_metadata!r}"
@@ -389,6 +402,22 @@ class AsyncKVConnector:
             need = max(need, math.ceil(est.rtt_s * est.bytes_per_s / avg))
         return min(need, max(base, self.config.max_parallel_loads))
 
+    def _layer_parts(self) -> list[tuple[int, int]]:
+        """The layer ranges a block from another region is read in (see `layer_parts`)."""
+        return layer_ranges(self.spec.num_layers, self.config.layer_parts)
+
+    def _layered(self, loc: BlockLocation, parts: Sequence[tuple[int, int]]) -> bool:
+        if len(parts) < 2 or loc.region == self.config.region:
+            return False
+        store = self._store_for(loc.region, loc.block_hash)
+        return store is not None and store.codec == "none"
+
+    def _part_range(self, lo: int, hi: int) -> tuple[int, int]:
+        """The frame's bytes holding layers [lo, hi) (the first part also holds the header)."""
+        per_layer = self.spec.nbytes // self.spec.num_layers
+        start = 0 if lo == 0 else FRAME_HEADER_BYTES + lo * per_layer
+        return start, FRAME_HEADER_BYTES + hi * per_layer
+
     def _store_for(self, region: str, block_hash: bytes) -> BlockStoreClient | None:
         cs = self.stores.get(region)
         if not cs:
@@ -575,16 +604,25 @@ class AsyncKVConnector:
         """Load the cached prefix of tokens (looked up now unless `found` is given). Serves the
         longest prefix that loads and verifies; the rest is counted for recompute.
 
-        With a `sink`, each block is handed over as soon as it has arrived and verified, in
-        whatever order blocks arrive, as `await sink(index, block)`, where block is a read-only
-        view of the received bytes valid only until the sink returns (a sink that converts it
-        runs the copy off the event loop, as the engine does on its torch thread); the result's
-        `kv` is then None. A caller that converts blocks into its own buffers this way overlaps the
-        conversion with the transfers still in flight and copies each byte once. Blocks after
-        the first failed one may have been handed over too; only `num_tokens` count."""
+        With a `sink`, blocks are handed over as they arrive, in whatever order, as `await
+        sink(index, first_layer, part)`, where part is a read-only view of the received bytes
+        valid only until the sink returns (a sink that converts it runs the copy off the event
+        loop, as the engine does on its torch thread); the result's `kv` is then None. A caller
+        that converts blocks into its own buffers this way overlaps the conversion with the
+        transfers still in flight and copies each byte once. Blocks from this region come
+        whole and verified. Blocks from other regions come in `layer_parts` parts (all blocks'
+        first layers first), each handed over on arrival, BEFORE the block's checksum can be
+        verified (it covers the whole frame): the block counts only if it then verifies, and a
+        part may be handed over again when a block is reloaded from elsewhere. Blocks after the
+        first failed one may have been handed over too. Only `num_tokens` count: the caller
+        must not use anything it was handed past them."""
         if found is None:
             found = await self.lookup(tokens)
-        sem = asyncio.Semaphore(self.loads_in_flight(found.blocks))
+        in_flight = self.loads_in_flight(found.blocks)
+        parts = self._layer_parts() if sink is not None else []
+        layered = [b for b in found.blocks if self._layered(b, parts)]
+        # Parts are a fraction of a block each: the same bytes in flight take more of them.
+        sem = asyncio.Semaphore(in_flight * (len(parts) if layered else 1))
         remote_before = self.stats.bytes_fetched_remote
         by_region: dict[str, int] = {}
         lost: dict[str, list[bytes]] = {}
@@ -594,10 +632,33 @@ class AsyncKVConnector:
         # link several times over).
         spans: dict[str, list[int]] = {}
 
-        async def load(loc: BlockLocation) -> torch.Tensor | None:
+        def account(region: str, t0: int, t1: int, moved: int, found: bool) -> None:
+            if not found:  # a small reply: a round-trip sample
+                self.cost.observe_transfer(region, moved, (t1 - t0) / 1e9)
+            else:
+                span = spans.setdefault(region, [t0, t1, 0])
+                span[0], span[1] = min(span[0], t0), max(span[1], t1)
+                span[2] += moved
+            if region == self.config.region:
+                self.stats.bytes_fetched_local += moved
+            else:
+                self.stats.bytes_fetched_remote += moved
+
+        def loaded(loc: BlockLocation, region: str, frame: bytes | bytearray | memoryview) -> None:
+            by_region[region] = by_region.get(region, 0) + 1
+            if (
+                region != self.config.region
+                and self.config.replicate_after > 0
+                and self.demand.record_remote_load(loc.block_hash)
+            ):
+                self._background(self._replicate(loc, bytes(frame)))
+
+        async def load(loc: BlockLocation, skip: str = "") -> torch.Tensor | None:
             regions = [loc.region] + [r for r in loc.regions if r != loc.region]
             async with sem:
                 for region in regions:
+                    if region == skip:
+                        continue
                     store = self._store_for(region, loc.block_hash)
                     if store is None:
                         continue
@@ -605,31 +666,16 @@ class AsyncKVConnector:
                         t0 = self._mono()
                         async with store.fetch(loc.block_hash, size_hint=loc.size) as got:
                             frame, moved = got
-                            t1 = self._mono()
-                            if frame is None:  # a small reply: a round-trip sample
-                                self.cost.observe_transfer(region, moved, (t1 - t0) / 1e9)
-                            else:
-                                span = spans.setdefault(region, [t0, t1, 0])
-                                span[0], span[1] = min(span[0], t0), max(span[1], t1)
-                                span[2] += moved
-                            if region == self.config.region:
-                                self.stats.bytes_fetched_local += moved
-                            else:
-                                self.stats.bytes_fetched_remote += moved
+                            account(region, t0, self._mono(), moved, frame is not None)
                             if frame is None:
                                 lost.setdefault(region, []).append(loc.block_hash)
                                 continue
                             if sink is None:
                                 tensor = decode_block(frame, self.spec, block_hash=loc.block_hash)
                             else:  # fetch verified the frame's checksum and key
-                                await sink(loc.index, block_view(frame, self.spec))
+                                await sink(loc.index, 0, block_view(frame, self.spec))
                                 tensor = _SUNK
-                            if (
-                                region != self.config.region
-                                and self.config.replicate_after > 0
-                                and self.demand.record_remote_load(loc.block_hash)
-                            ):
-                                self._background(self._replicate(loc, bytes(frame)))
+                            loaded(loc, region, frame)
                     except CorruptBlock:
                         lost.setdefault(region, []).append(loc.block_hash)
                         continue
@@ -637,11 +683,76 @@ class AsyncKVConnector:
                         self.stats.unavailable += 1
                         log.warning("load of block %d from %s failed: %s", loc.index, region, e)
                         continue
-                    by_region[region] = by_region.get(region, 0) + 1
                     return tensor
             return None
 
-        tensors = await asyncio.gather(*(load(b) for b in found.blocks))
+        frames = {b.index: bytearray(FRAME_HEADER_BYTES + self.spec.nbytes) for b in layered}
+        broken: set[int] = set()  # layered blocks a part of which failed: reloaded whole
+
+        async def load_part(loc: BlockLocation, lo: int, hi: int) -> None:
+            assert sink is not None
+            if loc.index in broken:
+                return
+            frame = frames[loc.index]
+            start, end = self._part_range(lo, hi)
+            store = self._store_for(loc.region, loc.block_hash)
+            async with sem:
+                if store is None or loc.index in broken:
+                    broken.add(loc.index)
+                    return
+                try:
+                    t0 = self._mono()
+                    part, moved = await store.get_range(loc.block_hash, start, end - start)
+                    account(loc.region, t0, self._mono(), moved, part is not None)
+                except CorruptBlock:
+                    broken.add(loc.index)
+                    return
+                except K2Error as e:
+                    self.stats.unavailable += 1
+                    log.warning("load of block %d from %s failed: %s", loc.index, loc.region, e)
+                    broken.add(loc.index)
+                    return
+                if part is None:
+                    lost.setdefault(loc.region, []).append(loc.block_hash)
+                    broken.add(loc.index)
+                    return
+                frame[start:end] = part
+            await sink(loc.index, lo, _payload_view(frame, self.spec)[lo:hi])
+
+        async def finish_layered(
+            loc: BlockLocation, tasks: list[asyncio.Task[None]]
+        ) -> torch.Tensor | None:
+            await asyncio.gather(*tasks)
+            frame = frames.pop(loc.index)
+            if loc.index not in broken:
+                try:
+                    h = verify_frame(frame, loc.block_hash)
+                    if h.spec != self.spec:
+                        raise CorruptBlock(f"stored block has spec {h.spec}, not {self.spec}")
+                except CorruptBlock as e:
+                    log.warning("block %d from %s: %s", loc.index, loc.region, e)
+                    lost.setdefault(loc.region, []).append(loc.block_hash)
+                else:
+                    loaded(loc, loc.region, frame)
+                    return _SUNK
+            return await load(loc, skip=loc.region)
+
+        # Every block's first part before any block's second: what the caller computes on first.
+        part_tasks: dict[int, list[asyncio.Task[None]]] = {b.index: [] for b in layered}
+        for lo, hi in parts if layered else []:
+            for b in layered:
+                part_tasks[b.index].append(asyncio.ensure_future(load_part(b, lo, hi)))
+        try:
+            tensors = await asyncio.gather(
+                *(
+                    finish_layered(b, part_tasks[b.index]) if b.index in part_tasks else load(b)
+                    for b in found.blocks
+                )
+            )
+        finally:
+            for pending in part_tasks.values():
+                for task in pending:
+                    task.cancel()
         for region, (first, last, nbytes) in spans.items():
             self.cost.observe_transfer(region, nbytes, (last - first) / 1e9)
         served: list[torch.Tensor] = []
@@ -786,6 +897,24 @@ class AsyncKVConnector:
                 EventKind.STORED, [p.block_hash.hex() for p in publish], tenant=self.ns.tenant
             )
         return StoreResult(n_full, r.published, present + r.unchanged, r.charged_bytes)
+
+
+def layer_ranges(num_layers: int, parts: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges splitting num_layers layers into `parts` (at most one per layer) runs
+    of nearly equal length, in order."""
+    n = max(1, min(parts, num_layers))
+    bounds = [round(i * num_layers / n) for i in range(n + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def _payload_view(frame: bytearray, spec: BlockSpec) -> torch.Tensor:
+    """The block tensor over a frame being assembled, without the header check of
+    `block_view` (the header may not have arrived yet; the frame is verified once whole)."""
+    flat = torch.frombuffer(
+        frame, dtype=spec.torch_dtype, count=spec.nbytes // spec.itemsize,
+        offset=FRAME_HEADER_BYTES,
+    )  # fmt: skip
+    return flat.view(spec.shape())
 
 
 def _open_arena(config: ConnectorConfig) -> SharedArena | None:

@@ -14,15 +14,21 @@ Data flow (one request)
                                             fetching beats recomputing them; the engine feeds
                                             its measured prefill speed to that cost model)
           ─▶ connector.retrieve(sink=)      each block as it arrives (other regions' copies are
-                                            not confirmed first: the load itself tells), handed
-                                            to a _CacheBuilder in a worker thread, which converts
-                                            it once (dtype, layout) straight into the cache's
-                                            preallocated buffers while later blocks are still
-                                            on the wire
+                                            not confirmed first: the load itself tells; theirs
+                                            come in parts of a few layers, every block's first
+                                            layers first), handed to a _CacheBuilder on the
+                                            torch thread, which converts it once (dtype, layout)
+                                            straight into the cache's preallocated buffers
           ─▶ DynamicCache                   per layer K, V as [1, heads, tokens, dim] (model dtype),
                                             views of those buffers; later tokens append in place
                                             (no torch.cat of the whole cache per token)
-          ─▶ prefill the rest               at least the last prompt token is computed
+          ─▶ prefill the rest               at least the last prompt token is computed; it runs
+                                            while the load is in flight, each decoder layer
+                                            waiting for its layer of every block (_LayerFeed):
+                                            the suffix's first layers are computed while the
+                                            last are on the wire. If the load then falls short
+                                            (a block missing or failing its checksum), that
+                                            pass is thrown away and the rest recomputed
           ─▶ decode                         greedy, or sampled with a seeded generator; each token
                                             is yielded as it is made (TTFT, time between tokens)
           ─▶ connector.store(ids, kv)       the full blocks of prompt (+ generated) tokens, in the
@@ -41,6 +47,9 @@ Contracts
       gRPC and HTTP meanwhile.
     - A block that fails to load is recomputed (the connector counts it); a failed store only
       loses the chance of reuse. Neither fails the request.
+    - Nothing computed from a block part that did not verify is kept: a pass that ran on parts
+      counts only when every block it waited for verified and no part was handed over twice (a
+      block reloaded from another region); otherwise it is computed again on what verified.
 
 Devices
     CPU by default, CUDA when torch sees one: blocks travel tier -> pinned host buffer (pooled,
@@ -58,6 +67,7 @@ import contextlib
 import functools
 import logging
 import math
+import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -110,6 +120,9 @@ class EngineConfig:
     fold_gqa: bool = True
     """Attend over a cached prefix without expanding its KV heads to the query heads
     (kvtier/attention.py): switches a model on transformers' "sdpa" to "k2_sdpa"."""
+    layerwise: bool = True
+    """Prefill the rest of the prompt while the cached prefix loads, each decoder layer waiting
+    for its own layer of the prefix (off: the whole prefix first, then the pass)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +158,11 @@ class RequestMetrics:
     """Prompt tokens prefilled."""
     lookup_s: float = 0.0
     load_s: float = 0.0
+    """Lookup done to the last block in (the pass runs meanwhile: see `prefill_s`)."""
     prefill_s: float = 0.0
+    """The prompt's pass, or after a load the part of it that the load did not hide (it runs
+    while the blocks arrive, each layer once its part of every block is in; a pass thrown
+    away and run again counts whole)."""
     ttft_s: float = 0.0
     """Request start to first token out, all of the above included."""
     recompute_estimate_s: float | None = None
@@ -392,7 +409,7 @@ class _CacheBuilder:
         gives it back (`Engine._return_buffer(builder.flat)`) once nothing uses the cache."""
         spec = engine.spec
         self.spec = spec
-        self.cache = engine._new_cache()
+        self._new_cache = engine._new_cache
         shape = (spec.num_layers, 2, 1, spec.num_kv_heads, num_tokens + room, spec.head_dim)
         numel = math.prod(shape)
         self.flat: torch.Tensor | None = engine._lease_buffer(numel) if pooled else None
@@ -403,12 +420,14 @@ class _CacheBuilder:
         self.device = engine.device
         self.pinned = engine._pinned
 
-    def put(self, index: int, block: torch.Tensor) -> None:
-        """Write block `index` (the tier's spec: dtype, layout) into its token range."""
+    def put(self, index: int, block: torch.Tensor, first_layer: int = 0) -> None:
+        """Write block `index` (the tier's spec: dtype, layout), or its layers [first_layer,
+        first_layer + len(block)), into its token range."""
         bt = self.spec.block_tokens
         if self.spec.layout is Layout.LKTHD:
             block = block.permute(0, 1, 3, 2, 4)
-        dst = self.buf[:, :, 0, :, index * bt : (index + 1) * bt, :]
+        layers = slice(first_layer, first_layer + block.shape[0])
+        dst = self.buf[layers, :, 0, :, index * bt : (index + 1) * bt, :]
         if self.pinned is None:
             dst.copy_(block)
             return
@@ -419,14 +438,97 @@ class _CacheBuilder:
             torch.cuda.current_stream(self.device).synchronize()
 
     def finish(self, filled: int) -> Any:
-        """The cache holding the first `filled` tokens."""
-        for i, layer in enumerate(self.cache.layers):
+        """A new cache holding the first `filled` tokens (again after a pass thrown away: a
+        pass appends to the cache it was given)."""
+        cache = self._new_cache()
+        for i, layer in enumerate(cache.layers):
             k, v = self.buf[i, 0], self.buf[i, 1]
             if hasattr(layer, "adopt"):
                 layer.adopt(k, v, filled)
             else:  # a layer type of the model's own: give it copies
-                self.cache.update(k[..., :filled, :].clone(), v[..., :filled, :].clone(), i)
-        return self.cache
+                cache.update(k[..., :filled, :].clone(), v[..., :filled, :].clone(), i)
+        return cache
+
+
+class _PrefixShort(Exception):
+    """A layer waited for a block part that the load will not deliver."""
+
+
+class _LayerFeed:
+    """Block parts from the event loop to the torch thread, where the prefill pass waits for
+    them layer by layer (`Engine._feed_forward`).
+
+    The connector's sink (`sink`, on the event loop) queues each part and waits until the torch
+    thread has copied it into the cache (the part is a view valid only until the sink returns).
+    The torch thread takes parts in `wait_layer` (before each decoder layer runs) and `drain`,
+    the only places where it converts them: all torch work stays on the one thread
+    (kvtier/torchthread.py). `close` (on the event loop, once the retrieve has returned) ends
+    the feed: a layer still missing a block then raises `_PrefixShort`."""
+
+    def __init__(
+        self, builder: _CacheBuilder, blocks: int, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._builder = builder
+        self._blocks = blocks
+        self._loop = loop
+        self._parts: queue.SimpleQueue[tuple[int, int, torch.Tensor, asyncio.Future[None]] | None]
+        self._parts = queue.SimpleQueue()
+        self._have = [0] * builder.spec.num_layers
+        """Per layer, blocks (of the first `blocks`) whose part for it was taken."""
+        self._seen: set[tuple[int, int]] = set()
+        self.repeated = False
+        """A (block, layer) was handed over twice (a block reloaded after a part failed): what
+        was computed on the first copy must not be kept."""
+        self.closed = False
+
+    async def sink(self, index: int, first_layer: int, part: torch.Tensor) -> None:
+        done = self._loop.create_future()
+        self._parts.put((index, first_layer, part, done))
+        await done
+
+    def close(self) -> None:
+        self._parts.put(None)
+
+    # -- on the torch thread --
+
+    def _take(self) -> None:
+        item = self._parts.get()
+        if item is None:
+            self.closed = True
+            return
+        index, first, part, done = item
+        try:
+            self._builder.put(index, part, first)
+        except Exception as e:  # handed to the sink that waits for it
+            self._loop.call_soon_threadsafe(_settle, done, e)
+            return
+        for layer in range(first, first + part.shape[0]):
+            if (index, layer) in self._seen:
+                self.repeated = True
+            else:
+                self._seen.add((index, layer))
+                if index < self._blocks:
+                    self._have[layer] += 1
+        self._loop.call_soon_threadsafe(_settle, done, None)
+
+    def wait_layer(self, layer: int) -> None:
+        while self._have[layer] < self._blocks:
+            if self.closed:
+                raise _PrefixShort(f"layer {layer}: {self._have[layer]} of {self._blocks} blocks")
+            self._take()
+
+    def drain(self) -> None:
+        while not self.closed:
+            self._take()
+
+
+def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    if fut.done():  # the waiting sink was cancelled
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
 
 
 # -- the engine ---------------------------------------------------------------------------------
@@ -655,6 +757,7 @@ class Engine:
         m.recompute_estimate_s = self.prefill_cost.estimate(len(ids))
         built: _CacheBuilder | None = None
         cached = 0
+        fed: tuple[Any, torch.Tensor, int] | None = None
         if self.connector is not None and use_tier:
             skipped = self.connector.stats.skipped_by_cost
             # Other regions' copies are not confirmed before loading: the load finds out.
@@ -671,14 +774,30 @@ class Engine:
                 builder = await self._in_torch(
                     functools.partial(_CacheBuilder, pooled=pooled), self, found.num_tokens
                 )
-
-                async def sink(index: int, block: torch.Tensor) -> None:
-                    await self._in_torch(builder.put, index, block)
-
-                got = await self.connector.retrieve(ids, found, sink=sink)
-                t2 = self._now()
+                feed = _LayerFeed(builder, len(found.blocks), asyncio.get_running_loop())
+                layers = self._decoder_layers() if self.config.layerwise else None
+                # The pass starts now, on the torch thread, and takes each block part as it
+                # arrives; its layers wait for theirs (without `layers`: all, then the pass).
+                pending = asyncio.get_running_loop().run_in_executor(
+                    self._torch,
+                    self._feed_forward,
+                    ids,
+                    builder,
+                    found.num_tokens,
+                    all_logits,
+                    feed,
+                    layers,
+                )
+                try:
+                    got = await self.connector.retrieve(ids, found, sink=feed.sink)
+                finally:
+                    t2 = self._now()
+                    feed.close()
+                    fed = await pending
                 m.load_s = (t2 - t1) / 1e9
                 cached = got.num_tokens
+                if fed is not None and (cached < found.num_tokens or feed.repeated):
+                    fed = None  # computed on a part that did not verify: computed again below
                 m.failed_blocks = got.failed_blocks
                 m.bytes_moved = got.bytes_moved
                 m.cached_by_region = dict(got.by_region)
@@ -691,10 +810,12 @@ class Engine:
                     self._return_buffer(builder.flat)
             m.choice = _choice(m.cached_by_region, self.connector.config.region, m)
         m.cached_tokens = cached
-        t3 = self._now()
-        cache, logits, computed = await self._in_torch(
-            self._load_and_forward, ids, built, cached, all_logits
-        )
+        if fed is None:
+            t3 = self._now()
+            fed = await self._in_torch(self._load_and_forward, ids, built, cached, all_logits)
+        else:  # the pass ran during the load: what of it the load did not hide
+            t3 = t2
+        cache, logits, computed = fed
         m.prefill_s = (self._now() - t3) / 1e9
         m.computed_tokens = computed
         if built is None:  # a clean measurement of prefill alone (no cache to build)
@@ -715,6 +836,45 @@ class Engine:
             cls = _growable_layer()
             cache.layers = [cls() for _ in cache.layers]
         return cache
+
+    def _decoder_layers(self) -> list[torch.nn.Module] | None:
+        """The model's decoder layers in order, when it has one per tier layer (transformers'
+        decoder-only models keep them in `model.model.layers`); else None."""
+        inner = getattr(self.model, "model", None)
+        layers = getattr(inner, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) == self.spec.num_layers:
+            return list(layers)
+        return None
+
+    def _feed_forward(
+        self,
+        ids: list[int],
+        builder: _CacheBuilder,
+        planned: int,
+        all_logits: bool,
+        feed: _LayerFeed,
+        layers: Sequence[torch.nn.Module] | None,
+    ) -> tuple[Any, torch.Tensor, int] | None:
+        """The pass over ids after `planned` cached tokens, run while they load: decoder layer i
+        first waits for layer i of every block. None when the load fell short (the caller
+        computes again on what arrived). Returns only once the feed is closed and drained."""
+        try:
+            if layers is None:
+                feed.drain()
+                return None
+            hooks = [
+                layer.register_forward_pre_hook(functools.partial(_wait_layer, feed, i))
+                for i, layer in enumerate(layers)
+            ]
+            try:
+                return self._load_and_forward(ids, builder, planned, all_logits)
+            except _PrefixShort:
+                return None
+            finally:
+                for h in hooks:
+                    h.remove()
+        finally:
+            feed.drain()
 
     def _load_and_forward(
         self, ids: list[int], built: _CacheBuilder | None, cached: int, all_logits: bool
@@ -873,6 +1033,11 @@ def _growable_layer() -> type:
 
     _GROWABLE.append(GrowableLayer)
     return GrowableLayer
+
+
+def _wait_layer(feed: _LayerFeed, layer: int, _module: Any, _args: Any) -> None:
+    """Forward pre-hook of decoder layer `layer` (see `Engine._feed_forward`)."""
+    feed.wait_layer(layer)
 
 
 def _choice(by_region: Mapping[str, int], here: str, m: RequestMetrics) -> str:

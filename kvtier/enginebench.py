@@ -9,7 +9,11 @@ the first token of each, end to end (lookup, load, prefill, first sample):
     local hit   us-east again: the prefix's blocks come from us-east's block store
     remote hit  eu-west: the blocks come from us-east's block store over the emulated
                 us-east<->eu-west link (75 ms RTT, 1 Gbit/s by default); eu-west stores nothing
-                back and makes no demand copies, so every repetition is a cross-region hit
+                back and makes no demand copies, so every repetition is a cross-region hit. The
+                pass over the question runs while the blocks arrive, layer by layer
+                (`EngineConfig.layerwise`, `ConnectorConfig.layer_parts`)
+    whole       the same remote hit with whole blocks and the pass after the load (layer-wise
+                off), interleaved with the remote hits; `gain` is whole / remote
     choice      what the connector's cost model chose for the remote hit (remote: fetched;
                 recompute: fetching was judged slower than recomputing)
 
@@ -157,6 +161,8 @@ async def _run(
     kv_dtype: str,
     remote_codec: str | None,
 ) -> dict[str, Any]:
+    from dataclasses import replace
+
     import torch
 
     from kvtier.connector import ConnectorConfig
@@ -185,13 +191,25 @@ async def _run(
     def tokens(n: int) -> list[int]:
         return [int(t) for t in torch.randint(100, vocab, (n,), generator=g)]
 
+    layered_config = west.engine.config
+    assert west.engine.connector is not None
+    layered_parts = west.engine.connector.config
+
+    def layerwise(on: bool) -> None:
+        """eu-west's engine with the layer-wise load and pass, or without (whole blocks, then
+        the pass)."""
+        conn = west.engine.connector
+        assert conn is not None
+        west.engine.config = layered_config if on else replace(layered_config, layerwise=False)
+        conn.config = layered_parts if on else replace(layered_parts, layer_parts=1)
+
     rows: list[dict[str, Any]] = []
     try:
         await east.engine.complete(tokens(64), one)  # warm-up (first calls are slow)
         await east.engine.flush()
         print(
-            f"{'prefix':>7} {'recompute':>10} {'local':>9} {'remote':>9} "
-            f"{'local/rc':>9} {'remote/rc':>10} {'moved MB':>9}  choice"
+            f"{'prefix':>7} {'recompute':>10} {'local':>9} {'remote':>9} {'whole':>9} "
+            f"{'local/rc':>9} {'remote/rc':>10} {'gain':>6} {'moved MB':>9}  choice"
         )
         for n in sizes:
             n = max(block_tokens, n // block_tokens * block_tokens)
@@ -210,15 +228,22 @@ async def _run(
                 assert c.metrics.cached_tokens == n, c.metrics
                 local.append(c.metrics.ttft_s)
                 local_m = c.metrics
-            remote = []
+            remote: list[float] = []
+            whole: list[float] = []
             moved = 0
             choice = ""
-            for _ in range(reps):
-                c = await west.engine.complete(prefix + tokens(SUFFIX_TOKENS), one)
-                remote.append(c.metrics.ttft_s)
-                moved = c.metrics.bytes_moved
-                choice = c.metrics.choice
-                remote_m = c.metrics
+            for _ in range(reps):  # interleaved, so drift in the machine's load hits both
+                for on, samples in ((True, remote), (False, whole)):
+                    layerwise(on)
+                    c = await west.engine.complete(prefix + tokens(SUFFIX_TOKENS), one)
+                    samples.append(c.metrics.ttft_s)
+                    if on:
+                        moved = c.metrics.bytes_moved
+                        choice = c.metrics.choice
+                        remote_m = c.metrics
+                    else:
+                        whole_m = c.metrics
+            layerwise(True)
             rc = statistics.median(recompute)
             row = {
                 "prefix_tokens": n,
@@ -227,20 +252,26 @@ async def _run(
                 "remote_hit_ttft_s": statistics.median(remote),
                 "local_ratio": statistics.median(local) / rc,
                 "remote_ratio": statistics.median(remote) / rc,
+                "remote_whole_ttft_s": statistics.median(whole),
+                "remote_whole_ratio": statistics.median(whole) / rc,
+                "layerwise_gain": statistics.median(whole) / statistics.median(remote),
                 "remote_bytes_moved": moved,
                 "remote_choice": choice,
                 "recompute_samples_s": recompute,
                 "local_samples_s": local,
                 "remote_samples_s": remote,
+                "remote_whole_samples_s": whole,
                 "local_breakdown_s": _breakdown(local_m),
                 "remote_breakdown_s": _breakdown(remote_m),
+                "remote_whole_breakdown_s": _breakdown(whole_m),
                 "recompute_breakdown_s": _breakdown(miss.metrics),
             }
             rows.append(row)
             print(
                 f"{n:>7} {rc:>9.3f}s {row['local_hit_ttft_s']:>8.3f}s "
-                f"{row['remote_hit_ttft_s']:>8.3f}s {row['local_ratio']:>9.3f} "
-                f"{row['remote_ratio']:>10.3f} {moved / 1e6:>9.1f}  {choice}",
+                f"{row['remote_hit_ttft_s']:>8.3f}s {row['remote_whole_ttft_s']:>8.3f}s "
+                f"{row['local_ratio']:>9.3f} {row['remote_ratio']:>10.3f} "
+                f"{row['layerwise_gain']:>5.2f}x {moved / 1e6:>9.1f}  {choice}",
                 flush=True,
             )
     finally:
@@ -314,6 +345,7 @@ async def _crossover(
     block_tokens: int,
     kv_dtype: str,
 ) -> dict[str, Any]:
+
     import torch
 
     from k2store.launcher import write_net_overrides
@@ -501,14 +533,19 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         return False
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4))
     xs = range(len(rows))
-    width = 0.27
+    width = 0.21
     series = [
         ("recompute", "recompute_ttft_s", None),
         ("local hit", "local_hit_ttft_s", "local_ratio"),
         ("us-east -> eu-west hit", "remote_hit_ttft_s", "remote_ratio"),
+        ("same, whole blocks, then the pass", "remote_whole_ttft_s", "remote_whole_ratio"),
     ]
     for j, (label, key, ratio) in enumerate(series):
-        bars = ax.bar([x + (j - 1) * width for x in xs], [r[key] for r in rows], width, label=label)
+        if not all(key in r for r in rows):  # a result file from before the column existed
+            continue
+        bars = ax.bar(
+            [x + (j - 1.5) * width for x in xs], [r[key] for r in rows], width, label=label
+        )
         if ratio is not None:
             for b, r in zip(bars, rows, strict=True):
                 ax.annotate(

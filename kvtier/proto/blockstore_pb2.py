@@ -24,41 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dkvtier/proto/blockstore.proto\x12\x0ck2.kvtier.v1\"q\n\x08PutChunk\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\"\n\x05\x63odec\x18\x03 \x01(\x0e\x32\x13.k2.kvtier.v1.Codec\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x11\n\tnamespace\x18\x05 \x01(\t\"2\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x13\n\x0b\x66rame_bytes\x18\x02 \x01(\x04\"f\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12#\n\x06\x61\x63\x63\x65pt\x18\x02 \x01(\x0e\x32\x13.k2.kvtier.v1.Codec\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\x12\x11\n\tnamespace\x18\x04 \x01(\t\"s\n\x08GetChunk\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\"\n\x05\x63odec\x18\x03 \x01(\x0e\x32\x13.k2.kvtier.v1.Codec\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x11\n\tbulk_port\x18\x05 \x01(\r\"|\n\x10GetSharedRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\n\n\x02\x66\x64\x18\x04 \x01(\r\x12\r\n\x05nonce\x18\x05 \x01(\x0c\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x04\"n\n\x11GetSharedResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.k2.kvtier.v1.SharedStatus\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"-\n\nHasRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x11\n\tnamespace\x18\x02 \x01(\t\"\x1e\n\x0bHasResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\"0\n\rDeleteRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x11\n\tnamespace\x18\x02 \x01(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\x92\x02\n\rStatsResponse\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\x13\n\x0bmemory_used\x18\x03 \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x11\n\tdisk_used\x18\x05 \x01(\x04\x12\x12\n\ndisk_bytes\x18\x06 \x01(\x04\x12\x13\n\x0bmemory_hits\x18\x07 \x01(\x04\x12\x11\n\tdisk_hits\x18\x08 \x01(\x04\x12\x0e\n\x06misses\x18\t \x01(\x04\x12\x17\n\x0f\x63orrupt_dropped\x18\n \x01(\x04\x12\x18\n\x10memory_evictions\x18\x0b \x01(\x04\x12\x16\n\x0e\x64isk_evictions\x18\x0c \x01(\x04\x12\x0c\n\x04puts\x18\r \x01(\x04*6\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\x0e\n\nCODEC_ZLIB\x10\x01\x12\r\n\tCODEC_LZ4\x10\x02*H\n\x0cSharedStatus\x12\r\n\tSHARED_OK\x10\x00\x12\x14\n\x10SHARED_TOO_SMALL\x10\x01\x12\x13\n\x0fSHARED_NO_ARENA\x10\x02\x32\x94\x03\n\nBlockStore\x12:\n\x03Put\x12\x16.k2.kvtier.v1.PutChunk\x1a\x19.k2.kvtier.v1.PutResponse(\x01\x12\x39\n\x03Get\x12\x18.k2.kvtier.v1.GetRequest\x1a\x16.k2.kvtier.v1.GetChunk0\x01\x12L\n\tGetShared\x12\x1e.k2.kvtier.v1.GetSharedRequest\x1a\x1f.k2.kvtier.v1.GetSharedResponse\x12:\n\x03Has\x12\x18.k2.kvtier.v1.HasRequest\x1a\x19.k2.kvtier.v1.HasResponse\x12\x43\n\x06\x44\x65lete\x12\x1b.k2.kvtier.v1.DeleteRequest\x1a\x1c.k2.kvtier.v1.DeleteResponse\x12@\n\x05Stats\x12\x1a.k2.kvtier.v1.StatsRequest\x1a\x1b.k2.kvtier.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dkvtier/proto/blockstore.proto\x12\x0ck2.kvtier.v1\"q\n\x08PutChunk\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\"\n\x05\x63odec\x18\x03 \x01(\x0e\x32\x13.k2.kvtier.v1.Codec\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x11\n\tnamespace\x18\x05 \x01(\t\"2\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x13\n\x0b\x66rame_bytes\x18\x02 \x01(\x04\"\x91\x01\n\nGetRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12#\n\x06\x61\x63\x63\x65pt\x18\x02 \x01(\x0e\x32\x13.k2.kvtier.v1.Codec\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\x12\x11\n\tnamespace\x18\x04 \x01(\t\x12\x13\n\x0brange_start\x18\x05 \x01(\x04\x12\x14\n\x0crange_length\x18\x06 \x01(\x04\"s\n\x08GetChunk\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\"\n\x05\x63odec\x18\x03 \x01(\x0e\x32\x13.k2.kvtier.v1.Codec\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x11\n\tbulk_port\x18\x05 \x01(\r\"|\n\x10GetSharedRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\n\n\x02\x66\x64\x18\x04 \x01(\r\x12\r\n\x05nonce\x18\x05 \x01(\x0c\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x04\"n\n\x11GetSharedResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0e\n\x06length\x18\x02 \x01(\x04\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.k2.kvtier.v1.SharedStatus\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"-\n\nHasRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x11\n\tnamespace\x18\x02 \x01(\t\"\x1e\n\x0bHasResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\"0\n\rDeleteRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x11\n\tnamespace\x18\x02 \x01(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\x92\x02\n\rStatsResponse\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\x13\n\x0bmemory_used\x18\x03 \x01(\x04\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x11\n\tdisk_used\x18\x05 \x01(\x04\x12\x12\n\ndisk_bytes\x18\x06 \x01(\x04\x12\x13\n\x0bmemory_hits\x18\x07 \x01(\x04\x12\x11\n\tdisk_hits\x18\x08 \x01(\x04\x12\x0e\n\x06misses\x18\t \x01(\x04\x12\x17\n\x0f\x63orrupt_dropped\x18\n \x01(\x04\x12\x18\n\x10memory_evictions\x18\x0b \x01(\x04\x12\x16\n\x0e\x64isk_evictions\x18\x0c \x01(\x04\x12\x0c\n\x04puts\x18\r \x01(\x04*6\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\x0e\n\nCODEC_ZLIB\x10\x01\x12\r\n\tCODEC_LZ4\x10\x02*H\n\x0cSharedStatus\x12\r\n\tSHARED_OK\x10\x00\x12\x14\n\x10SHARED_TOO_SMALL\x10\x01\x12\x13\n\x0fSHARED_NO_ARENA\x10\x02\x32\x94\x03\n\nBlockStore\x12:\n\x03Put\x12\x16.k2.kvtier.v1.PutChunk\x1a\x19.k2.kvtier.v1.PutResponse(\x01\x12\x39\n\x03Get\x12\x18.k2.kvtier.v1.GetRequest\x1a\x16.k2.kvtier.v1.GetChunk0\x01\x12L\n\tGetShared\x12\x1e.k2.kvtier.v1.GetSharedRequest\x1a\x1f.k2.kvtier.v1.GetSharedResponse\x12:\n\x03Has\x12\x18.k2.kvtier.v1.HasRequest\x1a\x19.k2.kvtier.v1.HasResponse\x12\x43\n\x06\x44\x65lete\x12\x1b.k2.kvtier.v1.DeleteRequest\x1a\x1c.k2.kvtier.v1.DeleteResponse\x12@\n\x05Stats\x12\x1a.k2.kvtier.v1.StatsRequest\x1a\x1b.k2.kvtier.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvtier.proto.blockstore_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CODEC']._serialized_start=1130
-  _globals['_CODEC']._serialized_end=1184
-  _globals['_SHAREDSTATUS']._serialized_start=1186
-  _globals['_SHAREDSTATUS']._serialized_end=1258
+  _globals['_CODEC']._serialized_start=1174
+  _globals['_CODEC']._serialized_end=1228
+  _globals['_SHAREDSTATUS']._serialized_start=1230
+  _globals['_SHAREDSTATUS']._serialized_end=1302
   _globals['_PUTCHUNK']._serialized_start=47
   _globals['_PUTCHUNK']._serialized_end=160
   _globals['_PUTRESPONSE']._serialized_start=162
   _globals['_PUTRESPONSE']._serialized_end=212
-  _globals['_GETREQUEST']._serialized_start=214
-  _globals['_GETREQUEST']._serialized_end=316
-  _globals['_GETCHUNK']._serialized_start=318
-  _globals['_GETCHUNK']._serialized_end=433
-  _globals['_GETSHAREDREQUEST']._serialized_start=435
-  _globals['_GETSHAREDREQUEST']._serialized_end=559
-  _globals['_GETSHAREDRESPONSE']._serialized_start=561
-  _globals['_GETSHAREDRESPONSE']._serialized_end=671
-  _globals['_HASREQUEST']._serialized_start=673
-  _globals['_HASREQUEST']._serialized_end=718
-  _globals['_HASRESPONSE']._serialized_start=720
-  _globals['_HASRESPONSE']._serialized_end=750
-  _globals['_DELETEREQUEST']._serialized_start=752
-  _globals['_DELETEREQUEST']._serialized_end=800
-  _globals['_DELETERESPONSE']._serialized_start=802
-  _globals['_DELETERESPONSE']._serialized_end=835
-  _globals['_STATSREQUEST']._serialized_start=837
-  _globals['_STATSREQUEST']._serialized_end=851
-  _globals['_STATSRESPONSE']._serialized_start=854
-  _globals['_STATSRESPONSE']._serialized_end=1128
-  _globals['_BLOCKSTORE']._serialized_start=1261
-  _globals['_BLOCKSTORE']._serialized_end=1665
+  _globals['_GETREQUEST']._serialized_start=215
+  _globals['_GETREQUEST']._serialized_end=360
+  _globals['_GETCHUNK']._serialized_start=362
+  _globals['_GETCHUNK']._serialized_end=477
+  _globals['_GETSHAREDREQUEST']._serialized_start=479
+  _globals['_GETSHAREDREQUEST']._serialized_end=603
+  _globals['_GETSHAREDRESPONSE']._serialized_start=605
+  _globals['_GETSHAREDRESPONSE']._serialized_end=715
+  _globals['_HASREQUEST']._serialized_start=717
+  _globals['_HASREQUEST']._serialized_end=762
+  _globals['_HASRESPONSE']._serialized_start=764
+  _globals['_HASRESPONSE']._serialized_end=794
+  _globals['_DELETEREQUEST']._serialized_start=796
+  _globals['_DELETEREQUEST']._serialized_end=844
+  _globals['_DELETERESPONSE']._serialized_start=846
+  _globals['_DELETERESPONSE']._serialized_end=879
+  _globals['_STATSREQUEST']._serialized_start=881
+  _globals['_STATSREQUEST']._serialized_end=895
+  _globals['_STATSRESPONSE']._serialized_start=898
+  _globals['_STATSRESPONSE']._serialized_end=1172
+  _globals['_BLOCKSTORE']._serialized_start=1305
+  _globals['_BLOCKSTORE']._serialized_end=1709
 # @@protoc_insertion_point(module_scope)

@@ -141,12 +141,21 @@ class GetRequest(_message.Message):
     ACCEPT_FIELD_NUMBER: _builtins.int
     CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     NAMESPACE_FIELD_NUMBER: _builtins.int
+    RANGE_START_FIELD_NUMBER: _builtins.int
+    RANGE_LENGTH_FIELD_NUMBER: _builtins.int
     key: _builtins.bytes
     accept: Global___Codec.ValueType
     """the codec the reader wants; CODEC_NONE for raw frames"""
     chunk_bytes: _builtins.int
     """0: the server's default"""
     namespace: _builtins.str
+    range_start: _builtins.int
+    """A byte range of the stored frame instead of all of it (range_length 0: the whole frame):
+    layer-wise loads (kvtier/connector.py) read each block in parts, layers in order. Only raw
+    (accept = CODEC_NONE); a range past the frame's end is cut at it; total_bytes is then the
+    range's length, and the reader verifies the frame once it holds every part.
+    """
+    range_length: _builtins.int
     def __init__(
         self,
         *,
@@ -154,10 +163,12 @@ class GetRequest(_message.Message):
         accept: Global___Codec.ValueType = ...,
         chunk_bytes: _builtins.int = ...,
         namespace: _builtins.str = ...,
+        range_start: _builtins.int = ...,
+        range_length: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "chunk_bytes", b"chunk_bytes", "key", b"key", "namespace", b"namespace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "chunk_bytes", b"chunk_bytes", "key", b"key", "namespace", b"namespace", "range_length", b"range_length", "range_start", b"range_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,7 +4,7 @@ store node per region, tiny block specs, and a manual clock for leases."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -73,6 +73,34 @@ class Env:
         )
 
 
+class PartLog:
+    """Wraps a connector's block store clients' `get_range` to record (region, start) in the
+    order the ranges were asked for, and to damage in transit (the last 256 bytes: the last
+    layer's values, set to large numbers, so a pass that used them would show it) what
+    `damage` names: (region, block hash)."""
+
+    def __init__(self, conn: AsyncKVConnector, damage: Collection[tuple[str, bytes]] = ()) -> None:
+        self.asked: list[tuple[str, int]] = []
+        self.damage = damage
+        for region, clients in conn.stores.items():
+            for c in clients:
+                c.get_range = self._wrap(region, c.get_range)  # type: ignore[method-assign]
+
+    def _wrap(
+        self, region: str, real: Callable[[bytes, int, int], Awaitable[tuple[object, int]]]
+    ) -> Callable[[bytes, int, int], Awaitable[tuple[object, int]]]:
+        async def get_range(key: bytes, start: int, length: int) -> tuple[object, int]:
+            self.asked.append((region, start))
+            part, moved = await real(key, start, length)
+            if (region, key) in self.damage and isinstance(part, bytes | bytearray):
+                raw = bytearray(part)
+                raw[-256:] = b"\x7b" * 256
+                part = raw
+            return part, moved
+
+        return get_range
+
+
 @asynccontextmanager
 async def kv_env(
     tmp_path: Path,
@@ -119,6 +147,7 @@ __all__ = [
     "SPEC",
     "Env",
     "Layout",
+    "PartLog",
     "kv_env",
     "make_kv",
     "namespace",

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 from kvtier_env import make_kv, run
 
+from k2store.errors import InvalidArgument
 from kvtier.blocknode import BlockNode, BlockStoreClient
 from kvtier.blocks import BlockSpec, encode_block
 from kvtier.blockstore import BlockStore, MemoryBlobStore
@@ -146,6 +147,40 @@ def test_the_bulk_server_drops_a_connection_that_does_not_speak_its_protocol() -
             assert await asyncio.wait_for(loop.sock_recv(s, 100), 5) == b""  # closed
             s.close()
         finally:
+            await node.stop(0)
+
+    run(body)
+
+
+def test_byte_ranges_of_a_frame_through_the_bulk_port_and_grpc() -> None:
+    """A layer-wise load reads parts of a frame: the same bytes through either path, cut at the
+    frame's end (a short reply is CorruptBlock), a miss as None; compression refuses ranges."""
+
+    async def body() -> None:
+        node = await node_with(2)
+        whole = frame(1)
+        bulk = BlockStoreClient(node.address)
+        streamed = BlockStoreClient(node.address, bulk=False)
+        try:
+            assert await bulk.get(key(0)) == frame(0)  # learns the bulk port
+            for c in (bulk, streamed):
+                before = c.stats.bulk_gets
+                part, moved = await c.get_range(key(1), 100, 5000)
+                assert part is not None and bytes(part) == whole[100:5100] and moved == 5000
+                head, _ = await c.get_range(key(1), 0, 64)
+                assert head is not None and bytes(head) == whole[:64]
+                assert await c.get_range(key(9), 0, 64) == (None, 0)
+                with pytest.raises(CorruptBlock):  # past the end: fewer bytes than asked
+                    await c.get_range(key(1), len(whole) - 10, 20)
+                assert c.stats.bulk_gets - before == (4 if c is bulk else 0)
+            with pytest.raises(InvalidArgument):
+                await streamed.get_range(key(1), 0, 0)
+            # A range is raw: a reader asking for a compressed range is refused.
+            with pytest.raises(InvalidArgument):
+                await streamed._get_streamed(key(1), "zlib", (0, 64))
+        finally:
+            await bulk.close()
+            await streamed.close()
             await node.stop(0)
 
     run(body)

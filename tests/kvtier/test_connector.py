@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from kvtier_env import SPEC, Env, kv_env, make_kv, namespace, run
+from kvtier_env import SPEC, Env, PartLog, kv_env, make_kv, namespace, run
 
-from kvtier.blocks import BlockSpec, Layout, Namespace, block_hashes
+from kvtier.blocks import FRAME_HEADER_BYTES, BlockSpec, Layout, Namespace, block_hashes
 from kvtier.connector import AsyncKVConnector, BlockLocation, ConnectorConfig, KVConnector
 from kvtier.errors import (
     BlockSpecMismatch,
@@ -377,8 +378,8 @@ def test_retrieve_into_a_sink_hands_over_each_block_once(tmp_path: Path) -> None
             out = torch.full(SPEC.shape(N), float("nan"), dtype=SPEC.torch_dtype)
             seen: list[int] = []
 
-            async def sink(i: int, block: torch.Tensor) -> None:
-                assert block.shape == SPEC.shape()
+            async def sink(i: int, first_layer: int, block: torch.Tensor) -> None:
+                assert first_layer == 0 and block.shape == SPEC.shape()  # this region's: whole
                 seen.append(i)
                 await asyncio.sleep(0)  # other blocks arrive meanwhile; this view stays valid
                 out[:, :, :, i * SPEC.block_tokens : (i + 1) * SPEC.block_tokens].copy_(block)
@@ -444,5 +445,91 @@ def test_loads_in_flight_cover_the_link_s_bandwidth_delay_product(tmp_path: Path
             link.rtt_s = 0.3  # 37.5 MB in flight: 25 blocks
             assert west.loads_in_flight(blocks) == 25
             assert west.loads_in_flight(blocks[:0]) == 16
+
+    run(body)
+
+
+def test_a_sink_takes_other_regions_blocks_in_layer_parts_first_layers_first(
+    tmp_path: Path,
+) -> None:
+    """Blocks from another region come in byte ranges of a few layers each, every block's
+    first part asked for before any block's second, each (block, layer) handed over once; the
+    bytes are the stored ones. With layer_parts=1 they come whole."""
+
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            ns = namespace()
+            await env.metadata.register_namespace(ns)
+            east = await env.connector(ns, "us-east")
+            kv = make_kv(SPEC, len(TOKENS))
+            await east.store(TOKENS, kv)
+            for parts in (2, 1):
+                west = await env.connector(ns, "eu-west", layer_parts=parts, replicate_after=0)
+                asked = PartLog(west)
+                out = torch.full(SPEC.shape(N), float("nan"), dtype=SPEC.torch_dtype)
+                handed: list[tuple[int, int, int]] = []
+
+                async def sink(i: int, first: int, part: torch.Tensor) -> None:
+                    handed.append((i, first, part.shape[0]))
+                    await asyncio.sleep(0)  # the view stays valid until this returns
+                    t = slice(i * SPEC.block_tokens, (i + 1) * SPEC.block_tokens)
+                    out[first : first + part.shape[0], :, :, t].copy_(part)
+
+                got = await west.retrieve(TOKENS, sink=sink)
+                assert got.num_tokens == N and got.kv is None and got.failed_blocks == 0
+                assert got.by_region == {"us-east": 4}
+                assert torch.equal(out, kv[:, :, :, :N])
+                if parts == 2:
+                    assert sorted(handed) == [(i, layer, 1) for i in range(4) for layer in (0, 1)]
+                    # The header and layer 0 (offset 0) of all four, then layer 1 of all four.
+                    starts = [start for _, start in asked.asked]
+                    assert len(starts) == 8 and starts[:4] == [0] * 4 and 0 not in starts[4:]
+                    assert got.bytes_moved == 4 * (SPEC.nbytes + FRAME_HEADER_BYTES)
+                else:
+                    assert sorted(handed) == [(i, 0, 2) for i in range(4)]
+                    assert asked.asked == []
+
+    run(body)
+
+
+def test_a_layered_block_that_fails_its_checksum_is_reloaded_or_not_counted(
+    tmp_path: Path,
+) -> None:
+    """The parts of a block are handed over before its checksum can be checked; a block that
+    then fails it is loaded whole from another region that holds it (its layers handed over
+    again) or, with none, not counted (num_tokens stops before it)."""
+
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            kv = make_kv(SPEC, len(TOKENS))
+            handed: list[tuple[int, int]] = []
+
+            async def sink(i: int, first: int, part: torch.Tensor) -> None:
+                handed.extend((i, layer) for layer in range(first, first + part.shape[0]))
+
+            for copies in (("us-east", "ap-southeast"), ("us-east",)):
+                ns = namespace(salt=b"%d" % len(copies))
+                await env.metadata.register_namespace(ns)
+                for region in copies:
+                    await (await env.connector(ns, region)).store(TOKENS, kv)
+                h = block_hashes(ns, TOKENS)
+                west = await env.connector(ns, "eu-west", layer_parts=2, replicate_after=0)
+                PartLog(west, damage={("us-east", h[2])})
+                found = await west.lookup(TOKENS)
+                assert set(found.blocks[2].regions) == set(copies)
+                if found.blocks[2].region != "us-east":  # read the damaged copy first
+                    blocks = list(found.blocks)
+                    blocks[2] = replace(blocks[2], region="us-east")
+                    found = replace(found, blocks=tuple(blocks))
+                handed.clear()
+                got = await west.retrieve(TOKENS, found, sink=sink)
+                assert handed.count((1, 0)) == handed.count((1, 1)) == 1
+                if len(copies) == 2:
+                    assert got.num_tokens == N and got.failed_blocks == 0
+                    assert handed.count((2, 0)) == handed.count((2, 1)) == 2
+                else:
+                    assert got.num_tokens == 8 and got.failed_blocks == 2
+                    assert handed.count((2, 0)) == handed.count((2, 1)) == 1
+                    assert west.stats.failed_loads == 1
 
     run(body)

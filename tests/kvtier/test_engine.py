@@ -4,14 +4,15 @@ tokens are reused by the next turn; the cost-aware choice skips slow remote copi
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 import torch
 from engine_env import ByteCodec, tiny_model
-from kvtier_env import Env, kv_env, run
+from kvtier_env import Env, PartLog, kv_env, run
 
-from kvtier.blocks import Namespace
+from kvtier.blocks import Namespace, block_hashes
 from kvtier.engine import (
     Engine,
     EngineConfig,
@@ -210,5 +211,84 @@ def test_pooled_cache_buffers_are_reused_only_after_the_store_read_them(tmp_path
             again = await eng.complete([*PROMPT, 1, 2, 3, 4], greedy)
             assert again.token_ids == want
             assert first.token_ids == (await plain.complete(PROMPT, greedy)).token_ids
+
+    run(body)
+
+
+def test_layerwise_prefill_computes_first_layers_while_the_last_are_on_the_wire(
+    tmp_path: Path,
+) -> None:
+    """eu-west loads us-east's blocks in two parts (layer 0, layer 1); the second parts are
+    held back until decoder layer 0 has run. Only a pass that starts on the first parts can
+    finish (otherwise the hold times out and says so); its logits equal the recompute."""
+
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            model = tiny_model()
+            east, _ = await engine_in(env, "us-east", dtype="float16", model=model)
+            await east.complete(PROMPT, SamplingParams(max_tokens=1))
+            await east.flush()
+            west, _ = await engine_in(env, "eu-west", dtype="float16", model=model)
+            assert west.connector is not None
+            loop = asyncio.get_running_loop()
+            layer0_ran = asyncio.Event()
+            held: list[bool] = []
+
+            def ran(*_: object) -> None:  # (a forward hook that returns something replaces
+                loop.call_soon_threadsafe(layer0_ran.set)  # the layer's output)
+
+            hook = model.model.layers[0].register_forward_hook(ran)
+            for c in west.connector.stores["us-east"]:
+                real = c.get_range
+
+                async def get_range(key: bytes, start: int, length: int, real=real):  # type: ignore[no-untyped-def]
+                    if start > 0:  # layer 1's part
+                        try:
+                            await asyncio.wait_for(layer0_ran.wait(), 10)
+                        except TimeoutError:
+                            held.append(False)
+                        else:
+                            held.append(True)
+                    return await real(key, start, length)
+
+                c.get_range = get_range  # type: ignore[method-assign]
+            try:
+                hit = await west.prefill(PROMPT, all_logits=True)
+            finally:
+                hook.remove()
+            assert held == [True] * 4
+            full = await west.prefill(PROMPT, all_logits=True, use_tier=False)
+            assert hit.metrics.cached_tokens == 16 and hit.metrics.choice == "remote"
+            torch.testing.assert_close(hit.logits, full.logits[-1:], atol=2e-2, rtol=1e-2)
+
+    run(body)
+
+
+@pytest.mark.parametrize("copies", [("us-east",), ("us-east", "ap-southeast")])
+def test_a_pass_on_a_part_that_fails_its_checksum_is_not_kept(
+    tmp_path: Path, copies: tuple[str, ...]
+) -> None:
+    """Block 2's last layer arrives damaged (large values) and the pass runs on it before the
+    checksum fails. The pass is thrown away: computed again from block 2 on (one copy) or after
+    block 2 is reloaded whole from the other region (two); the logits match the recompute."""
+
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            model = tiny_model()
+            for region in copies:  # each computes and stores its own copy
+                eng, ns = await engine_in(env, region, dtype="float16", model=model)
+                pre = await eng.prefill(PROMPT, use_tier=False)
+                assert await eng.store(PROMPT, pre.cache) == 4
+            west, _ = await engine_in(env, "eu-west", dtype="float16", model=model)
+            assert west.connector is not None
+            bad = block_hashes(ns, PROMPT)[2]
+            # Parts are damaged from either region; a whole block (a reload) is not.
+            PartLog(west.connector, damage={(r, bad) for r in copies})
+            hit = await west.prefill(PROMPT, all_logits=True)
+            full = await west.prefill(PROMPT, all_logits=True, use_tier=False)
+            m = hit.metrics
+            assert m.cached_tokens == (16 if len(copies) == 2 else 8)
+            n = m.computed_tokens
+            torch.testing.assert_close(hit.logits, full.logits[-n:], atol=2e-2, rtol=1e-2)
 
     run(body)
