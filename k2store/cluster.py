@@ -234,6 +234,10 @@ class ClusterSettings:
     request_timeout_s: float = 10.0
     scan_page_rows: int = 1000
     """Rows per scan page when the request asks for no limit."""
+    group_commit: bool = True
+    """A node syncs its write-ahead logs once for all the writes made since the last sync,
+    before the first reply or outgoing call after them, instead of once per write
+    (k2store/groupcommit.py). Off: every durable write pays its own fsync."""
     txn: TxnSettings = field(default_factory=lambda: TxnSettings())
     replication: ReplicationSettings = field(default_factory=lambda: ReplicationSettings())
     network: NetworkSettings = field(default_factory=lambda: NetworkSettings())
@@ -336,6 +340,7 @@ class ClusterConfig:
             f"max_value_bytes = {st.max_value_bytes}",
             f"request_timeout_s = {st.request_timeout_s}",
             f"scan_page_rows = {st.scan_page_rows}",
+            f"group_commit = {_toml_value(st.group_commit)}",
             "",
             "[txn]",
             *(f"{k} = {_toml_value(getattr(st.txn, k))}" for k in _TXN_FIELDS),
@@ -563,8 +568,12 @@ def _parse_settings(t: Any, fail: Any) -> ClusterSettings:
         "request_timeout_s": (int, float),
         "scan_page_rows": int,
     }
-    _no_unknown(t, {*fields, "unsafe_ignore_clock_bound"}, "cluster", fail)
+    _no_unknown(t, {*fields, "unsafe_ignore_clock_bound", "group_commit"}, "cluster", fail)
     values: dict[str, Any] = {}
+    if "group_commit" in t:
+        if not isinstance(t["group_commit"], bool):
+            raise fail("cluster.group_commit", f"expected true or false, got {t['group_commit']!r}")
+        values["group_commit"] = t["group_commit"]
     if "unsafe_ignore_clock_bound" in t:
         flag = t["unsafe_ignore_clock_bound"]
         if not isinstance(flag, bool):

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from k2store.cluster import ClusterConfig, NodeConfig
 from k2store.datadir import DataDirLock, DurableCeiling
 from k2store.errors import ERROR_METADATA_KEY, K2Error, Unavailable
 from k2store.filewatch import FileWatch
+from k2store.groupcommit import DurableTransport, GroupCommit
 from k2store.rocksengine import RocksEngine
 from k2store.security import Guard
 from k2store.service import METHODS, Method, NodeService, decode_request
@@ -53,6 +55,12 @@ each, and a node restarted at once waits at most about 1.5 times this (0.75 s) f
 pass them. At 50 ms (20 fsyncs a second each) the oracle's fsyncs queued with the transactions'
 own on the disk and cost K2-MVTO 6% of its throughput on node processes (`k2 bench tpcc
 --clients-per-region 10`: 417 -> 437-455 txn/s, 0.93x -> 0.98-1.01x MVTO-HLC)."""
+
+SWITCH_INTERVAL_S = 0.001
+"""A node process's GIL switch interval (Python's default is 5 ms). The group commit's sync
+thread (k2store/groupcommit.py) needs the GIL back when an fsync returns, and on a busy node
+the event loop holds it until the interval runs out: up to 5 ms added to every round, and so
+to every write's reply."""
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -108,6 +116,8 @@ class Node:
         self._stopped = asyncio.Event()
         self._leaders: dict[int, ShardLeader] = {}
         self._replica_stores: dict[int, VersionedStore] = {}
+        self.group: GroupCommit | None = GroupCommit() if st.group_commit else None
+        """Group commit of the engines' write-ahead logs (k2store/groupcommit.py), if on."""
 
     @property
     def leaders(self) -> dict[int, ShardLeader]:
@@ -138,7 +148,11 @@ class Node:
                 self.cluster,
                 self.me.name,
                 truetime=self.tt,
-                transport=self.transport,
+                transport=(
+                    self.transport
+                    if self.group is None
+                    else DurableTransport(self.transport, self.group)
+                ),
                 leaders=self._leaders,
                 oracle=oracle,
                 oracle_ceiling=oracle_ceiling,
@@ -154,7 +168,7 @@ class Node:
                 options.append(("grpc.max_concurrent_streams", sec.max_concurrent_streams))
             server = grpc.aio.server(options=options)
             guard = Guard.for_cluster(self.cluster, self.clock.monotonic_ns)
-            server.add_generic_rpc_handlers(_generic_handlers(self.service, guard))
+            server.add_generic_rpc_handlers(_generic_handlers(self.service, guard, self.group))
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
             try:
                 if sec.tls:
@@ -204,7 +218,7 @@ class Node:
             path = self.me.data_dir / "shards" / str(shard.id)
             path.mkdir(parents=True, exist_ok=True)
             try:
-                store = self._engine_factory(path)
+                store = self._grouped(self._engine_factory(path))
             except DataDirLocked as e:
                 raise Unavailable(str(e)) from None
             # HAZARD: read marks live in memory and were lost with the previous process. The
@@ -219,9 +233,15 @@ class Node:
             path = self.me.data_dir / "replicas" / str(shard.id)
             path.mkdir(parents=True, exist_ok=True)
             try:
-                self._replica_stores[shard.id] = self._engine_factory(path)
+                self._replica_stores[shard.id] = self._grouped(self._engine_factory(path))
             except DataDirLocked as e:
                 raise Unavailable(str(e)) from None
+
+    def _grouped(self, store: VersionedStore) -> VersionedStore:
+        """The engine, its syncs handed to the group commit when the node has one."""
+        if self.group is not None and isinstance(store, RocksEngine):
+            store.defer_sync = self.group.defer
+        return store
 
     def _close_engines(self) -> None:
         for leader in self._leaders.values():
@@ -245,6 +265,10 @@ class Node:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch_task
+        if self.group is not None:  # what was written is synced before the engines close
+            with contextlib.suppress(Exception):
+                await self.group.barrier()
+            self.group.close()
         await self.transport.close()
         if self.service is not None:
             for ceiling in (self.service.oracle_ceiling, self.service.read_ceiling):
@@ -300,15 +324,16 @@ class ClockWatch:
 
 
 def _generic_handlers(
-    service: NodeService, guard: Guard | None = None
+    service: NodeService, guard: Guard | None = None, group: GroupCommit | None = None
 ) -> list[grpc.GenericRpcHandler]:
     """gRPC handlers for every RPC in service.METHODS, grouped by service name. Requests arrive
-    as bytes and are decoded in `_adapt`, after authentication (`guard`, None: security off)."""
+    as bytes and are decoded in `_adapt`, after authentication (`guard`, None: security off);
+    replies and errors leave after `group`'s barrier (None: no group commit)."""
     by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {}
     for m in METHODS:
         _, svc, name = m.path.split("/")
         by_service.setdefault(svc, {})[name] = grpc.unary_unary_rpc_method_handler(
-            _adapt(service, m, guard),
+            _adapt(service, m, guard, group),
             request_deserializer=None,
             response_serializer=lambda r: r.SerializeToString(),
         )
@@ -316,24 +341,34 @@ def _generic_handlers(
 
 
 def _adapt(
-    service: NodeService, method: Method, guard: Guard | None = None
+    service: NodeService,
+    method: Method,
+    guard: Guard | None = None,
+    group: GroupCommit | None = None,
 ) -> Callable[[bytes, Ctx], Any]:
     """Authenticate, decode, authorize, call the handler; K2Errors become statuses with the
-    typed reason in the trailers (see k2store/security.py for why the checks live here)."""
+    typed reason in the trailers (see k2store/security.py for why the checks live here). With
+    `group`, a reply or an error leaves only once every write made before it is durable
+    (k2store/groupcommit.py: it may depend on any of them)."""
     handler = service.handler(method.path)
+    barrier = group.barrier if group is not None else _no_barrier
 
     async def call(data: bytes, context: Ctx) -> Message:
         try:
             if guard is None:
-                return await handler(decode_request(method, data))
+                response = await handler(decode_request(method, data))
+                await barrier()
+                return response
             ident = guard.authenticate(context.invocation_metadata() or (), context.auth_context())
             guard.admit(ident)
             request = decode_request(method, data)
             guard.authorize(ident, method.path, request)
             response = await handler(request)
             guard.observe(ident, method.path, request, response)
+            await barrier()
             return response
         except K2Error as e:
+            await barrier()
             await context.abort(e.code, str(e), trailing_metadata=((ERROR_METADATA_KEY, e.reason),))
         except asyncio.CancelledError:
             raise
@@ -349,8 +384,13 @@ def _adapt(
     return call
 
 
+async def _no_barrier() -> None:
+    return None
+
+
 async def serve(cluster: ClusterConfig, name: str) -> None:
     """Run a node until SIGTERM or SIGINT (the body of `k2 node`)."""
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     node = Node(cluster, name)
     await node.start()
     loop = asyncio.get_running_loop()

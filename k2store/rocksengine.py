@@ -11,6 +11,11 @@ How it uses RocksDB
       returns, which is what "durable before acknowledged" rests on. Recovery after a crash is
       RocksDB's WAL replay on open: every batch whose `apply(sync=True)` returned is there,
       whole; a batch in flight at the crash is there whole or not at all.
+    - Group commit (`defer_sync`, k2store/groupcommit.py): a node process hands the sync to its
+      barrier instead. A `sync=True` batch is then written without one and the engine reports
+      itself; `sync_wal` later fsyncs the log, covering every batch written before it. What was
+      written is in the kernel's page cache at once (a killed process loses nothing); until the
+      sync it is not on disk, and the node sends nothing that depends on it meanwhile.
     - `get` is one iterator seek to `version_key(key, ts)`: versions are stored newest first, so
       the entry found, if it belongs to `key`, is the newest version at or below `ts`.
     - The retention horizon lives under the engine-state prefix and is cached in memory.
@@ -33,7 +38,7 @@ Lifetime
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -105,6 +110,9 @@ class RocksEngine(VersionedStore):
         self._sync_write = rocksdict.WriteOptions()
         self._sync_write.sync = True
         self._async_write = rocksdict.WriteOptions()
+        self.defer_sync: Callable[[RocksEngine], None] | None = None
+        """Set by a node with group commit: a batch that asks for a sync is written without
+        one and this is called instead; the caller syncs (`sync_wal`) before any output."""
         try:
             self._horizon = self._load_state()
         except BaseException:
@@ -159,10 +167,21 @@ class RocksEngine(VersionedStore):
             del it
 
     def _write(self, batch: Any, *, sync: bool) -> None:
+        defer = self.defer_sync if sync else None
         try:
-            self._db.write(batch, self._sync_write if sync else self._async_write)
+            self._db.write(batch, self._sync_write if sync and defer is None else self._async_write)
         except Exception as exc:
             raise StorageError(f"RocksDB write to {self.path!r} failed: {exc}") from exc
+        if defer is not None:
+            defer(self)
+
+    def sync_wal(self) -> None:
+        """fsync the write-ahead log: every batch written so far is durable once this returns."""
+        self._check_open()
+        try:
+            self._db.flush_wal(True)
+        except Exception as exc:
+            raise StorageError(f"RocksDB WAL sync of {self.path!r} failed: {exc}") from exc
 
     @staticmethod
     def _decode_value(raw: bytes, where: bytes) -> bytes | None:

@@ -296,16 +296,22 @@ async def tpcc_client(
         stats.attempts += attempts
 
 
+NODE_SWITCHES: tuple[str, ...] = ("group_commit",)
+"""Switches of the node processes, not of the protocol, that `--ablate` also turns off on
+processes (the simulator has no disk to sync): `[cluster]` settings."""
+
+
 def settings_for(
     protocol: str,
     epsilon_us: int | None = None,
     oracle_ttl_us: int | None = None,
     off: Sequence[str] = (),
 ) -> ClusterSettings:
-    """The cluster settings a run of `protocol` uses; `off`: refinements of [txn] switched off
-    (`--ablate`)."""
-    switched_off: dict[str, Any] = dict.fromkeys(off, False)
-    base = ClusterSettings()
+    """The cluster settings a run of `protocol` uses; `off`: refinements of [txn] or
+    `NODE_SWITCHES` switched off (`--ablate`)."""
+    switched_off: dict[str, Any] = {k: False for k in off if k not in NODE_SWITCHES}
+    node_off: dict[str, Any] = {k: False for k in off if k in NODE_SWITCHES}
+    base = replace(ClusterSettings(), **node_off)
     if oracle_ttl_us is not None:
         # K2-TB batch lifetime: timestamps lead true time by up to this, and every read-write
         # transaction commit-waits that lead away.
@@ -586,7 +592,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--ablate",
         action="store_true",
         help="run the protocol (k2-mvto unless --protocol mvto-hlc) with its defaults, then with "
-        "each refinement of [txn] switched off in turn, and print the ratios",
+        "each refinement of [txn] switched off in turn (on node processes also group commit), "
+        "and print the ratios",
     )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
@@ -663,10 +670,12 @@ def _run_protocols(tc: TpccConfig, label: str = "") -> list[TpccResult]:
 
 def _ablate(tc: TpccConfig, out: Path) -> int:
     """`--ablate`: the protocol with its defaults, then with each refinement of [txn] off in
-    turn; the ablation table, JSON and a bar plot of throughput by variant."""
+    turn (and on processes each of `NODE_SWITCHES`); the ablation table, JSON and a bar plot
+    of throughput by variant."""
     protocol = tc.protocols[0]
     variants: list[tuple[str, TpccResult]] = []
-    for off in [(), *((name,) for name in REFINEMENTS)]:
+    switches = REFINEMENTS + (() if tc.sim else NODE_SWITCHES)
+    for off in [(), *((name,) for name in switches)]:
         label = f"no {off[0]}" if off else "default"
         r = _run_protocols(replace(tc, off=off), f" {label}")[0]
         print(format_results([r]) + "\n", flush=True)
