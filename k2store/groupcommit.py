@@ -15,7 +15,9 @@ Purpose
     Measured (`k2 bench tpcc --clients-per-region 10 --duration 15`, node processes): K2-MVTO
     481 txn/s with a sync per write; 491 with rounds synced on the event loop (about 1.5 writes
     per sync: the syncs were a third of a node's busy time, and the loop stood still during
-    them); 543-560 with the syncs on their own thread.
+    them); 543-560 with the syncs on their own thread. The price is at light load: at one
+    client per region 142-149 txn/s (p50 12.5-13.4 ms) against 155 (11.7-12.0 ms) with a sync
+    per write; syncing one-write rounds on the event loop instead did not change that.
 
 The rule (output commit)
     Nothing a node sends, a reply (its error statuses included) or a call to another node, may
