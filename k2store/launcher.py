@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -335,6 +335,7 @@ def down(cfg: ClusterConfig, *, timeout_s: float = 15.0) -> dict[str, str]:
         while _alive(pid):
             _reap()
             time.sleep(0.01)
+    _reap(pids.values())
     if cfg.path is not None:
         with contextlib.suppress(FileNotFoundError):
             (cfg.path.parent / "pids.json").unlink()
@@ -342,8 +343,16 @@ def down(cfg: ClusterConfig, *, timeout_s: float = 15.0) -> dict[str, str]:
     return result
 
 
-def _reap() -> None:
-    """Collect exit statuses of our own node children, so killed ones do not linger as zombies."""
+def _reap(stopped: Iterable[int] = ()) -> None:
+    """Collect exit statuses of our own node children, so killed ones do not linger as zombies.
+    `stopped`: pids known to have ended (`_alive` counts a zombie as gone before `poll` has
+    collected it): waited for, so no Popen of ours is left unreaped (Python warns about those
+    at exit)."""
+    for pid in stopped:
+        proc = _children.pop(pid, None)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
     for pid, proc in list(_children.items()):
         if proc.poll() is not None:
             del _children[pid]
@@ -609,5 +618,6 @@ def stop_blockstores(cfg: ClusterConfig, *, timeout_s: float = 15.0) -> dict[str
         while _alive(pid):
             _reap()
             time.sleep(0.01)
+    _reap(pids.values())
     path.unlink(missing_ok=True)
     return result

@@ -6,6 +6,7 @@ CI runs it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -124,3 +125,22 @@ def test_up_twice_is_refused_and_down_leaves_no_process(tmp_path: Path) -> None:
         assert not launcher._alive(pid)
     r = k2("cluster", "status", "--data", str(data))
     assert r.returncode == 1 and r.stdout.count("DOWN") == 4
+
+
+def test_down_reaps_the_processes_this_process_started(tmp_path: Path) -> None:
+    """Nodes and block stores started in-process (as benchmarks and the demo start them) are
+    waited for by `down`: none is left a zombie or an unreaped Popen (Python warns about those
+    at exit)."""
+    cfg = launcher.up(
+        tmp_path / "c3", regions=["a", "b"], progress=False, wan=False, blockstores=True
+    )
+    pids = [*launcher.running_nodes(cfg).values()]
+    pids += [
+        int(e["pid"])
+        for e in json.loads((tmp_path / "c3" / "blockstores.json").read_text()).values()
+    ]
+    assert len(pids) == 4
+    launcher.down(cfg)
+    for pid in pids:
+        with pytest.raises(ChildProcessError):  # already waited for: not our child any more
+            os.waitpid(pid, os.WNOHANG)
