@@ -5,6 +5,8 @@ file names it, and forwards requests for other shards to their leaders, so a cli
 any node (the handlers are in k2store/service.py). This module owns what is process-bound:
 
 - the data directory, exclusively (DataDirLock), with one RocksDB engine per led shard;
+- group commit of those engines' write-ahead logs (k2store/groupcommit.py): replies, error
+  statuses and outgoing calls leave only once the writes made before them are synced;
 - durable ceilings for issued and read timestamps, and the wait on start that puts every new
   timestamp above them, so a restart after kill -9 never reorders anything;
 - the gRPC server (the RPCs of service.METHODS, plus grpc.health.v1), typed errors as statuses;

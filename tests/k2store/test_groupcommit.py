@@ -106,8 +106,7 @@ def test_a_barrier_waits_for_the_sync_of_what_was_written_before_it() -> None:
         g.defer(e)  # written during round 1
         second = asyncio.ensure_future(g.barrier())
         third = asyncio.ensure_future(g.barrier())  # nothing new: still after round 2
-        reader = asyncio.ensure_future(asyncio.sleep(0))
-        await reader
+        await asyncio.sleep(0)
         assert not first.done() and not second.done() and not third.done()
         e.entered.clear()
         e.release.set()
@@ -210,7 +209,7 @@ def test_an_outgoing_call_leaves_after_the_writes_before_it_are_durable() -> Non
 
 
 class CountingEngine(RocksEngine):
-    """A RocksEngine that records its syncs and the writes they covered (by sequence)."""
+    """A RocksEngine that appends "sync" to `log` after each write-ahead-log sync."""
 
     log: list[str]
 

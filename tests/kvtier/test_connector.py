@@ -458,11 +458,8 @@ def test_a_sink_takes_other_regions_blocks_in_layer_parts_first_layers_first(
 
     async def body() -> None:
         async with kv_env(tmp_path) as env:
-            ns = namespace()
-            await env.metadata.register_namespace(ns)
-            east = await env.connector(ns, "us-east")
-            kv = make_kv(SPEC, len(TOKENS))
-            await east.store(TOKENS, kv)
+            ns, _, _ = await stored_in_us_east(env)
+            kv = make_kv(SPEC, len(TOKENS))  # what it stored
             for parts in (2, 1):
                 west = await env.connector(ns, "eu-west", layer_parts=parts, replicate_after=0)
                 asked = PartLog(west)
