@@ -713,7 +713,8 @@ class AsyncKVConnector:
                     broken.add(loc.index)
                     return
                 if part is None:
-                    lost.setdefault(loc.region, []).append(loc.block_hash)
+                    if loc.index not in broken:  # (another part may have missed already)
+                        lost.setdefault(loc.region, []).append(loc.block_hash)
                     broken.add(loc.index)
                     return
                 frame[start:end] = part

@@ -530,3 +530,28 @@ def test_a_layered_block_that_fails_its_checksum_is_reloaded_or_not_counted(
                     assert west.stats.failed_loads == 1
 
     run(body)
+
+
+def test_a_layered_block_gone_from_its_store_is_a_miss_and_forgotten(tmp_path: Path) -> None:
+    """A block deleted from us-east between lookup and load: its parts miss, it is not
+    counted, us-east is removed from its row once (not once per part), and nothing after it
+    counts either."""
+
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            ns, _, _ = await stored_in_us_east(env)
+            west = await env.connector(ns, "eu-west", layer_parts=2, replicate_after=0)
+            found = await west.lookup(TOKENS)
+            h = block_hashes(ns, TOKENS)
+            assert env.blocknodes["us-east"].store.delete(h[1])
+
+            async def sink(i: int, first: int, part: torch.Tensor) -> None:
+                pass
+
+            got = await west.retrieve(TOKENS, found, sink=sink)
+            assert got.num_tokens == 4 and got.failed_blocks == 3
+            assert west.stats.metadata_cleanups == 1
+            assert await west.metadata.block(west.record, h[1]) is None
+            assert (await west.lookup(TOKENS)).num_tokens == 4
+
+    run(body)
