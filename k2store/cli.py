@@ -428,7 +428,11 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         # interrupt landed), the process still ends; what it started ends with it (the
         # parent-death signal of launcher.stop_with_parent).
         threading.Thread(target=_exit_later, args=(SIGTERM_GRACE_S,), daemon=True).start()
-        raise KeyboardInterrupt(f"signal {signum}")
+        # As SIGINT exactly: inside asyncio.run that cancels the main task (asyncio's own SIGINT
+        # handler), so the interrupt never lands inside a coroutine's native code. Raising
+        # KeyboardInterrupt here instead killed a `k2 bench txn` signalled just as its gRPC
+        # client started with SIGSEGV, its finally blocks unrun.
+        signal.raise_signal(signal.SIGINT)
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
