@@ -1060,6 +1060,7 @@ def run_local(bc: BenchConfig, data: Path, *, txn: TxnSettings, label: str) -> R
         replication=replication_for(txn.protocol),
     )
     with local_cluster(data, settings, progress=progress) as cfg:
+        print(f"[{label}] cluster up; running the mix ...", file=sys.stderr, flush=True)
         return asyncio.run(run_mix(cfg, bc, label=label, progress=progress))
 
 
