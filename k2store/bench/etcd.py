@@ -52,13 +52,12 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from k2store import launcher
 from k2store.bench.linkproxy import LOOPBACK, LinkDelay
-from k2store.bench.sweep import json_safe
+from k2store.bench.sweep import json_safe, stamp
 from k2store.bench.txn import local_cluster, percentile, pyplot
 from k2store.client import AsyncClient
 from k2store.cluster import DEFAULT_REGIONS, ClusterConfig, ClusterSettings
@@ -887,10 +886,6 @@ def format_run(r: EtcdRun) -> str:
     return "\n".join(lines)
 
 
-def _timestamp() -> str:
-    return datetime.fromtimestamp(_CLOCK.now_ns() / 1e9, tz=UTC).strftime("%Y%m%dT%H%M%SZ")
-
-
 def plot(r: EtcdRun, path: Path) -> bool:
     """Bars: p50 of each read per region (ticks: p99); a dashed line marks K2 replica p50 + the
     region's RTT to the leader, which etcd's linearizable bar must reach for the target.
@@ -927,7 +922,7 @@ def plot(r: EtcdRun, path: Path) -> bool:
 
 def write_results(r: EtcdRun, out: Path) -> tuple[Path, Path | None]:
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"etcd-{_timestamp()}"
+    stem = out / f"etcd-{stamp()}"
     json_path = stem.with_suffix(".json")
     json_path.write_text(json.dumps(json_safe(r.to_json()), indent=1, allow_nan=False) + "\n")
     png = stem.with_suffix(".png")

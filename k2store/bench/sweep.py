@@ -18,10 +18,12 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from k2store.errors import InvalidArgument
+from truetime import SystemClock
 
 MAX_POINTS = 12
 """More values than this in one list is a typo, not a plan (each is a run per protocol, or per
@@ -191,6 +193,11 @@ def plot_sweep(points: Sequence[SweepPoint], path: Path, title: str) -> bool:
     return True
 
 
+def stamp() -> str:
+    """The UTC time in the benchmarks' result file names (20261202T170456Z)."""
+    return datetime.fromtimestamp(SystemClock().now_ns() / 1e9, UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
 def json_safe(value: Any) -> Any:
     """NaN (a percentile of nothing, a failed run's figures) as null: JSON has no NaN. Every
     benchmark's JSON goes through this."""
@@ -233,6 +240,7 @@ __all__ = [
     "parse_counts",
     "plot_sweep",
     "ratios",
+    "stamp",
     "sweep_table",
     "write_sweep",
 ]

@@ -31,11 +31,11 @@ import tempfile
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from k2store.bench.sweep import SweepPoint, parse_counts, sweep_table, write_sweep
+from k2store.bench.sweep import stamp as result_stamp
 from k2store.bench.txn import (
     REFINEMENTS,
     AblationRow,
@@ -481,11 +481,6 @@ def format_results(results: Sequence[TpccResult]) -> str:
     return "\n".join([title, head, *lines])
 
 
-def _stamp() -> str:
-    """The UTC time in result file names."""
-    return datetime.fromtimestamp(SystemClock().now_ns() / 1e9, UTC).strftime("%Y%m%dT%H%M%SZ")
-
-
 def _result_json(r: TpccResult) -> dict[str, Any]:
     return {
         "protocol": r.protocol,
@@ -506,7 +501,7 @@ def _result_json(r: TpccResult) -> dict[str, Any]:
 
 def write_results(results: Sequence[TpccResult], tc: TpccConfig, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    stamp = _stamp()
+    stamp = result_stamp()
     path = out / f"tpcc-{stamp}.json"
     rows = [_result_json(r) for r in results]
     path.write_text(json.dumps({"config": asdict(tc), "results": rows}, indent=2) + "\n")
@@ -685,7 +680,7 @@ def _ablate(tc: TpccConfig, out: Path) -> int:
         f"{tc.clients_per_region * tc.regions} clients, {tc.duration_s:g} s per variant"
     )
     print(ablation_table([_ablation_row(label, r) for label, r in variants]))
-    stamp = _stamp()
+    stamp = result_stamp()
     path = out / f"tpcc-ablation-{stamp}.json"
     out.mkdir(parents=True, exist_ok=True)
     doc = {
@@ -762,7 +757,7 @@ def _sweep(tc: TpccConfig, per_region: Sequence[int], out: Path) -> int:
     )
     print(title)
     print("\n".join(sweep_table(points, tc.protocols)))
-    stamp = _stamp()
+    stamp = result_stamp()
     for path in write_sweep(points, asdict(tc), out / f"tpcc-sweep-{stamp}", title):
         print(f"wrote {path}")
     return 0 if all(not p.error for p in points) else 1

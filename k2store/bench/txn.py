@@ -44,13 +44,19 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from k2store import cluster as cluster_mod
 from k2store import launcher
-from k2store.bench.sweep import SweepPoint, json_safe, parse_counts, sweep_table, write_sweep
+from k2store.bench.sweep import (
+    SweepPoint,
+    json_safe,
+    parse_counts,
+    stamp,
+    sweep_table,
+    write_sweep,
+)
 from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
 from k2store.cluster import (
     DEFAULT_REGIONS,
@@ -899,16 +905,12 @@ def plot(results: Sequence[RunResult], path: Path) -> bool:
     return True
 
 
-def _timestamp() -> str:
-    return datetime.fromtimestamp(_CLOCK.now_ns() / 1e9, tz=UTC).strftime("%Y%m%dT%H%M%SZ")
-
-
 def write_results(
     results: Sequence[RunResult], out: Path, *, cluster_file: Path | None, ablate: bool
 ) -> tuple[Path, Path | None]:
     """Write the JSON (and the PNG when matplotlib is there); returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"txn-{_timestamp()}"
+    stem = out / f"txn-{stamp()}"
     doc = {
         "benchmark": "txn",
         "config": asdict(results[0].config),
@@ -1130,7 +1132,7 @@ def _sweep(args: argparse.Namespace, bc: BenchConfig) -> int:
     )
     print(title)
     print("\n".join(sweep_table(points, protocols)))
-    for path in write_sweep(points, asdict(bc), args.out / f"txn-sweep-{_timestamp()}", title):
+    for path in write_sweep(points, asdict(bc), args.out / f"txn-sweep-{stamp()}", title):
         print(f"wrote {path}")
     return 0 if all(not p.error for p in points) else 1
 

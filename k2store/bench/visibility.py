@@ -30,11 +30,11 @@ import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from k2store.bench import tpcc
+from k2store.bench.sweep import stamp as result_stamp
 from k2store.bench.txn import local_cluster, pyplot
 from k2store.client import AsyncClient
 from k2store.cluster import (
@@ -343,7 +343,7 @@ def format_results(results: list[PolicyResult]) -> str:
 
 def write_results(results: list[PolicyResult], vc: VisibilityConfig, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.fromtimestamp(SystemClock().now_ns() / 1e9, UTC).strftime("%Y%m%dT%H%M%SZ")
+    stamp = result_stamp()
     path = out / f"visibility-{stamp}.json"
     payload: dict[str, Any] = {
         "benchmark": "visibility",
