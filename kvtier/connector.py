@@ -632,8 +632,8 @@ class AsyncKVConnector:
         # link several times over).
         spans: dict[str, list[int]] = {}
 
-        def account(region: str, t0: int, t1: int, moved: int, found: bool) -> None:
-            if not found:  # a small reply: a round-trip sample
+        def account(region: str, t0: int, t1: int, moved: int, delivered: bool) -> None:
+            if not delivered:  # a small reply: a round-trip sample
                 self.cost.observe_transfer(region, moved, (t1 - t0) / 1e9)
             else:
                 span = spans.setdefault(region, [t0, t1, 0])

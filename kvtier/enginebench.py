@@ -360,7 +360,6 @@ async def _crossover(
     block_tokens: int,
     kv_dtype: str,
 ) -> dict[str, Any]:
-
     import torch
 
     from k2store.launcher import write_net_overrides
