@@ -78,6 +78,9 @@ class RunOptions:
     """Protocol-breaking settings to turn on (e.g. "txn.unsafe_skip_commit_wait",
     "cluster.unsafe_ignore_clock_bound"), to prove the checkers catch what they break. The nodes
     get K2_ALLOW_UNSAFE_SETTINGS=1."""
+    txn_off: tuple[str, ...] = ()
+    """Refinements of the [txn] table to switch off (e.g. "commit_with_writes"), for a broken
+    setting that shows only when the refinement is off."""
     epsilon_us: int | None = None
     """The cluster's assumed clock error (None: the cluster default, 400 us)."""
     max_uncertainty_us: int | None = None
@@ -109,7 +112,7 @@ class RunOptions:
         ):
             if v is not None and v <= 0:
                 raise ValueError(f"{flag} must be positive, got {v}")
-        cluster_settings(self.protocol, self.unsafe)  # ValueError for an unknown setting
+        cluster_settings(self.protocol, self.unsafe, txn_off=self.txn_off)  # ValueError if unknown
         eps = self.epsilon_us or ClusterSettings().epsilon_us
         if self.max_uncertainty_us is not None and self.max_uncertainty_us < eps:
             raise ValueError(f"--max-uncertainty-us must be at least epsilon ({eps} us)")
@@ -156,6 +159,7 @@ def cluster_settings(
     *,
     epsilon_us: int | None = None,
     max_uncertainty_us: int | None = None,
+    txn_off: Sequence[str] = (),
 ) -> ClusterSettings:
     """Short timeouts, so a killed or paused coordinator's transactions expire (and their
     intents resolve) within a few seconds rather than the defaults' tens; the clock bounds if
@@ -176,6 +180,11 @@ def cluster_settings(
             client_timeout_s=10.0,
         ),
     )
+    for name in txn_off:
+        if name.startswith("unsafe_") or not isinstance(getattr(st.txn, name, None), bool):
+            raise ValueError(f"unknown [txn] refinement {name!r}")
+        off: dict[str, Any] = {name: False}
+        st = replace(st, txn=replace(st.txn, **off))
     for name in unsafe:
         table, _, field_name = name.partition(".")
         if table not in ("cluster", "txn", "replication") or not field_name.startswith("unsafe_"):
@@ -232,6 +241,7 @@ def _run_cluster(opts: RunOptions, out: Path, data: Path, say: Callable[[str], N
             opts.unsafe,
             epsilon_us=opts.epsilon_us,
             max_uncertainty_us=opts.max_uncertainty_us,
+            txn_off=opts.txn_off,
         ),
         wan=opts.wan,
         progress=False,

@@ -152,6 +152,13 @@ class TxnSettings:
     for_update_hold_s: float = 1.0
     """The longest a for-update place is held without the write arriving (a transaction that
     died or went elsewhere); after it, later transactions go ahead."""
+    commit_with_writes: bool = True
+    """K2-MVTO and MVTO-HLC: writes wait at the coordinator until the transaction next reads or
+    commits. At commit they go first to every shard but one; the last (the farthest, which
+    holds the record) gets its writes with the commit folded in, records it once they are laid
+    and resolves them at once. A key written from another region is then held one round trip
+    less (the Resolve that would follow the commit), and a transaction on one shard commits in
+    one request (refinement; d2PL-TTC keeps its write round and two-phase commit)."""
     unsafe_skip_commit_wait: bool = False
     """BREAKS real-time order, for proving the checkers (jepsen_tests) catch it: acknowledge
     commits without commit-wait. Refused unless K2_ALLOW_UNSAFE_SETTINGS=1."""

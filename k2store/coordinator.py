@@ -67,6 +67,9 @@ class _Txn:
     """A future timestamp was chosen: dispatch each operation to arrive at about ts."""
     restamp: bool = False
     """Take a fresh timestamp when the first operation is dispatched (late stamping)."""
+    buffered: list[pb.TxnOp] = field(default_factory=list)
+    """Writes not sent yet (`TxnSettings.commit_with_writes`): they go before the next read,
+    or with the commit."""
 
     def header(self, coordinator: str) -> pb.TxnHeader:
         return pb.TxnHeader(
@@ -251,8 +254,21 @@ class Coordinator:
             if txn.restamp:
                 txn.restamp = False
                 txn.ts = self._hlc_now() if self.hlc is not None else await self.timestamp()
+            ops = list(req.ops)
             try:
-                results = await self._run_ops(txn, list(req.ops))
+                if self._buffers(txn) and ops and all(_is_write(op) for op in ops):
+                    # Held for the commit (or the next read): checked now, so bad input is
+                    # refused where it was given.
+                    self._check_ops(txn, ops)
+                    txn.buffered.extend(ops)
+                    txn.last_activity_ns = _now_ns()
+                    return pb.TxnOpsResponse(results=[pb.TxnOpResult() for _ in ops], ts=txn.ts)
+                # Reads see the transaction's own writes: the held ones go first. They stay held
+                # until that succeeds (sent twice, a write of the same key and value at the
+                # same timestamp just lays the same intent again).
+                flushed = len(txn.buffered)
+                results = (await self._run_ops(txn, txn.buffered + ops))[flushed:]
+                txn.buffered = []
             except TxnAborted as e:
                 if self.hlc is not None and e.rule == "uncertainty":
                     # Restart above the uncertain value: move this clock past the whole window.
@@ -267,7 +283,7 @@ class Coordinator:
         async with txn.lock:
             if self.protocol == "d2pl-ttc" and not txn.read_only:
                 return await self._commit_2pl(txn)
-            if not txn.writes:
+            if not txn.writes and not txn.buffered:
                 if self.protocol == "mvto-hlc":
                     self._finish(txn)
                     self.stats["committed"] += 1
@@ -284,12 +300,15 @@ class Coordinator:
                     self._spawn(self._resolve_all(txn, 0))  # it ended: nothing to wait for
                 return pb.CommitTxnResponse(commit_ts=txn.ts, read_only=True)
             try:
-                await self.call(
-                    self._record_leader(txn),
-                    P + "EndTxn",
-                    pb.EndTxnRequest(txn=txn.header(self.node_name), commit=True),
-                    pb.EndTxnResponse,
-                )
+                if txn.buffered:
+                    await self._commit_with_writes(txn)
+                else:
+                    await self.call(
+                        self._record_leader(txn),
+                        P + "EndTxn",
+                        pb.EndTxnRequest(txn=txn.header(self.node_name), commit=True),
+                        pb.EndTxnResponse,
+                    )
             except TxnAborted:
                 await self._abort(txn)
                 raise
@@ -310,6 +329,68 @@ class Coordinator:
             else:
                 await self._resolve_all(txn, txn.ts)
             return pb.CommitTxnResponse(commit_ts=txn.ts)
+
+    def _buffers(self, txn: _Txn) -> bool:
+        return (
+            self.settings.commit_with_writes and self.protocol != "d2pl-ttc" and not txn.read_only
+        )
+
+    async def _commit_with_writes(self, txn: _Txn) -> None:
+        """Send the buffered writes and commit. Every shard but the record's gets its writes
+        first (in parallel); once all are in place the record's shard gets the rest with
+        `commit` set: it lays them, records the commit and resolves them there and then. The
+        record goes on the farthest shard written (unless an earlier write placed it), so the
+        key written across the widest gap is resolved when its write lands instead of a round
+        trip later. That shard must already know the transaction (an earlier read there
+        counts it in flight, so its seals wait for it): writes sent a round trip after the
+        others to a shard that never saw it would arrive after their epoch was sealed, so then
+        all writes go at once and the commit follows, as without this refinement. Raises
+        TxnAborted (nothing committed) or K2Error (outcome unknown: the record decides)."""
+        ops, txn.buffered = txn.buffered, []
+        groups = self._split(ops)
+
+        def can_decide(sid: int) -> bool:
+            return (sid in txn.touched or len(groups) == 1) and not txn.writes.get(sid)
+
+        if not txn.record_key:
+            deciders = [g for g in groups if can_decide(g[0].id)] or groups
+            far = max(deciders, key=lambda g: self.one_way_ns(g[0].leader))  # first of ties
+            txn.record_key = self._choose_record_key(far[1][0][1].key)
+            self._start_heartbeat(txn)
+        home = self.cluster.shard_for_key(txn.record_key).id
+        last = next(
+            (i for i, (sh, _) in enumerate(groups) if sh.id == home and can_decide(home)), None
+        )
+        for shard, g in groups:
+            txn.writes.setdefault(shard.id, set()).update(op.key for _, op in g)
+        first = [(sh, [op for _, op in g]) for i, (sh, g) in enumerate(groups) if i != last]
+        try:
+            if len(first) == 1:
+                await self._exec(txn, *first[0])
+            elif first:
+                done = await asyncio.gather(
+                    *(self._exec(txn, shard, g) for shard, g in first), return_exceptions=True
+                )
+                for outcome in done:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+        except TxnAborted:
+            raise
+        except K2Error as e:
+            # Nothing is decided yet (the record is written only below): aborting is safe.
+            raise TxnAborted(
+                f"transaction {txn.txn_id.hex()[:12]} aborted by rule write-failed: {e}"
+            ) from e
+        if last is not None:
+            shard, g = groups[last]
+            await self._exec(txn, shard, [op for _, op in g], commit=True)
+        else:
+            await self.call(
+                self._record_leader(txn),
+                P + "EndTxn",
+                pb.EndTxnRequest(txn=txn.header(self.node_name), commit=True),
+                pb.EndTxnResponse,
+            )
 
     async def _commit_2pl(self, txn: _Txn) -> pb.CommitTxnResponse:
         """Two-phase commit: prepare everywhere, commit_ts above every prepare timestamp and
@@ -394,6 +475,7 @@ class Coordinator:
     async def _abort(self, txn: _Txn) -> None:
         if txn.done:
             return
+        txn.buffered = []  # never sent: nothing to undo
         self._finish(txn)
         self.stats["aborted"] += 1
         if not txn.writes:
@@ -484,7 +566,9 @@ class Coordinator:
             groups.setdefault(shard.id, []).append((i, op))
         return [(shards[sid], g) for sid, g in groups.items()]
 
-    async def _exec(self, txn: _Txn, shard: ShardConfig, ops: list[pb.TxnOp]) -> pb.ExecResponse:
+    async def _exec(
+        self, txn: _Txn, shard: ShardConfig, ops: list[pb.TxnOp], *, commit: bool = False
+    ) -> pb.ExecResponse:
         if not txn.read_only:
             # d2PL: these shards hold its locks; all protocols: replication counts it in flight
             # there (the seal waits for it) until a Resolve says it ended.
@@ -497,12 +581,15 @@ class Coordinator:
         resp: pb.ExecResponse = await self._timed_call(
             shard.leader,
             P + "Exec",
-            pb.ExecRequest(txn=txn.header(self.node_name), shard_id=shard.id, ops=ops),
+            pb.ExecRequest(
+                txn=txn.header(self.node_name), shard_id=shard.id, ops=ops, commit=commit
+            ),
             pb.ExecResponse,
         )
         return resp
 
-    async def _run_ops(self, txn: _Txn, ops: list[pb.TxnOp]) -> list[pb.TxnOpResult]:
+    def _check_ops(self, txn: _Txn, ops: list[pb.TxnOp]) -> None:
+        """Refuse bad input (InvalidArgument) before anything is sent."""
         limits = self.cluster.settings
         for op in ops:
             if len(op.key) > limits.max_key_bytes:
@@ -517,9 +604,13 @@ class Coordinator:
                         f"value of {len(op.value)} bytes exceeds the limit of "
                         f"{limits.max_value_bytes} bytes"
                     )
-                if not txn.record_key:
-                    txn.record_key = self._choose_record_key(op.key)
-                    self._start_heartbeat(txn)
+
+    async def _run_ops(self, txn: _Txn, ops: list[pb.TxnOp]) -> list[pb.TxnOpResult]:
+        self._check_ops(txn, ops)
+        for op in ops:
+            if _is_write(op) and not txn.record_key:
+                txn.record_key = self._choose_record_key(op.key)
+                self._start_heartbeat(txn)
         results: list[pb.TxnOpResult | None] = [None] * len(ops)
         point = [(i, op) for i, op in enumerate(ops) if op.kind != pb.OP_SCAN]
         if point:
@@ -593,6 +684,10 @@ class Coordinator:
             out.items.extend(items[:limit])
             out.more = out.more or len(items) > limit
         return out
+
+
+def _is_write(op: pb.TxnOp) -> bool:
+    return op.kind in (pb.OP_PUT, pb.OP_DELETE)
 
 
 def _now_ns() -> int:

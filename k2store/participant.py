@@ -196,8 +196,18 @@ class Participant:
         if not h.read_only:
             self.in_flight(req.shard_id, h.txn_id, h.ts, True)
         if self.protocol == "d2pl-ttc" and not h.read_only:
+            if req.commit:
+                raise InvalidArgument("d2PL-TTC commits by two-phase commit, not with writes")
             return await self._exec_2pl(leader, req)
         ops = list(req.ops)
+        if req.commit and (
+            self.cluster.shard_for_key(h.record_key).id != req.shard_id
+            or not ops
+            or any(op.kind not in (pb.OP_PUT, pb.OP_DELETE) for op in ops)
+        ):
+            raise InvalidArgument(
+                "a commit with writes needs only writes, sent to the shard of the record"
+            )
         for op in ops:  # bad input anywhere in the request: refused before anything changes
             leader.check_key(op.key)
             writes = op.kind in (pb.OP_PUT, pb.OP_DELETE)
@@ -332,7 +342,39 @@ class Participant:
         flush()
         for key in written:  # its intents are in place: those queued behind them may look
             self._unreserve(txn.txn_id, key)
+        if req.commit:
+            await self._commit_here(leader, rules, req, [op.key for op in ops])
         return pb.ExecResponse(results=results)
+
+    async def _commit_here(
+        self, leader: ShardLeader, rules: MvtoRules, req: pb.ExecRequest, keys: list[bytes]
+    ) -> None:
+        """The last writes of a transaction are in place on the shard of its record (its other
+        writes went first, see Coordinator._commit_with_writes): record the commit, then resolve
+        them here at once rather than when the coordinator's Resolve arrives a one-way delay
+        later. A record already aborted (by a waiter, after the heartbeat expired) wins."""
+        h = req.txn
+        rec = self._get_record(leader, h.txn_id)
+        if rec is None:
+            rec = TxnRecord(h.txn_id, TxnStatus.COMMITTED, h.ts, h.ts)
+            self._put_record(leader, rec)  # the commit point: durable before anything shows it
+        self._heartbeats.pop(h.txn_id, None)
+        committed = rec.status == TxnStatus.COMMITTED
+        if committed and self.protocol == "k2-mvto":
+            # HAZARD (commit-wait): the versions show only once ts has certainly passed, as when
+            # the coordinator resolves after its commit-wait. (It has passed by now but for a
+            # local transaction stamped from a batch that leads true time.)
+            await self.tt.wait_until_after(h.ts)
+        rules.resolve(h.txn_id, rec.commit_ts if committed else None, keys)
+        self.in_flight(req.shard_id, h.txn_id, 0, False)
+        self._wake(h.txn_id)
+        if not committed:
+            self._count("abort:record-aborted")
+            raise TxnAborted(
+                f"commit of transaction {h.txn_id.hex()[:12]} aborted by rule record-aborted: "
+                "its heartbeat expired and a waiting transaction aborted it"
+            )
+        self._count("commits-with-writes")
 
     def _uncertainty(
         self, leader: ShardLeader, txn: TxnRef, op: pb.TxnOp, out: ReadDone | ScanDone

@@ -82,6 +82,7 @@ REFINEMENTS: tuple[str, ...] = (
     "late_stamping",
     "wait_places",
     "for_update",
+    "commit_with_writes",
 )
 """The `[txn]` switches that `--ablate` turns off one at a time (see cluster.TxnSettings)."""
 

@@ -1081,7 +1081,13 @@ class ExecRequest(_message.Message):
     TXN_FIELD_NUMBER: _builtins.int
     SHARD_ID_FIELD_NUMBER: _builtins.int
     OPS_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
     shard_id: _builtins.int
+    commit: _builtins.bool
+    """The transaction's last writes, sent once all its other writes are in place, to the shard
+    that holds its record (K2-MVTO, MVTO-HLC): lay them, record the commit, resolve them here.
+    Only writes; the transaction must have no earlier intents on this shard.
+    """
     @_builtins.property
     def txn(self) -> Global___TxnHeader: ...
     @_builtins.property
@@ -1092,10 +1098,11 @@ class ExecRequest(_message.Message):
         txn: Global___TxnHeader | None = ...,
         shard_id: _builtins.int = ...,
         ops: _abc.Iterable[Global___TxnOp] | None = ...,
+        commit: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["txn", b"txn"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ops", b"ops", "shard_id", b"shard_id", "txn", b"txn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "ops", b"ops", "shard_id", b"shard_id", "txn", b"txn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

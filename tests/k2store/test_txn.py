@@ -24,16 +24,20 @@ from k2store.launcher import free_ports
 from k2store.node import Node
 from k2store.proto import k2_pb2 as pb
 from truetime import ManualClock
+from txn.records import TxnRecord, TxnStatus
 
 REGIONS = ["us-east", "eu-west", "ap-southeast"]
-# The rule tests interleave transactions by when they begin: stamping at begin keeps that order
-# (late stamping is tested on its own below, and is on in the simulator's property tests).
+# The rule tests interleave transactions by when they begin: stamping at begin keeps that order;
+# and they meet each other's intents as soon as a put returns, so writes are not held for the
+# commit (late stamping and commit_with_writes are tested on their own below, and are on in the
+# simulator's property tests).
 FAST = TxnSettings(
     push_after_s=0.02,
     expiry_s=0.3,
     heartbeat_s=0.05,
     client_timeout_s=5.0,
     late_stamping=False,
+    commit_with_writes=False,
 )
 
 
@@ -433,5 +437,146 @@ def test_one_shot_read_only_transactions_read_a_snapshot_in_one_round_trip(
                     pb.BeginTxnRequest(read_only=False, read_keys=[b"us-east/a"]),
                     pb.BeginTxnResponse,
                 )
+
+    run(body)
+
+
+# -- writes held for the commit (TxnSettings.commit_with_writes) ------------------------------
+
+HELD = replace(FAST, commit_with_writes=True)
+
+
+def _intents(nodes: dict[str, Node]) -> dict[bytes, bytes]:
+    """Every intent in the cluster: key -> the transaction holding it."""
+    return {
+        key: intent.txn_id
+        for n in nodes.values()
+        for ld in n.leaders.values()
+        for key, intent in ld.store.scan_intents(b"", None)
+    }
+
+
+def test_held_writes_go_with_the_commit_and_the_record_shard_resolves_its_own(
+    tmp_path: Path,
+) -> None:
+    """A put sends nothing; the commit sends every shard's writes but the record's first, then
+    the record's with the commit: that shard records it and resolves its intents at once (no
+    Resolve from the coordinator needed), and the other shard's intent points at that record."""
+
+    async def body() -> None:
+        async with cluster(tmp_path, HELD) as (cfg, nodes, c):
+            tx = await c.begin()
+            coord = nodes[tx.coordinator].service.coordinator  # type: ignore[union-attr]
+            assert await tx.get_many(["us-east/a", "eu-west/b"], for_update=True) == [None, None]
+            with mock.patch.object(coord, "call", wraps=coord.call) as calls:
+                await tx.put_many({"us-east/a": b"1", "eu-west/b": b"2"})
+                assert calls.call_count == 0 and not _intents(nodes)
+                # The coordinator's Resolve never goes out: only the commit itself resolves.
+                with mock.patch.object(coord, "_resolve_all", mock.AsyncMock()) as resolve:
+                    ts = await tx.commit()
+                resolve.assert_awaited_once()
+            execs = [call.args[2] for call in calls.call_args_list if call.args[1].endswith("Exec")]
+            assert [e.commit for e in execs] == [False, True]
+            assert not any(call.args[1].endswith("EndTxn") for call in calls.call_args_list)
+            values = {b"us-east/a": b"1", b"eu-west/b": b"2"}
+            decider = execs[1].ops[0].key
+            (other,) = set(values) - {decider}
+            assert _intents(nodes) == {other: tx.txn_id}  # not resolved: no Resolve was sent
+            assert execs[1].txn.record_key == decider
+            r = await c.get_versioned(decider.decode())
+            assert (r.value, r.version_ts) == (values[decider], ts)
+            # A reader of the other key asks the record on the decider's shard: committed.
+            r = await c.get_versioned(other.decode())
+            assert (r.value, r.version_ts) == (values[other], ts)
+
+    run(body)
+
+
+def test_held_writes_are_read_back_and_refused_early_on_bad_input(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path, HELD) as (cfg, nodes, c):
+            tx = await c.begin()
+            await tx.put("us-east/a", b"1")
+            await tx.delete("eu-west/b")
+            with pytest.raises(InvalidArgument, match="exceeds the limit"):
+                await tx.put("us-east/big", b"x" * (cfg.settings.max_value_bytes + 1))
+            # A read sends the held writes first, and sees them.
+            assert await tx.get_many(["eu-west/b", "us-east/a", "us-east/c"]) == [None, b"1", None]
+            assert set(_intents(nodes)) == {b"us-east/a", b"eu-west/b"}
+            await tx.put("us-east/c", b"3")
+            await tx.commit()
+            assert await c.read_many(["us-east/a", "us-east/c", "eu-west/b"]) == [b"1", b"3", None]
+
+    run(body)
+
+
+def test_a_held_write_under_a_later_read_aborts_at_commit_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path, HELD) as (cfg, nodes, c):
+            await c.run(lambda tx: tx.put_many({"us-east/k": b"old", "eu-west/j": b"old"}))
+            t1 = await c.begin()
+            t2 = await c.begin()
+            assert t1.ts < t2.ts
+            assert await t1.get("eu-west/j") == b"old"  # t1 is known on eu-west's shard
+            assert await t2.get("us-east/k") == b"old"
+            await t1.put_many({"us-east/k": b"late", "eu-west/j": b"late"})  # held: no error yet
+            with pytest.raises(TxnAborted) as e:
+                await t1.commit()
+            assert e.value.rule == "read-mark" and "us-east/k" in str(e.value)
+            await t2.commit()
+            assert await c.read_many(["us-east/k", "eu-west/j"]) == [b"old", b"old"]
+            for _ in range(100):  # the abort's resolution is asynchronous
+                if not _intents(nodes):
+                    break
+                await asyncio.sleep(0.01)
+            assert not _intents(nodes)
+
+    run(body)
+
+
+def test_a_commit_with_writes_loses_to_a_record_a_waiter_aborted(tmp_path: Path) -> None:
+    """The record's shard finds the record already aborted (a waiter pushed the transaction
+    after its heartbeat expired): it drops the writes it just laid and the commit fails."""
+
+    async def body() -> None:
+        async with cluster(tmp_path, HELD) as (cfg, nodes, c):
+            tx = await c.begin()
+            assert await tx.get("us-east/a") is None  # one shard: it holds the record
+            await tx.put("us-east/a", b"1")
+            shard = cfg.shard_for_key(b"us-east/a")
+            node = nodes[shard.leader]
+            part = node.service.participant  # type: ignore[union-attr]
+            part._put_record(
+                node.leaders[shard.id], TxnRecord(tx.txn_id, TxnStatus.ABORTED, tx.ts, 0)
+            )
+            with pytest.raises(TxnAborted) as e:
+                await tx.commit()
+            assert e.value.rule == "record-aborted"
+            assert not _intents(nodes)
+            assert await c.get("us-east/a") is None
+
+    run(body)
+
+
+def test_commit_with_writes_is_refused_where_it_cannot_decide(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path, HELD) as (cfg, nodes, c):
+            shard = cfg.shard_for_key(b"us-east/a")
+            header = pb.TxnHeader(txn_id=b"t" * 16, ts=1, record_key=b"eu-west/r")
+            put = pb.TxnOp(kind=pb.OP_PUT, key=b"us-east/a", value=b"1")
+            for req in (
+                pb.ExecRequest(txn=header, shard_id=shard.id, ops=[put], commit=True),
+                pb.ExecRequest(
+                    txn=pb.TxnHeader(txn_id=b"t" * 16, ts=1, record_key=b"us-east/a"),
+                    shard_id=shard.id,
+                    ops=[pb.TxnOp(kind=pb.OP_GET, key=b"us-east/a")],
+                    commit=True,
+                ),
+            ):
+                with pytest.raises(InvalidArgument, match="commit with writes"):
+                    await nodes[shard.leader].service.participant.exec(req)  # type: ignore[union-attr]
+            assert not _intents(nodes)
 
     run(body)
