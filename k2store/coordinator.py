@@ -70,6 +70,8 @@ class _Txn:
     buffered: list[pb.TxnOp] = field(default_factory=list)
     """Writes not sent yet (`TxnSettings.commit_with_writes`): they go before the next read,
     or with the commit."""
+    decided_on: int | None = None
+    """The shard that recorded the commit with its writes and resolved them itself."""
 
     def header(self, coordinator: str) -> pb.TxnHeader:
         return pb.TxnHeader(
@@ -384,6 +386,7 @@ class Coordinator:
         if last is not None:
             shard, g = groups[last]
             await self._exec(txn, shard, [op for _, op in g], commit=True)
+            txn.decided_on = shard.id
         else:
             await self.call(
                 self._record_leader(txn),
@@ -497,6 +500,8 @@ class Coordinator:
         self._spawn(self._resolve_all(txn, 0))
 
     async def _resolve_all(self, txn: _Txn, commit_ts: int) -> None:
+        # A shard that recorded the commit with its writes resolved them itself.
+        done = txn.decided_on if commit_ts else None
         calls = [
             self.call(
                 self.cluster.shard(sid).leader,
@@ -510,13 +515,14 @@ class Coordinator:
                 *txn.writes.items(),
                 *((sid, set()) for sid in txn.touched if sid not in txn.writes),
             ]
+            if sid != done
         ]
         if len(calls) == 1:  # one shard (most transactions): no gather, no extra task
             try:
                 await calls[0]
             except Exception:
                 return  # the record stays; waiters and sweeps resolve the rest from it
-        else:
+        elif calls:
             results = await asyncio.gather(*calls, return_exceptions=True)
             if any(isinstance(r, BaseException) for r in results):
                 return  # the record stays; waiters and sweeps resolve the rest from it

@@ -193,21 +193,23 @@ class Participant:
         txn = TxnRef(h.txn_id, h.ts, h.record_key)
         if self.hlc is not None:
             self.hlc.update(h.ts)  # causality: what this node stamps next is above txn.ts
+        if req.commit and (
+            self.protocol == "d2pl-ttc"
+            or h.read_only
+            or not h.record_key
+            or self.cluster.shard_for_key(h.record_key).id != req.shard_id
+            or not req.ops
+            or any(op.kind not in (pb.OP_PUT, pb.OP_DELETE) for op in req.ops)
+        ):
+            raise InvalidArgument(
+                "a commit with writes needs only writes, sent to the shard of the record "
+                "(K2-MVTO and MVTO-HLC; d2PL-TTC commits by two-phase commit)"
+            )
         if not h.read_only:
             self.in_flight(req.shard_id, h.txn_id, h.ts, True)
         if self.protocol == "d2pl-ttc" and not h.read_only:
-            if req.commit:
-                raise InvalidArgument("d2PL-TTC commits by two-phase commit, not with writes")
             return await self._exec_2pl(leader, req)
         ops = list(req.ops)
-        if req.commit and (
-            self.cluster.shard_for_key(h.record_key).id != req.shard_id
-            or not ops
-            or any(op.kind not in (pb.OP_PUT, pb.OP_DELETE) for op in ops)
-        ):
-            raise InvalidArgument(
-                "a commit with writes needs only writes, sent to the shard of the record"
-            )
         for op in ops:  # bad input anywhere in the request: refused before anything changes
             leader.check_key(op.key)
             writes = op.kind in (pb.OP_PUT, pb.OP_DELETE)

@@ -19,6 +19,7 @@ import pytest
 
 from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
 from k2store.cluster import ClusterConfig, ClusterSettings, TxnSettings, local_cluster
+from k2store.coordinator import Coordinator
 from k2store.errors import InvalidArgument, TransactionRetry, TxnAborted
 from k2store.launcher import free_ports
 from k2store.node import Node
@@ -488,6 +489,12 @@ def test_held_writes_go_with_the_commit_and_the_record_shard_resolves_its_own(
             # A reader of the other key asks the record on the decider's shard: committed.
             r = await c.get_versioned(other.decode())
             assert (r.value, r.version_ts) == (values[other], ts)
+            # The coordinator's resolution, run now, skips the shard that resolved itself.
+            with mock.patch.object(coord, "call", wraps=coord.call) as calls:
+                await Coordinator._resolve_all(coord, *resolve.await_args.args)
+            sent = [(call.args[1].rsplit("/", 1)[1], call.args[2]) for call in calls.call_args_list]
+            assert [(m, list(r.keys)) for m, r in sent if m == "Resolve"] == [("Resolve", [other])]
+            assert [m for m, _ in sent] == ["Resolve", "ForgetTxn"]
 
     run(body)
 
