@@ -282,6 +282,18 @@ class Coordinator:
 
     async def commit(self, req: pb.CommitTxnRequest) -> pb.CommitTxnResponse:
         txn = self._txn(req.txn_id)
+        # Once begun, a commit runs to its end even if the client stops waiting (its deadline
+        # passed, it went away): cancelled halfway, the transaction would stay open with its
+        # writes laid and its heartbeat keeping them alive until the silent-client reaper
+        # aborted it (`client_timeout_s` later), and every transaction reading those keys
+        # would wait that long. The client then learns nothing, as for any lost reply.
+        task = asyncio.ensure_future(self._commit(txn))
+        self._background.add(task)
+        task.add_done_callback(_finished_quietly)
+        task.add_done_callback(self._background.discard)
+        return await asyncio.shield(task)
+
+    async def _commit(self, txn: _Txn) -> pb.CommitTxnResponse:
         async with txn.lock:
             if self.protocol == "d2pl-ttc" and not txn.read_only:
                 return await self._commit_2pl(txn)
@@ -690,6 +702,13 @@ class Coordinator:
             out.items.extend(items[:limit])
             out.more = out.more or len(items) > limit
         return out
+
+
+def _finished_quietly(task: asyncio.Task[Any]) -> None:
+    """A shielded commit's outcome, when the caller who wanted it was cancelled: read it, so it
+    is not reported as never retrieved (the record decides; nobody is waiting)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _is_write(op: pb.TxnOp) -> bool:

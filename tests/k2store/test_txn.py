@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -584,6 +585,42 @@ def test_commit_with_writes_is_refused_where_it_cannot_decide(tmp_path: Path) ->
             ):
                 with pytest.raises(InvalidArgument, match="commit with writes"):
                     await nodes[shard.leader].service.participant.exec(req)  # type: ignore[union-attr]
+            assert not _intents(nodes)
+
+    run(body)
+
+
+def test_a_commit_runs_to_its_end_when_the_client_stops_waiting(tmp_path: Path) -> None:
+    """The client's commit call is cancelled (its deadline passed) while the writes are on
+    their way: the coordinator still finishes the commit, instead of leaving the transaction
+    open with its intents laid until the silent-client reaper aborts it."""
+
+    async def body() -> None:
+        async with cluster(tmp_path, HELD) as (cfg, nodes, c):
+            tx = await c.begin()
+            coord = nodes[tx.coordinator].service.coordinator  # type: ignore[union-attr]
+            assert await tx.get_many(["us-east/a", "eu-west/b"]) == [None, None]
+            await tx.put_many({"us-east/a": b"1", "eu-west/b": b"2"})
+            entered, release = asyncio.Event(), asyncio.Event()
+            real_exec = coord._exec
+
+            async def held_exec(*args: Any, commit: bool = False) -> pb.ExecResponse:
+                if commit:
+                    entered.set()
+                    await release.wait()
+                return await real_exec(*args, commit=commit)
+
+            with mock.patch.object(coord, "_exec", held_exec):
+                call = asyncio.ensure_future(coord.commit(pb.CommitTxnRequest(txn_id=tx.txn_id)))
+                await entered.wait()  # the first shard's write is laid; the last is held
+                call.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await call
+                release.set()
+                while coord._background:  # the commit, then the Resolve it spawns
+                    await asyncio.wait(set(coord._background))
+            assert tx.txn_id not in coord.txns
+            assert await c.read_many(["us-east/a", "eu-west/b"]) == [b"1", b"2"]
             assert not _intents(nodes)
 
     run(body)
