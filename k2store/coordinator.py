@@ -317,12 +317,7 @@ class Coordinator:
                 if txn.buffered:
                     await self._commit_with_writes(txn)
                 else:
-                    await self.call(
-                        self._record_leader(txn),
-                        P + "EndTxn",
-                        pb.EndTxnRequest(txn=txn.header(self.node_name), commit=True),
-                        pb.EndTxnResponse,
-                    )
+                    await self._record_commit(txn)
             except TxnAborted:
                 await self._abort(txn)
                 raise
@@ -400,12 +395,16 @@ class Coordinator:
             await self._exec(txn, shard, [op for _, op in g], commit=True)
             txn.decided_on = shard.id
         else:
-            await self.call(
-                self._record_leader(txn),
-                P + "EndTxn",
-                pb.EndTxnRequest(txn=txn.header(self.node_name), commit=True),
-                pb.EndTxnResponse,
-            )
+            await self._record_commit(txn)
+
+    async def _record_commit(self, txn: _Txn) -> None:
+        """Write the record COMMITTED at its shard (EndTxn): the commit point."""
+        await self.call(
+            self._record_leader(txn),
+            P + "EndTxn",
+            pb.EndTxnRequest(txn=txn.header(self.node_name), commit=True),
+            pb.EndTxnResponse,
+        )
 
     async def _commit_2pl(self, txn: _Txn) -> pb.CommitTxnResponse:
         """Two-phase commit: prepare everywhere, commit_ts above every prepare timestamp and
