@@ -4,16 +4,26 @@
 
     client ─BeginTxn─▶ Coordinator: ts from the region's K2-TB batch (no wide-area round trip)
     client ─TxnOps──▶ Coordinator ─Exec (one parallel round per call)─▶ shard leaders
-    client ─CommitTxn▶ Coordinator ─EndTxn─▶ record shard (COMMITTED, fsynced: the commit point)
+                      (writes alone are held here until the next read or the commit)
+    client ─CommitTxn▶ Coordinator ─Exec(held writes)─▶ every written shard but the record's
+                                    ─Exec(writes, commit)─▶ record shard: intents, record
+                                      COMMITTED (fsynced: the commit point), resolved there
+                                    (nothing held: ─EndTxn─▶ record shard)
                                     commit-wait until after(ts), then reply
-                                    ─Resolve─▶ participants (after the reply) ─ForgetTxn─▶ record
+                                    ─Resolve─▶ other participants (after the reply)
+                                    ─ForgetTxn─▶ record
 
 Contracts:
-- A transaction's reads and writes all happen at its one timestamp; writes go out as intents
-  while it runs ("early writes"), so conflicts surface during execution, not at commit.
-- The record lives on the shard of the transaction's first written key (its home row) unless
-  `record_at_home` is off; while writes are pending the coordinator heartbeats it, and if this
-  coordinator dies the record's leader aborts the transaction after `expiry_s` once someone asks.
+- A transaction's reads and writes all happen at its one timestamp. Writes wait here until it
+  next reads (they go first, so it reads its own writes) or commits (`commit_with_writes`; off,
+  and for d2PL-TTC, they go out as intents at once): a conflict a held write meets surfaces
+  from the commit.
+- The record lives on the shard of the transaction's first written key (its home row), or with
+  held writes on the farthest written shard it already reached, so that shard resolves its
+  writes as they land; on a shard of the coordinator's if `record_at_home` is off. While writes
+  are pending the coordinator heartbeats it, and if this coordinator dies the record's leader
+  aborts the transaction after `expiry_s` once someone asks.
+- A commit, once begun, runs to its end even if the client stops waiting.
 - Commit is acknowledged only after the record is durable AND ts has certainly passed
   (commit-wait), so timestamp order agrees with real-time order. Read-only transactions need no
   record: they wait until the newest version they returned has certainly passed.

@@ -1,7 +1,8 @@
 """The participant side of transactions at a node: shard leaders running K2-MVTO for coordinators.
 
-Handles Exec (a group of one transaction's operations on one shard), EndTxn and Heartbeat (at the
-shard holding the transaction's record), QueryTxn (anyone asking a record for an outcome), Resolve
+Handles Exec (a group of one transaction's operations on one shard; with `commit`, its last writes
+and its commit, on the shard of its record), EndTxn and Heartbeat (at the shard holding the
+transaction's record), QueryTxn (anyone asking a record for an outcome), Resolve
 (turning intents into versions, or dropping them) and ForgetTxn (dropping a record whose intents
 are all resolved).
 
