@@ -623,7 +623,7 @@ class Coordinator:
                 raise InvalidArgument(
                     f"key of {len(op.key)} bytes exceeds the limit of {limits.max_key_bytes} bytes"
                 )
-            if op.kind in (pb.OP_PUT, pb.OP_DELETE):
+            if _is_write(op):
                 if txn.read_only:
                     raise InvalidArgument("a read-only transaction cannot write")
                 if op.kind == pb.OP_PUT and len(op.value) > limits.max_value_bytes:
@@ -645,11 +645,11 @@ class Coordinator:
             for shard, group in groups:
                 keys = (
                     txn.writes.setdefault(shard.id, set())
-                    if any(op.kind in (pb.OP_PUT, pb.OP_DELETE) for _, op in group)
+                    if any(_is_write(op) for _, op in group)
                     else None
                 )
                 if keys is not None:
-                    keys.update(op.key for _, op in group if op.kind in (pb.OP_PUT, pb.OP_DELETE))
+                    keys.update(op.key for _, op in group if _is_write(op))
             responses: list[pb.ExecResponse | BaseException]
             if self.settings.one_shot and len(groups) == 1:
                 # One shard (most transactions): no gather, so no task and no extra loop hops.

@@ -357,11 +357,7 @@ class Participant:
         them here at once rather than when the coordinator's Resolve arrives a one-way delay
         later. A record already aborted (by a waiter, after the heartbeat expired) wins."""
         h = req.txn
-        rec = self._get_record(leader, h.txn_id)
-        if rec is None:
-            rec = TxnRecord(h.txn_id, TxnStatus.COMMITTED, h.ts, h.ts)
-            self._put_record(leader, rec)  # the commit point: durable before anything shows it
-        self._heartbeats.pop(h.txn_id, None)
+        rec = self._decide(leader, h, commit=True)
         committed = rec.status == TxnStatus.COMMITTED
         if committed and self.protocol == "k2-mvto":
             # HAZARD (commit-wait): the versions show only once ts has certainly passed, as when
@@ -372,11 +368,7 @@ class Participant:
         self.in_flight(req.shard_id, h.txn_id, 0, False)
         self._wake(h.txn_id)
         if not committed:
-            self._count("abort:record-aborted")
-            raise TxnAborted(
-                f"commit of transaction {h.txn_id.hex()[:12]} aborted by rule record-aborted: "
-                "its heartbeat expired and a waiting transaction aborted it"
-            )
+            raise self._record_aborted(h.txn_id)
         self._count("commits-with-writes")
 
     def _uncertainty(
@@ -730,22 +722,33 @@ class Participant:
     def _put_record(self, leader: ShardLeader, rec: TxnRecord) -> None:
         leader.store.apply([PutMeta(record_meta_name(rec.txn_id), rec.encode())], sync=True)
 
+    def _decide(
+        self, leader: ShardLeader, h: pb.TxnHeader, *, commit: bool, commit_ts: int = 0
+    ) -> TxnRecord:
+        """The transaction's outcome at its record: the one already recorded (a waiter may have
+        aborted it after its heartbeat expired), else this one (commit at commit_ts, or at its
+        timestamp), made durable here before anyone is told: the commit point."""
+        rec = self._get_record(leader, h.txn_id)
+        if rec is None:
+            status = TxnStatus.COMMITTED if commit else TxnStatus.ABORTED
+            rec = TxnRecord(h.txn_id, status, h.ts, (commit_ts or h.ts) if commit else 0)
+            self._put_record(leader, rec)
+        self._heartbeats.pop(h.txn_id, None)
+        return rec
+
+    def _record_aborted(self, txn_id: bytes) -> TxnAborted:
+        self._count("abort:record-aborted")
+        return TxnAborted(
+            f"commit of transaction {txn_id.hex()[:12]} aborted by rule record-aborted: "
+            "its heartbeat expired and a waiting transaction aborted it"
+        )
+
     async def end_txn(self, req: pb.EndTxnRequest) -> pb.EndTxnResponse:
         h = req.txn
         leader = self._record_leader(h.record_key)
-        rec = self._get_record(leader, h.txn_id)
-        if rec is None:
-            status = TxnStatus.COMMITTED if req.commit else TxnStatus.ABORTED
-            commit_ts = (req.commit_ts or h.ts) if req.commit else 0
-            rec = TxnRecord(h.txn_id, status, h.ts, commit_ts)
-            self._put_record(leader, rec)  # the commit point: durable before the reply
-        self._heartbeats.pop(h.txn_id, None)
+        rec = self._decide(leader, h, commit=req.commit, commit_ts=req.commit_ts)
         if req.commit and rec.status != TxnStatus.COMMITTED:
-            self._count("abort:record-aborted")
-            raise TxnAborted(
-                f"commit of transaction {h.txn_id.hex()[:12]} aborted by rule record-aborted: "
-                "its heartbeat expired and a waiting transaction aborted it"
-            )
+            raise self._record_aborted(h.txn_id)
         return pb.EndTxnResponse(status=int(rec.status), commit_ts=rec.commit_ts)  # type: ignore[arg-type]
 
     async def query_txn(self, req: pb.QueryTxnRequest) -> pb.QueryTxnResponse:
