@@ -82,6 +82,9 @@ class _Txn:
     or with the commit."""
     decided_on: int | None = None
     """The shard that recorded the commit with its writes and resolved them itself."""
+    region_local: bool = False
+    """Every key named at begin, and every shard reached since, is led in this coordinator's
+    region (`TxnHeader.region_local`)."""
 
     def header(self, coordinator: str) -> pb.TxnHeader:
         return pb.TxnHeader(
@@ -90,6 +93,7 @@ class _Txn:
             record_key=self.record_key,
             coordinator=coordinator,
             read_only=self.read_only,
+            region_local=self.region_local,
         )
 
 
@@ -123,6 +127,7 @@ class Coordinator:
         self._background: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
         self.stats: dict[str, int] = {"begun": 0, "committed": 0, "aborted": 0}
+        self.region = cluster.node(node_name).region
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -193,6 +198,13 @@ class Coordinator:
                 ts = await self._future_timestamp(self.tt.now().latest + delay)
                 future = True
         txn = _Txn(self.new_txn_id(), ts, req.read_only, aligned=future)
+        # Leaders give a transaction that stays in this region a place in line even on a long
+        # line: its read for update is followed by its write within local round trips.
+        txn.region_local = (
+            bool(req.keys)
+            and not req.read_only
+            and all(self._in_region(self.cluster.shard_for_key(k).leader) for k in req.keys)
+        )
         # A local transaction takes its final timestamp when its first operation is dispatched
         # (late stamping): between begin and that moment other transactions run, and a write
         # stamped earlier but arriving after a later read of its key aborts by rule read-mark.
@@ -226,6 +238,9 @@ class Coordinator:
         if self.settings.unsafe_skip_commit_wait:
             return  # broken on purpose: see TxnSettings.unsafe_skip_commit_wait
         await self.tt.wait_until_after(ts)
+
+    def _in_region(self, node: str) -> bool:
+        return self.cluster.node(node).region == self.region
 
     def one_way_ns(self, node: str) -> int:
         """One-way delay to node: half the smoothed round trip of recent calls; before the
@@ -600,6 +615,8 @@ class Coordinator:
             # d2PL: these shards hold its locks; all protocols: replication counts it in flight
             # there (the seal waits for it) until a Resolve says it ended.
             txn.touched.add(shard.id)
+        if txn.region_local and not self._in_region(shard.leader):
+            txn.region_local = False  # its keys named at begin were not all it touches
         if txn.aligned:
             # Aligned dispatch: hold the operation so it reaches its leader at about ts. Sent
             # early, a future-stamped intent would sit on a hot local row and abort local

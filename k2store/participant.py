@@ -147,19 +147,21 @@ class Participant:
 
     # -- reads for update ----------------------------------------------------------------------
 
-    def _reserve(self, txn: TxnRef, key: bytes) -> None:
+    def _reserve(self, txn: TxnRef, key: bytes, *, region_local: bool) -> None:
         """After a read for update: hold txn's place in key's line (see _wait_in_order) until
         its write of key has laid its intent, the transaction ends here, or
         `for_update_hold_s` passes. A later transaction that arrives meanwhile queues behind it
         instead of reading the key first, which would abort the coming write by rule
-        read-mark. Not on a key whose line already holds `FOR_UPDATE_MAX_LINE` places: there
-        the place would only lengthen a convoy. Only when operations run changes: each still
+        read-mark. Not on a key whose line already holds `FOR_UPDATE_MAX_LINE` places, unless
+        the transaction stays in this region (`region_local`): the place of one that waits on
+        the wide area would only lengthen a convoy, while a local one writes within local round
+        trips and keeps the line moving in order. Only when operations run changes: each still
         passes the MVTO rules at its timestamp, and the place is at txn's own timestamp, so
         waits still run from higher to lower timestamps only (no deadlock)."""
         held = self._reserved.get(txn.txn_id)
         if held is not None and key in held:
             return
-        if self._line_length(key) >= FOR_UPDATE_MAX_LINE:
+        if not region_local and self._line_length(key) >= FOR_UPDATE_MAX_LINE:
             self._count("for-update-line-full")
             return
         held = self._reserved.setdefault(txn.txn_id, {})
@@ -264,7 +266,7 @@ class Participant:
                 leader.counters.reads += 1
                 results[i] = _read_result(out.version)
                 if op.for_update and self.settings.for_update and not h.read_only:
-                    self._reserve(txn, op.key)
+                    self._reserve(txn, op.key, region_local=h.region_local)
             else:
                 leader.counters.reads += 1
                 results[i] = pb.TxnOpResult(

@@ -859,12 +859,18 @@ class TxnHeader(_message.Message):
     RECORD_KEY_FIELD_NUMBER: _builtins.int
     COORDINATOR_FIELD_NUMBER: _builtins.int
     READ_ONLY_FIELD_NUMBER: _builtins.int
+    REGION_LOCAL_FIELD_NUMBER: _builtins.int
     txn_id: _builtins.bytes
     ts: _builtins.int
     record_key: _builtins.bytes
     """the key whose shard holds the record; empty while nothing is written"""
     coordinator: _builtins.str
     read_only: _builtins.bool
+    region_local: _builtins.bool
+    """Every key the transaction named at begin is led in the coordinator's region, and so is
+    every shard it has reached: its read for update is followed by its write within local round
+    trips, so a leader gives it a place in line even on a long line (Participant._reserve).
+    """
     def __init__(
         self,
         *,
@@ -873,10 +879,11 @@ class TxnHeader(_message.Message):
         record_key: _builtins.bytes = ...,
         coordinator: _builtins.str = ...,
         read_only: _builtins.bool = ...,
+        region_local: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator", b"coordinator", "read_only", b"read_only", "record_key", b"record_key", "ts", b"ts", "txn_id", b"txn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator", b"coordinator", "read_only", b"read_only", "record_key", b"record_key", "region_local", b"region_local", "ts", b"ts", "txn_id", b"txn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

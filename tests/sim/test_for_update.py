@@ -162,10 +162,10 @@ def test_for_update_flags_must_match_the_keys() -> None:
     assert scenario(body)["error"] == "InvalidArgument"
 
 
-def test_a_long_line_gives_no_more_for_update_places() -> None:
-    """A read for update on a key whose line already holds FOR_UPDATE_MAX_LINE transactions
-    reads without taking a place (it would only lengthen the convoy); with a shorter line it
-    takes one."""
+def long_line(*, named_keys: list[str], first: str | None = None) -> dict[str, Any]:
+    """FOR_UPDATE_MAX_LINE + 2 transactions in eu-west read KEY for update one after another
+    and go quiet; each begins naming `named_keys` (and reads `first` before KEY). Counts the
+    places taken and refused."""
     n = FOR_UPDATE_MAX_LINE + 2
 
     async def body(
@@ -173,7 +173,9 @@ def test_a_long_line_gives_no_more_for_update_places() -> None:
     ) -> None:
         async def stall(i: int) -> None:  # each reads for update, then goes quiet
             await asyncio.sleep(0.01 * i)
-            tx = await near.begin()
+            tx = await near.begin(keys=named_keys)
+            if first is not None:
+                await tx.get(first)
             await tx.get(KEY, for_update=True)
             await asyncio.sleep(2.0)
             await tx.abort()
@@ -184,7 +186,32 @@ def test_a_long_line_gives_no_more_for_update_places() -> None:
         out["full"] = sum(c.get("for-update-line-full", 0) for c in counters)
 
     out = scenario(body, for_update_hold_s=0.2)
+    out["n"] = n
+    return out
+
+
+@pytest.mark.parametrize(
+    ("named_keys", "first"),
+    [([], None), ([KEY, "us-east/other"], None), ([KEY], "us-east/other")],
+    ids=["keys-not-named", "names-a-us-east-key", "reads-a-us-east-key-it-did-not-name"],
+)
+def test_a_long_line_gives_no_more_for_update_places(
+    named_keys: list[str], first: str | None
+) -> None:
+    """A read for update on a key whose line already holds FOR_UPDATE_MAX_LINE transactions
+    reads without taking a place (it would only lengthen the convoy); with a shorter line it
+    takes one. So for a transaction that may wait on the wide area: one that named a key of
+    another region at begin, named none, or reached another region all the same."""
+    out = long_line(named_keys=named_keys, first=first)
     # The first reader took a place and the other n - 1 queued behind it; when its hold ran
     # out the next reader saw n - 2 = FOR_UPDATE_MAX_LINE still in line and took none.
     assert out["full"] >= 1
-    assert out["places"] + out["full"] == n
+    assert out["places"] + out["full"] == out["n"]
+
+
+def test_a_transaction_that_stays_in_its_region_takes_a_place_on_a_long_line() -> None:
+    """Named at begin, every key in the coordinator's region: the leader gives the read for
+    update its place however long the line (it writes within local round trips)."""
+    out = long_line(named_keys=[KEY])
+    assert out["full"] == 0
+    assert out["places"] == out["n"]
