@@ -51,14 +51,18 @@ places chain waits into convoys: on the TPC-C-like mix with 334 clients per ware
 on every key cut failed attempts from 64% to 0% but throughput by 30%; with this bound they
 fall to 52% for a 9% loss, and at 10 clients per warehouse from 6% to 2.7% (docs/benchmarks.md)."""
 FOR_UPDATE_MAX_LINE = 8
-"""A read for update takes its place in a key's line (see Participant._reserve) only while
-fewer than this many transactions are in it. On a saturated key a place held from the read to
-the write chains the transactions queued behind it into a convoy, and a place that outlives
-`for_update_hold_s` while its holder waits elsewhere ends in a read-mark abort after all that
-waiting: YCSB-T read-modify-write at theta 0.99 with 100 clients per region committed 191.5
-txn/s with places on every key, 236.5 with this bound (33 per region: 154.2 -> 174.3), and the
-same 117.5 at 4 clients per region, where lines stay short (`k2 bench txn --sim --duration
-10`)."""
+"""A read for update of a transaction that may wait on the wide area takes its place in a key's
+line (see Participant._reserve) only while fewer than this many transactions are in it. On a
+saturated key a place held from the read to the write across a round trip chains the
+transactions queued behind it into a convoy, and a place that outlives `for_update_hold_s`
+while its holder waits elsewhere ends in a read-mark abort after all that waiting: YCSB-T
+read-modify-write at theta 0.99 with 100 clients per region committed 191.5 txn/s with places
+on every key, 236.5 with this bound (33 per region: 154.2 -> 174.3; session 4). A transaction
+that stays in its region is not bound (`TxnHeader.region_local`): without a place, each reader
+of a herd reads the key above the one before it and all writes but the last abort; freeing
+local ones took 100 clients per region from 227.4 to 282.0 txn/s and 334 from 238.3 to 466.2
+(seed 1, `k2 bench txn --sim --duration 10 --clients-per-region N`). With local places in, 4
+and 16 for the rest were no better over seeds 1-4 at 33 clients per region or worse at 334."""
 
 
 class Participant:

@@ -106,6 +106,12 @@ class BenchConfig:
     clients_per_region: int = 4
     ops_per_txn: int = 2
     duration_s: float = 20.0
+    warmup_s: float = 2.0
+    """The first seconds of the window, not measured: every client starts at once with empty
+    lines, and until the hot keys' queues form the protocols commit several times their steady
+    rate (YCSB-T rmw at 33 clients per region: 579 commits in the first simulated second, about
+    140 a second from the third on). Throughput counts the commits that finish after it;
+    latencies and abort rates the transactions that begin after it."""
     remote_fraction: float = 0.2
     """Fraction of transactions that send one read-modify-write to another region's keys."""
     hot_keys: int = 4
@@ -117,7 +123,7 @@ class BenchConfig:
 
     @staticmethod
     def quick(**overrides: Any) -> BenchConfig:
-        base = BenchConfig(keys=300, clients_per_region=2, duration_s=6.0)
+        base = BenchConfig(keys=300, clients_per_region=2, duration_s=6.0, warmup_s=1.0)
         return replace(base, **overrides)
 
     def validate(self) -> None:
@@ -139,6 +145,11 @@ class BenchConfig:
             raise InvalidArgument(f"remote fraction must be in [0, 1], got {self.remote_fraction}")
         if self.duration_s <= 0:
             raise InvalidArgument(f"duration must be positive, got {self.duration_s}")
+        if not 0 <= self.warmup_s < self.duration_s:
+            raise InvalidArgument(
+                f"warm-up must be at least 0 and shorter than the duration ({self.duration_s:g} "
+                f"s), got {self.warmup_s:g}"
+            )
         if self.max_attempts < 1 or self.hot_keys < 1 or self.value_bytes < 8:
             raise InvalidArgument("max-attempts and hot-keys must be >= 1, value-bytes >= 8")
 
@@ -393,14 +404,24 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
-def _group_summary(records: Sequence[TxnRecord], window_s: float) -> dict[str, Any]:
-    """Throughput counts the commits that finished inside the run's window (`window_s` from its
-    start); the transactions in flight when it closed still finish (and count in the latency
-    percentiles and abort rates) but not as throughput: under saturation they take seconds to
-    drain, and dividing every commit by the time the drain took would charge a protocol for its
-    tail twice, while dividing them by the window would credit it with work done after it."""
+def _began_s(r: TxnRecord) -> float:
+    return r.finished_s - r.total_ms / 1e3
+
+
+def _group_summary(
+    records: Sequence[TxnRecord], window_s: float, warmup_s: float = 0.0
+) -> dict[str, Any]:
+    """Throughput counts the commits that finished inside the run's window after its warm-up
+    (from `warmup_s` to `window_s` after its start, see `BenchConfig.warmup_s`); the
+    transactions in flight when it closed still finish (and count in the latency percentiles and
+    abort rates) but not as throughput: under saturation they take seconds to drain, and
+    dividing every commit by the time the drain took would charge a protocol for its tail twice,
+    while dividing them by the window would credit it with work done after it. Latencies and
+    abort rates are of the transactions that began after the warm-up."""
+    in_window = sum(1 for r in records if r.committed and warmup_s < r.finished_s <= window_s)
+    records = [r for r in records if _began_s(r) >= warmup_s]
     done = [r for r in records if r.committed]
-    in_window = sum(1 for r in done if r.finished_s <= window_s)
+    measured_s = window_s - warmup_s
     total = sorted(r.total_ms for r in done)
     attempt = sorted(r.attempt_ms for r in done)
     attempts = sum(r.attempts for r in records)
@@ -410,7 +431,7 @@ def _group_summary(records: Sequence[TxnRecord], window_s: float) -> dict[str, A
         "committed": len(done),
         "committed_in_window": in_window,
         "gave_up": len(records) - len(done),
-        "throughput_tps": in_window / window_s if window_s > 0 else 0.0,
+        "throughput_tps": in_window / measured_s if measured_s > 0 else 0.0,
         "p50_ms": percentile(total, 50),
         "p99_ms": percentile(total, 99),
         "attempt_p50_ms": percentile(attempt, 50),
@@ -423,21 +444,26 @@ def _group_summary(records: Sequence[TxnRecord], window_s: float) -> dict[str, A
 
 
 def summarize(
-    records: Sequence[TxnRecord], window_s: float, regions: Sequence[str]
+    records: Sequence[TxnRecord], window_s: float, regions: Sequence[str], warmup_s: float = 0.0
 ) -> dict[str, Any]:
     """Overall, per-region and local/cross-region figures, and failed attempts by rule;
-    `window_s`: the run's measurement window (see `_group_summary`)."""
-    rules = Counter(f for r in records for f in r.failures)
-    attempts = sum(r.attempts for r in records)
+    `window_s`: the run's window, `warmup_s` its unmeasured start (see `_group_summary`)."""
+    measured = [r for r in records if _began_s(r) >= warmup_s]
+    rules = Counter(f for r in measured for f in r.failures)
+    attempts = sum(r.attempts for r in measured)
+
+    def group(rs: Sequence[TxnRecord]) -> dict[str, Any]:
+        return _group_summary(rs, window_s, warmup_s)
+
     return {
-        "overall": _group_summary(records, window_s),
+        "warmup_s": warmup_s,
+        "overall": group(records),
         "by_region": {
-            region: _group_summary([r for r in records if r.region == region], window_s)
-            for region in regions
+            region: group([r for r in records if r.region == region]) for region in regions
         },
         "by_kind": {
-            "local": _group_summary([r for r in records if not r.remote], window_s),
-            "cross-region": _group_summary([r for r in records if r.remote], window_s),
+            "local": group([r for r in records if not r.remote]),
+            "cross-region": group([r for r in records if r.remote]),
         },
         "aborts_by_rule": {
             rule: {"attempts": n, "share_of_attempts": n / attempts if attempts else 0.0}
@@ -590,7 +616,7 @@ async def run_mix(
             await asyncio.gather(*(c.close() for _, c in clients), return_exceptions=True)
     elapsed_s = (now_ns() - start_ns) / 1e9
     result = RunResult(label, bc, cfg.settings.txn, regions, elapsed_s, records)
-    result.summary = summarize(records, min(elapsed_s, bc.duration_s), regions)
+    result.summary = summarize(records, min(elapsed_s, bc.duration_s), regions, bc.warmup_s)
     return result
 
 
@@ -753,8 +779,8 @@ def format_run(result: RunResult) -> str:
     lines = [
         f"{bc.protocol} {bc.mix}: theta {bc.theta}, {bc.keys} keys, "
         f"{bc.clients_per_region} clients/region, {bc.ops_per_txn} ops/txn, "
-        f"{bc.remote_fraction:.0%} cross-region, {bc.duration_s:g} s window (drained at "
-        f"{result.elapsed_s:.1f} s) [{result.label}]",
+        f"{bc.remote_fraction:.0%} cross-region, {bc.duration_s:g} s window, the first "
+        f"{bc.warmup_s:g} s not measured (drained at {result.elapsed_s:.1f} s) [{result.label}]",
         f"{'':<14} {'committed':>9} {'txn/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'att p50':>8} {'att p99':>8} {'aborts':>7} {'max att':>7} {'gave up':>7}",
     ]
@@ -975,6 +1001,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"seconds (default {d.duration_s})",
     )
     p.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"seconds at the start of the window that are not measured: every client starts "
+        f"at once with empty queues and the first second commits several times the steady rate "
+        f"(default {d.warmup_s:g}; 0 measures the whole window, as runs before session 9 did)",
+    )
+    p.add_argument(
         "--remote-fraction",
         type=float,
         default=None,
@@ -1016,6 +1051,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             "clients_per_region": args.clients_per_region,
             "ops_per_txn": args.ops_per_txn,
             "duration_s": args.duration,
+            "warmup_s": args.warmup,
             "remote_fraction": args.remote_fraction,
             "seed": args.seed,
         }.items()

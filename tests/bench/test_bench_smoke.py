@@ -12,6 +12,7 @@ import pytest
 from k2store.bench import tpcc, txn, visibility
 from k2store.cli import main
 from k2store.cluster import TxnSettings
+from k2store.errors import InvalidArgument
 
 
 def test_bench_tpcc_sim_quick_ranks_k2_mvto_first(tmp_path: Path) -> None:
@@ -180,6 +181,49 @@ def test_ycsb_throughput_counts_only_commits_inside_the_window() -> None:
     assert overall["committed_in_window"] == 3
     assert overall["throughput_tps"] == pytest.approx(0.3)
     assert overall["p99_ms"] == 15_000.0  # the drained transaction's latency still counts
+
+
+def test_ycsb_warmup_is_not_measured() -> None:
+    """Commits that finish in the warm-up are not throughput, and transactions that began in it
+    count in neither latencies nor abort rates: all clients start at once with empty queues, a
+    burst far above the steady rate."""
+
+    def rec(began_s: float, total_ms: float, *, failures: tuple[str, ...] = ()) -> txn.TxnRecord:
+        return txn.TxnRecord(
+            "us-east",
+            False,
+            True,
+            1 + len(failures),
+            failures,
+            5.0,
+            total_ms,
+            began_s + total_ms / 1e3,
+        )
+
+    records = [
+        rec(0.0, 10.0, failures=("read-mark",)),  # began and ended in the warm-up
+        rec(1.5, 1_000.0, failures=("read-mark", "read-mark")),  # began in it, ends after
+        rec(3.0, 10.0),
+        rec(6.0, 20.0),
+    ]
+    s = txn.summarize(records, 10.0, ["us-east"], warmup_s=2.0)
+    overall = s["overall"]
+    assert overall["committed_in_window"] == 3  # finished after the warm-up, in the window
+    assert overall["throughput_tps"] == pytest.approx(3 / 8.0)
+    assert overall["committed"] == 2  # began after it: the ones with latencies
+    assert overall["p99_ms"] == 20.0
+    assert overall["abort_rate"] == 0.0
+    assert s["aborts_by_rule"] == {}
+    assert s["warmup_s"] == 2.0
+    everything = txn.summarize(records, 10.0, ["us-east"])["overall"]
+    assert everything["throughput_tps"] == pytest.approx(0.4)
+    assert everything["abort_rate"] == pytest.approx(3 / 7)
+
+
+@pytest.mark.parametrize("warmup", [-1.0, 6.0, 7.0])
+def test_ycsb_warmup_must_leave_a_window(warmup: float) -> None:
+    with pytest.raises(InvalidArgument, match="warm-up"):
+        txn.BenchConfig(duration_s=6.0, warmup_s=warmup).validate()
 
 
 def test_tpcc_throughput_leaves_out_the_drain() -> None:
