@@ -1165,7 +1165,7 @@ def _sweep(args: argparse.Namespace, bc: BenchConfig) -> int:
     title = (
         f"YCSB-T {bc.mix} ({'sim' if args.sim else 'processes'}): theta {bc.theta}, "
         f"{bc.keys} keys, {bc.ops_per_txn} ops/txn, {bc.remote_fraction:.0%} cross-region, "
-        f"{bc.duration_s:g} s per run"
+        f"{bc.duration_s:g} s per run, the first {bc.warmup_s:g} s not measured"
     )
     print(title)
     print("\n".join(sweep_table(points, protocols)))
