@@ -443,6 +443,16 @@ def _group_summary(
     }
 
 
+def commits_per_second(records: Sequence[TxnRecord], window_s: float) -> list[int]:
+    """Commits that finished in each second of the window (the last may be partial): where a
+    run settles, and so how much warm-up it needs (see `BenchConfig.warmup_s`)."""
+    counts = [0] * max(1, math.ceil(window_s))
+    for r in records:
+        if r.committed and 0 <= r.finished_s <= window_s:
+            counts[min(int(r.finished_s), len(counts) - 1)] += 1
+    return counts
+
+
 def summarize(
     records: Sequence[TxnRecord], window_s: float, regions: Sequence[str], warmup_s: float = 0.0
 ) -> dict[str, Any]:
@@ -457,6 +467,7 @@ def summarize(
 
     return {
         "warmup_s": warmup_s,
+        "commits_per_second": commits_per_second(records, window_s),
         "overall": group(records),
         "by_region": {
             region: group([r for r in records if r.region == region]) for region in regions
@@ -889,13 +900,14 @@ def pyplot() -> Any | None:
 
 
 def plot(results: Sequence[RunResult], path: Path) -> bool:
-    """Draw latency CDFs by region and failed attempts by rule (and, for an ablation, throughput
-    per variant). Returns False, drawing nothing, when matplotlib is missing."""
+    """Draw latency CDFs by region, failed attempts by rule, commits per second over the run
+    with the warm-up shaded (and, for an ablation, throughput per variant). Returns False,
+    drawing nothing, when matplotlib is missing."""
     plt = pyplot()
     results = [r for r in results if not r.error]
     if plt is None or not results:
         return False
-    ncols = 3 if len(results) > 1 else 2
+    ncols = 4 if len(results) > 1 else 3
     fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4.2))
     first = results[0]
     ax = axes[0]
@@ -922,7 +934,17 @@ def plot(results: Sequence[RunResult], path: Path) -> bool:
     ax.set_title("failed attempts by rule")
     if len(results) > 1:
         ax.legend(fontsize="small")
-        ax = axes[2]
+    ax = axes[2]
+    for r in results:
+        ax.plot(r.summary.get("commits_per_second", []), label=r.label, drawstyle="steps-post")
+    if first.config.warmup_s:
+        ax.axvspan(0, first.config.warmup_s, color="0.85", label="warm-up (not measured)")
+    ax.set_xlabel("second of the run")
+    ax.set_ylabel("commits per second")
+    ax.set_title("commits over the run")
+    ax.legend(fontsize="small")
+    if len(results) > 1:
+        ax = axes[3]
         labels = [r.label for r in results]
         ax.bar(labels, [r.summary["overall"]["throughput_tps"] for r in results])
         ax.set_ylabel("committed txn/s")

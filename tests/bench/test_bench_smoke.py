@@ -215,6 +215,7 @@ def test_ycsb_warmup_is_not_measured() -> None:
     assert overall["abort_rate"] == 0.0
     assert s["aborts_by_rule"] == {}
     assert s["warmup_s"] == 2.0
+    assert s["commits_per_second"] == [1, 0, 1, 1, 0, 0, 1, 0, 0, 0]  # the plot's timeline
     everything = txn.summarize(records, 10.0, ["us-east"])["overall"]
     assert everything["throughput_tps"] == pytest.approx(0.4)
     assert everything["abort_rate"] == pytest.approx(3 / 7)
