@@ -259,21 +259,19 @@ class Coordinator:
         there = self.cluster.node(node).region
         return int(net.rtt_of(here, there) * 1_000_000) // 2
 
-    async def _timed_call(self, node: str, path: str, req: Message, rtype: type[Any]) -> Any:
+    async def _exec_call(self, node: str, req: pb.ExecRequest) -> pb.ExecResponse:
+        """Exec at node, learning the round trip to it from the reply: the call's time less
+        the time the leader says it held the request (`ExecResponse.held_ns`: waits in a hot
+        key's line would otherwise pass for distance, and future timestamps would run hundreds
+        of milliseconds ahead under load). An error reply teaches nothing: it does not say how
+        long it was held."""
         start = _now_ns()
-        try:
-            return await self.call(node, path, req, rtype)
-        except TxnAborted:
-            raise  # an answer all the same: its round trip counts (below)
-        except K2Error:
-            start = 0  # no answer (unreachable, timed out): no round trip to learn from
-            raise
-        finally:
-            if start:
-                rtt = _now_ns() - start
-                old = self._rtt_ns.get(node)
-                # EWMA, but a sample below the estimate counts fully: queueing only adds delay.
-                self._rtt_ns[node] = rtt if old is None or rtt < old else (7 * old + rtt) // 8
+        resp: pb.ExecResponse = await self.call(node, P + "Exec", req, pb.ExecResponse)
+        rtt = max(0, _now_ns() - start - resp.held_ns)
+        old = self._rtt_ns.get(node)
+        # EWMA, but a sample below the estimate counts fully: queueing only adds delay.
+        self._rtt_ns[node] = rtt if old is None or rtt < old else (7 * old + rtt) // 8
+        return resp
 
     async def ops(self, req: pb.TxnOpsRequest) -> pb.TxnOpsResponse:
         txn = self._txn(req.txn_id)
@@ -622,15 +620,12 @@ class Coordinator:
             # early, a future-stamped intent would sit on a hot local row and abort local
             # writers with lower timestamps in the meantime.
             await self.tt.wait_until_after(txn.ts - self.one_way_ns(shard.leader))
-        resp: pb.ExecResponse = await self._timed_call(
+        return await self._exec_call(
             shard.leader,
-            P + "Exec",
             pb.ExecRequest(
                 txn=txn.header(self.node_name), shard_id=shard.id, ops=ops, commit=commit
             ),
-            pb.ExecResponse,
         )
-        return resp
 
     def _check_ops(self, txn: _Txn, ops: list[pb.TxnOp]) -> None:
         """Refuse bad input (InvalidArgument) before anything is sent."""

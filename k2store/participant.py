@@ -193,6 +193,16 @@ class Participant:
     # -- Exec ----------------------------------------------------------------------------------
 
     async def exec(self, req: pb.ExecRequest) -> pb.ExecResponse:
+        """Run a transaction's operations here (see `_exec`); the reply says how long this
+        leader held the request (`held_ns`), so the coordinator's one-way delays, which set
+        future timestamps, measure the wire and not this key's line."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        resp = await self._exec(req)
+        resp.held_ns = max(0, round((loop.time() - start) * 1e9))
+        return resp
+
+    async def _exec(self, req: pb.ExecRequest) -> pb.ExecResponse:
         leader, rules = self._leader(req.shard_id)
         h = req.txn
         if len(h.txn_id) != 16 or not h.ts:

@@ -1120,16 +1120,23 @@ class ExecResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    HELD_NS_FIELD_NUMBER: _builtins.int
+    held_ns: _builtins.int
+    """Nanoseconds the leader held the request (waiting in lines and for intents, syncs,
+    commit-wait): the coordinator leaves it out of the round trips it learns one-way delays
+    from, which choose future timestamps.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TxnOpResult]: ...
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___TxnOpResult] | None = ...,
+        held_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_ns", b"held_ns", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

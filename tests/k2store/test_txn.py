@@ -401,6 +401,42 @@ def test_future_timestamp_for_transactions_that_reach_a_far_region(tmp_path: Pat
     run(body)
 
 
+def test_round_trips_learned_for_future_timestamps_leave_out_a_leaders_wait(
+    tmp_path: Path,
+) -> None:
+    """A read that waits at a far leader for a lower intent says how long it was held there
+    (`held_ns`), and the coordinator's round trip to that leader leaves the wait out: otherwise
+    a hot key's line would pass for distance and push future timestamps far ahead."""
+
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            coord = nodes["us-east-1"].service.coordinator  # type: ignore[union-attr]
+            participant = nodes["eu-west-1"].service.participant  # type: ignore[union-attr]
+            held: list[int] = []
+            orig_exec = participant.exec
+
+            async def exec_(req: pb.ExecRequest) -> pb.ExecResponse:
+                resp = await orig_exec(req)
+                held.append(resp.held_ns)
+                return resp
+
+            participant.exec = exec_  # type: ignore[method-assign]
+            t1 = await c.begin()
+            t2 = await c.begin()
+            await t1.put("eu-west/k", b"t1")
+            coord._rtt_ns.clear()
+            read = asyncio.ensure_future(t2.get("eu-west/k"))
+            await asyncio.sleep(0.2)
+            assert not read.done()  # waiting on t1's intent at eu-west-1
+            await t1.commit()
+            assert await read == b"t1"
+            await t2.commit()
+            assert max(held) >= 150_000_000  # the read's request, held while t1 was open
+            assert coord._rtt_ns["eu-west-1"] < 100_000_000  # the wire alone (loopback)
+
+    run(body)
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_one_shot_read_only_transactions_read_a_snapshot_in_one_round_trip(
     tmp_path: Path, protocol: str
