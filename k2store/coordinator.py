@@ -47,6 +47,7 @@ from google.protobuf.message import Message
 from k2store.background import stop_tasks
 from k2store.cluster import ClusterConfig, ShardConfig, TxnSettings
 from k2store.errors import ClockUncertain, InvalidArgument, K2Error, TxnAborted
+from k2store.participant import is_write
 from k2store.proto import k2_pb2 as pb
 from truetime import STEP_GRANULARITY, HybridLogicalClock, TrueTime, UncertaintyExceeded
 
@@ -192,8 +193,9 @@ class Coordinator:
         else:
             ts = self._hlc_now() if self.hlc is not None else await self.timestamp()
         future = False
-        if req.keys and self.hlc is None and self.settings.future_ts and not req.read_ts:
-            delay = max(self.one_way_ns(self.cluster.shard_for_key(k).leader) for k in req.keys)
+        leaders = [self.cluster.shard_for_key(k).leader for k in req.keys]
+        if leaders and self.hlc is None and self.settings.future_ts and not req.read_ts:
+            delay = max(self.one_way_ns(leader) for leader in leaders)
             if delay > LOCAL_DELAY_NS:
                 ts = await self._future_timestamp(self.tt.now().latest + delay)
                 future = True
@@ -201,9 +203,7 @@ class Coordinator:
         # Leaders give a transaction that stays in this region a place in line even on a long
         # line: its read for update is followed by its write within local round trips.
         txn.region_local = (
-            bool(req.keys)
-            and not req.read_only
-            and all(self._in_region(self.cluster.shard_for_key(k).leader) for k in req.keys)
+            bool(leaders) and not req.read_only and all(map(self._in_region, leaders))
         )
         # A local transaction takes its final timestamp when its first operation is dispatched
         # (late stamping): between begin and that moment other transactions run, and a write
@@ -281,7 +281,7 @@ class Coordinator:
                 txn.ts = self._hlc_now() if self.hlc is not None else await self.timestamp()
             ops = list(req.ops)
             try:
-                if self._buffers(txn) and ops and all(_is_write(op) for op in ops):
+                if self._buffers(txn) and ops and all(is_write(op) for op in ops):
                     # Held for the commit (or the next read): checked now, so bad input is
                     # refused where it was given.
                     self._check_ops(txn, ops)
@@ -635,7 +635,7 @@ class Coordinator:
                 raise InvalidArgument(
                     f"key of {len(op.key)} bytes exceeds the limit of {limits.max_key_bytes} bytes"
                 )
-            if _is_write(op):
+            if is_write(op):
                 if txn.read_only:
                     raise InvalidArgument("a read-only transaction cannot write")
                 if op.kind == pb.OP_PUT and len(op.value) > limits.max_value_bytes:
@@ -647,7 +647,7 @@ class Coordinator:
     async def _run_ops(self, txn: _Txn, ops: list[pb.TxnOp]) -> list[pb.TxnOpResult]:
         self._check_ops(txn, ops)
         for op in ops:
-            if _is_write(op) and not txn.record_key:
+            if is_write(op) and not txn.record_key:
                 txn.record_key = self._choose_record_key(op.key)
                 self._start_heartbeat(txn)
         results: list[pb.TxnOpResult | None] = [None] * len(ops)
@@ -657,11 +657,11 @@ class Coordinator:
             for shard, group in groups:
                 keys = (
                     txn.writes.setdefault(shard.id, set())
-                    if any(_is_write(op) for _, op in group)
+                    if any(is_write(op) for _, op in group)
                     else None
                 )
                 if keys is not None:
-                    keys.update(op.key for _, op in group if _is_write(op))
+                    keys.update(op.key for _, op in group if is_write(op))
             responses: list[pb.ExecResponse | BaseException]
             if self.settings.one_shot and len(groups) == 1:
                 # One shard (most transactions): no gather, so no task and no extra loop hops.
@@ -730,10 +730,6 @@ def _finished_quietly(task: asyncio.Task[Any]) -> None:
     is not reported as never retrieved (the record decides; nobody is waiting)."""
     if not task.cancelled():
         task.exception()
-
-
-def _is_write(op: pb.TxnOp) -> bool:
-    return op.kind in (pb.OP_PUT, pb.OP_DELETE)
 
 
 def _now_ns() -> int:

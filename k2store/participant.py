@@ -216,7 +216,7 @@ class Participant:
             or not h.record_key
             or self.cluster.shard_for_key(h.record_key).id != req.shard_id
             or not req.ops
-            or any(op.kind not in (pb.OP_PUT, pb.OP_DELETE) for op in req.ops)
+            or not all(is_write(op) for op in req.ops)
         ):
             raise InvalidArgument(
                 "a commit with writes needs only writes, sent to the shard of the record "
@@ -229,7 +229,7 @@ class Participant:
         ops = list(req.ops)
         for op in ops:  # bad input anywhere in the request: refused before anything changes
             leader.check_key(op.key)
-            writes = op.kind in (pb.OP_PUT, pb.OP_DELETE)
+            writes = is_write(op)
             if writes and (h.read_only or not h.record_key):
                 raise InvalidArgument("a write needs a read-write transaction with a record key")
             if op.kind == pb.OP_PUT:
@@ -442,7 +442,7 @@ class Participant:
                 waited_s += await self._scan_2pl(leader, h, info, op, waited_s)
                 results.append(self._scan_rows_2pl(leader, h.txn_id, op))
                 continue
-            writes = op.kind in (pb.OP_PUT, pb.OP_DELETE)
+            writes = is_write(op)
             if writes and not h.record_key:
                 raise InvalidArgument("a write needs a record key")
             if op.kind == pb.OP_PUT:
@@ -858,6 +858,11 @@ class _LockedTxn:
     ts: int
     record_key: bytes = b""
     last_ns: int = 0
+
+
+def is_write(op: pb.TxnOp) -> bool:
+    """A put or a delete: an operation that lays an intent (or takes an exclusive lock)."""
+    return op.kind in (pb.OP_PUT, pb.OP_DELETE)
 
 
 def _above_versions(store: VersionedStore, key: bytes) -> int:
