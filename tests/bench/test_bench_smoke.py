@@ -27,7 +27,9 @@ def test_bench_tpcc_sim_quick_ranks_k2_mvto_first(tmp_path: Path) -> None:
 
 
 def test_bench_tpcc_interactive_mode_is_slower_than_one_shot() -> None:
-    cfg = tpcc.TpccConfig(protocols=("k2-mvto",), duration_s=2.0, clients_per_region=5)
+    cfg = tpcc.TpccConfig(
+        protocols=("k2-mvto",), duration_s=2.0, warmup_s=0.5, clients_per_region=5
+    )
     one_shot = tpcc.run_sim("k2-mvto", cfg)
     interactive = tpcc.run_sim("k2-mvto", tpcc.TpccConfig(**{**cfg.__dict__, "interactive": True}))
     assert one_shot.throughput > interactive.throughput
@@ -37,7 +39,11 @@ def test_split_schema_removes_2pl_s_read_write_conflict() -> None:
     """Payment's columns on rows of their own: new-order's reads no longer block payments, so
     d2PL-TTC commits more and wounds far fewer transactions (deterministic: the simulator)."""
     cfg = tpcc.TpccConfig(
-        protocols=("d2pl-ttc",), duration_s=2.0, clients_per_region=5, warehouses_per_region=1
+        protocols=("d2pl-ttc",),
+        duration_s=2.0,
+        warmup_s=0.5,
+        clients_per_region=5,
+        warehouses_per_region=1,
     )
     standard = tpcc.run_sim("d2pl-ttc", cfg)
     split = tpcc.run_sim("d2pl-ttc", tpcc.TpccConfig(**{**cfg.__dict__, "split_schema": True}))
@@ -73,7 +79,9 @@ def test_bad_bench_input_is_refused() -> None:
 def test_wait_places_cut_k2_mvto_aborts_on_tpcc() -> None:
     """`[txn] wait_places` (the refinement `--ablate` can switch off): with it, a waiting
     payment keeps later new-orders from read-marking its district under it (deterministic)."""
-    cfg = tpcc.TpccConfig(protocols=("k2-mvto",), duration_s=2.0, clients_per_region=10)
+    cfg = tpcc.TpccConfig(
+        protocols=("k2-mvto",), duration_s=2.0, warmup_s=0.5, clients_per_region=10
+    )
     with_places = tpcc.run_sim("k2-mvto", cfg)
     without_places = tpcc.run_sim("k2-mvto", replace(cfg, off=("wait_places",)))
     assert with_places.abort_rate() < 0.6 * without_places.abort_rate()
@@ -227,10 +235,42 @@ def test_ycsb_warmup_must_leave_a_window(warmup: float) -> None:
         txn.BenchConfig(duration_s=6.0, warmup_s=warmup).validate()
 
 
+def test_tpcc_warmup_is_not_measured() -> None:
+    """The same simulated run (the warm-up changes what is counted, not what happens): commits
+    in the warm-up leave throughput, and transactions that began in it leave latencies, abort
+    rates and the rules; the timeline still holds every commit."""
+    cfg = tpcc.TpccConfig(
+        protocols=("d2pl-ttc",), duration_s=2.0, warmup_s=0.0, clients_per_region=10
+    )
+    whole = tpcc.run_sim("d2pl-ttc", cfg)
+    warm = tpcc.run_sim("d2pl-ttc", replace(cfg, warmup_s=0.5))
+
+    def total(r: tpcc.TpccResult, field: str) -> int:
+        return sum(getattr(g, field) for g in r.regions.values())
+
+    assert total(warm, "warming") > 0 and total(whole, "warming") == 0
+    assert total(warm, "committed") + total(warm, "warming") == total(whole, "committed")
+    assert total(warm, "drained") == total(whole, "drained")
+    assert sum(warm.commits_by_second.values()) == sum(whole.commits_by_second.values())
+    assert warm.throughput == pytest.approx(total(warm, "committed") / 1.5)
+    latencies = sum(len(g.latencies_ms) for g in warm.regions.values())
+    assert latencies == total(warm, "succeeded") < total(whole, "succeeded")
+    assert 0 < total(warm, "attempts") < total(whole, "attempts")
+    assert sum(warm.rules.values()) < sum(whole.rules.values())
+    assert tpcc.commits_per_second(warm) == [warm.commits_by_second[0], warm.commits_by_second[1]]
+
+
+@pytest.mark.parametrize("warmup", ["-1", "4", "5"])
+def test_tpcc_warmup_must_leave_a_window(warmup: str) -> None:
+    assert main(["bench", "tpcc", "--sim", "--duration", "4", "--warmup", warmup]) == 2
+
+
 def test_tpcc_throughput_leaves_out_the_drain() -> None:
     """Each terminal's last transaction starts before the window closes and ends after it: it is
     counted as drained, not as throughput, and still counts in the latencies."""
-    cfg = tpcc.TpccConfig(protocols=("k2-mvto",), duration_s=1.0, clients_per_region=4)
+    cfg = tpcc.TpccConfig(
+        protocols=("k2-mvto",), duration_s=1.0, warmup_s=0.0, clients_per_region=4
+    )
     r = tpcc.run_sim("k2-mvto", cfg)
     committed = sum(g.committed for g in r.regions.values())
     drained = sum(g.drained for g in r.regions.values())

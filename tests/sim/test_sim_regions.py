@@ -36,7 +36,9 @@ def test_the_sim_network_follows_the_cluster_files_matrix() -> None:
 
 
 def test_tpcc_runs_on_five_regions() -> None:
-    tc = TpccConfig(protocols=("k2-mvto",), clients_per_region=2, duration_s=0.5, regions=5)
+    tc = TpccConfig(
+        protocols=("k2-mvto",), clients_per_region=2, duration_s=0.5, warmup_s=0.0, regions=5
+    )
     result = run_sim("k2-mvto", tc)
     assert list(result.regions) == list(REGIONS)
     assert all(r.committed > 0 for r in result.regions.values())
