@@ -10,6 +10,12 @@ Why: a single concurrency hides where each protocol saturates. 2PL's throughput 
 once its lock waits fill the clients; MVTO's keeps growing until its hot keys' lines fill, where
 aborts take over. The issue's targets are stated at several concurrencies (ten clients per
 warehouse, 1,000 clients), and the crossover points are what a reader wants to see.
+
+Seeds: a saturated run is chaotic (a trivial change to the schedule moves a simulated YCSB-T run
+at 100 clients by 10-15%), so one seed cannot resolve a ratio near its target. `--seeds 1,2,3`
+runs every point at each seed; the table, JSON and plot then give each protocol's mean
+throughput, the ratio of the means, and the range of the per-seed ratios beside it (the spread
+is what says whether a difference is real).
 """
 
 from __future__ import annotations
@@ -48,6 +54,10 @@ class SweepPoint:
     gave_up: int
     """Transactions that ran out of attempts."""
     error: str = ""
+    seed: int | None = None
+    """The run's seed; None on a point averaged over seeds (`average_seeds`)."""
+    throughputs: tuple[float, ...] = ()
+    """On a point averaged over several seeds: each seed's throughput, in seed order."""
 
 
 def parse_counts(text: str, option: str = "--sweep") -> list[int]:
@@ -84,6 +94,59 @@ def _fmt_ratio(v: float) -> str:
     return "-" if math.isnan(v) else f"{v:.2f}x"
 
 
+def average_seeds(points: Sequence[SweepPoint]) -> list[SweepPoint]:
+    """One point per (protocol, concurrency): as given when it ran at one seed; over several,
+    the means of throughput, latencies and abort rates, the worst region's worst abort rate,
+    the sum of transactions that gave up, and each seed's throughput. A failed run at any seed
+    fails the point (a mean over the seeds that ran would compare unlike sets)."""
+    groups: dict[tuple[str, int], list[SweepPoint]] = {}
+    for p in points:
+        groups.setdefault((p.protocol, p.clients_per_region), []).append(p)
+    out: list[SweepPoint] = []
+    for runs in groups.values():
+        failed = [p for p in runs if p.error]
+        if len(runs) == 1 or failed:
+            out.append(failed[0] if failed else runs[0])
+            continue
+        runs = sorted(runs, key=lambda p: p.seed or 0)
+        n = len(runs)
+        out.append(
+            SweepPoint(
+                protocol=runs[0].protocol,
+                clients_per_region=runs[0].clients_per_region,
+                clients=runs[0].clients,
+                throughput=sum(p.throughput for p in runs) / n,
+                p50_ms=sum(p.p50_ms for p in runs) / n,
+                p99_ms=sum(p.p99_ms for p in runs) / n,
+                abort_rate=sum(p.abort_rate for p in runs) / n,
+                worst_region_abort_rate=max(p.worst_region_abort_rate for p in runs),
+                gave_up=sum(p.gave_up for p in runs),
+                throughputs=tuple(p.throughput for p in runs),
+            )
+        )
+    return out
+
+
+def ratio_ranges(points: Sequence[SweepPoint], base: str) -> dict[int, tuple[float, float]]:
+    """K2-MVTO's throughput over `base`'s at each seed, as (lowest, highest) per concurrency,
+    where both ran at more than one seed (from the runs, not from averaged points)."""
+    by_seed: dict[int, dict[tuple[str, int | None], float]] = {}
+    for p in points:
+        if not p.error and p.seed is not None:
+            by_seed.setdefault(p.clients_per_region, {})[p.protocol, p.seed] = p.throughput
+    out: dict[int, tuple[float, float]] = {}
+    for n, tps in sorted(by_seed.items()):
+        seeds = {seed for _, seed in tps}
+        each = [
+            _ratio(tps["k2-mvto", seed], tps[base, seed])
+            for seed in sorted(s for s in seeds if s is not None)
+            if ("k2-mvto", seed) in tps and (base, seed) in tps
+        ]
+        if len(each) > 1:
+            out[n] = (min(each), max(each))
+    return out
+
+
 def by_concurrency(points: Sequence[SweepPoint]) -> dict[int, dict[str, SweepPoint]]:
     """clients per region -> protocol -> its point (successful runs only), ascending."""
     out: dict[int, dict[str, SweepPoint]] = {}
@@ -94,35 +157,50 @@ def by_concurrency(points: Sequence[SweepPoint]) -> dict[int, dict[str, SweepPoi
 
 
 def ratios(points: Sequence[SweepPoint], base: str) -> dict[int, float]:
-    """K2-MVTO's throughput over `base`'s at each concurrency where both ran."""
+    """K2-MVTO's throughput over `base`'s at each concurrency where both ran (over several
+    seeds: the ratio of the mean throughputs)."""
     out: dict[int, float] = {}
-    for n, row in by_concurrency(points).items():
+    for n, row in by_concurrency(average_seeds(points)).items():
         if "k2-mvto" in row and base in row:
             out[n] = _ratio(row["k2-mvto"].throughput, row[base].throughput)
     return out
 
 
+def _fmt_range(r: tuple[float, float] | None) -> str:
+    return "" if r is None else f" ({r[0]:.2f}-{r[1]:.2f})"
+
+
+def seeds_of(points: Sequence[SweepPoint]) -> list[int]:
+    """The seeds the runs used, ascending (empty when the points name none)."""
+    return sorted({p.seed for p in points if p.seed is not None})
+
+
 def sweep_table(points: Sequence[SweepPoint], protocols: Sequence[str]) -> list[str]:
     """A header and one line per concurrency: each protocol's txn/s, K2-MVTO's ratios to
     d2PL-TTC and MVTO-HLC, and K2-MVTO's failed attempts (overall / worst region); then one line
-    per failed run."""
-    rows = by_concurrency(points)
+    per failed run. Over several seeds: mean throughputs, the ratio of the means, and in
+    brackets the lowest and highest of the per-seed ratios."""
+    rows = by_concurrency(average_seeds(points))
     vs_2pl, vs_hlc = ratios(points, "d2pl-ttc"), ratios(points, "mvto-hlc")
+    range_2pl, range_hlc = ratio_ranges(points, "d2pl-ttc"), ratio_ranges(points, "mvto-hlc")
+    w = 20 if range_2pl or range_hlc else 8
     head = (
         f"{'clients/region':>14} {'clients':>8} "
         + " ".join(f"{p[:10]:>10}" for p in protocols)
-        + f" {'k2/d2pl':>8} {'k2/hlc':>7} {'k2 aborts':>10} {'worst':>6} {'gave up':>8}"
+        + f" {'k2/d2pl':>{w}} {'k2/hlc':>{w}} {'k2 aborts':>10} {'worst':>6} {'gave up':>8}"
     )
     lines = [head]
     for n, row in rows.items():
         clients = next(iter(row.values())).clients
         k2 = row.get("k2-mvto")
+        r2 = _fmt_ratio(vs_2pl.get(n, math.nan)) + _fmt_range(range_2pl.get(n))
+        rh = _fmt_ratio(vs_hlc.get(n, math.nan)) + _fmt_range(range_hlc.get(n))
         lines.append(
             f"{n:>14} {clients:>8} "
             + " ".join(
                 f"{row[p].throughput:>10.1f}" if p in row else f"{'-':>10}" for p in protocols
             )
-            + f" {_fmt_ratio(vs_2pl.get(n, math.nan)):>8} {_fmt_ratio(vs_hlc.get(n, math.nan)):>7}"
+            + f" {r2:>{w}} {rh:>{w}}"
             + (
                 f" {k2.abort_rate:>10.1%} {k2.worst_region_abort_rate:>6.0%} {k2.gave_up:>8}"
                 if k2
@@ -134,17 +212,34 @@ def sweep_table(points: Sequence[SweepPoint], protocols: Sequence[str]) -> list[
         for p in points
         if p.error
     ]
-    lines.append("(txn/s: commits inside the window; k2 aborts: failed attempts / attempts)")
+    seeds = seeds_of(points)
+    lines.append(
+        "(txn/s: commits inside the window"
+        + (
+            f", the mean over seeds {', '.join(map(str, seeds))}; ratios of the means, the "
+            "per-seed ratios' range in brackets"
+            if len(seeds) > 1
+            else ""
+        )
+        + "; k2 aborts: failed attempts / attempts)"
+    )
     return lines
 
 
 def _per_protocol(
     ax: Any, points: Sequence[SweepPoint], field: str, label: str, title: str
 ) -> None:
-    """One line per protocol: `field` of its points against the total number of clients."""
+    """One line per protocol: `field` of its points against the total number of clients; a
+    throughput averaged over seeds has a bar from its lowest to its highest seed."""
     for proto in dict.fromkeys(p.protocol for p in points):
-        pts = sorted((p.clients, getattr(p, field)) for p in points if p.protocol == proto)
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=proto)
+        pts = sorted((p for p in points if p.protocol == proto), key=lambda p: p.clients)
+        xs, ys = [p.clients for p in pts], [getattr(p, field) for p in pts]
+        if field == "throughput" and any(p.throughputs for p in pts):
+            lo = [y - min(p.throughputs or (y,)) for p, y in zip(pts, ys, strict=True)]
+            hi = [max(p.throughputs or (y,)) - y for p, y in zip(pts, ys, strict=True)]
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=proto)
+        else:
+            ax.plot(xs, ys, marker="o", label=proto)
     ax.set_xscale("log")
     ax.set_xlabel("concurrent clients (all regions)")
     ax.set_ylabel(label)
@@ -158,7 +253,7 @@ def plot_sweep(points: Sequence[SweepPoint], path: Path, title: str) -> bool:
     from k2store.bench.txn import pyplot
 
     plt = pyplot()
-    ok = [p for p in points if not p.error]
+    ok = [p for p in average_seeds(points) if not p.error]
     if plt is None or not ok:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
@@ -168,10 +263,20 @@ def plot_sweep(points: Sequence[SweepPoint], path: Path, title: str) -> bool:
     clients = {n: next(iter(row.values())).clients for n, row in rows.items()}
     drawn = 0
     for base in ("d2pl-ttc", "mvto-hlc"):
-        r = ratios(ok, base)
+        r = ratios(points, base)
         if r:
             xs = sorted(r)
-            ax.plot([clients[n] for n in xs], [r[n] for n in xs], marker="o", label=f"vs {base}")
+            spread = ratio_ranges(points, base)
+            lo = [r[n] - spread[n][0] if n in spread else 0.0 for n in xs]
+            hi = [spread[n][1] - r[n] if n in spread else 0.0 for n in xs]
+            ax.errorbar(
+                [clients[n] for n in xs],
+                [r[n] for n in xs],
+                yerr=[lo, hi] if spread else None,
+                marker="o",
+                capsize=3,
+                label=f"vs {base}",
+            )
             drawn += 1
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xscale("log")
@@ -216,14 +321,19 @@ def write_sweep(
     """`<stem>.json` (the config, every point, and the ratios by concurrency) and, with
     matplotlib, `<stem>.png`. Returns the paths written."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
+    doc: dict[str, Any] = {
         "benchmark": "sweep",
         "title": title,
         "config": config,
-        "points": [asdict(p) for p in points],
+        "seeds": seeds_of(points),
+        "points": [asdict(p) for p in average_seeds(points)],
         "k2_vs_d2pl": {str(n): v for n, v in ratios(points, "d2pl-ttc").items()},
         "k2_vs_hlc": {str(n): v for n, v in ratios(points, "mvto-hlc").items()},
     }
+    if len(seeds_of(points)) > 1:
+        doc["runs"] = [asdict(p) for p in points]
+        for key, base in (("k2_vs_d2pl_range", "d2pl-ttc"), ("k2_vs_hlc_range", "mvto-hlc")):
+            doc[key] = {str(n): list(r) for n, r in ratio_ranges(points, base).items()}
     json_path = stem.with_suffix(".json")
     json_path.write_text(json.dumps(json_safe(doc), indent=1, allow_nan=False) + "\n")
     written = [json_path]
@@ -235,11 +345,14 @@ def write_sweep(
 
 __all__ = [
     "SweepPoint",
+    "average_seeds",
     "by_concurrency",
     "json_safe",
     "parse_counts",
     "plot_sweep",
+    "ratio_ranges",
     "ratios",
+    "seeds_of",
     "stamp",
     "sweep_table",
     "write_sweep",

@@ -26,10 +26,12 @@ import argparse
 import asyncio
 import json
 import math
+import multiprocessing
 import sys
 import tempfile
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -678,7 +680,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "each refinement of [txn] switched off in turn (on node processes also group commit), "
         "and print the ratios",
     )
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=None, help=f"default {d.seed}")
+    p.add_argument(
+        "--seeds",
+        default=None,
+        metavar="S,S,...",
+        help="with --sweep: run every point at each of these seeds and report the mean "
+        "throughput with the range of the per-seed ratios",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --sweep --sim: run N simulated runs at a time, each in its own process "
+        "(default 1; at most the number of cores is useful)",
+    )
     p.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
     p.add_argument(
         "--out",
@@ -709,7 +726,7 @@ def main(args: argparse.Namespace) -> int:
             else TpccConfig.warmup_s
         ),
         sim=args.sim,
-        seed=args.seed,
+        seed=args.seed if args.seed is not None else TpccConfig.seed,
         interactive=args.interactive,
         split_schema=args.split_schema,
         epsilon_us=args.epsilon_us,
@@ -718,6 +735,10 @@ def main(args: argparse.Namespace) -> int:
         oracle_ttl_us=args.oracle_ttl_us,
     )
     tc.validate()
+    if args.seeds is not None and (args.sweep is None or args.seed is not None):
+        raise InvalidArgument("--seeds runs a --sweep at each seed: give --sweep, and not --seed")
+    if args.sweep is None and args.jobs != 1:
+        raise InvalidArgument("--jobs runs a --sweep's simulated runs side by side: give --sweep")
     if args.ablate:
         if len(tc.protocols) != 1 or tc.protocols[0] == "d2pl-ttc":
             raise InvalidArgument(
@@ -730,7 +751,8 @@ def main(args: argparse.Namespace) -> int:
     if args.sweep is not None:
         if args.clients_per_region is not None:
             raise InvalidArgument("--sweep sets the clients per region; drop --clients-per-region")
-        return _sweep(tc, parse_counts(args.sweep), args.out)
+        seeds = [tc.seed] if args.seeds is None else parse_counts(args.seeds, "--seeds")
+        return _sweep(tc, parse_counts(args.sweep), args.out, seeds, args.jobs)
     results = _run_protocols(tc)
     print(format_results(results))
     for path in write_results(results, tc, args.out):
@@ -822,7 +844,7 @@ def _ablation_row(label: str, r: TpccResult) -> AblationRow:
     )
 
 
-def sweep_point(r: TpccResult, clients_per_region: int) -> SweepPoint:
+def sweep_point(r: TpccResult, clients_per_region: int, seed: int | None = None) -> SweepPoint:
     return SweepPoint(
         protocol=r.protocol,
         clients_per_region=clients_per_region,
@@ -834,23 +856,60 @@ def sweep_point(r: TpccResult, clients_per_region: int) -> SweepPoint:
         worst_region_abort_rate=max((r.abort_rate(g) for g in r.regions), default=0.0),
         gave_up=sum(r.failures.values()),
         error=r.error,
+        seed=seed,
     )
 
 
-def _sweep(tc: TpccConfig, per_region: Sequence[int], out: Path) -> int:
-    """`--sweep`: every protocol at each concurrency; the per-run tables as they finish, then
-    throughput against concurrency (see k2store/bench/sweep.py)."""
+def _sweep_run(protocol: str, tc: TpccConfig) -> TpccResult:
+    """One simulated run of a sweep, in this process or a worker (`--jobs`)."""
+    try:
+        return run_sim(protocol, tc)
+    except K2Error as e:
+        return TpccResult(protocol, "sim", 0, 0, 0, error=str(e))
+
+
+def _sweep(
+    tc: TpccConfig, per_region: Sequence[int], out: Path, seeds: Sequence[int], jobs: int
+) -> int:
+    """`--sweep`: every protocol at each concurrency and each of `seeds`; the per-run tables as
+    they finish, then throughput against concurrency (see k2store/bench/sweep.py). In the
+    simulator `jobs` runs go side by side, each in its own process."""
+    if jobs < 1 or (jobs > 1 and not tc.sim):
+        raise InvalidArgument(
+            "--jobs runs simulated runs side by side (at least 1, and more only with --sim: node "
+            "processes would share the CPU with each other's clusters)"
+        )
     points: list[SweepPoint] = []
-    for n in per_region:
-        results = _run_protocols(replace(tc, clients_per_region=n), f", {n} clients/region")
+    plans = [replace(tc, clients_per_region=n, seed=seed) for n in per_region for seed in seeds]
+
+    def label(t: TpccConfig) -> str:
+        return f", {t.clients_per_region} clients/region" + (
+            f", seed {t.seed}" if len(seeds) > 1 else ""
+        )
+
+    def done(t: TpccConfig, results: list[TpccResult]) -> None:
+        if len(seeds) > 1:
+            print(f"seed {t.seed}:")
         print(format_results(results) + "\n", flush=True)
-        points += [sweep_point(r, n) for r in results]
+        points.extend(sweep_point(r, t.clients_per_region, t.seed) for r in results)
+
+    if tc.sim and jobs > 1:
+        n_runs = len(plans) * len(tc.protocols)
+        print(f"{n_runs} simulated runs, {jobs} at a time ...", file=sys.stderr)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+            futures = [[ex.submit(_sweep_run, p, t) for p in tc.protocols] for t in plans]
+            for t, fs in zip(plans, futures, strict=True):
+                done(t, [f.result() for f in fs])  # in plan order, so tables print whole
+    else:
+        for t in plans:
+            done(t, _run_protocols(t, label(t)))
     mode = "sim" if tc.sim else "processes"
     title = (
         f"TPC-C-like ({mode}): {tc.regions} regions, {tc.warehouses_per_region} warehouses/region, "
         f"{tc.remote_fraction:.0%} cross-region new-orders, {tc.duration_s:g} s per run, "
         f"the first {tc.warmup_s:g} s not measured"
         f"{', split schema' if tc.split_schema else ''}"
+        + (f", seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "")
     )
     print(title)
     print("\n".join(sweep_table(points, tc.protocols)))

@@ -38,11 +38,13 @@ import importlib
 import itertools
 import json
 import math
+import multiprocessing
 import random
 import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -1039,7 +1041,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"fraction of cross-region transactions (default {d.remote_fraction})",
     )
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help=f"the workload's (and the simulator's) seed (default {d.seed})",
+    )
+    p.add_argument(
+        "--seeds",
+        default=None,
+        metavar="S,S,...",
+        help="with --sweep: run every point at each of these seeds and report the mean "
+        "throughput with the range of the per-seed ratios (saturated runs are chaotic: one seed "
+        "cannot resolve 10-15%%)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --sweep --sim: run N simulated runs at a time, each in its own process "
+        "(default 1; at most the number of cores is useful)",
+    )
     p.add_argument(
         "--quick", action="store_true", help="a small, short run (CI smoke test, under a minute)"
     )
@@ -1134,7 +1157,7 @@ def sweep_point(run: RunResult, regions: int) -> SweepPoint:
     if run.error:
         return SweepPoint(
             bc.protocol, bc.clients_per_region, n * bc.clients_per_region,
-            math.nan, math.nan, math.nan, math.nan, math.nan, 0, run.error,
+            math.nan, math.nan, math.nan, math.nan, math.nan, 0, run.error, bc.seed,
         )  # fmt: skip
     g = run.summary["overall"]
     return SweepPoint(
@@ -1147,49 +1170,89 @@ def sweep_point(run: RunResult, regions: int) -> SweepPoint:
         abort_rate=g["abort_rate"],
         worst_region_abort_rate=max(v["abort_rate"] for v in run.summary["by_region"].values()),
         gave_up=g["gave_up"],
+        seed=bc.seed,
     )
 
 
+def _sweep_run(bc: BenchConfig, regions: int, label: str) -> RunResult:
+    """One simulated run of a sweep, in this process or a worker (`--jobs`): a failure is a
+    result with its error, so one broken run does not lose the others."""
+    try:
+        return run_sim(bc, regions=regions, label=label)
+    except K2Error as e:
+        return RunResult(label, bc, TxnSettings(protocol=bc.protocol), [], 0.0, error=str(e))
+
+
 def _sweep(args: argparse.Namespace, bc: BenchConfig) -> int:
-    """`--sweep`: every protocol (or --protocol's) at each concurrency, in the simulator or
-    each on a fresh local cluster; the per-run tables as they finish, then throughput against
-    concurrency (k2store/bench/sweep.py)."""
+    """`--sweep`: every protocol (or --protocol's) at each concurrency and each of `--seeds`, in
+    the simulator (`--jobs` at a time) or each on a fresh local cluster; the per-run tables as
+    they finish, then throughput against concurrency (k2store/bench/sweep.py)."""
     if args.clients_per_region is not None:
         raise InvalidArgument("--sweep sets the clients per region; drop --clients-per-region")
     if args.ablate or args.cluster is not None:
         raise InvalidArgument("--sweep runs fresh clusters with each protocol's defaults; drop "
                               "--ablate and --cluster")  # fmt: skip
     per_region = parse_counts(args.sweep)
+    seeds = [bc.seed] if args.seeds is None else parse_counts(args.seeds, "--seeds")
+    if args.jobs < 1 or (args.jobs > 1 and not args.sim):
+        raise InvalidArgument(
+            "--jobs runs simulated runs side by side (at least 1, and more only with --sim: node "
+            "processes would share the CPU with each other's clusters)"
+        )
     protocols = [args.protocol] if args.protocol else list(PROTOCOLS)
     regions = args.regions or 3
+    n_regions = regions if args.sim else len(DEFAULT_REGIONS)
+    plan = [
+        (n, seed, replace(bc, protocol=proto, clients_per_region=n, seed=seed))
+        for n in per_region
+        for seed in seeds
+        for proto in protocols
+    ]
     points: list[SweepPoint] = []
-    with tempfile.TemporaryDirectory(prefix="k2-bench-") as tmp:
-        for n in per_region:
-            runs = []
-            for i, proto in enumerate(protocols):
-                run_bc = replace(bc, protocol=proto, clients_per_region=n)
-                label = f"{n} clients/region"
-                try:
-                    if args.sim:
-                        print(f"[{proto} {label}] simulating ...", file=sys.stderr, flush=True)
-                        run = run_sim(run_bc, regions=regions, label=label)
-                    else:
+    runs: list[RunResult] = []
+
+    def done(n: int, seed: int, run: RunResult) -> None:
+        runs.append(run)
+        points.append(sweep_point(run, n_regions))
+        if len(runs) == len(protocols):  # every protocol at this concurrency and seed
+            print(f"{n} clients/region, seed {seed}:", flush=True)
+            print(format_side_by_side(runs) + "\n", flush=True)
+            runs.clear()
+
+    def label(n: int, seed: int) -> str:
+        return f"{n} clients/region" + (f", seed {seed}" if len(seeds) > 1 else "")
+
+    if args.sim and args.jobs > 1:
+        print(f"{len(plan)} simulated runs, {args.jobs} at a time ...", file=sys.stderr)
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+            futures = [ex.submit(_sweep_run, b, regions, label(n, seed)) for n, seed, b in plan]
+            for (n, seed, _), fut in zip(plan, futures, strict=True):
+                done(n, seed, fut.result())  # in plan order, so tables print whole
+    else:
+        with tempfile.TemporaryDirectory(prefix="k2-bench-") as tmp:
+            for i, (n, seed, run_bc) in enumerate(plan):
+                proto = run_bc.protocol
+                if args.sim:
+                    print(f"[{proto} {label(n, seed)}] simulating ...", file=sys.stderr, flush=True)
+                    run = _sweep_run(run_bc, regions, label(n, seed))
+                else:
+                    try:
                         run_bc.check_keys(len(DEFAULT_REGIONS))
                         run = run_local(
-                            run_bc, Path(tmp) / f"run{n}-{i}", txn=TxnSettings(protocol=proto),
-                            label=label,
+                            run_bc, Path(tmp) / f"run{i}", txn=TxnSettings(protocol=proto),
+                            label=label(n, seed),
                         )  # fmt: skip
-                except K2Error as e:
-                    run = RunResult(
-                        label, run_bc, TxnSettings(protocol=proto), [], 0.0, error=str(e)
-                    )
-                runs.append(run)
-                points.append(sweep_point(run, regions if args.sim else len(DEFAULT_REGIONS)))
-            print(format_side_by_side(runs) + "\n", flush=True)
+                    except K2Error as e:
+                        run = RunResult(
+                            label(n, seed), run_bc, TxnSettings(protocol=proto), [], 0.0,
+                            error=str(e),
+                        )  # fmt: skip
+                done(n, seed, run)
     title = (
         f"YCSB-T {bc.mix} ({'sim' if args.sim else 'processes'}): theta {bc.theta}, "
         f"{bc.keys} keys, {bc.ops_per_txn} ops/txn, {bc.remote_fraction:.0%} cross-region, "
         f"{bc.duration_s:g} s per run, the first {bc.warmup_s:g} s not measured"
+        + (f", seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "")
     )
     print(title)
     print("\n".join(sweep_table(points, protocols)))
@@ -1202,6 +1265,10 @@ def main(args: argparse.Namespace) -> int:
     """`k2 bench txn`: run, print the tables, write JSON (and a PNG)."""
     bc = config_from_args(args)
     bc.validate()
+    if args.seeds is not None and (args.sweep is None or args.seed is not None):
+        raise InvalidArgument("--seeds runs a --sweep at each seed: give --sweep, and not --seed")
+    if args.sweep is None and args.jobs != 1:
+        raise InvalidArgument("--jobs runs a --sweep's simulated runs side by side: give --sweep")
     if args.sweep is not None:
         return _sweep(args, bc)
     if args.ablate and args.cluster is not None:

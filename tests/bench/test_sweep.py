@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from k2store.bench.sweep import SweepPoint, parse_counts, ratios, sweep_table, write_sweep
+from k2store.bench.sweep import (
+    SweepPoint,
+    average_seeds,
+    parse_counts,
+    ratio_ranges,
+    ratios,
+    sweep_table,
+    write_sweep,
+)
 from k2store.cli import main
 from k2store.errors import InvalidArgument
 
@@ -68,6 +76,18 @@ def test_tpcc_sweep_in_the_simulator(tmp_path: Path, capsys: pytest.CaptureFixtu
     # The sweep decides the concurrency: one given beside it is a contradiction.
     assert main([*argv, "--sweep", "2", "--clients-per-region", "4"]) == 2
     assert main([*argv, "--sweep", "2,zero"]) == 2
+    # Over two seeds in worker processes: every run kept, the points their means.
+    seeded = tmp_path / "seeds"
+    assert main([*argv[:-1], str(seeded), "--sweep", "2", "--seeds", "1,2", "--jobs", "2"]) == 0
+    (out,) = seeded.glob("tpcc-sweep-*.json")
+    doc = json.loads(out.read_text())
+    assert {(r["protocol"], r["seed"]) for r in doc["runs"]} == {
+        (p, s) for p in ("k2-mvto", "d2pl-ttc", "mvto-hlc") for s in (1, 2)
+    }
+    k2 = [r["throughput"] for r in doc["runs"] if r["protocol"] == "k2-mvto"]
+    assert k2[0] != k2[1] and doc["points"][0]["throughput"] == pytest.approx(sum(k2) / 2)
+    assert main([*argv, "--seeds", "1,2"]) == 2  # seeds belong to a sweep
+    assert main(["bench", "tpcc", "--quick", "--sweep", "2", "--jobs", "2"]) == 2  # processes
 
 
 def test_txn_sweep_in_the_simulator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -84,6 +104,59 @@ def test_txn_sweep_in_the_simulator(tmp_path: Path, capsys: pytest.CaptureFixtur
     printed = capsys.readouterr().out
     assert "clients/region" in printed and "k2/d2pl" in printed
     assert main([*argv, "--sweep", "2", "--ablate"]) == 2
+
+
+def test_seeds_average_the_runs_and_range_the_ratios() -> None:
+    def at(protocol: str, seed: int, tps: float) -> SweepPoint:
+        return SweepPoint(protocol, 10, 30, tps, 10.0, 100.0, 0.1 * seed, 0.2, seed, seed=seed)
+
+    points = [
+        at("k2-mvto", 1, 300.0),
+        at("d2pl-ttc", 1, 100.0),
+        at("k2-mvto", 2, 200.0),
+        at("d2pl-ttc", 2, 200.0),
+    ]
+    (k2,) = [p for p in average_seeds(points) if p.protocol == "k2-mvto"]
+    assert k2.throughput == 250.0 and k2.throughputs == (300.0, 200.0) and k2.seed is None
+    assert k2.abort_rate == pytest.approx(0.15) and k2.gave_up == 3
+    assert ratios(points, "d2pl-ttc") == {10: pytest.approx(250.0 / 150.0)}  # of the means
+    assert ratio_ranges(points, "d2pl-ttc") == {10: (1.0, 3.0)}
+    row = sweep_table(points, ["k2-mvto", "d2pl-ttc"])[1]
+    assert "1.67x (1.00-3.00)" in row
+    # A failed run at one seed fails the point rather than averaging the seeds that ran.
+    broken = [*points[:3], SweepPoint("d2pl-ttc", 10, 30, 0, 0, 0, 0, 0, 0, "boom", seed=2)]
+    assert ratios(broken, "d2pl-ttc") == {}
+    assert ratio_ranges(points[:2], "d2pl-ttc") == {}  # one seed: no range
+
+
+def test_txn_sweep_over_seeds_in_worker_processes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--seeds` runs every point at each seed; `--jobs 2` runs them in worker processes and
+    gets the same deterministic figures as one at a time."""
+    argv = ["bench", "txn", "--sim", "--quick", "--duration", "2", "--sweep", "2"]
+    docs = []
+    for jobs in ("1", "2"):
+        out = tmp_path / jobs
+        assert main([*argv, "--seeds", "1,2", "--jobs", jobs, "--out", str(out)]) == 0
+        (path,) = out.glob("txn-sweep-*.json")
+        docs.append(json.loads(path.read_text()))
+    serial, parallel = docs
+    assert serial["runs"] == parallel["runs"] and serial["seeds"] == [1, 2]
+    assert len(serial["runs"]) == 6 and len(serial["points"]) == 3
+    by_seed = {(r["protocol"], r["seed"]): r["throughput"] for r in serial["runs"]}
+    assert by_seed["k2-mvto", 1] != by_seed["k2-mvto", 2]  # the seed reaches the run
+    k2 = next(p for p in serial["points"] if p["protocol"] == "k2-mvto")
+    assert k2["throughput"] == pytest.approx((by_seed["k2-mvto", 1] + by_seed["k2-mvto", 2]) / 2)
+    lo, hi = serial["k2_vs_d2pl_range"]["2"]
+    assert lo <= serial["k2_vs_d2pl"]["2"] <= hi
+    assert "the per-seed ratios' range in brackets" in capsys.readouterr().out
+    # Seeds belong to a sweep, and not beside --seed; workers only for simulated runs.
+    assert main(["bench", "txn", "--sim", "--quick", "--seeds", "1,2"]) == 2
+    assert main([*argv, "--seeds", "1,2", "--seed", "3"]) == 2
+    assert main(["bench", "txn", "--quick", "--sweep", "2", "--jobs", "2"]) == 2
+    assert main([*argv, "--jobs", "0"]) == 2
+    assert main([*argv, "--seeds", "1,x"]) == 2
 
 
 def test_tpcc_ablation_in_the_simulator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
