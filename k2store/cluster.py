@@ -132,6 +132,14 @@ class TxnSettings:
     by the coordinator, wherever the transaction writes."""
     async_resolve: bool = True
     """Acknowledge the commit before resolving intents (refinement, with record_at_home)."""
+    early_resolve: bool = True
+    """K2-MVTO: resolve a transaction's intents as soon as its record is durable, and
+    commit-wait only the reply, instead of holding the intents through the commit-wait as
+    Spanner holds its locks. Every read that hands a version to a client already waits until
+    the version's timestamp has certainly passed (a read-write transaction commit-waits its own
+    larger timestamp, a read-only one the newest version it returned; replica reads serve sealed
+    timestamps only), so real-time order holds; a hot row is held the commit-wait less per
+    writer (refinement; Coordinator._commit, Participant._commit_here)."""
     future_ts: bool = True
     """Transactions that declare keys of other regions get ts = now().latest + the largest
     measured one-way delay to their leaders, and each operation is held back to reach its

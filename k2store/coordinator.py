@@ -9,8 +9,9 @@
                                     ─Exec(writes, commit)─▶ record shard: intents, record
                                       COMMITTED (fsynced: the commit point), resolved there
                                     (nothing held: ─EndTxn─▶ record shard)
+                                    ─Resolve─▶ other participants (early_resolve: at once)
                                     commit-wait until after(ts), then reply
-                                    ─Resolve─▶ other participants (after the reply)
+                                    (without early_resolve: ─Resolve─▶ after the reply)
                                     ─ForgetTxn─▶ record
 
 Contracts:
@@ -27,6 +28,13 @@ Contracts:
 - Commit is acknowledged only after the record is durable AND ts has certainly passed
   (commit-wait), so timestamp order agrees with real-time order. Read-only transactions need no
   record: they wait until the newest version they returned has certainly passed.
+- A committed transaction's versions show once its record is durable (`early_resolve`), before
+  ts has certainly passed: every path that hands a version to a client waits until the
+  version's ts has passed first (a read-write reader commit-waits its own larger ts, a read-only
+  one the newest version it returned, a replica read serves only timestamps sealed below
+  now().earliest), and a waiter that resolves an intent from its record could always see it
+  that early. What is not covered: a client that reads in a transaction which then aborts may
+  have seen a version whose ts is still ahead of true time.
 - Any abort leaves nothing visible: intents of an aborted transaction are dropped.
 
 Transactions whose client goes silent for `client_timeout_s` are aborted.
@@ -350,17 +358,29 @@ class Coordinator:
                 self._finish(txn)
                 raise
             self._finish(txn)
+            early = self.settings.early_resolve or self.protocol == "mvto-hlc"
+            if early:
+                # HAZARD (commit-wait, early_resolve): the versions show before ts has certainly
+                # passed; real-time order rests on every reader waiting out what it returns
+                # (see the module's contracts).
+                await self._resolve_committed(txn)
             if self.protocol != "mvto-hlc":  # HLC relies on uncertainty restarts instead
                 # HAZARD (commit-wait): the reply waits until ts has certainly passed; every
                 # transaction that begins after the client hears back gets a larger timestamp.
                 # With clock error beyond the bound this ordering can break.
                 await self._commit_wait(txn.ts)
             self.stats["committed"] += 1
-            if self.settings.async_resolve:
-                self._spawn(self._resolve_all(txn, txn.ts))
-            else:
-                await self._resolve_all(txn, txn.ts)
+            if not early:
+                await self._resolve_committed(txn)
             return pb.CommitTxnResponse(commit_ts=txn.ts)
+
+    async def _resolve_committed(self, txn: _Txn) -> None:
+        """Resolve a committed transaction's intents: in the background (`async_resolve`) or
+        before going on."""
+        if self.settings.async_resolve:
+            self._spawn(self._resolve_all(txn, txn.ts))
+        else:
+            await self._resolve_all(txn, txn.ts)
 
     def _buffers(self, txn: _Txn) -> bool:
         return (

@@ -375,10 +375,11 @@ class Participant:
         h = req.txn
         rec = self._decide(leader, h, commit=True)
         committed = rec.status == TxnStatus.COMMITTED
-        if committed and self.protocol == "k2-mvto":
-            # HAZARD (commit-wait): the versions show only once ts has certainly passed, as when
-            # the coordinator resolves after its commit-wait. (It has passed by now but for a
-            # local transaction stamped from a batch that leads true time.)
+        if committed and self.protocol == "k2-mvto" and not self.settings.early_resolve:
+            # HAZARD (commit-wait): without early_resolve the versions show only once ts has
+            # certainly passed, as when the coordinator resolves after its commit-wait. With it
+            # they show now, and every reader waits out what it returns (Coordinator's
+            # contracts).
             await self.tt.wait_until_after(h.ts)
         rules.resolve(h.txn_id, rec.commit_ts if committed else None, keys)
         self.in_flight(req.shard_id, h.txn_id, 0, False)

@@ -80,6 +80,7 @@ REFINEMENTS: tuple[str, ...] = (
     "one_shot",
     "record_at_home",
     "async_resolve",
+    "early_resolve",
     "future_ts",
     "late_stamping",
     "wait_places",
