@@ -81,9 +81,11 @@ def test_bad_bench_input_is_refused() -> None:
 
 def test_wait_places_cut_k2_mvto_aborts_on_tpcc() -> None:
     """`[txn] wait_places` (the refinement `--ablate` can switch off): with it, a waiting
-    payment keeps later new-orders from read-marking its district under it (deterministic)."""
+    payment keeps later new-orders from read-marking its district under it (deterministic).
+    Twenty clients per region: at ten, since intents resolve without waiting out the
+    commit-wait (`early_resolve`), there are too few aborts left for places to cut."""
     cfg = tpcc.TpccConfig(
-        protocols=("k2-mvto",), duration_s=2.0, warmup_s=0.5, clients_per_region=10
+        protocols=("k2-mvto",), duration_s=2.0, warmup_s=0.5, clients_per_region=20
     )
     with_places = tpcc.run_sim("k2-mvto", cfg)
     without_places = tpcc.run_sim("k2-mvto", replace(cfg, off=("wait_places",)))
@@ -230,6 +232,13 @@ def test_ycsb_warmup_is_not_measured() -> None:
     everything = txn.summarize(records, 10.0, ["us-east"])["overall"]
     assert everything["throughput_tps"] == pytest.approx(0.4)
     assert everything["abort_rate"] == pytest.approx(3 / 7)
+
+
+@pytest.mark.parametrize(("initial", "cap"), [(0.0, 1.0), (0.5, 0.1), (0.005, 61.0)])
+def test_ycsb_backoff_must_be_ordered_and_bounded(initial: float, cap: float) -> None:
+    with pytest.raises(InvalidArgument, match="backoff"):
+        txn.BenchConfig(initial_backoff_s=initial, max_backoff_s=cap).validate()
+    assert main(["bench", "txn", "--sim", "--max-backoff", "0.001"]) == 2  # below the initial
 
 
 @pytest.mark.parametrize("warmup", [-1.0, 6.0, 7.0])
