@@ -220,8 +220,9 @@ class TpccConfig:
                 f"the warm-up must leave part of the window to measure (0 <= warm-up < duration "
                 f"{self.duration_s:g} s), got {self.warmup_s:g}"
             )
-        if self.epsilon_us is not None and not 0 <= self.epsilon_us <= 1_000_000:
-            raise InvalidArgument(f"epsilon-us must be 0-1000000, got {self.epsilon_us}")
+        if self.epsilon_us is not None and not 1 <= self.epsilon_us <= 1_000_000:
+            # (Nodes refuse a zero bound: no real clock is exact.)
+            raise InvalidArgument(f"epsilon-us must be 1-1000000, got {self.epsilon_us}")
         if not 1 <= self.regions <= len(REGIONS):
             raise InvalidArgument(f"regions must be 1 to {len(REGIONS)}, got {self.regions}")
         if self.oracle_ttl_us is not None and not 200 <= self.oracle_ttl_us <= 1_000_000:

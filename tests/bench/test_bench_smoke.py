@@ -71,6 +71,7 @@ def test_bench_visibility_sim_quick(tmp_path: Path) -> None:
 def test_bad_bench_input_is_refused() -> None:
     assert main(["bench", "tpcc", "--sim", "--remote-fraction", "2"]) == 2
     assert main(["bench", "tpcc", "--sim", "--epsilon-us", "-5"]) == 2
+    assert main(["bench", "tpcc", "--sim", "--epsilon-us", "0"]) == 2  # nodes refuse 0: say so
     # Offsets beyond the bound (nodes would refuse), or without the simulator.
     assert main(["bench", "tpcc", "--sim", "--clock-offset-us", "500"]) == 2
     assert main(["bench", "tpcc", "--clock-offset-us", "100"]) == 2
