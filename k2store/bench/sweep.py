@@ -20,13 +20,16 @@ is what says whether a difference is real).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-from collections.abc import Sequence
+import multiprocessing
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from k2store.errors import InvalidArgument
 from truetime import SystemClock
@@ -84,6 +87,58 @@ def parse_counts(text: str, option: str = "--sweep") -> list[int]:
     if len(out) > MAX_POINTS:
         raise InvalidArgument(f"{option}: at most {MAX_POINTS} values, got {len(out)}")
     return sorted(out)
+
+
+def add_seed_arguments(p: argparse.ArgumentParser) -> None:
+    """`--seeds` and `--jobs`, for a benchmark with `--sweep`, `--seed` and `--sim`."""
+    p.add_argument(
+        "--seeds",
+        default=None,
+        metavar="S,S,...",
+        help="with --sweep: run every point at each of these seeds and report the mean "
+        "throughput with the range of the per-seed ratios (saturated runs are chaotic: one seed "
+        "cannot resolve 10-15%%)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --sweep --sim: run N simulated runs at a time, each in its own process "
+        "(default 1; at most the number of cores is useful)",
+    )
+
+
+def seeds_from_args(args: argparse.Namespace, default_seed: int) -> list[int]:
+    """The seeds a run covers (`--seeds`, else `--seed` or `default_seed`), after refusing what
+    does not go together: seeds or workers without a sweep, seeds beside `--seed`, workers for
+    node processes (they would share the CPU with each other's clusters)."""
+    if args.seeds is not None and (args.sweep is None or args.seed is not None):
+        raise InvalidArgument("--seeds runs a --sweep at each seed: give --sweep, and not --seed")
+    if args.jobs != 1 and args.sweep is None:
+        raise InvalidArgument("--jobs runs a --sweep's simulated runs side by side: give --sweep")
+    if args.jobs < 1 or (args.jobs > 1 and not args.sim):
+        raise InvalidArgument(
+            "--jobs runs simulated runs side by side (at least 1, and more only with --sim: node "
+            "processes would share the CPU with each other's clusters)"
+        )
+    if args.seeds is not None:
+        return parse_counts(args.seeds, "--seeds")
+    return [args.seed if args.seed is not None else default_seed]
+
+
+T = TypeVar("T")
+
+
+def side_by_side(run: Callable[..., T], calls: Sequence[tuple[Any, ...]], jobs: int) -> Iterator[T]:
+    """run(*call) for every call, in worker processes `jobs` at a time (fresh interpreters:
+    nothing of this process's state leaks into a run), yielding the results in the calls'
+    order as each becomes available. The simulator gives the same figures in a worker as here."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = [pool.submit(run, *call) for call in calls]
+        for future in futures:
+            yield future.result()
 
 
 def _ratio(a: float, b: float) -> float:
@@ -345,6 +400,7 @@ def write_sweep(
 
 __all__ = [
     "SweepPoint",
+    "add_seed_arguments",
     "average_seeds",
     "by_concurrency",
     "json_safe",
@@ -352,7 +408,9 @@ __all__ = [
     "plot_sweep",
     "ratio_ranges",
     "ratios",
+    "seeds_from_args",
     "seeds_of",
+    "side_by_side",
     "stamp",
     "sweep_table",
     "write_sweep",

@@ -26,17 +26,23 @@ import argparse
 import asyncio
 import json
 import math
-import multiprocessing
 import sys
 import tempfile
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from k2store.bench.sweep import SweepPoint, parse_counts, sweep_table, write_sweep
+from k2store.bench.sweep import (
+    SweepPoint,
+    add_seed_arguments,
+    parse_counts,
+    seeds_from_args,
+    side_by_side,
+    sweep_table,
+    write_sweep,
+)
 from k2store.bench.sweep import stamp as result_stamp
 from k2store.bench.txn import (
     REFINEMENTS,
@@ -682,21 +688,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "and print the ratios",
     )
     p.add_argument("--seed", type=int, default=None, help=f"default {d.seed}")
-    p.add_argument(
-        "--seeds",
-        default=None,
-        metavar="S,S,...",
-        help="with --sweep: run every point at each of these seeds and report the mean "
-        "throughput with the range of the per-seed ratios",
-    )
-    p.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        metavar="N",
-        help="with --sweep --sim: run N simulated runs at a time, each in its own process "
-        "(default 1; at most the number of cores is useful)",
-    )
+    add_seed_arguments(p)
     p.add_argument("--quick", action="store_true", help="short runs (CI smoke test)")
     p.add_argument(
         "--out",
@@ -736,10 +728,7 @@ def main(args: argparse.Namespace) -> int:
         oracle_ttl_us=args.oracle_ttl_us,
     )
     tc.validate()
-    if args.seeds is not None and (args.sweep is None or args.seed is not None):
-        raise InvalidArgument("--seeds runs a --sweep at each seed: give --sweep, and not --seed")
-    if args.sweep is None and args.jobs != 1:
-        raise InvalidArgument("--jobs runs a --sweep's simulated runs side by side: give --sweep")
+    seeds = seeds_from_args(args, tc.seed)
     if args.ablate:
         if len(tc.protocols) != 1 or tc.protocols[0] == "d2pl-ttc":
             raise InvalidArgument(
@@ -752,7 +741,6 @@ def main(args: argparse.Namespace) -> int:
     if args.sweep is not None:
         if args.clients_per_region is not None:
             raise InvalidArgument("--sweep sets the clients per region; drop --clients-per-region")
-        seeds = [tc.seed] if args.seeds is None else parse_counts(args.seeds, "--seeds")
         return _sweep(tc, parse_counts(args.sweep), args.out, seeds, args.jobs)
     results = _run_protocols(tc)
     print(format_results(results))
@@ -874,12 +862,8 @@ def _sweep(
 ) -> int:
     """`--sweep`: every protocol at each concurrency and each of `seeds`; the per-run tables as
     they finish, then throughput against concurrency (see k2store/bench/sweep.py). In the
-    simulator `jobs` runs go side by side, each in its own process."""
-    if jobs < 1 or (jobs > 1 and not tc.sim):
-        raise InvalidArgument(
-            "--jobs runs simulated runs side by side (at least 1, and more only with --sim: node "
-            "processes would share the CPU with each other's clusters)"
-        )
+    simulator `jobs` runs go side by side, each in its own process (`seeds_from_args` has
+    checked that)."""
     points: list[SweepPoint] = []
     plans = [replace(tc, clients_per_region=n, seed=seed) for n in per_region for seed in seeds]
 
@@ -897,10 +881,9 @@ def _sweep(
     if tc.sim and jobs > 1:
         n_runs = len(plans) * len(tc.protocols)
         print(f"{n_runs} simulated runs, {jobs} at a time ...", file=sys.stderr)
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
-            futures = [[ex.submit(_sweep_run, p, t) for p in tc.protocols] for t in plans]
-            for t, fs in zip(plans, futures, strict=True):
-                done(t, [f.result() for f in fs])  # in plan order, so tables print whole
+        results = side_by_side(_sweep_run, [(p, t) for t in plans for p in tc.protocols], jobs)
+        for t in plans:  # in plan order, so tables print whole
+            done(t, [next(results) for _ in tc.protocols])
     else:
         for t in plans:
             done(t, _run_protocols(t, label(t)))

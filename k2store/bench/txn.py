@@ -38,13 +38,11 @@ import importlib
 import itertools
 import json
 import math
-import multiprocessing
 import random
 import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -53,8 +51,11 @@ from k2store import cluster as cluster_mod
 from k2store import launcher
 from k2store.bench.sweep import (
     SweepPoint,
+    add_seed_arguments,
     json_safe,
     parse_counts,
+    seeds_from_args,
+    side_by_side,
     stamp,
     sweep_table,
     write_sweep,
@@ -1074,22 +1075,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"the workload's (and the simulator's) seed (default {d.seed})",
     )
-    p.add_argument(
-        "--seeds",
-        default=None,
-        metavar="S,S,...",
-        help="with --sweep: run every point at each of these seeds and report the mean "
-        "throughput with the range of the per-seed ratios (saturated runs are chaotic: one seed "
-        "cannot resolve 10-15%%)",
-    )
-    p.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        metavar="N",
-        help="with --sweep --sim: run N simulated runs at a time, each in its own process "
-        "(default 1; at most the number of cores is useful)",
-    )
+    add_seed_arguments(p)
     p.add_argument(
         "--quick", action="store_true", help="a small, short run (CI smoke test, under a minute)"
     )
@@ -1221,12 +1207,7 @@ def _sweep(args: argparse.Namespace, bc: BenchConfig) -> int:
         raise InvalidArgument("--sweep runs fresh clusters with each protocol's defaults; drop "
                               "--ablate and --cluster")  # fmt: skip
     per_region = parse_counts(args.sweep)
-    seeds = [bc.seed] if args.seeds is None else parse_counts(args.seeds, "--seeds")
-    if args.jobs < 1 or (args.jobs > 1 and not args.sim):
-        raise InvalidArgument(
-            "--jobs runs simulated runs side by side (at least 1, and more only with --sim: node "
-            "processes would share the CPU with each other's clusters)"
-        )
+    seeds = seeds_from_args(args, bc.seed)
     protocols = [args.protocol] if args.protocol else list(PROTOCOLS)
     regions = args.regions or 3
     n_regions = regions if args.sim else len(DEFAULT_REGIONS)
@@ -1252,10 +1233,10 @@ def _sweep(args: argparse.Namespace, bc: BenchConfig) -> int:
 
     if args.sim and args.jobs > 1:
         print(f"{len(plan)} simulated runs, {args.jobs} at a time ...", file=sys.stderr)
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
-            futures = [ex.submit(_sweep_run, b, regions, label(n, seed)) for n, seed, b in plan]
-            for (n, seed, _), fut in zip(plan, futures, strict=True):
-                done(n, seed, fut.result())  # in plan order, so tables print whole
+        calls = [(b, regions, label(n, seed)) for n, seed, b in plan]
+        results = side_by_side(_sweep_run, calls, args.jobs)
+        for (n, seed, _), run in zip(plan, results, strict=True):
+            done(n, seed, run)  # in plan order, so tables print whole
     else:
         with tempfile.TemporaryDirectory(prefix="k2-bench-") as tmp:
             for i, (n, seed, run_bc) in enumerate(plan):
@@ -1293,10 +1274,7 @@ def main(args: argparse.Namespace) -> int:
     """`k2 bench txn`: run, print the tables, write JSON (and a PNG)."""
     bc = config_from_args(args)
     bc.validate()
-    if args.seeds is not None and (args.sweep is None or args.seed is not None):
-        raise InvalidArgument("--seeds runs a --sweep at each seed: give --sweep, and not --seed")
-    if args.sweep is None and args.jobs != 1:
-        raise InvalidArgument("--jobs runs a --sweep's simulated runs side by side: give --sweep")
+    seeds_from_args(args, bc.seed)  # refuses --seeds or --jobs where they do not belong
     if args.sweep is not None:
         return _sweep(args, bc)
     if args.ablate and args.cluster is not None:
