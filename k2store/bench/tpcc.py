@@ -17,7 +17,9 @@ deterministic simulator (`--sim`), which reaches hundreds of concurrent clients.
 throughput, p50/p99 latency, abort rate (attempts that failed) per region, and ratios of every
 protocol's throughput to d2PL-TTC's and MVTO-HLC's; writes JSON (and a PNG with matplotlib).
 `--sweep 3,10,30,...` runs every protocol at each of those clients per region and plots
-throughput against concurrency (k2store/bench/sweep.py).
+throughput against concurrency (k2store/bench/sweep.py), at several seeds with `--seeds`.
+The first `--warmup` seconds of each run are not measured: every terminal starts at once with
+empty lock queues, which d2PL-TTC rides far above its steady rate for a second or two.
 """
 
 from __future__ import annotations
