@@ -358,8 +358,7 @@ class Coordinator:
                 self._finish(txn)
                 raise
             self._finish(txn)
-            early = self.settings.early_resolve or self.protocol == "mvto-hlc"
-            if early:
+            if self.settings.early_resolve:
                 # HAZARD (commit-wait, early_resolve): the versions show before ts has certainly
                 # passed; real-time order rests on every reader waiting out what it returns
                 # (see the module's contracts).
@@ -370,7 +369,7 @@ class Coordinator:
                 # With clock error beyond the bound this ordering can break.
                 await self._commit_wait(txn.ts)
             self.stats["committed"] += 1
-            if not early:
+            if not self.settings.early_resolve:
                 await self._resolve_committed(txn)
             return pb.CommitTxnResponse(commit_ts=txn.ts)
 

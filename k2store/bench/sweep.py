@@ -185,16 +185,15 @@ def average_seeds(points: Sequence[SweepPoint]) -> list[SweepPoint]:
 def ratio_ranges(points: Sequence[SweepPoint], base: str) -> dict[int, tuple[float, float]]:
     """K2-MVTO's throughput over `base`'s at each seed, as (lowest, highest) per concurrency,
     where both ran at more than one seed (from the runs, not from averaged points)."""
-    by_seed: dict[int, dict[tuple[str, int | None], float]] = {}
+    by_seed: dict[int, dict[tuple[str, int], float]] = {}
     for p in points:
         if not p.error and p.seed is not None:
             by_seed.setdefault(p.clients_per_region, {})[p.protocol, p.seed] = p.throughput
     out: dict[int, tuple[float, float]] = {}
     for n, tps in sorted(by_seed.items()):
-        seeds = {seed for _, seed in tps}
         each = [
             _ratio(tps["k2-mvto", seed], tps[base, seed])
-            for seed in sorted(s for s in seeds if s is not None)
+            for seed in sorted({seed for _, seed in tps})
             if ("k2-mvto", seed) in tps and (base, seed) in tps
         ]
         if len(each) > 1:

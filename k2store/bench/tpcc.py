@@ -51,6 +51,7 @@ from k2store.bench.txn import (
     AblationRow,
     ProtocolRow,
     ablation_table,
+    draw_commits_over_run,
     local_cluster,
     protocol_table,
     pyplot,
@@ -587,15 +588,7 @@ def write_results(results: Sequence[TpccResult], tc: TpccConfig, out: Path) -> l
         ax.bar([r.protocol for r in ok], [r.throughput for r in ok])
         ax.set_ylabel("committed txn/s (measured window)")
         ax.set_title(f"TPC-C-like, {results[0].clients} clients ({results[0].mode})")
-        for r in ok:
-            per_s = commits_per_second(r)
-            tl.plot([i + 0.5 for i in range(len(per_s))], per_s, marker=".", label=r.protocol)
-        if tc.warmup_s:
-            tl.axvspan(0, tc.warmup_s, color="0.85", label="warm-up (not measured)")
-        tl.set_xlabel("second of the run")
-        tl.set_ylabel("commits per second")
-        tl.set_title("commits over the run")
-        tl.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+        draw_commits_over_run(tl, [(r.protocol, commits_per_second(r)) for r in ok], tc.warmup_s)
         fig.tight_layout()
         png = path.with_suffix(".png")
         fig.savefig(png, dpi=120)

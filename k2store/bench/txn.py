@@ -471,6 +471,22 @@ def commits_per_second(records: Sequence[TxnRecord], window_s: float) -> list[in
     return counts
 
 
+def draw_commits_over_run(
+    ax: Any, series: Sequence[tuple[str, list[int]]], warmup_s: float
+) -> None:
+    """A run's timeline panel (both benchmarks' plots): commits in each second of the window,
+    one line per (label, counts), with the warm-up shaded, so a run that had not settled when
+    measuring began shows it."""
+    for label, counts in series:
+        ax.plot(counts, label=label, drawstyle="steps-post")
+    if warmup_s:
+        ax.axvspan(0, warmup_s, color="0.85", label="warm-up (not measured)")
+    ax.set_xlabel("second of the run")
+    ax.set_ylabel("commits per second")
+    ax.set_title("commits over the run")
+    ax.legend(fontsize="small")
+
+
 def summarize(
     records: Sequence[TxnRecord], window_s: float, regions: Sequence[str], warmup_s: float = 0.0
 ) -> dict[str, Any]:
@@ -956,15 +972,11 @@ def plot(results: Sequence[RunResult], path: Path) -> bool:
     ax.set_title("failed attempts by rule")
     if len(results) > 1:
         ax.legend(fontsize="small")
-    ax = axes[2]
-    for r in results:
-        ax.plot(r.summary.get("commits_per_second", []), label=r.label, drawstyle="steps-post")
-    if first.config.warmup_s:
-        ax.axvspan(0, first.config.warmup_s, color="0.85", label="warm-up (not measured)")
-    ax.set_xlabel("second of the run")
-    ax.set_ylabel("commits per second")
-    ax.set_title("commits over the run")
-    ax.legend(fontsize="small")
+    draw_commits_over_run(
+        axes[2],
+        [(r.label, r.summary.get("commits_per_second", [])) for r in results],
+        first.config.warmup_s,
+    )
     if len(results) > 1:
         ax = axes[3]
         labels = [r.label for r in results]
@@ -1197,7 +1209,7 @@ def _sweep_run(bc: BenchConfig, regions: int, label: str) -> RunResult:
         return RunResult(label, bc, TxnSettings(protocol=bc.protocol), [], 0.0, error=str(e))
 
 
-def _sweep(args: argparse.Namespace, bc: BenchConfig) -> int:
+def _sweep(args: argparse.Namespace, bc: BenchConfig, seeds: Sequence[int]) -> int:
     """`--sweep`: every protocol (or --protocol's) at each concurrency and each of `--seeds`, in
     the simulator (`--jobs` at a time) or each on a fresh local cluster; the per-run tables as
     they finish, then throughput against concurrency (k2store/bench/sweep.py)."""
@@ -1207,7 +1219,6 @@ def _sweep(args: argparse.Namespace, bc: BenchConfig) -> int:
         raise InvalidArgument("--sweep runs fresh clusters with each protocol's defaults; drop "
                               "--ablate and --cluster")  # fmt: skip
     per_region = parse_counts(args.sweep)
-    seeds = seeds_from_args(args, bc.seed)
     protocols = [args.protocol] if args.protocol else list(PROTOCOLS)
     regions = args.regions or 3
     n_regions = regions if args.sim else len(DEFAULT_REGIONS)
@@ -1274,9 +1285,9 @@ def main(args: argparse.Namespace) -> int:
     """`k2 bench txn`: run, print the tables, write JSON (and a PNG)."""
     bc = config_from_args(args)
     bc.validate()
-    seeds_from_args(args, bc.seed)  # refuses --seeds or --jobs where they do not belong
+    seeds = seeds_from_args(args, bc.seed)  # refuses --seeds or --jobs where they do not belong
     if args.sweep is not None:
-        return _sweep(args, bc)
+        return _sweep(args, bc, seeds)
     if args.ablate and args.cluster is not None:
         raise InvalidArgument(
             "--ablate needs fresh local clusters (it changes each one's [txn] table); "
