@@ -8,7 +8,8 @@ A cluster file is TOML::
     epsilon_us = 400                # assumed clock error when the clock reports none
     max_uncertainty_us = 5000       # a node refuses to issue timestamps beyond this
     unsafe_ignore_clock_bound = false   # test only (K2_ALLOW_UNSAFE_SETTINGS=1): see below
-    oracle_ttl_us = 5000            # K2-TB batch lifetime
+    oracle_ttl_us = 5000            # K2-TB batch lifetime (fetched over the network)
+    oracle_local_ttl_us = 200       # ... and issued to a coordinator on the oracle's node
     max_key_bytes = 4096
     max_value_bytes = 67108864
     request_timeout_s = 10.0
@@ -77,6 +78,7 @@ from typing import Any
 from k2store.errors import ClusterFileError, UnknownNode, UnknownShard
 from k2store.security import SecuritySettings, parse_security, security_to_toml
 from k2store.wan import NetworkSettings, network_to_toml, parse_network
+from truetime import SAFETY_MARGIN_NS
 
 DEFAULT_REGIONS = ("us-east", "eu-west", "ap-southeast")
 TXN_PROTOCOLS = ("k2-mvto", "d2pl-ttc", "mvto-hlc")
@@ -236,14 +238,17 @@ class ClusterSettings:
     coordinator must receive and use the batch within it. Commit-wait grows with it; 5 ms leaves
     room for a loaded 2-core machine's scheduling and an occasional fsync of the oracle's
     ceiling (2 ms expired about one batch in ten in `k2 bench txn` here)."""
-    oracle_local_ttl_us: int = 1_000
+    oracle_local_ttl_us: int = 200
     """Lifetime of a batch the oracle issues to a coordinator on its own node, which has no
-    round trip to cover (at most `oracle_ttl_us`). Timestamps lead true time by up to the
-    lifetime and every read-write transaction commit-waits that lead away, so shorter is faster
-    (in the simulator 1-2 ms instead of 5 ms took 2.8 ms off a local transaction's p50, and
-    brought K2-MVTO level with MVTO-HLC at low contention); a batch running out only costs
-    another in-process issue, and the oracle's durable ceiling is written ahead in a worker
-    thread (k2store/datadir.py), so issuing one seldom waits for an fsync."""
+    round trip to cover (at most `oracle_ttl_us`, more than the coordinator's 100 us safety
+    margin). Timestamps lead true time by up to the lifetime and every read-write transaction
+    commit-waits that lead away, so shorter is faster: a local transaction in the simulator
+    (one in-region round trip to the shard leaders, one for the commit record) outlasts the
+    2 x epsilon + 200 us it must wait and so never waits, while at 1 ms it waited 0.8 ms and
+    K2-MVTO ran at 0.94x MVTO-HLC with one client per region (1.00x at 200 us). Such a batch is
+    issued in-line (`BatchClient(fetch_now=...)`), so it cannot lapse on its way, and running
+    out only costs another issue; the oracle's durable ceiling is written ahead in a worker
+    thread (k2store/datadir.py), so an issue seldom waits for an fsync."""
     max_key_bytes: int = 4096
     max_value_bytes: int = 64 * 1024 * 1024
     request_timeout_s: float = 10.0
@@ -613,6 +618,14 @@ def _parse_settings(t: Any, fail: Any) -> ClusterSettings:
     s = replace(d, **values)
     if s.max_uncertainty_us < s.epsilon_us:
         raise fail("cluster.max_uncertainty_us", f"must be at least epsilon_us ({s.epsilon_us})")
+    margin_us = SAFETY_MARGIN_NS // 1000
+    for k in ("oracle_ttl_us", "oracle_local_ttl_us"):
+        if getattr(s, k) <= margin_us:
+            raise fail(
+                f"cluster.{k}",
+                f"must exceed the {margin_us} us safety margin a coordinator keeps from a "
+                f"batch's end (no batch would ever be usable), got {getattr(s, k)}",
+            )
     return s
 
 

@@ -174,10 +174,22 @@ class NodeService:
         self.oracle = oracle
         self.oracle_ceiling: Ceiling = oracle_ceiling or MemoryCeiling()
         self.read_ceiling: Ceiling = read_ceiling or MemoryCeiling()
-        self.batch = BatchClient(self._fetch_batch, self.clock, batch_size=batch_size)
+        # On the oracle's node batches are issued in-line (no round trip, and a short lifetime:
+        # `oracle_local_ttl_us`), elsewhere fetched from the region's oracle.
+        local = oracle is not None
+        self.batch = BatchClient(
+            self._fetch_batch,
+            self.clock,
+            batch_size=batch_size,
+            fetch_now=(lambda n: self._issue_local(self.me.name, n)) if local else None,
+        )
         # Future timestamps come from a slot of their own (see Coordinator._future_timestamp).
+        future_slot = self.me.name + "/future"
         self.future_batch = BatchClient(
-            lambda n: self._fetch_batch(n, self.me.name + "/future"), self.clock, batch_size=16
+            lambda n: self._fetch_batch(n, future_slot),
+            self.clock,
+            batch_size=16,
+            fetch_now=(lambda n: self._issue_local(future_slot, n)) if local else None,
         )
         st = cluster.settings
         self.limits = Limits(st.max_key_bytes, st.max_value_bytes)
@@ -254,8 +266,8 @@ class NodeService:
 
     async def _fetch_batch(self, count: int, coordinator: str = "") -> TimestampBatch:
         coordinator = coordinator or self.me.name
-        if self.oracle is not None:  # no round trip: a short batch (oracle_local_ttl_us)
-            return self._issue(coordinator, count, self.cluster.settings.oracle_local_ttl_us * 1000)
+        if self.oracle is not None:
+            return self._issue_local(coordinator, count)
         resp = await self.transport.call(
             self.region.oracle,
             "/k2.v1.Oracle/GetTimestampBatch",
@@ -272,6 +284,11 @@ class NodeService:
             ttl_ns=resp.ttl_ns,
             issued_latest=resp.issued_latest,
         )
+
+    def _issue_local(self, coordinator: str, count: int) -> TimestampBatch:
+        """A batch for a coordinator on this, the oracle's, node: no round trip to cover, so a
+        short lifetime (`oracle_local_ttl_us`), and timestamps lead true time by less."""
+        return self._issue(coordinator, count, self.cluster.settings.oracle_local_ttl_us * 1000)
 
     def _issue(self, coordinator: str, count: int, ttl_ns: int | None = None) -> TimestampBatch:
         assert self.oracle is not None

@@ -48,7 +48,7 @@ Fault injection
     `TrueTime(unsafe_ignore_clock_bound=True)`, the test-only mode that ignores that report.
 """
 
-from truetime.batch import BatchClient, BatchClientStats
+from truetime.batch import SAFETY_MARGIN_NS, BatchClient, BatchClientStats
 from truetime.clock import ClockSource, ManualClock, SkewedClock
 from truetime.errors import (
     BatchExpired,
@@ -76,6 +76,7 @@ from truetime.truetime import TrueTime
 __all__ = [
     "MAX_ORACLES",
     "MAX_SLOTS_PER_ORACLE",
+    "SAFETY_MARGIN_NS",
     "SLOT_BITS",
     "STEP_GRANULARITY",
     "BatchClient",

@@ -97,6 +97,9 @@ def test_hash_partitioning_is_stable_and_spreads(tmp_path: Path) -> None:
         (lambda r: r["cluster"].update(epsilon_us=-5), "cluster.epsilon_us"),
         (lambda r: r["cluster"].update(partitioning="round-robin"), "cluster.partitioning"),
         (lambda r: r["cluster"].update(max_uncertainty_us=10), "cluster.max_uncertainty_us"),
+        # No batch could ever be used: each lifetime must exceed the coordinator's margin.
+        (lambda r: r["cluster"].update(oracle_local_ttl_us=100), "cluster.oracle_local_ttl_us"),
+        (lambda r: r["cluster"].update(oracle_ttl_us=50), "cluster.oracle_ttl_us"),
         (lambda r: r.update(extra={}), "extra"),
         (lambda r: r.update(shards=[]), "shards"),
         (lambda r: r.update(nodes={"a": 1}), "nodes"),

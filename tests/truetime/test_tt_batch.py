@@ -269,3 +269,65 @@ def test_configuration_is_validated(size: int, margin: int) -> None:
 
     with pytest.raises(ValueError):
         BatchClient(fetch, ManualClock(), batch_size=size, safety_margin_ns=margin)
+
+
+async def _no_fetch(count: int) -> TimestampBatch:
+    raise AssertionError("a coordinator on the oracle's node issues in-line")
+
+
+def _local_client(ttl_ns: int, batch_size: int = 256) -> tuple[ManualClock, BatchClient]:
+    """A coordinator on the oracle's node: batches issued in-line with a short lifetime."""
+    clock = ManualClock()
+    oracle = TimestampOracle(0, TrueTime(clock, EPS, 2 * EPS), ttl_ns=TTL)
+    client = BatchClient(
+        _no_fetch,
+        clock,
+        batch_size=batch_size,
+        safety_margin_ns=MARGIN,
+        fetch_now=lambda n: oracle.issue(0, n, ttl_ns=ttl_ns),
+    )
+    return clock, client
+
+
+def test_refetching_at_expiry_keeps_the_lead_over_true_time_bounded() -> None:
+    """A slot's next batch starts past the previous one's end, used or not. After the first
+    batch (256 timestamps, 1.05 ms of them) the client asks only for what spans half the
+    300 us lifetime less the margin, so the first batch's lead is soon gone; asking for 256
+    every time, each refetch at expiry would push the timestamps 0.85 ms further ahead of true
+    time, and every commit-wait with them."""
+    ttl = 300_000
+    clock, client = _local_client(ttl)
+
+    async def main() -> list[int]:
+        leads = []
+        for _ in range(2_000):  # 100 ms: a timestamp every 50 us, four or five per batch
+            ts = await client.next_timestamp()
+            assert ts >= clock.now_ns()
+            leads.append(ts - clock.now_ns())
+            clock.advance(50_000)
+        return leads
+
+    leads = asyncio.run(main())
+    assert client.stats.batches_fetched >= 400
+    first_batch = 256 * 4096  # may lead by its whole span, once
+    assert max(leads) <= EPS + ttl + first_batch
+    assert max(leads[100:]) <= EPS + ttl + 2 * 4096
+
+
+def test_fetch_now_issues_in_line_so_a_short_batch_cannot_lapse_on_its_way() -> None:
+    clock, client = _local_client(MARGIN + 1)
+    stamps = []
+    for _ in range(3):
+        call = client.next_timestamp()
+        with pytest.raises(StopIteration) as done:  # finished without ever yielding
+            call.send(None)
+        stamps.append(done.value.value)
+        clock.advance(1)  # the batch (usable for 1 ns) is now stale: the next call issues again
+    assert stamps == sorted(set(stamps))
+    assert client.stats.batches_fetched == 3
+
+
+def test_fetch_now_with_a_lifetime_inside_the_safety_margin_is_refused() -> None:
+    _clock, client = _local_client(MARGIN)
+    with pytest.raises(BatchExpired, match="safety margin"):
+        asyncio.run(client.next_timestamp())
