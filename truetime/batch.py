@@ -3,11 +3,15 @@
     next_timestamp() ──> current batch still fresh and not used up? ──yes──> next timestamp
                               │ no
                               v
-                         one shared fetch(batch_size) ──> new batch, TTL clock started at SEND
+                         one shared fetch(count) ──> new batch, TTL clock started at SEND
+                         (or fetch_now(count) in-line, on the oracle's own node)
 
 A batch may be used for `ttl_ns - safety_margin_ns` after its request was sent, measured on the
-coordinator's monotonic clock (see the HAZARD note in `truetime.oracle`). Concurrent callers
-that find the batch empty or stale wait on the same fetch rather than each sending one.
+coordinator's monotonic clock (see the HAZARD note in `truetime.oracle`). `count` is
+`batch_size` at first, then what spans half a batch's usable lifetime (see `_install`: the
+oracle starts a slot's next batch past the last one's end, so a longer batch would run the
+timestamps ahead of true time). Concurrent callers that find the batch empty or stale wait on
+the same fetch rather than each sending one.
 Timestamps handed out by one client are strictly increasing, even across batches from an
 oracle that restarted or failed over.
 
