@@ -60,7 +60,8 @@ class BatchClient:
     before anything else runs, so even a lifetime of a few hundred microseconds (the
     `oracle_local_ttl_us` default) cannot lapse between the issue and the take, however loaded
     the event loop. (Through `fetch` a batch passes through a task and the waiter's wake-up,
-    which on a busy loop can take longer than that.) `clock` is the coordinator's own clock; only
+    which on a busy loop can take longer than that.) An issue that itself outlasts the lifetime
+    (an fsync inside it) is retried like a stale fetch. `clock` is the coordinator's own clock; only
     its monotonic reading is used. `safety_margin_ns` is subtracted from the batch TTL to cover
     the coordinator's monotonic clock running slow and the gap between taking a timestamp and
     using it.
@@ -117,10 +118,15 @@ class BatchClient:
                 requested_at = self._clock.monotonic_ns()
                 batch = self._fetch_now(self._ask)
                 self._install(batch, requested_at)
-                ts = self._take()
-                if ts is None:  # a lifetime no longer than the safety margin: never usable
-                    raise BatchExpired(self._stale_message(batch, requested_at))
-                return ts
+                if self._batch is None:
+                    # Stale already: the issue itself outlasted the usable lifetime (the oracle
+                    # waited for an fsync of its durable ceiling, as the first issue after a
+                    # start does), or the lifetime is within the margin. Issued again, it is
+                    # usually fresh: the ceiling is then ahead.
+                    stale += 1
+                    if stale > self.stale_retries:
+                        raise BatchExpired(self._stale_message(batch, requested_at))
+                continue
             if self._inflight is None:
                 task = asyncio.get_running_loop().create_task(self._refill())
                 # Retrieve the outcome even if every waiter was cancelled, so a failed fetch

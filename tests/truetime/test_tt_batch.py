@@ -331,3 +331,28 @@ def test_fetch_now_with_a_lifetime_inside_the_safety_margin_is_refused() -> None
     _clock, client = _local_client(MARGIN)
     with pytest.raises(BatchExpired, match="safety margin"):
         asyncio.run(client.next_timestamp())
+
+
+def test_an_issue_that_outlasts_its_lifetime_is_issued_again() -> None:
+    """The first issue after a start waits for an fsync of the oracle's durable ceiling, which
+    can take longer than a 200 us lifetime; the next one finds the ceiling ahead."""
+    clock = ManualClock()
+    oracle = TimestampOracle(0, TrueTime(clock, EPS, 2 * EPS), ttl_ns=TTL)
+    ttl = 200_000
+    slow = [3_000_000]  # the durations of the coming issues' fsyncs, in order
+
+    def issue(count: int) -> TimestampBatch:
+        batch = oracle.issue(0, count, ttl_ns=ttl)
+        clock.advance(slow.pop(0) if slow else 0)
+        return batch
+
+    client = BatchClient(_no_fetch, clock, safety_margin_ns=MARGIN, fetch_now=issue)
+    ts = asyncio.run(client.next_timestamp())
+    assert ts >= clock.now_ns()
+    assert client.stats.batches_fetched == 2
+    assert client.stats.batches_expired_unused == 1
+    # Slow every time: refused after the retries, saying why.
+    slow.extend([3_000_000] * (client.stale_retries + 1))
+    clock.advance(ttl)
+    with pytest.raises(BatchExpired, match="arrived stale"):
+        asyncio.run(client.next_timestamp())
