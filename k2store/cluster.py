@@ -248,7 +248,8 @@ class ClusterSettings:
     K2-MVTO ran at 0.94x MVTO-HLC with one client per region (1.00x at 200 us). Such a batch is
     issued in-line (`BatchClient(fetch_now=...)`), so it cannot lapse on its way, and running
     out only costs another issue; the oracle's durable ceiling is written ahead in a worker
-    thread (k2store/datadir.py), so an issue seldom waits for an fsync."""
+    thread (k2store/datadir.py), so an issue seldom waits for an fsync (the first after a start
+    does, outlasts the lifetime, and is issued again)."""
     max_key_bytes: int = 4096
     max_value_bytes: int = 64 * 1024 * 1024
     request_timeout_s: float = 10.0
