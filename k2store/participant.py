@@ -250,6 +250,12 @@ class Participant:
         def evaluate(op: pb.TxnOp) -> ReadDone | ScanDone | WriteDone | Wait | Abort:
             if op.kind == pb.OP_GET:
                 flush()
+                if op.for_update and self.settings.for_update and not h.read_only:
+                    # The write this read is for cannot succeed: fail now, before the
+                    # transaction waits here or holds places on its other keys for it.
+                    doomed = rules.doomed_write(txn, op.key)
+                    if doomed is not None:
+                        return doomed
                 return rules.read(txn, op.key, txn.ts)
             if op.kind == pb.OP_SCAN:
                 flush()

@@ -215,3 +215,45 @@ def test_a_transaction_that_stays_in_its_region_takes_a_place_on_a_long_line() -
     out = long_line(named_keys=[KEY])
     assert out["full"] == 0
     assert out["places"] == out["n"]
+
+
+def doomed_read_for_update(for_update: bool) -> Any:
+    """A transaction stamped, then its key read at a later timestamp by another, then its own
+    read for update of that key: where does it fail?"""
+
+    async def body(
+        cluster: SimCluster, far: AsyncClient, near: AsyncClient, out: dict[str, Any]
+    ) -> None:
+        other = cluster.txn_client("eu-west", retry=ONCE)
+        tx = await near.begin(keys=[KEY, "eu-west/cold"])
+        await tx.get("eu-west/cold")  # stamped now (late stamping: at its first operation)
+        await asyncio.sleep(0.01)
+
+        async def later_read(rtx: AsyncTransaction) -> bytes | None:
+            return await rtx.get(KEY)
+
+        await other.run(later_read, read_only=True)  # marks KEY above tx's timestamp
+        try:
+            v = await tx.get(KEY, for_update=for_update)
+        except TxnAborted as e:
+            out["failed"] = ("read", e.rule)
+            return
+        try:
+            await tx.put(KEY, (v or b"") + b"+late")
+            await tx.commit()
+            out["failed"] = None
+        except TxnAborted as e:
+            out["failed"] = ("commit", e.rule)
+
+    return body
+
+
+def test_a_read_for_update_whose_write_is_doomed_fails_at_once() -> None:
+    """The key was read above the transaction's timestamp, so its write must abort by rule
+    read-mark (marks only grow): the read for update fails then and there, instead of holding
+    a place and leaving the transaction to wait and discover it at its commit."""
+    assert scenario(doomed_read_for_update(True))["failed"] == ("read", "read-mark")
+    # A plain read, or reads for update switched off, find out at the commit.
+    assert scenario(doomed_read_for_update(False))["failed"] == ("commit", "read-mark")
+    off = scenario(doomed_read_for_update(True), for_update=False)
+    assert off["failed"] == ("commit", "read-mark")

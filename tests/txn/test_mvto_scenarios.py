@@ -520,3 +520,20 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def test_doomed_write_names_the_abort_a_write_would_meet() -> None:
+    """`doomed_write` (a read for update's early failure) says exactly what `write` would."""
+    store = MemoryEngine(read_marks=ReadMarks())
+    rules = MvtoRules(store)
+    t10, t20, t30 = (TxnRef(bytes([i]) * 16, ts, b"rec") for i, ts in ((1, 10), (2, 20), (3, 30)))
+    assert rules.doomed_write(t10, b"k") is None  # nothing read or written yet
+    assert isinstance(rules.read(t20, b"k", 20), ReadDone)
+    doomed = rules.doomed_write(t10, b"k")
+    assert doomed is not None and doomed.rule == "read-mark"
+    assert isinstance(rules.write(t10, b"k", b"v"), Abort)
+    assert rules.doomed_write(t20, b"k") is None  # its own read's mark
+    store.apply([PutVersion(b"k", 25, b"v")])
+    doomed = rules.doomed_write(t20, b"k")
+    assert doomed is not None and doomed.rule == "newer-version"
+    assert rules.doomed_write(t30, b"k") is None
