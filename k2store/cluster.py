@@ -158,7 +158,9 @@ class TxnSettings:
     """Reads marked for update (a read-modify-write: `get_many(keys, for_update=True)`) keep
     the transaction's place in the key's line at its leader until it writes the key, so a later
     reader queues behind it there instead of read-marking the key under the coming write
-    (refinement; `Participant._reserve`). d2PL-TTC takes the exclusive lock at the read."""
+    (refinement; `Participant._reserve`). A read for update of a key already read at a later
+    timestamp, or with a newer committed version, fails at once (`MvtoRules.doomed_write`): its
+    write could never succeed. d2PL-TTC takes the exclusive lock at the read."""
     for_update_hold_s: float = 1.0
     """The longest a for-update place is held without the write arriving (a transaction that
     died or went elsewhere); after it, later transactions go ahead."""
