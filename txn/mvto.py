@@ -122,32 +122,31 @@ class MvtoRules:
         return ScanDone(live, more, marked_end)
 
     def doomed_write(self, txn: TxnRef, key: bytes) -> Abort | None:
-        """The abort txn's write of key would meet now, and so at any later time (read marks
-        and committed versions only grow): for a read for update, which may then fail at once
-        instead of holding its places and waiting on its other keys for a write that cannot
-        succeed. None while the write could still succeed."""
-        if self.store.read_marks.get(key) > txn.ts and not self.unsafe_ignore_read_marks:
-            return self._read_mark_abort(txn, key)
-        latest = self.store.latest_version(key)
-        if latest is not None and latest.ts >= txn.ts:
-            return _newer_version_abort(txn, key, latest.ts)
-        return None
-
-    def _read_mark_abort(self, txn: TxnRef, key: bytes) -> Abort:
-        return Abort(
-            "read-mark",
-            f"write of key {key[:64]!r} at {format_ts(txn.ts)} aborted by rule read-mark: "
-            f"it was already read at {format_ts(self.store.read_marks.get(key))}",
-        )
-
-    def write(self, txn: TxnRef, key: bytes, value: bytes | None) -> WriteDone | Wait | Abort:
+        """The abort txn's write of key meets now, and so at any later time (read marks and
+        committed versions only grow): `write` checks it first, and a read for update may ask
+        it to fail at once instead of holding its places and waiting on its other keys for a
+        write that cannot succeed. None while the write could still succeed."""
         mark = self.store.read_marks.get(key)
         # A mark equal to T.ts is T's own read (timestamps are unique per transaction).
         if mark > txn.ts and not self.unsafe_ignore_read_marks:
-            return self._read_mark_abort(txn, key)
+            return Abort(
+                "read-mark",
+                f"write of key {key[:64]!r} at {format_ts(txn.ts)} aborted by rule read-mark: "
+                f"it was already read at {format_ts(mark)}",
+            )
         latest = self.store.latest_version(key)
         if latest is not None and latest.ts >= txn.ts:
-            return _newer_version_abort(txn, key, latest.ts)
+            return Abort(
+                "newer-version",
+                f"write of key {key[:64]!r} at {format_ts(txn.ts)} aborted by rule newer-version: "
+                f"a version committed at {format_ts(latest.ts)} exists",
+            )
+        return None
+
+    def write(self, txn: TxnRef, key: bytes, value: bytes | None) -> WriteDone | Wait | Abort:
+        doomed = self.doomed_write(txn, key)
+        if doomed is not None:
+            return doomed
         intent = self._foreign_intent(txn, key)
         if intent is not None:
             if intent.ts < txn.ts and self.wait_for_lower:
@@ -171,12 +170,4 @@ def _abort_intent(rule: str, key: bytes, ts: int, intent: Intent) -> Abort:
         rule,
         f"operation on key {key[:64]!r} at {format_ts(ts)} aborted by rule {rule}: transaction "
         f"{intent.txn_id.hex()[:12]} holds an intent at {format_ts(intent.ts)}",
-    )
-
-
-def _newer_version_abort(txn: TxnRef, key: bytes, version_ts: int) -> Abort:
-    return Abort(
-        "newer-version",
-        f"write of key {key[:64]!r} at {format_ts(txn.ts)} aborted by rule newer-version: "
-        f"a version committed at {format_ts(version_ts)} exists",
     )
