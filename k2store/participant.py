@@ -247,10 +247,14 @@ class Participant:
                 leader.store.apply(pending, sync=True)
                 pending.clear()
 
+        def for_update(op: pb.TxnOp) -> bool:
+            """A read for update that counts as one (see `TxnSettings.for_update`)."""
+            return op.for_update and self.settings.for_update and not h.read_only
+
         def evaluate(op: pb.TxnOp) -> ReadDone | ScanDone | WriteDone | Wait | Abort:
             if op.kind == pb.OP_GET:
                 flush()
-                if op.for_update and self.settings.for_update and not h.read_only:
+                if for_update(op):
                     # The write this read is for cannot succeed: fail now, before the
                     # transaction waits here or holds places on its other keys for it.
                     doomed = rules.doomed_write(txn, op.key)
@@ -285,7 +289,7 @@ class Participant:
             elif isinstance(out, ReadDone):
                 leader.counters.reads += 1
                 results[i] = _read_result(out.version)
-                if op.for_update and self.settings.for_update and not h.read_only:
+                if for_update(op):
                     self._reserve(txn, op.key, region_local=h.region_local)
             else:
                 leader.counters.reads += 1

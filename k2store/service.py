@@ -265,9 +265,9 @@ class NodeService:
     # -- time ----------------------------------------------------------------------------------
 
     async def _fetch_batch(self, count: int, coordinator: str = "") -> TimestampBatch:
+        """A batch from the region's oracle over the network (on the oracle's own node the
+        BatchClients issue in-line instead: `_issue_local`)."""
         coordinator = coordinator or self.me.name
-        if self.oracle is not None:
-            return self._issue_local(coordinator, count)
         resp = await self.transport.call(
             self.region.oracle,
             "/k2.v1.Oracle/GetTimestampBatch",
