@@ -160,7 +160,9 @@ class TxnSettings:
     reader queues behind it there instead of read-marking the key under the coming write
     (refinement; `Participant._reserve`). A read for update of a key already read at a later
     timestamp, or with a newer committed version, fails at once (`MvtoRules.doomed_write`): its
-    write could never succeed. d2PL-TTC takes the exclusive lock at the read."""
+    write could never succeed; so does one of a transaction that may wait on the wide area at
+    a key whose line is already full (rule line-full, `Participant._admit_for_update`).
+    d2PL-TTC takes the exclusive lock at the read."""
     for_update_hold_s: float = 1.0
     """The longest a for-update place is held without the write arriving (a transaction that
     died or went elsewhere); after it, later transactions go ahead."""

@@ -208,8 +208,8 @@ class Coordinator:
                 ts = await self._future_timestamp(self.tt.now().latest + delay)
                 future = True
         txn = _Txn(self.new_txn_id(), ts, req.read_only, aligned=future)
-        # Leaders give a transaction that stays in this region a place in line even on a long
-        # line: its read for update is followed by its write within local round trips.
+        # Leaders admit a transaction that stays in this region to a key's line however long:
+        # its read for update is followed by its write within local round trips.
         txn.region_local = (
             bool(leaders) and not req.read_only and all(map(self._in_region, leaders))
         )

@@ -50,19 +50,18 @@ only while fewer than this many transactions are in that key's line. On a satura
 places chain waits into convoys: on the TPC-C-like mix with 334 clients per warehouse, places
 on every key cut failed attempts from 64% to 0% but throughput by 30%; with this bound they
 fall to 52% for a 9% loss, and at 10 clients per warehouse from 6% to 2.7% (docs/benchmarks.md)."""
-FOR_UPDATE_MAX_LINE = 8
-"""A read for update of a transaction that may wait on the wide area takes its place in a key's
-line (see Participant._reserve) only while fewer than this many transactions are in it. On a
-saturated key a place held from the read to the write across a round trip chains the
-transactions queued behind it into a convoy, and a place that outlives `for_update_hold_s`
-while its holder waits elsewhere ends in a read-mark abort after all that waiting: YCSB-T
-read-modify-write at theta 0.99 with 100 clients per region committed 191.5 txn/s with places
-on every key, 236.5 with this bound (33 per region: 154.2 -> 174.3; session 4). A transaction
-that stays in its region is not bound (`TxnHeader.region_local`): without a place, each reader
-of a herd reads the key above the one before it and all writes but the last abort; freeing
-local ones took 100 clients per region from 227.4 to 282.0 txn/s and 334 from 238.3 to 466.2
-(seed 1, `k2 bench txn --sim --duration 10 --clients-per-region N`). With local places in, 4
-and 16 for the rest were no better over seeds 1-4 at 33 clients per region or worse at 334."""
+FOR_UPDATE_MAX_LINE = 3
+"""A read for update of a transaction that may wait on the wide area is refused when it arrives
+at a key whose line already holds this many transactions, one of them below it (rule
+line-full; Participant._admit_for_update); admitted, it keeps its place in the line however
+long the line grows behind it (Participant._reserve). A transaction that stays in its region
+(`TxnHeader.region_local`) is never refused: it writes within local round trips. YCSB-T
+read-modify-write at theta 0.99 (`run_sim`, 20 s with the first 5 not measured, mean txn/s
+over seeds 1-3 at 11 / 33 / 100 clients per region): before the refusal, when a far read
+for update was admitted to any line and took a place only while fewer than 8 were in it,
+242.9 / 150.3 / 147.3; refused from 2 in line 231.9 / 264.6 / 292.5, from 3 254.6 / 269.1 /
+320.1, from 4 244.9 / 257.8 / 300.2, from 8 (33 and 100 only) 243.5 / 256.5; from 3 but with
+places still bounded at 8, 254.6 / 268.4 / 308.0, and at 3, 233.0 / 235.6 (11 and 33)."""
 
 
 class Participant:
@@ -151,22 +150,19 @@ class Participant:
 
     # -- reads for update ----------------------------------------------------------------------
 
-    def _reserve(self, txn: TxnRef, key: bytes, *, region_local: bool) -> None:
+    def _reserve(self, txn: TxnRef, key: bytes) -> None:
         """After a read for update: hold txn's place in key's line (see _wait_in_order) until
         its write of key has laid its intent, the transaction ends here, or
         `for_update_hold_s` passes. A later transaction that arrives meanwhile queues behind it
         instead of reading the key first, which would abort the coming write by rule
-        read-mark. Not on a key whose line already holds `FOR_UPDATE_MAX_LINE` places, unless
-        the transaction stays in this region (`region_local`): the place of one that waits on
-        the wide area would only lengthen a convoy, while a local one writes within local round
-        trips and keeps the line moving in order. Only when operations run changes: each still
-        passes the MVTO rules at its timestamp, and the place is at txn's own timestamp, so
-        waits still run from higher to lower timestamps only (no deadlock)."""
+        read-mark. However long the line has grown behind it: a transaction that may wait on
+        the wide area was admitted to a short line (`_admit_for_update`), and one that stays in
+        its region writes within local round trips and keeps the line moving in order. Only
+        when operations run changes: each still passes the MVTO rules at its timestamp, and
+        the place is at txn's own timestamp, so waits still run from higher to lower
+        timestamps only (no deadlock)."""
         held = self._reserved.get(txn.txn_id)
         if held is not None and key in held:
-            return
-        if not region_local and self._line_length(key) >= FOR_UPDATE_MAX_LINE:
-            self._count("for-update-line-full")
             return
         held = self._reserved.setdefault(txn.txn_id, {})
         self._join_line(key, txn.ts)
@@ -175,6 +171,36 @@ class Participant:
         )
         held[key] = (txn.ts, timer)
         self._count("for-update-places")
+
+    def _admit_for_update(self, leader: ShardLeader, h: pb.TxnHeader, ops: list[pb.TxnOp]) -> None:
+        """Admission to a crowded hot key: refuse (rule line-full, retryable) a read for update
+        of a transaction that may wait on the wide area when the key's line already holds
+        `FOR_UPDATE_MAX_LINE` places and one of them is below it. Admitted to any line, such a
+        transaction either took a place (see `_reserve`) and held up everyone behind it for
+        the round trip to its write, or, when the line was long, read without one, was
+        overtaken by a later transaction of the line, and its write aborted by rule read-mark
+        after it had held its places on its other keys for that round trip: 759 of 768 such
+        reads ended so (YCSB-T read-modify-write, 33 clients per region, seed 1, when places
+        were bounded at 8). Refused, it holds nothing while it backs off, and the line moves
+        at local speed. The price is fairness under overload: a retry takes a new, later
+        timestamp and may find the line full again, so more transactions of other regions
+        give up after all their attempts (docs/benchmarks.md), while more of them commit.
+        Giving one that had failed several times a place however long the line (a priority
+        that survives retries) made convoys that cut throughput to a third."""
+        if not self.settings.for_update or h.read_only or h.region_local:
+            return
+        for op in ops:
+            if self._line_length(op.key) >= FOR_UPDATE_MAX_LINE and self._lower_in_line(
+                op.key, h.ts
+            ):
+                self._count("abort:line-full")
+                leader.counters.aborts += 1
+                self._unreserve_all(h.txn_id)  # it writes nothing more anywhere
+                raise TxnAborted(
+                    f"read for update of key {op.key[:64]!r} at {format_ts(h.ts)} aborted by "
+                    f"rule line-full: {self._line_length(op.key)} transactions are in line "
+                    "for it; retry later"
+                )
 
     def _unreserve(self, txn_id: bytes, key: bytes) -> None:
         held = self._reserved.get(txn_id)
@@ -236,6 +262,8 @@ class Participant:
                 leader.check_value(op.key, op.value)
             if op.kind not in (pb.OP_GET, pb.OP_SCAN, pb.OP_PUT, pb.OP_DELETE):
                 raise InvalidArgument(f"unknown operation kind {op.kind}")
+        if for_update_ops := [op for op in ops if op.for_update and op.kind == pb.OP_GET]:
+            self._admit_for_update(leader, h, for_update_ops)
         results: list[pb.TxnOpResult] = [pb.TxnOpResult() for _ in ops]
         pending: list[Mutation] = []
         written: list[bytes] = []
@@ -290,7 +318,7 @@ class Participant:
                 leader.counters.reads += 1
                 results[i] = _read_result(out.version)
                 if for_update(op):
-                    self._reserve(txn, op.key, region_local=h.region_local)
+                    self._reserve(txn, op.key)
             else:
                 leader.counters.reads += 1
                 results[i] = pb.TxnOpResult(

@@ -163,27 +163,34 @@ def test_for_update_flags_must_match_the_keys() -> None:
 
 
 def long_line(*, named_keys: list[str], first: str | None = None) -> dict[str, Any]:
-    """FOR_UPDATE_MAX_LINE + 2 transactions in eu-west read KEY for update one after another
-    and go quiet; each begins naming `named_keys` (and reads `first` before KEY). Counts the
-    places taken and refused."""
+    """FOR_UPDATE_MAX_LINE + 2 transactions in eu-west read KEY for update 10 ms apart and go
+    quiet; each begins naming `named_keys` (and reads `first` before KEY). Counts the places
+    taken and the reads refused on arrival (rule line-full)."""
     n = FOR_UPDATE_MAX_LINE + 2
 
     async def body(
         cluster: SimCluster, far: AsyncClient, near: AsyncClient, out: dict[str, Any]
     ) -> None:
+        refused: list[str] = []
+
         async def stall(i: int) -> None:  # each reads for update, then goes quiet
             await asyncio.sleep(0.01 * i)
             tx = await near.begin(keys=named_keys)
             if first is not None:
                 await tx.get(first)
-            await tx.get(KEY, for_update=True)
+            try:
+                await tx.get(KEY, for_update=True)
+            except TxnAborted as e:
+                refused.append(e.rule)
+                return
             await asyncio.sleep(2.0)
             await tx.abort()
 
         await asyncio.gather(*(stall(i) for i in range(n)))
         counters = [node.service.participant.counters for node in cluster.nodes.values()]
         out["places"] = sum(c.get("for-update-places", 0) for c in counters)
-        out["full"] = sum(c.get("for-update-line-full", 0) for c in counters)
+        out["refused"] = refused
+        out["refusals counted"] = sum(c.get("abort:line-full", 0) for c in counters)
 
     out = scenario(body, for_update_hold_s=0.2)
     out["n"] = n
@@ -195,26 +202,73 @@ def long_line(*, named_keys: list[str], first: str | None = None) -> dict[str, A
     [([], None), ([KEY, "us-east/other"], None), ([KEY], "us-east/other")],
     ids=["keys-not-named", "names-a-us-east-key", "reads-a-us-east-key-it-did-not-name"],
 )
-def test_a_long_line_gives_no_more_for_update_places(
+def test_a_full_line_refuses_reads_for_update_that_may_wait_on_the_wide_area(
     named_keys: list[str], first: str | None
 ) -> None:
-    """A read for update on a key whose line already holds FOR_UPDATE_MAX_LINE transactions
-    reads without taking a place (it would only lengthen the convoy); with a shorter line it
-    takes one. So for a transaction that may wait on the wide area: one that named a key of
+    """A read for update that arrives at a key whose line already holds FOR_UPDATE_MAX_LINE
+    transactions, one of them below it, is refused at once (rule line-full, retryable)
+    instead of joining a convoy; those admitted to the shorter line each take a place in
+    turn. So for a transaction that may wait on the wide area: one that named a key of
     another region at begin, named none, or reached another region all the same."""
     out = long_line(named_keys=named_keys, first=first)
-    # The first reader took a place and the other n - 1 queued behind it; when its hold ran
-    # out the next reader saw n - 2 = FOR_UPDATE_MAX_LINE still in line and took none.
-    assert out["full"] >= 1
-    assert out["places"] + out["full"] == out["n"]
+    # The first reader took a place and the next MAX - 1 queued behind it; the last two found
+    # MAX in line and were refused. The queued ones took places as the holds ran out.
+    assert out["refused"] == ["line-full"] * (out["n"] - FOR_UPDATE_MAX_LINE)
+    assert out["refusals counted"] == len(out["refused"])
+    assert out["places"] == FOR_UPDATE_MAX_LINE
 
 
-def test_a_transaction_that_stays_in_its_region_takes_a_place_on_a_long_line() -> None:
-    """Named at begin, every key in the coordinator's region: the leader gives the read for
-    update its place however long the line (it writes within local round trips)."""
+def test_a_transaction_that_stays_in_its_region_is_not_refused_on_a_long_line() -> None:
+    """Named at begin, every key in the coordinator's region: the leader admits the read for
+    update and gives it its place however long the line (it writes within local round
+    trips)."""
     out = long_line(named_keys=[KEY])
-    assert out["full"] == 0
+    assert out["refused"] == []
     assert out["places"] == out["n"]
+
+
+def test_an_admitted_read_for_update_keeps_its_place_however_the_line_fills() -> None:
+    """A far transaction admitted to a short line queues; by the time it reads, local
+    transactions (never refused) have filled the line behind it. It still takes its place,
+    so none of them reads the key under its coming write, which then lands."""
+
+    async def body(
+        cluster: SimCluster, far: AsyncClient, near: AsyncClient, out: dict[str, Any]
+    ) -> None:
+        async def holder() -> None:  # a local place held for 0.2 s (for_update_hold_s)
+            tx = await near.begin(keys=[KEY])
+            await tx.get(KEY, for_update=True)
+            await asyncio.sleep(1.0)
+            await tx.abort()
+
+        async def far_rmw() -> None:
+            await asyncio.sleep(0.01)
+
+            async def rmw(tx: AsyncTransaction) -> None:
+                (v,) = await tx.get_many([KEY], for_update=True)
+                await tx.put(KEY, (v or b"") + b"f")
+
+            await far.run(rmw, keys=[KEY])
+            out["far committed"] = True
+
+        async def local_rmw(i: int) -> None:
+            await asyncio.sleep(0.15 + 0.001 * i)
+
+            async def rmw(tx: AsyncTransaction) -> None:
+                (v,) = await tx.get_many([KEY], for_update=True)
+                await tx.put(KEY, (v or b"") + b"n")
+
+            await near.run(rmw, keys=[KEY])
+
+        await asyncio.gather(
+            holder(), far_rmw(), *(local_rmw(i) for i in range(FOR_UPDATE_MAX_LINE + 1))
+        )
+        out["value"] = await near.read_many([KEY])
+
+    out = scenario(body, for_update_hold_s=0.2)
+    assert out["far committed"]
+    # Every writer committed once, the far one first among them (it was below them in line).
+    assert out["value"] == [b"0f" + b"n" * (FOR_UPDATE_MAX_LINE + 1)]
 
 
 def doomed_read_for_update(for_update: bool) -> Any:
