@@ -161,7 +161,7 @@ class TxnSettings:
     (refinement; `Participant._reserve`). A read for update of a key already read at a later
     timestamp, or with a newer committed version, fails at once (`MvtoRules.doomed_write`): its
     write could never succeed; so does one of a transaction that may wait on the wide area at
-    a key whose line is already full (rule line-full, `Participant._admit_for_update`).
+    a key whose line is already full (rule line-full, `Participant._crowded`).
     d2PL-TTC takes the exclusive lock at the read."""
     for_update_hold_s: float = 1.0
     """The longest a for-update place is held without the write arriving (a transaction that

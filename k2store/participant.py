@@ -53,7 +53,7 @@ fall to 52% for a 9% loss, and at 10 clients per warehouse from 6% to 2.7% (docs
 FOR_UPDATE_MAX_LINE = 3
 """A read for update of a transaction that may wait on the wide area is refused when it arrives
 at a key whose line already holds this many transactions, one of them below it (rule
-line-full; Participant._admit_for_update); admitted, it keeps its place in the line however
+line-full; Participant._crowded); admitted, it keeps its place in the line however
 long the line grows behind it (Participant._reserve). A transaction that stays in its region
 (`TxnHeader.region_local`) is never refused: it writes within local round trips. YCSB-T
 read-modify-write at theta 0.99 (`run_sim`, 20 s with the first 5 not measured, mean txn/s
@@ -156,7 +156,7 @@ class Participant:
         `for_update_hold_s` passes. A later transaction that arrives meanwhile queues behind it
         instead of reading the key first, which would abort the coming write by rule
         read-mark. However long the line has grown behind it: a transaction that may wait on
-        the wide area was admitted to a short line (`_admit_for_update`), and one that stays in
+        the wide area was admitted to a short line (`_crowded`), and one that stays in
         its region writes within local round trips and keeps the line moving in order. Only
         when operations run changes: each still passes the MVTO rules at its timestamp, and
         the place is at txn's own timestamp, so waits still run from higher to lower
@@ -172,35 +172,29 @@ class Participant:
         held[key] = (txn.ts, timer)
         self._count("for-update-places")
 
-    def _admit_for_update(self, leader: ShardLeader, h: pb.TxnHeader, ops: list[pb.TxnOp]) -> None:
-        """Admission to a crowded hot key: refuse (rule line-full, retryable) a read for update
-        of a transaction that may wait on the wide area when the key's line already holds
-        `FOR_UPDATE_MAX_LINE` places and one of them is below it. Admitted to any line, such a
-        transaction either took a place (see `_reserve`) and held up everyone behind it for
-        the round trip to its write, or, when the line was long, read without one, was
-        overtaken by a later transaction of the line, and its write aborted by rule read-mark
-        after it had held its places on its other keys for that round trip: 759 of 768 such
-        reads ended so (YCSB-T read-modify-write, 33 clients per region, seed 1, when places
-        were bounded at 8). Refused, it holds nothing while it backs off, and the line moves
-        at local speed. The price is fairness under overload: a retry takes a new, later
-        timestamp and may find the line full again, so more transactions of other regions
-        give up after all their attempts (docs/benchmarks.md), while more of them commit.
-        Giving one that had failed several times a place however long the line (a priority
-        that survives retries) made convoys that cut throughput to a third."""
-        if not self.settings.for_update or h.read_only or h.region_local:
-            return
-        for op in ops:
-            if self._line_length(op.key) >= FOR_UPDATE_MAX_LINE and self._lower_in_line(
-                op.key, h.ts
-            ):
-                self._count("abort:line-full")
-                leader.counters.aborts += 1
-                self._unreserve_all(h.txn_id)  # it writes nothing more anywhere
-                raise TxnAborted(
-                    f"read for update of key {op.key[:64]!r} at {format_ts(h.ts)} aborted by "
-                    f"rule line-full: {self._line_length(op.key)} transactions are in line "
-                    "for it; retry later"
-                )
+    def _crowded(self, key: bytes, ts: int) -> Abort | None:
+        """Admission to a crowded hot key: the refusal (rule line-full, retryable) of a read for
+        update at ts of a transaction that may wait on the wide area, when key's line already
+        holds `FOR_UPDATE_MAX_LINE` places and one of them is below ts; None to admit it.
+        Admitted to any line, such a transaction either took a place (see `_reserve`) and held
+        up everyone behind it for the round trip to its write, or, when the line was long,
+        read without one, was overtaken by a later transaction of the line, and its write
+        aborted by rule read-mark after it had held its places on its other keys for that
+        round trip: 759 of 768 such reads ended so (YCSB-T read-modify-write, 33 clients per
+        region, seed 1, when places were bounded at 8). Refused, it holds nothing while it
+        backs off, and the line moves at local speed. The price is fairness under overload: a
+        retry takes a new, later timestamp and may find the line full again, so more
+        transactions of other regions give up after all their attempts (docs/benchmarks.md),
+        while more of them commit. Giving one that had failed several times a place however
+        long the line (a priority that survives retries) made convoys that cut throughput to
+        a third."""
+        if self._line_length(key) < FOR_UPDATE_MAX_LINE or not self._lower_in_line(key, ts):
+            return None
+        return Abort(
+            "line-full",
+            f"read for update of key {key[:64]!r} at {format_ts(ts)} aborted by rule "
+            f"line-full: {self._line_length(key)} transactions are in line for it; retry later",
+        )
 
     def _unreserve(self, txn_id: bytes, key: bytes) -> None:
         held = self._reserved.get(txn_id)
@@ -262,8 +256,6 @@ class Participant:
                 leader.check_value(op.key, op.value)
             if op.kind not in (pb.OP_GET, pb.OP_SCAN, pb.OP_PUT, pb.OP_DELETE):
                 raise InvalidArgument(f"unknown operation kind {op.kind}")
-        if for_update_ops := [op for op in ops if op.for_update and op.kind == pb.OP_GET]:
-            self._admit_for_update(leader, h, for_update_ops)
         results: list[pb.TxnOpResult] = [pb.TxnOpResult() for _ in ops]
         pending: list[Mutation] = []
         written: list[bytes] = []
@@ -329,6 +321,12 @@ class Participant:
                     more=out.more,
                 )
 
+        if not h.region_local:  # admission: before it waits or reads anything (see _crowded)
+            for i, op in enumerate(ops):
+                if op.kind == pb.OP_GET and for_update(op):
+                    refused = self._crowded(op.key, txn.ts)
+                    if refused is not None:
+                        record(i, op, refused)
         # First pass, for requests of several keys (no scans): run every operation that need
         # not wait, and defer those that must (with every later operation on the same key), so
         # a transaction lays its intents on keys it can take now before it waits for others.

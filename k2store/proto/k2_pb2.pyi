@@ -869,7 +869,7 @@ class TxnHeader(_message.Message):
     region_local: _builtins.bool
     """Every key the transaction named at begin is led in the coordinator's region, and so is
     every shard it has reached: its read for update is followed by its write within local round
-    trips, so a leader admits it to a key's line however long (Participant._admit_for_update).
+    trips, so a leader admits it to a key's line however long (Participant._crowded).
     """
     def __init__(
         self,
