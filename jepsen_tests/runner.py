@@ -38,7 +38,7 @@ from jepsen_tests.history import History, write_jsonl
 from jepsen_tests.nemesis import Nemesis, parse_nemesis
 from jepsen_tests.plots import plot_latency
 from jepsen_tests.workloads import WORKLOADS, Worker, Workload
-from k2store import launcher
+from k2store import evloop, launcher
 from k2store.client import AsyncClient, RetryPolicy
 from k2store.cluster import (
     DEFAULT_REGIONS,
@@ -250,7 +250,7 @@ def _run_cluster(opts: RunOptions, out: Path, data: Path, say: Callable[[str], N
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         history = History()
-        result = asyncio.run(_drive(cfg, opts, history, say))
+        result = evloop.run(_drive(cfg, opts, history, say))
     finally:
         signal.signal(signal.SIGTERM, previous)
         logs = out / "logs"

@@ -17,7 +17,6 @@ Run any command with --help for its options. Exit status: 0 success, 1 failure, 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import logging
@@ -29,6 +28,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from k2store import evloop
 from k2store.errors import InvalidArgument, K2Error
 
 if TYPE_CHECKING:
@@ -551,7 +551,7 @@ def _node(args: argparse.Namespace) -> int:
     from k2store.launcher import stop_with_parent
 
     stop_with_parent()  # a benchmark's node: stops when the benchmark does, even on kill -9
-    asyncio.run(serve(cfg, args.node))
+    evloop.run(serve(cfg, args.node))
     return 0
 
 
@@ -575,7 +575,7 @@ def _blockstore(args: argparse.Namespace) -> int:
     config = BlockStoreConfig(
         memory_bytes=args.memory_mb * 1024 * 1024, disk_bytes=args.disk_mb * 1024 * 1024
     )
-    asyncio.run(
+    evloop.run(
         serve_blockstore(
             args.region,
             f"127.0.0.1:{args.port}",
@@ -628,7 +628,7 @@ def _router(args: argparse.Namespace) -> int:
             if client is not None:
                 await client.close()
 
-    asyncio.run(main())
+    evloop.run(main())
     return 0
 
 
@@ -786,7 +786,7 @@ def _tenant(args: argparse.Namespace) -> int:
                     f"blocks {t.blocks}\tshare {'yes' if t.share else 'no'}"
                 )
 
-    asyncio.run(run())
+    evloop.run(run())
     return 0
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from k2store import evloop
 from kvtier.blocknode import BlockNode, BlockStoreClient
 from kvtier.blocks import BlockSpec, decode_block, encode_block
 from kvtier.blockstore import BlockStore, BlockStoreConfig, MemoryBlobStore
@@ -112,9 +113,9 @@ def run(tokens: int, blocks: int) -> dict[str, Any]:
             _rate(total, lambda: [store.get(k) for k in frames], repeat=3) / 1e6
         )
         store.close()
-    out.update(asyncio.run(_node_paths(frames, total)))
+    out.update(evloop.run(_node_paths(frames, total)))
     out["memcopy_MBps"] = memcopy_MBps(frames, total)
-    out.update(asyncio.run(_redis(frames, total)))
+    out.update(evloop.run(_redis(frames, total)))
     return out
 
 
@@ -150,7 +151,7 @@ def _serve_node(addr_file: Path) -> None:
         await asyncio.to_thread(sys.stdin.read)  # the parent closes stdin when it is done
         await node.stop(0)
 
-    asyncio.run(main())
+    evloop.run(main())
 
 
 async def _node_paths(frames: dict[bytes, bytes], total: int) -> dict[str, float]:
@@ -415,7 +416,7 @@ def main_args(a: argparse.Namespace) -> int:
         a.tokens, a.blocks = 64, 4
     figures = run(a.tokens, a.blocks)
     if a.connector:
-        figures.update(asyncio.run(_connector_bench(a.prefix, a.tokens)))
+        figures.update(evloop.run(_connector_bench(a.prefix, a.tokens)))
     for k, v in figures.items():
         print(f"{k:32} {v:.3f}" if isinstance(v, float) else f"{k:32} {v}")
     print()

@@ -58,6 +58,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from k2store import evloop
 from k2store.client import AsyncClient
 from k2store.cluster import ClusterConfig
 from k2store.errors import InvalidArgument, K2Error, Unavailable
@@ -958,7 +959,7 @@ class KVConnector:
         stores: Mapping[str, Sequence[str]] | None = None,
         clock: ClockSource | None = None,
     ) -> KVConnector:
-        loop = asyncio.new_event_loop()
+        loop = evloop.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="kvtier-connector", daemon=True)
         thread.start()
 

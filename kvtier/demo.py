@@ -24,7 +24,6 @@ Greedy decoding with short replies keeps it to a couple of minutes on a 2-core l
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import sys
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from k2store import evloop
 from truetime import SystemClock
 
 __all__ = ["DOCUMENT", "SYSTEM_PROMPT", "WORKLOAD", "Row", "run_demo", "write_svg"]
@@ -219,7 +219,7 @@ def run_demo(
         loaded = loading.result()
     ok = False
     try:
-        rows = asyncio.run(_play(cfg, loaded, max_tokens, say))
+        rows = evloop.run(_play(cfg, loaded, max_tokens, say))
         _print_table(rows)
         _print_summary(rows)
         if plot is not None:

@@ -41,6 +41,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from k2store import evloop
 from k2store.bench.sweep import parse_counts
 
 __all__ = ["crossover_summary", "main", "plot", "plot_crossover", "run_bench", "run_crossover"]
@@ -147,7 +148,7 @@ def _on_cluster(
     _say("starting a local three-region cluster with block stores ...")
     cfg = launcher.up(data, progress=False, blockstores=True, with_parent=True)
     try:
-        return asyncio.run(fn(cfg))
+        return evloop.run(fn(cfg))
     finally:
         launcher.down(cfg)
         if tmp is not None:

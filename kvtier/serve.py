@@ -47,6 +47,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from k2store import evloop
 from k2store.client import AsyncClient, RetryPolicy
 from k2store.cluster import ClusterConfig
 from k2store.errors import InvalidArgument, K2Error, PermissionDenied
@@ -704,7 +705,7 @@ def main(args: Any) -> int:
                 await registration.close()
             await node.close()
 
-    asyncio.run(run())
+    evloop.run(run())
     return 0
 
 

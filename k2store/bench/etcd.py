@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from k2store import launcher
+from k2store import evloop, launcher
 from k2store.bench.linkproxy import LOOPBACK, LinkDelay
 from k2store.bench.sweep import json_safe, stamp
 from k2store.bench.txn import local_cluster, percentile, pyplot
@@ -830,7 +830,7 @@ def run(bc: EtcdBenchConfig, data: Path, *, progress: bool = False) -> EtcdRun:
             "apt-get install etcd-server, or pass --etcd PATH"
         )
     with _clusters(binary, bc, data, progress) as (cfg, etcd):
-        result = asyncio.run(measure(cfg, etcd, bc))
+        result = evloop.run(measure(cfg, etcd, bc))
     result.link_stats = etcd.link_stats
     return result
 

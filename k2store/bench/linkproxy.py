@@ -64,6 +64,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from k2store import evloop
 from k2store.wan import NetworkSettings
 
 __all__ = [
@@ -452,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", type=Path, required=True, help="the links, as JSON")
     p.add_argument("--stats-out", type=Path, default=None, help="write per-link stats on exit")
     args = p.parse_args(argv)
-    return asyncio.run(_main_async(args.spec, args.stats_out))
+    return evloop.run(_main_async(args.spec, args.stats_out))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from k2store import evloop
 from k2store.bench.sweep import (
     SweepPoint,
     add_seed_arguments,
@@ -508,7 +509,7 @@ def run_processes(protocol: str, tc: TpccConfig, data: Path, progress: bool) -> 
         progress=progress,
         regions=tc.region_names,
     ) as cfg:
-        return asyncio.run(_run_on(cfg, protocol, tc))
+        return evloop.run(_run_on(cfg, protocol, tc))
 
 
 def format_results(results: Sequence[TpccResult]) -> str:

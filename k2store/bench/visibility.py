@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from k2store import evloop
 from k2store.bench import tpcc
 from k2store.bench.sweep import stamp as result_stamp
 from k2store.bench.txn import local_cluster, pyplot
@@ -228,7 +229,7 @@ def run_processes(
 ) -> PolicyResult:
     result = PolicyResult(policy, "processes", vc.duration_s, epoch_ms)
     with local_cluster(data, settings_for(policy, epoch_ms), progress=progress) as cfg:
-        asyncio.run(_run_on(cfg, vc, result))
+        evloop.run(_run_on(cfg, vc, result))
     return result
 
 
