@@ -23,11 +23,12 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import grpc
 
 from k2store import cluster as cluster_mod
+from k2store import evloop
 from k2store.cluster import ClusterConfig, ClusterSettings, NodeConfig, RegionConfig, ShardConfig
 from k2store.errors import (
     CommitOutcomeUnknown,
@@ -92,6 +93,9 @@ def _value(v: bytes | bytearray | memoryview) -> bytes:
 
 
 class AsyncClient:
+    transaction_type: ClassVar[type[AsyncTransaction]]
+    """What `begin` makes (AsyncTransaction; a subclass may watch its transactions)."""
+
     def __init__(
         self,
         cluster: ClusterConfig,
@@ -275,14 +279,20 @@ class AsyncClient:
         return node
 
     async def begin(
-        self, *, read_only: bool = False, keys: Sequence[KeyLike] = ()
+        self, *, read_only: bool = False, keys: Sequence[KeyLike] = (), inline: bool = False
     ) -> AsyncTransaction:
         """Start a transaction at a coordinator in this client's region. Prefer `run(fn)`,
-        which also retries; a transaction begun here must be committed or aborted."""
+        which also retries; a transaction begun here must be committed or aborted.
+
+        `inline`: send nothing yet; the transaction begins with its first operation, in that
+        operation's round trip (as Spanner's clients begin inside the first statement), so its
+        `txn_id` and `ts` are unset (empty, 0) until then. `run` begins this way."""
         node = self._pick_coordinator()
         req = pb.BeginTxnRequest(read_only=read_only, keys=[_key(k) for k in keys])
+        if inline:
+            return self.transaction_type(self, node, b"", 0, read_only, begin=req)
         r = await self._with_retry(lambda: self._call(node, "BeginTxn", req, pb.BeginTxnResponse))
-        return AsyncTransaction(self, node, r.txn_id, r.ts, read_only)
+        return self.transaction_type(self, node, r.txn_id, r.ts, read_only)
 
     async def read_many(self, keys: Sequence[KeyLike]) -> list[bytes | None]:
         """The values of keys (None: absent) in one consistent snapshot at a fresh timestamp: a
@@ -329,7 +339,7 @@ class AsyncClient:
         attempts = max_attempts or self.retry.max_attempts
         backoff = self.retry.initial_backoff_s
         for i in range(attempts):
-            tx = await self.begin(read_only=read_only, keys=keys)
+            tx = await self.begin(read_only=read_only, keys=keys, inline=True)
             try:
                 result = await fn(tx)
                 await tx.commit()
@@ -458,8 +468,16 @@ class AsyncTransaction:
     """
 
     def __init__(
-        self, client: AsyncClient, coordinator: str, txn_id: bytes, ts: int, read_only: bool
+        self,
+        client: AsyncClient,
+        coordinator: str,
+        txn_id: bytes,
+        ts: int,
+        read_only: bool,
+        *,
+        begin: pb.BeginTxnRequest | None = None,
     ) -> None:
+        """`begin`: not begun yet; the first operation begins it (`AsyncClient.begin(inline=...)`)."""
         self._client = client
         self.coordinator = coordinator
         self.txn_id = txn_id
@@ -467,19 +485,47 @@ class AsyncTransaction:
         self.read_only = read_only
         self.commit_ts: int | None = None
         self._ended = False
+        self._begin = begin
+        self._beginning = asyncio.Lock() if begin is not None else None
+        """Held by the operation that carries the begin: others wait for the transaction's id."""
 
     async def _ops(self, ops: list[pb.TxnOp]) -> list[pb.TxnOpResult]:
+        if self._beginning is not None and self._begin is not None:
+            async with self._beginning:
+                if self._begin is not None:
+                    return await self._send(ops, self._begin)
+        return await self._send(ops, None)
+
+    async def _send(
+        self, ops: list[pb.TxnOp], begin: pb.BeginTxnRequest | None
+    ) -> list[pb.TxnOpResult]:
         if self._ended:
             raise InvalidArgument("the transaction has already ended")
         req = pb.TxnOpsRequest(txn_id=self.txn_id, ops=ops)
+        if begin is not None:
+            req.begin.CopyFrom(begin)
         try:
             r = await self._client._call(self.coordinator, "TxnOps", req, pb.TxnOpsResponse)
         except K2Error as e:
+            # Retryable: the coordinator aborted it. Otherwise it stays open; if this call was
+            # to begin it, the coordinator ended what it began and the next operation begins.
             if e.retryable:
-                self._ended = True  # the coordinator aborted it
+                self._ended = True
             raise
+        if begin is not None:
+            self.txn_id, self._begin = r.txn_id, None
         self.ts = r.ts or self.ts  # final from the first operation on (late stamping)
         return list(r.results)
+
+    async def _begin_now(self) -> None:
+        """Begin a transaction that has had no operation (to commit it: it gets a timestamp)."""
+        if self._begin is None:
+            return
+        begin, c = self._begin, self._client
+        r = await c._with_retry(
+            lambda: c._call(self.coordinator, "BeginTxn", begin, pb.BeginTxnResponse)
+        )
+        self.txn_id, self.ts, self._begin = r.txn_id, r.ts, None
 
     async def get(self, key: KeyLike, *, for_update: bool = False) -> bytes | None:
         """The value of key at this transaction's timestamp (None: absent). `for_update`: see
@@ -562,6 +608,7 @@ class AsyncTransaction:
         """Commit; returns the commit timestamp. Raises TxnAborted (retryable) if it lost."""
         if self._ended:
             raise InvalidArgument("the transaction has already ended")
+        await self._begin_now()
         self._ended = True
         req = pb.CommitTxnRequest(txn_id=self.txn_id)
         try:
@@ -583,6 +630,8 @@ class AsyncTransaction:
         if self._ended:
             return
         self._ended = True
+        if self._begin is not None:
+            return  # never begun: the coordinator holds nothing of it
         with contextlib.suppress(K2Error):
             await self._client._call(
                 self.coordinator,
@@ -590,6 +639,9 @@ class AsyncTransaction:
                 pb.AbortTxnRequest(txn_id=self.txn_id),
                 pb.AbortTxnResponse,
             )
+
+
+AsyncClient.transaction_type = AsyncTransaction
 
 
 class _TxnContext:
@@ -701,7 +753,7 @@ class Client:
     """
 
     def __init__(self, cluster: ClusterConfig, **kw: Any) -> None:
-        self._loop = asyncio.new_event_loop()
+        self._loop = evloop.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="k2-client", daemon=True
         )
@@ -715,7 +767,7 @@ class Client:
         s = str(target)
         if Path(s).exists() or s.endswith(".toml"):
             return cls(cluster_mod.load(s), **kw)
-        loop = asyncio.new_event_loop()
+        loop = evloop.new_event_loop()
         try:
             cfg = loop.run_until_complete(
                 fetch_cluster_info(s, security=kw.pop("security", None), token=kw.get("token"))

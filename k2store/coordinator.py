@@ -282,7 +282,28 @@ class Coordinator:
         return resp
 
     async def ops(self, req: pb.TxnOpsRequest) -> pb.TxnOpsResponse:
-        txn = self._txn(req.txn_id)
+        if not req.HasField("begin"):
+            return await self._ops(self._txn(req.txn_id), req)
+        # Inline begin (Spanner's clients begin a read-write transaction inside its first
+        # statement): begin, then the ops, in the client's one round trip.
+        if req.txn_id:
+            raise InvalidArgument("TxnOps names a transaction and asks to begin one: pick one")
+        if req.begin.read_keys:
+            raise InvalidArgument("read_keys is for BeginTxn (a one-shot read-only transaction)")
+        begun = await self.begin(req.begin)
+        txn = self.txns[begun.txn_id]
+        txn.restamp = False  # its timestamp was drawn just now: late stamping has nothing to do
+        try:
+            r = await self._ops(txn, req)
+        except BaseException:
+            # The client never learned this transaction's id, so it cannot end it: end it here
+            # (an abort by a rule has already done so; this is for bad input and the like).
+            await self._abort(txn)
+            raise
+        r.txn_id = begun.txn_id
+        return r
+
+    async def _ops(self, txn: _Txn, req: pb.TxnOpsRequest) -> pb.TxnOpsResponse:
         async with txn.lock:
             if txn.restamp:
                 txn.restamp = False

@@ -52,7 +52,8 @@ here), for every region R::
     anything else              nothing                       (admins and nodes: everything)
 
 A read grant covers Get, Scan, the reads of a transaction and replica reads, and the keys a
-BeginTxn declares (a placement hint: the transaction's writes are checked one by one in TxnOps).
+BeginTxn declares, or a TxnOps that begins its transaction inline (a placement hint: the
+transaction's writes are checked one by one in TxnOps).
 Quota rows and region rows are the operator's: only an admin token writes them
 (`register_tenant`; a block store registers its address with its cluster file's token, the
 operator's). Known limit: a tenant's usage rows sit in its
@@ -637,6 +638,8 @@ class Guard:
             if not _allowed(grants, start, end, point, write):
                 raise PermissionDenied(_NO_ACCESS)
         txn_id = getattr(request, "txn_id", None)
+        if isinstance(request, pb.TxnOpsRequest) and request.HasField("begin"):
+            return  # it begins its transaction (inline begin): nobody owns it yet
         if isinstance(txn_id, bytes) and path != "/k2.v1.K2/BeginTxn":
             with self._lock:
                 owner = self._owners.by_txn.get(txn_id)
@@ -648,7 +651,9 @@ class Guard:
         if isinstance(ident, NodeIdentity) or ident.is_admin:
             return
         with self._lock:
-            if isinstance(response, pb.BeginTxnResponse):
+            if isinstance(response, pb.BeginTxnResponse) or (
+                isinstance(response, pb.TxnOpsResponse) and response.txn_id
+            ):
                 self._owners.add(response.txn_id, ident.name)
             elif isinstance(request, pb.CommitTxnRequest | pb.AbortTxnRequest):
                 self._owners.by_txn.pop(request.txn_id, None)
@@ -754,7 +759,7 @@ def _keys_of(path: str, r: Message) -> list[_Access]:
             if op.kind == pb.OP_SCAN
             else (op.key, None, True, op.kind in (pb.OP_PUT, pb.OP_DELETE))
             for op in r.ops
-        ]
+        ] + (_keys_of(path, r.begin) if r.HasField("begin") else [])
     if isinstance(r, pb.ReplicaReadRequest):
         out: list[_Access] = [(k, None, True, False) for k in r.keys]
         if r.has_scan:

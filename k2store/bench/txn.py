@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from k2store import cluster as cluster_mod
-from k2store import launcher
+from k2store import evloop, launcher
 from k2store.bench.sweep import (
     SweepPoint,
     add_seed_arguments,
@@ -89,9 +89,6 @@ REFINEMENTS: tuple[str, ...] = (
     "commit_with_writes",
 )
 """The `[txn]` switches that `--ablate` turns off one at a time (see cluster.TxnSettings)."""
-
-BATCH_EXPIRED = "begin:batch-expired"
-"""How a begin that failed on a stale timestamp batch is counted (see _ObservingClient.begin)."""
 
 _CLOCK = SystemClock()
 
@@ -300,6 +297,8 @@ class _ObservingClient(AsyncClient):
     One closed-loop client drives it, so the notes belong to one transaction at a time.
     """
 
+    transaction_type = _ObservedTxn
+
     def __init__(self, cluster: ClusterConfig, **kw: Any) -> None:
         super().__init__(cluster, **kw)
         self.now_ns: Callable[[], int] = _CLOCK.monotonic_ns
@@ -321,24 +320,12 @@ class _ObservingClient(AsyncClient):
             self.failures.append(f"error:{type(e).__name__}")
 
     async def begin(self, **kw: Any) -> AsyncTransaction:
-        for i in range(self.retry.max_attempts):
-            self.attempts += 1
-            self.attempt_started_ns = self.now_ns()
-            try:
-                tx = await super().begin(**kw)
-            except K2Error as e:
-                # WORKAROUND: a node's timestamp batch that arrives stale (truetime BatchExpired,
-                # retryable) reaches clients as a non-retryable internal error, which would end
-                # client.run. Counted as a failed attempt under its own name, then retried,
-                # until NodeService.timestamp maps BatchExpired to a retryable K2Error.
-                if e.retryable or "BatchExpired" not in str(e) or i == self.retry.max_attempts - 1:
-                    raise
-                self.failures.append(BATCH_EXPIRED)
-                continue
-            observed = _ObservedTxn(self, tx.coordinator, tx.txn_id, tx.ts, tx.read_only)
-            observed._observer = self
-            return observed
-        raise AssertionError("unreachable")
+        self.attempts += 1
+        self.attempt_started_ns = self.now_ns()
+        tx = await super().begin(**kw)
+        assert isinstance(tx, _ObservedTxn)
+        tx._observer = self
+        return tx
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -1173,7 +1160,7 @@ def run_local(bc: BenchConfig, data: Path, *, txn: TxnSettings, label: str) -> R
     )
     with local_cluster(data, settings, progress=progress) as cfg:
         print(f"[{label}] cluster up; running the mix ...", file=sys.stderr, flush=True)
-        return asyncio.run(run_mix(cfg, bc, label=label, progress=progress))
+        return evloop.run(run_mix(cfg, bc, label=label, progress=progress))
 
 
 def sweep_point(run: RunResult, regions: int) -> SweepPoint:
@@ -1322,7 +1309,7 @@ def main(args: argparse.Namespace) -> int:
                 f"{bc.protocol}; pass --protocol {cfg.settings.txn.protocol}"
             )
         bc.check_keys(len(cfg.regions))
-        results.append(asyncio.run(run_mix(cfg, bc, progress=progress)))
+        results.append(evloop.run(run_mix(cfg, bc, progress=progress)))
         print(format_run(results[-1]), flush=True)
     else:
         bc.check_keys(len(DEFAULT_REGIONS))

@@ -965,18 +965,28 @@ class TxnOpsRequest(_message.Message):
 
     TXN_ID_FIELD_NUMBER: _builtins.int
     OPS_FIELD_NUMBER: _builtins.int
+    BEGIN_FIELD_NUMBER: _builtins.int
     txn_id: _builtins.bytes
     @_builtins.property
     def ops(self) -> _containers.RepeatedCompositeFieldContainer[Global___TxnOp]: ...
+    @_builtins.property
+    def begin(self) -> Global___BeginTxnRequest:
+        """Inline begin (instead of txn_id): the coordinator begins the transaction as BeginTxn would,
+        then runs ops in it, and answers with its id; the client saves a round trip. When the ops
+        fail, the coordinator ends the transaction it began (the client never learned its id).
+        read_keys is not allowed here.
+        """
+
     def __init__(
         self,
         *,
         txn_id: _builtins.bytes = ...,
         ops: _abc.Iterable[Global___TxnOp] | None = ...,
+        begin: Global___BeginTxnRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["begin", b"begin"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ops", b"ops", "txn_id", b"txn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["begin", b"begin", "ops", b"ops", "txn_id", b"txn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -988,8 +998,11 @@ class TxnOpsResponse(_message.Message):
 
     RESULTS_FIELD_NUMBER: _builtins.int
     TS_FIELD_NUMBER: _builtins.int
+    TXN_ID_FIELD_NUMBER: _builtins.int
     ts: _builtins.int
     """the transaction's timestamp, final from its first operation on"""
+    txn_id: _builtins.bytes
+    """set when the request began the transaction (begin)"""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TxnOpResult]: ...
     def __init__(
@@ -997,10 +1010,11 @@ class TxnOpsResponse(_message.Message):
         *,
         results: _abc.Iterable[Global___TxnOpResult] | None = ...,
         ts: _builtins.int = ...,
+        txn_id: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results", "ts", b"ts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results", "ts", b"ts", "txn_id", b"txn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -114,6 +114,8 @@ class _WatchedTxn(AsyncTransaction):
 class WatchingClient(AsyncClient):
     """An AsyncClient that notes how each attempt's commit ended; `client.run` still retries."""
 
+    transaction_type = _WatchedTxn
+
     def __init__(
         self, cluster: ClusterConfig, region: str, rules: list[str], errors: Counter[str]
     ) -> None:
@@ -124,9 +126,9 @@ class WatchingClient(AsyncClient):
 
     async def begin(self, **kw: Any) -> AsyncTransaction:
         tx = await super().begin(**kw)
-        watched = _WatchedTxn(self, tx.coordinator, tx.txn_id, tx.ts, tx.read_only)
-        watched.watcher = self
-        return watched
+        assert isinstance(tx, _WatchedTxn)
+        tx.watcher = self
+        return tx
 
     async def run_watched(
         self, fn: Callable[[AsyncTransaction], Awaitable[Any]], *, read_only: bool = False

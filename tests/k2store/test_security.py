@@ -227,6 +227,20 @@ def test_wrong_tenant_is_refused_and_a_miss_looks_the_same(tmp_path: Path) -> No
         with pytest.raises(PermissionDenied):
             await acme._call(tx.coordinator, "CommitTxn", stolen, pb.CommitTxnResponse)
         await tx.commit()
+        # Nor one begun inline with its first operation (its owner is known from the reply),
+        # and an inline begin is checked against the keys it declares.
+        tx = await globex.begin(inline=True)
+        await tx.put("us-east/t/globex/late", b"2")
+        stolen = pb.CommitTxnRequest(txn_id=tx.txn_id)
+        with pytest.raises(PermissionDenied):
+            await acme._call(tx.coordinator, "CommitTxn", stolen, pb.CommitTxnResponse)
+        await tx.commit()
+        sneaky = pb.TxnOpsRequest(
+            begin=pb.BeginTxnRequest(keys=[b"us-east/t/globex/secret"]),
+            ops=[pb.TxnOp(kind=pb.OP_GET, key=b"us-east/t/acme/x")],
+        )
+        with pytest.raises(PermissionDenied):
+            await acme._call(tx.coordinator, "TxnOps", sneaky, pb.TxnOpsResponse)
         assert await globex.get("us-east/t/globex/secret") == b"s"
         # Admin RPCs need the admin role.
         with pytest.raises(PermissionDenied):

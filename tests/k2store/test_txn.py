@@ -660,3 +660,108 @@ def test_a_commit_runs_to_its_end_when_the_client_stops_waiting(tmp_path: Path) 
             assert not _intents(nodes)
 
     run(body)
+
+
+# -- inline begin ---------------------------------------------------------------------------------
+
+
+def _spy_calls(c: AsyncClient) -> list[str]:
+    """The methods c sends, in order."""
+    sent: list[str] = []
+    real = c._call
+
+    async def spy(node: str, method: str, request: Any, response_type: Any, **kw: Any) -> Any:
+        sent.append(method)
+        return await real(node, method, request, response_type, **kw)
+
+    c._call = spy  # type: ignore[method-assign]
+    return sent
+
+
+def test_run_begins_with_the_first_operation_in_its_round_trip(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            await c.put("us-east/a", b"0")
+            sent = _spy_calls(c)
+
+            async def fn(tx: AsyncTransaction) -> tuple[list[bytes | None], int, bytes]:
+                assert (tx.ts, tx.txn_id) == (0, b"")  # nothing sent yet
+                values = await tx.batch(["us-east/a"], {"us-east/b": b"1", "eu-west/c": b"2"})
+                return values, tx.ts, tx.txn_id
+
+            values, ts, txn_id = await c.run(fn)
+            assert sent == ["TxnOps", "CommitTxn"]  # no BeginTxn round trip
+            assert values == [b"0"] and ts > 0 and len(txn_id) == 16
+            for k, v in [("us-east/b", b"1"), ("eu-west/c", b"2")]:
+                r = await c.get_versioned(k)
+                assert (r.value, r.version_ts) == (v, ts)
+            assert not any(n.service.coordinator.txns for n in nodes.values())  # type: ignore[union-attr]
+
+    run(body)
+
+
+def test_first_operations_sent_together_begin_one_transaction(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            await c.put("us-east/a", b"A")
+            await c.put("eu-west/b", b"B")
+            tx = await c.begin(inline=True)
+            a, b, _ = await asyncio.gather(
+                tx.get("us-east/a"), tx.get("eu-west/b"), tx.put("ap-southeast/c", b"C")
+            )
+            coord = nodes[tx.coordinator].service.coordinator  # type: ignore[union-attr]
+            assert (a, b) == (b"A", b"B") and list(coord.txns) == [tx.txn_id]
+            ts = await tx.commit()
+            assert (await c.get_versioned("ap-southeast/c")).version_ts == ts
+
+    run(body)
+
+
+def test_a_refused_first_operation_leaves_nothing_open_and_the_next_one_begins(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            tx = await c.begin(inline=True)
+            coord = nodes[tx.coordinator].service.coordinator  # type: ignore[union-attr]
+            with pytest.raises(InvalidArgument):
+                await tx.put("us-east/" + "k" * 100_000, b"v")  # key over the limit
+            assert not coord.txns and tx.txn_id == b""
+            await tx.put("us-east/a", b"1")
+            assert list(coord.txns) == [tx.txn_id]
+            ts = await tx.commit()
+            assert (await c.get_versioned("us-east/a")).version_ts == ts
+
+    run(body)
+
+
+def test_an_inline_transaction_without_operations_commits_or_aborts(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            sent = _spy_calls(c)
+            tx = await c.begin(inline=True)
+            await tx.abort()  # never begun: nothing to send
+            assert sent == []
+            tx = await c.begin(inline=True)
+            ts = await tx.commit()
+            assert sent == ["BeginTxn", "CommitTxn"] and ts == tx.ts > 0
+
+    run(body)
+
+
+def test_txn_ops_refuses_to_both_name_and_begin_a_transaction(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            tx = await c.begin()
+            op = pb.TxnOp(kind=pb.OP_GET, key=b"us-east/a")
+            for req in (
+                pb.TxnOpsRequest(txn_id=tx.txn_id, ops=[op], begin=pb.BeginTxnRequest()),
+                pb.TxnOpsRequest(ops=[op], begin=pb.BeginTxnRequest(read_keys=[b"us-east/a"])),
+            ):
+                with pytest.raises(InvalidArgument):
+                    await c._call(tx.coordinator, "TxnOps", req, pb.TxnOpsResponse)
+            coord = nodes[tx.coordinator].service.coordinator  # type: ignore[union-attr]
+            assert list(coord.txns) == [tx.txn_id]
+            await tx.abort()
+
+    run(body)
