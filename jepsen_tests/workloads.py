@@ -42,7 +42,7 @@ from jepsen_tests.history import History, Op
 from jepsen_tests.linearizable import check_linearizable
 from jepsen_tests.replica import check_replica_reads
 from k2store.client import AsyncClient, AsyncTransaction, ReplicaSnapshot
-from k2store.errors import K2Error, TxnAborted
+from k2store.errors import CommitOutcomeUnknown, K2Error, TxnAborted
 from truetime import SystemClock
 
 __all__ = [
@@ -90,7 +90,8 @@ async def run_txn(
     for attempt in range(max_attempts):
         final = attempt == max_attempts - 1
         try:
-            tx = await client.begin(read_only=read_only, keys=keys)
+            # Begun inline: with the body's first operation, as client.run begins.
+            tx = await client.begin(read_only=read_only, keys=keys, inline=True)
         except K2Error as e:
             last = _err(e)
             if e.retryable and not final:
@@ -100,6 +101,10 @@ async def run_txn(
             return Outcome("fail", error=last)
         try:
             value = await body(tx)
+        except CommitOutcomeUnknown as e:
+            # The body's last operations carried the commit (commit=True) and the reply was
+            # lost: it may have committed.
+            return Outcome("info", error=_err(e), ts=tx.ts)
         except K2Error as e:
             await tx.abort()
             last = _err(e)
@@ -452,7 +457,8 @@ class BankWorkload(Workload):
                     t["from"]: str(int(a) - t["amount"]).encode(),
                     t["to"]: str(int(b) + t["amount"]).encode(),
                     ledger: f"{t['from']} {t['to']} {t['amount']}".encode(),
-                }
+                },
+                commit=True,  # the commit in the writes' round trip (one-phase for the client)
             )
             return {**t, "result": "moved"}
 

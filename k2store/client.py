@@ -489,32 +489,46 @@ class AsyncTransaction:
         self._beginning = asyncio.Lock() if begin is not None else None
         """Held by the operation that carries the begin: others wait for the transaction's id."""
 
-    async def _ops(self, ops: list[pb.TxnOp]) -> list[pb.TxnOpResult]:
+    async def _ops(self, ops: list[pb.TxnOp], commit: bool = False) -> list[pb.TxnOpResult]:
         if self._beginning is not None and self._begin is not None:
             async with self._beginning:
                 if self._begin is not None:
-                    return await self._send(ops, self._begin)
-        return await self._send(ops, None)
+                    return await self._send(ops, self._begin, commit)
+        return await self._send(ops, None, commit)
 
     async def _send(
-        self, ops: list[pb.TxnOp], begin: pb.BeginTxnRequest | None
+        self, ops: list[pb.TxnOp], begin: pb.BeginTxnRequest | None, commit: bool
     ) -> list[pb.TxnOpResult]:
         if self._ended:
             raise InvalidArgument("the transaction has already ended")
-        req = pb.TxnOpsRequest(txn_id=self.txn_id, ops=ops)
+        req = pb.TxnOpsRequest(txn_id=self.txn_id, ops=ops, commit=commit)
         if begin is not None:
             req.begin.CopyFrom(begin)
         try:
             r = await self._client._call(self.coordinator, "TxnOps", req, pb.TxnOpsResponse)
+        except TxnAborted:
+            self._ended = True  # the coordinator aborted it
+            raise
         except K2Error as e:
-            # Retryable: the coordinator aborted it. Otherwise it stays open; if this call was
-            # to begin it, the coordinator ended what it began and the next operation begins.
-            if e.retryable:
+            # Retryable: the coordinator aborted it, or, with commit, perhaps committed it (the
+            # coordinator turns its ops' other retryable errors into aborts, so a retryable
+            # error here is the wire's: the request may have run). Otherwise it stays open; if
+            # this call was to begin it, the coordinator ended what it began and the next
+            # operation begins.
+            if e.retryable or isinstance(e, CommitOutcomeUnknown):
                 self._ended = True
+            if commit and e.retryable:
+                raise CommitOutcomeUnknown(
+                    f"commit of transaction {self.txn_id.hex()[:12] or '(begun inline)'}: "
+                    f"outcome unknown ({e}); it was not retried, since that could apply it twice"
+                ) from e
             raise
         if begin is not None:
             self.txn_id, self._begin = r.txn_id, None
         self.ts = r.ts or self.ts  # final from the first operation on (late stamping)
+        if commit:
+            self._ended = True
+            self.commit_ts = r.commit_ts
         return list(r.results)
 
     async def _begin_now(self) -> None:
@@ -558,25 +572,36 @@ class AsyncTransaction:
     async def delete(self, key: KeyLike) -> None:
         await self._ops([pb.TxnOp(kind=pb.OP_DELETE, key=_key(key))])
 
-    async def put_many(self, items: dict[KeyLike, bytes | None]) -> None:
-        """Write (None deletes) several keys in one parallel round."""
+    async def put_many(self, items: dict[KeyLike, bytes | None], *, commit: bool = False) -> None:
+        """Write (None deletes) several keys in one parallel round. `commit`: these are the
+        transaction's last operations; commit it in the same round trip (see `batch`)."""
         await self._ops(
             [
                 pb.TxnOp(kind=pb.OP_PUT, key=_key(k), value=_value(v))
                 if v is not None
                 else pb.TxnOp(kind=pb.OP_DELETE, key=_key(k))
                 for k, v in items.items()
-            ]
+            ],
+            commit,
         )
 
     async def batch(
-        self, reads: Sequence[KeyLike], writes: Mapping[KeyLike, bytes | None]
+        self,
+        reads: Sequence[KeyLike],
+        writes: Mapping[KeyLike, bytes | None],
+        *,
+        commit: bool = False,
     ) -> list[bytes | None]:
         """Reads and writes that do not depend on each other, in ONE parallel round (one-shot
         dispatch): each shard reads its keys and lays down its intents in the same step, so a
         read-modify-write of a hot key leaves no window for another transaction's read between
         the read and the write (which would abort the write by rule read-mark). Returns the
-        values read (before this batch's writes)."""
+        values read (before this batch's writes).
+
+        `commit`: these are the transaction's last operations; the coordinator commits it as
+        soon as they succeed, in the same round trip (CockroachDB's one-phase commit of a
+        transaction's final batch), and `commit()` then only returns the commit timestamp.
+        Raises TxnAborted (nothing committed) or CommitOutcomeUnknown (the reply was lost)."""
         ops = [pb.TxnOp(kind=pb.OP_GET, key=_key(k)) for k in reads]
         ops += [
             pb.TxnOp(kind=pb.OP_PUT, key=_key(k), value=_value(v))
@@ -584,7 +609,7 @@ class AsyncTransaction:
             else pb.TxnOp(kind=pb.OP_DELETE, key=_key(k))
             for k, v in writes.items()
         ]
-        rs = await self._ops(ops)
+        rs = await self._ops(ops, commit)
         return [r.value if r.found else None for r in rs[: len(reads)]]
 
     async def scan(
@@ -605,7 +630,10 @@ class AsyncTransaction:
         return [(kv.key, kv.value) for kv in r.items]
 
     async def commit(self) -> int:
-        """Commit; returns the commit timestamp. Raises TxnAborted (retryable) if it lost."""
+        """Commit; returns the commit timestamp. Raises TxnAborted (retryable) if it lost.
+        After operations sent with `commit=True` it only returns their commit timestamp."""
+        if self.commit_ts is not None:
+            return self.commit_ts
         if self._ended:
             raise InvalidArgument("the transaction has already ended")
         await self._begin_now()
@@ -926,8 +954,17 @@ class Transaction:
     def delete(self, key: KeyLike) -> None:
         self._client._run(self._tx.delete(key))
 
-    def put_many(self, items: dict[KeyLike, bytes | None]) -> None:
-        self._client._run(self._tx.put_many(items))
+    def put_many(self, items: dict[KeyLike, bytes | None], *, commit: bool = False) -> None:
+        self._client._run(self._tx.put_many(items, commit=commit))
+
+    def batch(
+        self,
+        reads: Sequence[KeyLike],
+        writes: Mapping[KeyLike, bytes | None],
+        *,
+        commit: bool = False,
+    ) -> list[bytes | None]:
+        return self._client._run(self._tx.batch(reads, writes, commit=commit))
 
     def scan(
         self, start: KeyLike = b"", end: KeyLike | None = None, *, limit: int = 1000

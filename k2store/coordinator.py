@@ -54,7 +54,13 @@ from google.protobuf.message import Message
 
 from k2store.background import stop_tasks
 from k2store.cluster import ClusterConfig, ShardConfig, TxnSettings
-from k2store.errors import ClockUncertain, InvalidArgument, K2Error, TxnAborted
+from k2store.errors import (
+    ClockUncertain,
+    CommitOutcomeUnknown,
+    InvalidArgument,
+    K2Error,
+    TxnAborted,
+)
 from k2store.participant import is_write
 from k2store.proto import k2_pb2 as pb
 from truetime import STEP_GRANULARITY, HybridLogicalClock, TrueTime, UncertaintyExceeded
@@ -283,25 +289,61 @@ class Coordinator:
 
     async def ops(self, req: pb.TxnOpsRequest) -> pb.TxnOpsResponse:
         if not req.HasField("begin"):
-            return await self._ops(self._txn(req.txn_id), req)
-        # Inline begin (Spanner's clients begin a read-write transaction inside its first
-        # statement): begin, then the ops, in the client's one round trip.
-        if req.txn_id:
-            raise InvalidArgument("TxnOps names a transaction and asks to begin one: pick one")
-        if req.begin.read_keys:
-            raise InvalidArgument("read_keys is for BeginTxn (a one-shot read-only transaction)")
-        begun = await self.begin(req.begin)
-        txn = self.txns[begun.txn_id]
-        txn.restamp = False  # its timestamp was drawn just now: late stamping has nothing to do
-        try:
-            r = await self._ops(txn, req)
-        except BaseException:
-            # The client never learned this transaction's id, so it cannot end it: end it here
-            # (an abort by a rule has already done so; this is for bad input and the like).
-            await self._abort(txn)
-            raise
-        r.txn_id = begun.txn_id
+            txn = self._txn(req.txn_id)
+            r = await self._ops_for_commit(txn, req) if req.commit else await self._ops(txn, req)
+        else:
+            # Inline begin (Spanner's clients begin a read-write transaction inside its first
+            # statement): begin, then the ops, in the client's one round trip.
+            if req.txn_id:
+                raise InvalidArgument("TxnOps names a transaction and asks to begin one: pick one")
+            if req.begin.read_keys:
+                raise InvalidArgument(
+                    "read_keys is for BeginTxn (a one-shot read-only transaction)"
+                )
+            begun = await self.begin(req.begin)
+            txn = self.txns[begun.txn_id]
+            txn.restamp = False  # its timestamp was drawn just now: nothing for late stamping
+            try:
+                r = await (self._ops_for_commit(txn, req) if req.commit else self._ops(txn, req))
+            except BaseException:
+                # The client never learned this transaction's id, so it cannot end it: end it
+                # here (an abort by a rule has already done so; this is for bad input and such).
+                await self._abort(txn)
+                raise
+            r.txn_id = begun.txn_id
+        if req.commit:
+            # The transaction's last operations, then its commit, in one round trip for the
+            # client. Errors past this point are the commit's: TxnAborted, or the outcome is
+            # unknown (the record may be durable), which the client must not take for an abort.
+            try:
+                r.commit_ts = (await self._commit_detached(txn)).commit_ts
+            except TxnAborted:
+                raise
+            except K2Error as e:
+                if not e.retryable:
+                    raise
+                raise CommitOutcomeUnknown(
+                    f"commit of transaction {txn.txn_id.hex()[:12]} at {txn.ts}: outcome unknown "
+                    f"({e})"
+                ) from e
         return r
+
+    async def _ops_for_commit(self, txn: _Txn, req: pb.TxnOpsRequest) -> pb.TxnOpsResponse:
+        """`_ops` before a commit in the same request: an op that fails and leaves the
+        transaction open (a leader unreachable) aborts it, so that every retryable error the
+        client hears from such a request before the commit point is an abort, and any other is
+        the commit's (outcome unknown)."""
+        try:
+            return await self._ops(txn, req)
+        except TxnAborted:
+            raise
+        except K2Error as e:
+            if not e.retryable:
+                raise
+            await self._abort(txn)
+            raise TxnAborted(
+                f"transaction {txn.txn_id.hex()[:12]} aborted by rule op-failed: {e}"
+            ) from e
 
     async def _ops(self, txn: _Txn, req: pb.TxnOpsRequest) -> pb.TxnOpsResponse:
         async with txn.lock:
@@ -333,7 +375,9 @@ class Coordinator:
             return pb.TxnOpsResponse(results=results, ts=txn.ts)
 
     async def commit(self, req: pb.CommitTxnRequest) -> pb.CommitTxnResponse:
-        txn = self._txn(req.txn_id)
+        return await self._commit_detached(self._txn(req.txn_id))
+
+    async def _commit_detached(self, txn: _Txn) -> pb.CommitTxnResponse:
         # Once begun, a commit runs to its end even if the client stops waiting (its deadline
         # passed, it went away): cancelled halfway, the transaction would stay open with its
         # writes laid and its heartbeat keeping them alive until the silent-client reaper

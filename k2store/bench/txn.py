@@ -6,8 +6,9 @@ How a run goes::
       load:  every key <region>/ycsb/<i> written once (a counter plus padding)
       run:   clients_per_region closed-loop clients in every region, each its own AsyncClient
              with region= its region; each transaction reads ops_per_txn keys in one round
-             (get_many) and writes back the read-modify-write ones (put_many), through
-             client.run(fn), which retries aborts with a new timestamp
+             (get_many, which also begins the transaction) and writes back the
+             read-modify-write ones (put_many with commit=True: the commit goes in the same
+             round trip), through client.run(fn), which retries aborts with a new timestamp
       report: throughput, latency percentiles, abort rate overall, by rule, by region and by
              local versus cross-region transactions (starvation must not hide behind an average)
 
@@ -591,7 +592,8 @@ async def run_mix(
                     )
                     old = values[len(spec.reads) :]
                     await tx.put_many(
-                        {k: _bump(v, bc.value_bytes) for k, v in zip(spec.rmw, old, strict=True)}
+                        {k: _bump(v, bc.value_bytes) for k, v in zip(spec.rmw, old, strict=True)},
+                        commit=True,
                     )
                 except K2Error as e:
                     client.failed(e)

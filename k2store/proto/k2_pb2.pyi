@@ -966,7 +966,13 @@ class TxnOpsRequest(_message.Message):
     TXN_ID_FIELD_NUMBER: _builtins.int
     OPS_FIELD_NUMBER: _builtins.int
     BEGIN_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
     txn_id: _builtins.bytes
+    commit: _builtins.bool
+    """Commit once the ops succeed, in this round trip (the transaction's last operations: a
+    one-phase commit for the client). commit_ts answers; an error is an abort (TxnAborted:
+    nothing committed, an op that failed for another reason included), or CommitOutcomeUnknown.
+    """
     @_builtins.property
     def ops(self) -> _containers.RepeatedCompositeFieldContainer[Global___TxnOp]: ...
     @_builtins.property
@@ -983,10 +989,11 @@ class TxnOpsRequest(_message.Message):
         txn_id: _builtins.bytes = ...,
         ops: _abc.Iterable[Global___TxnOp] | None = ...,
         begin: Global___BeginTxnRequest | None = ...,
+        commit: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["begin", b"begin"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["begin", b"begin", "ops", b"ops", "txn_id", b"txn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["begin", b"begin", "commit", b"commit", "ops", b"ops", "txn_id", b"txn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -999,10 +1006,13 @@ class TxnOpsResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     TS_FIELD_NUMBER: _builtins.int
     TXN_ID_FIELD_NUMBER: _builtins.int
+    COMMIT_TS_FIELD_NUMBER: _builtins.int
     ts: _builtins.int
     """the transaction's timestamp, final from its first operation on"""
     txn_id: _builtins.bytes
     """set when the request began the transaction (begin)"""
+    commit_ts: _builtins.int
+    """set when the request committed it (commit)"""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TxnOpResult]: ...
     def __init__(
@@ -1011,10 +1021,11 @@ class TxnOpsResponse(_message.Message):
         results: _abc.Iterable[Global___TxnOpResult] | None = ...,
         ts: _builtins.int = ...,
         txn_id: _builtins.bytes = ...,
+        commit_ts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results", "ts", b"ts", "txn_id", b"txn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_ts", b"commit_ts", "results", b"results", "ts", b"ts", "txn_id", b"txn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

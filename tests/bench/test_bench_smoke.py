@@ -42,7 +42,7 @@ def test_split_schema_removes_2pl_s_read_write_conflict() -> None:
         protocols=("d2pl-ttc",),
         duration_s=4.0,
         warmup_s=1.0,
-        clients_per_region=5,
+        clients_per_region=10,  # five per region was too few to queue payments behind reads
         warehouses_per_region=1,
     )
     standard = tpcc.run_sim("d2pl-ttc", cfg)

@@ -91,7 +91,7 @@ def test_tpcc_sweep_in_the_simulator(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_txn_sweep_in_the_simulator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["bench", "txn", "--sim", "--quick", "--duration", "2", "--out", str(tmp_path)]
+    argv = ["bench", "txn", "--sim", "--quick", "--duration", "3", "--out", str(tmp_path)]
     assert main([*argv, "--protocol", "k2-mvto", "--sweep", "1,3"]) == 0
     (out,) = tmp_path.glob("txn-sweep-*.json")
     doc = json.loads(out.read_text())

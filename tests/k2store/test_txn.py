@@ -21,7 +21,14 @@ import pytest
 from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
 from k2store.cluster import ClusterConfig, ClusterSettings, TxnSettings, local_cluster
 from k2store.coordinator import Coordinator
-from k2store.errors import InvalidArgument, TransactionRetry, TxnAborted
+from k2store.errors import (
+    CommitOutcomeUnknown,
+    DeadlineExceeded,
+    InvalidArgument,
+    TransactionRetry,
+    TxnAborted,
+    Unavailable,
+)
 from k2store.launcher import free_ports
 from k2store.node import Node
 from k2store.proto import k2_pb2 as pb
@@ -763,5 +770,137 @@ def test_txn_ops_refuses_to_both_name_and_begin_a_transaction(tmp_path: Path) ->
             coord = nodes[tx.coordinator].service.coordinator  # type: ignore[union-attr]
             assert list(coord.txns) == [tx.txn_id]
             await tx.abort()
+
+    run(body)
+
+
+# -- commit in the last operations' round trip ----------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_batch_with_commit_is_the_whole_transaction_in_one_round_trip(
+    tmp_path: Path, protocol: str
+) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path, replace(FAST, protocol=protocol)) as (cfg, nodes, c):
+            await c.put("us-east/a", b"0")
+            sent = _spy_calls(c)
+
+            async def fn(tx: AsyncTransaction) -> tuple[list[bytes | None], int]:
+                values = await tx.batch(
+                    ["us-east/a"], {"us-east/b": b"1", "eu-west/c": b"2"}, commit=True
+                )
+                assert tx.commit_ts is not None
+                with pytest.raises(InvalidArgument):  # it has ended
+                    await tx.get("us-east/a")
+                return values, tx.commit_ts
+
+            values, ts = await c.run(fn)
+            assert sent == ["TxnOps"]  # begin, the batch and the commit: one call
+            assert values == [b"0"]
+            for k, v in [("us-east/b", b"1"), ("eu-west/c", b"2")]:
+                r = await c.get_versioned(k)
+                assert (r.value, r.version_ts) == (v, ts)
+            assert not any(n.service.coordinator.txns for n in nodes.values())  # type: ignore[union-attr]
+
+    run(body)
+
+
+def test_held_writes_sent_with_commit_go_out_once(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path, replace(FAST, commit_with_writes=True)) as (cfg, nodes, c):
+            await c.put("eu-west/k", b"1")
+            sent = _spy_calls(c)
+
+            async def rmw(tx: AsyncTransaction) -> int:
+                (v,) = await tx.get_many(["eu-west/k"], for_update=True)
+                assert v is not None
+                await tx.put_many({"eu-west/k": bytes([v[0] + 1])}, commit=True)
+                return await tx.commit()  # no call: already committed
+
+            ts = await c.run(rmw)
+            assert sent == ["TxnOps", "TxnOps"]
+            r = await c.get_versioned("eu-west/k")
+            assert (r.value, r.version_ts) == (b"2", ts)
+
+    run(body)
+
+
+def test_an_op_that_fails_before_a_same_request_commit_is_an_abort_and_run_retries(
+    tmp_path: Path,
+) -> None:
+    """A leader that cannot be reached during the ops of a request that also commits: the
+    coordinator aborts (nothing was decided), so the client may retry; no outcome is unknown."""
+
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            coord = nodes["us-east-1"].service.coordinator  # type: ignore[union-attr]
+            real = coord._run_ops
+            failures = [Unavailable("eu-west-1 is unreachable")]
+
+            async def flaky(txn: Any, ops: Any) -> Any:
+                if failures:
+                    raise failures.pop()
+                return await real(txn, ops)
+
+            coord._run_ops = flaky  # type: ignore[method-assign]
+            rules: list[str] = []
+
+            async def fn(tx: AsyncTransaction) -> None:
+                try:
+                    await tx.batch([], {"eu-west/x": b"1"}, commit=True)
+                except TxnAborted as e:
+                    rules.append(e.rule)
+                    raise
+
+            await c.run(fn)
+            assert rules == ["op-failed"] and c.retries == 1
+            assert await c.get("eu-west/x") == b"1" and not coord.txns
+
+    run(body)
+
+
+def test_a_commit_that_fails_in_the_same_request_is_an_unknown_outcome_not_retried(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            coord = nodes["us-east-1"].service.coordinator  # type: ignore[union-attr]
+
+            async def lost(txn: Any) -> Any:
+                raise Unavailable("the record's leader did not answer")
+
+            coord._record_commit = lost  # type: ignore[method-assign]
+            calls = 0
+
+            async def fn(tx: AsyncTransaction) -> None:
+                nonlocal calls
+                calls += 1
+                await tx.batch([], {"us-east/x": b"1"}, commit=True)
+
+            with pytest.raises(CommitOutcomeUnknown):
+                await c.run(fn)
+            assert calls == 1 and c.retries == 0
+
+    run(body)
+
+
+def test_a_lost_reply_to_a_request_with_commit_is_an_unknown_outcome(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            real = c._call
+
+            async def reply_lost(node: str, method: str, *a: Any, **kw: Any) -> Any:
+                r = await real(node, method, *a, **kw)
+                if method == "TxnOps":
+                    raise DeadlineExceeded("the reply was lost")
+                return r
+
+            c._call = reply_lost  # type: ignore[method-assign]
+            with pytest.raises(CommitOutcomeUnknown):
+                await c.run(lambda tx: tx.batch([], {"us-east/x": b"1"}, commit=True))
+            assert c.retries == 0
+            c._call = real  # type: ignore[method-assign]
+            assert await c.get("us-east/x") == b"1"  # it had committed
 
     run(body)
