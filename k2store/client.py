@@ -518,10 +518,7 @@ class AsyncTransaction:
             if e.retryable or isinstance(e, CommitOutcomeUnknown):
                 self._ended = True
             if commit and e.retryable:
-                raise CommitOutcomeUnknown(
-                    f"commit of transaction {self.txn_id.hex()[:12] or '(begun inline)'}: "
-                    f"outcome unknown ({e}); it was not retried, since that could apply it twice"
-                ) from e
+                raise CommitOutcomeUnknown.of(self.txn_id, self.ts, e) from e
             raise
         if begin is not None:
             self.txn_id, self._begin = r.txn_id, None
@@ -646,10 +643,7 @@ class AsyncTransaction:
         except K2Error as e:
             if not e.retryable:
                 raise
-            raise CommitOutcomeUnknown(
-                f"commit of transaction {self.txn_id.hex()[:12]} at {self.ts}: outcome unknown "
-                f"({e}); it was not retried, since that could apply it twice"
-            ) from e
+            raise CommitOutcomeUnknown.of(self.txn_id, self.ts, e) from e
         self.commit_ts = r.commit_ts
         return r.commit_ts
 

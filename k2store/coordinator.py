@@ -322,10 +322,7 @@ class Coordinator:
             except K2Error as e:
                 if not e.retryable:
                     raise
-                raise CommitOutcomeUnknown(
-                    f"commit of transaction {txn.txn_id.hex()[:12]} at {txn.ts}: outcome unknown "
-                    f"({e})"
-                ) from e
+                raise CommitOutcomeUnknown.of(txn.txn_id, txn.ts, e) from e
         return r
 
     async def _ops_for_commit(self, txn: _Txn, req: pb.TxnOpsRequest) -> pb.TxnOpsResponse:

@@ -173,6 +173,15 @@ class CommitOutcomeUnknown(K2Error):
     reason = "commit-unknown"
     code = grpc.StatusCode.UNAVAILABLE
 
+    @classmethod
+    def of(cls, txn_id: bytes, ts: int, cause: BaseException) -> CommitOutcomeUnknown:
+        """The error for transaction `txn_id`'s commit at `ts`, lost to `cause`."""
+        name = txn_id.hex()[:12] or "(begun inline)"
+        return cls(
+            f"commit of transaction {name} at {ts}: outcome unknown ({cause}); it was not "
+            "retried, since that could apply it twice"
+        )
+
 
 _register(TxnAborted)
 _register(CommitOutcomeUnknown)
