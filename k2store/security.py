@@ -651,7 +651,11 @@ class Guard:
         if isinstance(ident, NodeIdentity) or ident.is_admin:
             return
         with self._lock:
-            if isinstance(response, pb.BeginTxnResponse) or (
+            if isinstance(request, pb.TxnOpsRequest) and request.commit:
+                # It committed in this call (begun here or earlier): nothing left to own.
+                assert isinstance(response, pb.TxnOpsResponse)
+                self._owners.by_txn.pop(response.txn_id or request.txn_id, None)
+            elif isinstance(response, pb.BeginTxnResponse) or (
                 isinstance(response, pb.TxnOpsResponse) and response.txn_id
             ):
                 self._owners.add(response.txn_id, ident.name)

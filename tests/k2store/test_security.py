@@ -384,6 +384,22 @@ def test_guard_tokens_prefixes_and_roles() -> None:
             begin,
             pb.BeginTxnRequest(read_only=True, read_keys=[b"us-east/t/acme/k", b"us-east/t/x/k"]),
         )
+    # Who owns a transaction: its begin (inline too) records it, its commit (in the last
+    # operations' call too) forgets it.
+    txn_ops = "/k2.v1.K2/TxnOps"
+    op = pb.TxnOp(kind=pb.OP_PUT, key=b"us-east/t/acme/k", value=b"v")
+    inline = pb.TxnOpsRequest(begin=pb.BeginTxnRequest(), ops=[op])
+    g.authorize(acme, txn_ops, inline)
+    g.observe(acme, txn_ops, inline, pb.TxnOpsResponse(txn_id=b"t1"))
+    last = pb.TxnOpsRequest(txn_id=b"t1", ops=[op], commit=True)
+    g.authorize(acme, txn_ops, last)
+    g.observe(acme, txn_ops, last, pb.TxnOpsResponse(commit_ts=5))
+    with pytest.raises(PermissionDenied, match="no such transaction"):
+        g.authorize(acme, txn_ops, pb.TxnOpsRequest(txn_id=b"t1", ops=[op]))
+    one_call = pb.TxnOpsRequest(begin=pb.BeginTxnRequest(), ops=[op], commit=True)
+    g.observe(acme, txn_ops, one_call, pb.TxnOpsResponse(txn_id=b"t2", commit_ts=6))
+    with pytest.raises(PermissionDenied, match="no such transaction"):
+        g.authorize(acme, txn_ops, pb.TxnOpsRequest(txn_id=b"t2", ops=[op]))
     narrow = g.authenticate(bearer_metadata("tok-narrow"), {})
     g.authorize(narrow, get, pb.GetRequest(key=b"shared/x/1"))
     with pytest.raises(PermissionDenied):
