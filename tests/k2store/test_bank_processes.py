@@ -6,12 +6,15 @@ money between random accounts (cross-region transfers included) while read-only 
 every region read all accounts at one timestamp. Twice during the run a node is killed with
 SIGKILL and restarted from its data directory. Every transfer also writes a ledger entry
 `<region>/ledger/<id>` in the same transaction, and reads it first, so a retry after a commit whose
-outcome was unknown does not move the money twice.
+outcome was unknown does not move the money twice. A transfer reads the two balances for update
+and sends its writes with the commit (`put_many(..., commit=True)`), as a bank client would; so
+the one-phase commit and its unknown outcomes are exercised across the kills too.
 
 Checked afterwards:
 - every read-only snapshot saw the same total, and no negative balance;
 - every acknowledged transfer's ledger entry exists (and no declined or certainly aborted one
-  does); a transfer whose commit raised something other than TxnAborted is indeterminate;
+  does); a transfer whose commit raised something other than TxnAborted (CommitOutcomeUnknown
+  from the writes that carried it included) is indeterminate;
 - the final balances equal the initial ones plus the ledger entries that exist;
 - every TxnAborted seen names a rule;
 - no node process is left behind.
@@ -41,7 +44,7 @@ from k2store.cluster import (
     TxnSettings,
     local_cluster,
 )
-from k2store.errors import K2Error, TxnAborted
+from k2store.errors import CommitOutcomeUnknown, K2Error, TxnAborted
 from truetime import SystemClock
 
 pytestmark = pytest.mark.slow
@@ -216,7 +219,11 @@ async def transfer_loop(
             run.transfers.append(t)
 
             async def move(tx: AsyncTransaction, t: Transfer = t) -> str:
-                a, b, done = await tx.get_many([t.src, t.dst, t.ledger_key])
+                # The balances are read for update, as a bank would: the audits' reads then
+                # queue behind the transfer instead of aborting it by rule read-mark.
+                a, b, done = await tx.get_many(
+                    [t.src, t.dst, t.ledger_key], for_update=[True, True, False]
+                )
                 if done is not None:
                     return "already-applied"  # an earlier attempt committed after all
                 assert a is not None and b is not None
@@ -227,7 +234,8 @@ async def transfer_loop(
                         t.src: str(int(a) - t.amount).encode(),
                         t.dst: str(int(b) + t.amount).encode(),
                         t.ledger_key: t.entry,
-                    }
+                    },
+                    commit=True,  # the commit in the writes' round trip
                 )
                 return "moved"
 
@@ -235,7 +243,8 @@ async def transfer_loop(
                 t.outcome, _ = await client.run_watched(move)
             except K2Error as e:
                 run.errors[type(e).__name__] += 1
-                unknown = "unknown" in client.commit_outcomes
+                # The commit went with the writes: a lost reply there is CommitOutcomeUnknown.
+                unknown = isinstance(e, CommitOutcomeUnknown) or "unknown" in client.commit_outcomes
                 t.outcome = "indeterminate" if unknown else "failed"
                 t.error = str(e)[:200]
     finally:
@@ -299,7 +308,7 @@ async def bank(cfg: ClusterConfig) -> Run:
     await setup.run_until_done(fund)
 
     tasks = [
-        asyncio.ensure_future(transfer_loop(cfg, region, 10 * i + w, run, max_transfers=300))
+        asyncio.ensure_future(transfer_loop(cfg, region, 10 * i + w, run, max_transfers=1000))
         for i, region in enumerate(DEFAULT_REGIONS)
         for w in range(2)
     ]
