@@ -864,7 +864,7 @@ class Client:
         attempts = max_attempts or self._async.retry.max_attempts
         backoff = self._async.retry.initial_backoff_s
         for i in range(attempts):
-            begin = self._async.begin(read_only=read_only, keys=keys)
+            begin = self._async.begin(read_only=read_only, keys=keys, inline=True)
             tx = Transaction(self, self._run(begin))
             try:
                 result = fn(tx)

@@ -18,7 +18,7 @@ from unittest import mock
 
 import pytest
 
-from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
+from k2store.client import AsyncClient, AsyncTransaction, Client, RetryPolicy, Transaction
 from k2store.cluster import ClusterConfig, ClusterSettings, TxnSettings, local_cluster
 from k2store.coordinator import Coordinator
 from k2store.errors import (
@@ -902,5 +902,34 @@ def test_a_lost_reply_to_a_request_with_commit_is_an_unknown_outcome(tmp_path: P
             assert c.retries == 0
             c._call = real  # type: ignore[method-assign]
             assert await c.get("us-east/x") == b"1"  # it had committed
+
+    run(body)
+
+
+def test_the_sync_client_runs_the_readme_transfer_in_two_calls(tmp_path: Path) -> None:
+    """README's transfer: reads for update (which begin it), then writes with the commit."""
+
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            await c.put("us-east/acct/1", b"10")
+            await c.put("eu-west/acct/2", b"20")
+            keys = ["us-east/acct/1", "eu-west/acct/2"]
+
+            def transfer(tx: Transaction) -> None:
+                a, b = tx.get_many(list(keys), for_update=True)
+                assert a is not None and b is not None
+                tx.put_many(
+                    {keys[0]: str(int(a) - 5).encode(), keys[1]: str(int(b) + 5).encode()},
+                    commit=True,
+                )
+
+            def sync() -> list[str]:
+                with Client(cfg, timeout_s=5) as s:
+                    sent = _spy_calls(s._async)
+                    s.run(transfer, keys=keys)
+                    return sent
+
+            assert await asyncio.to_thread(sync) == ["TxnOps", "TxnOps"]
+            assert [await c.get(k) for k in keys] == [b"5", b"25"]
 
     run(body)
