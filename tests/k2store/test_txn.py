@@ -420,9 +420,11 @@ def test_round_trips_learned_for_future_timestamps_leave_out_a_leaders_wait(
             coord = nodes["us-east-1"].service.coordinator  # type: ignore[union-attr]
             participant = nodes["eu-west-1"].service.participant  # type: ignore[union-attr]
             held: list[int] = []
+            arrived = asyncio.Event()
             orig_exec = participant.exec
 
             async def exec_(req: pb.ExecRequest) -> pb.ExecResponse:
+                arrived.set()
                 resp = await orig_exec(req)
                 held.append(resp.held_ns)
                 return resp
@@ -431,8 +433,12 @@ def test_round_trips_learned_for_future_timestamps_leave_out_a_leaders_wait(
             t1 = await c.begin()
             t2 = await c.begin()
             await t1.put("eu-west/k", b"t1")
+            arrived.clear()
             coord._rtt_ns.clear()
             read = asyncio.ensure_future(t2.get("eu-west/k"))
+            # Held from its arrival at the leader (on a loaded machine the request itself can
+            # take a while to get there, which the held time must not include).
+            await asyncio.wait_for(arrived.wait(), 10)
             await asyncio.sleep(0.2)
             assert not read.done()  # waiting on t1's intent at eu-west-1
             await t1.commit()
