@@ -678,32 +678,24 @@ def test_a_commit_runs_to_its_end_when_the_client_stops_waiting(tmp_path: Path) 
 # -- inline begin ---------------------------------------------------------------------------------
 
 
-def _spy_calls(c: AsyncClient) -> list[str]:
-    """The methods c sends, in order."""
-    sent: list[str] = []
-    real = c._call
-
-    async def spy(node: str, method: str, request: Any, response_type: Any, **kw: Any) -> Any:
-        sent.append(method)
-        return await real(node, method, request, response_type, **kw)
-
-    c._call = spy  # type: ignore[method-assign]
-    return sent
+def _methods(calls: mock.MagicMock) -> list[str]:
+    """The methods sent through a client's `_call` spied on with mock.patch.object(wraps=)."""
+    return [call.args[1] for call in calls.call_args_list]
 
 
 def test_run_begins_with_the_first_operation_in_its_round_trip(tmp_path: Path) -> None:
     async def body() -> None:
         async with cluster(tmp_path) as (cfg, nodes, c):
             await c.put("us-east/a", b"0")
-            sent = _spy_calls(c)
 
             async def fn(tx: AsyncTransaction) -> tuple[list[bytes | None], int, bytes]:
                 assert (tx.ts, tx.txn_id) == (0, b"")  # nothing sent yet
                 values = await tx.batch(["us-east/a"], {"us-east/b": b"1", "eu-west/c": b"2"})
                 return values, tx.ts, tx.txn_id
 
-            values, ts, txn_id = await c.run(fn)
-            assert sent == ["TxnOps", "CommitTxn"]  # no BeginTxn round trip
+            with mock.patch.object(c, "_call", wraps=c._call) as calls:
+                values, ts, txn_id = await c.run(fn)
+            assert _methods(calls) == ["TxnOps", "CommitTxn"]  # no BeginTxn round trip
             assert values == [b"0"] and ts > 0 and len(txn_id) == 16
             for k, v in [("us-east/b", b"1"), ("eu-west/c", b"2")]:
                 r = await c.get_versioned(k)
@@ -751,13 +743,13 @@ def test_a_refused_first_operation_leaves_nothing_open_and_the_next_one_begins(
 def test_an_inline_transaction_without_operations_commits_or_aborts(tmp_path: Path) -> None:
     async def body() -> None:
         async with cluster(tmp_path) as (cfg, nodes, c):
-            sent = _spy_calls(c)
-            tx = await c.begin(inline=True)
-            await tx.abort()  # never begun: nothing to send
-            assert sent == []
-            tx = await c.begin(inline=True)
-            ts = await tx.commit()
-            assert sent == ["BeginTxn", "CommitTxn"] and ts == tx.ts > 0
+            with mock.patch.object(c, "_call", wraps=c._call) as calls:
+                tx = await c.begin(inline=True)
+                await tx.abort()  # never begun: nothing to send
+                assert _methods(calls) == []
+                tx = await c.begin(inline=True)
+                ts = await tx.commit()
+            assert _methods(calls) == ["BeginTxn", "CommitTxn"] and ts == tx.ts > 0
 
     run(body)
 
@@ -790,7 +782,6 @@ def test_a_batch_with_commit_is_the_whole_transaction_in_one_round_trip(
     async def body() -> None:
         async with cluster(tmp_path, replace(FAST, protocol=protocol)) as (cfg, nodes, c):
             await c.put("us-east/a", b"0")
-            sent = _spy_calls(c)
 
             async def fn(tx: AsyncTransaction) -> tuple[list[bytes | None], int]:
                 values = await tx.batch(
@@ -801,8 +792,9 @@ def test_a_batch_with_commit_is_the_whole_transaction_in_one_round_trip(
                     await tx.get("us-east/a")
                 return values, tx.commit_ts
 
-            values, ts = await c.run(fn)
-            assert sent == ["TxnOps"]  # begin, the batch and the commit: one call
+            with mock.patch.object(c, "_call", wraps=c._call) as calls:
+                values, ts = await c.run(fn)
+            assert _methods(calls) == ["TxnOps"]  # begin, the batch and the commit: one call
             assert values == [b"0"]
             for k, v in [("us-east/b", b"1"), ("eu-west/c", b"2")]:
                 r = await c.get_versioned(k)
@@ -816,7 +808,6 @@ def test_held_writes_sent_with_commit_go_out_once(tmp_path: Path) -> None:
     async def body() -> None:
         async with cluster(tmp_path, replace(FAST, commit_with_writes=True)) as (cfg, nodes, c):
             await c.put("eu-west/k", b"1")
-            sent = _spy_calls(c)
 
             async def rmw(tx: AsyncTransaction) -> int:
                 (v,) = await tx.get_many(["eu-west/k"], for_update=True)
@@ -824,8 +815,9 @@ def test_held_writes_sent_with_commit_go_out_once(tmp_path: Path) -> None:
                 await tx.put_many({"eu-west/k": bytes([v[0] + 1])}, commit=True)
                 return await tx.commit()  # no call: already committed
 
-            ts = await c.run(rmw)
-            assert sent == ["TxnOps", "TxnOps"]
+            with mock.patch.object(c, "_call", wraps=c._call) as calls:
+                ts = await c.run(rmw)
+            assert _methods(calls) == ["TxnOps", "TxnOps"]
             r = await c.get_versioned("eu-west/k")
             assert (r.value, r.version_ts) == (b"2", ts)
 
@@ -930,10 +922,12 @@ def test_the_sync_client_runs_the_readme_transfer_in_two_calls(tmp_path: Path) -
                 )
 
             def sync() -> list[str]:
-                with Client(cfg, timeout_s=5) as s:
-                    sent = _spy_calls(s._async)
+                with (
+                    Client(cfg, timeout_s=5) as s,
+                    mock.patch.object(s._async, "_call", wraps=s._async._call) as calls,
+                ):
                     s.run(transfer, keys=keys)
-                    return sent
+                    return _methods(calls)
 
             assert await asyncio.to_thread(sync) == ["TxnOps", "TxnOps"]
             assert [await c.get(k) for k in keys] == [b"5", b"25"]
