@@ -486,11 +486,11 @@ class AsyncTransaction:
         self.commit_ts: int | None = None
         self._ended = False
         self._begin = begin
-        self._beginning = asyncio.Lock() if begin is not None else None
+        self._beginning = asyncio.Lock()
         """Held by the operation that carries the begin: others wait for the transaction's id."""
 
     async def _ops(self, ops: list[pb.TxnOp], commit: bool = False) -> list[pb.TxnOpResult]:
-        if self._beginning is not None and self._begin is not None:
+        if self._begin is not None:
             async with self._beginning:
                 if self._begin is not None:
                     return await self._send(ops, self._begin, commit)

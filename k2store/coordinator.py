@@ -290,7 +290,7 @@ class Coordinator:
     async def ops(self, req: pb.TxnOpsRequest) -> pb.TxnOpsResponse:
         if not req.HasField("begin"):
             txn = self._txn(req.txn_id)
-            r = await self._ops_for_commit(txn, req) if req.commit else await self._ops(txn, req)
+            r = await self._request_ops(txn, req)
         else:
             # Inline begin (Spanner's clients begin a read-write transaction inside its first
             # statement): begin, then the ops, in the client's one round trip.
@@ -304,7 +304,7 @@ class Coordinator:
             txn = self.txns[begun.txn_id]
             txn.restamp = False  # its timestamp was drawn just now: nothing for late stamping
             try:
-                r = await (self._ops_for_commit(txn, req) if req.commit else self._ops(txn, req))
+                r = await self._request_ops(txn, req)
             except BaseException:
                 # The client never learned this transaction's id, so it cannot end it: end it
                 # here (an abort by a rule has already done so; this is for bad input and such).
@@ -325,11 +325,13 @@ class Coordinator:
                 raise CommitOutcomeUnknown.of(txn.txn_id, txn.ts, e) from e
         return r
 
-    async def _ops_for_commit(self, txn: _Txn, req: pb.TxnOpsRequest) -> pb.TxnOpsResponse:
-        """`_ops` before a commit in the same request: an op that fails and leaves the
+    async def _request_ops(self, txn: _Txn, req: pb.TxnOpsRequest) -> pb.TxnOpsResponse:
+        """`_ops`; when a commit follows in the same request, an op that fails and leaves the
         transaction open (a leader unreachable) aborts it, so that every retryable error the
         client hears from such a request before the commit point is an abort, and any other is
         the commit's (outcome unknown)."""
+        if not req.commit:
+            return await self._ops(txn, req)
         try:
             return await self._ops(txn, req)
         except TxnAborted:

@@ -188,12 +188,13 @@ class Participant:
         while more of them commit. Giving one that had failed several times a place however
         long the line (a priority that survives retries) made convoys that cut throughput to
         a third."""
-        if self._line_length(key) < FOR_UPDATE_MAX_LINE or not self._lower_in_line(key, ts):
+        line = self._line_length(key)
+        if line < FOR_UPDATE_MAX_LINE or not self._lower_in_line(key, ts):
             return None
         return Abort(
             "line-full",
             f"read for update of key {key[:64]!r} at {format_ts(ts)} aborted by rule "
-            f"line-full: {self._line_length(key)} transactions are in line for it; retry later",
+            f"line-full: {line} transactions are in line for it; retry later",
         )
 
     def _unreserve(self, txn_id: bytes, key: bytes) -> None:
