@@ -61,6 +61,9 @@ class SweepPoint:
     """The run's seed; None on a point averaged over seeds (`average_seeds`)."""
     throughputs: tuple[float, ...] = ()
     """On a point averaged over several seeds: each seed's throughput, in seed order."""
+    cpu_busy: float = math.nan
+    """On node processes: the fraction of the machine's cores the run's processes (nodes and
+    benchmark) kept busy in the window (`k2store.bench.cpu`); NaN in the simulator."""
 
 
 def parse_counts(text: str, option: str = "--sweep") -> list[int]:
@@ -177,9 +180,16 @@ def average_seeds(points: Sequence[SweepPoint]) -> list[SweepPoint]:
                 worst_region_abort_rate=max(p.worst_region_abort_rate for p in runs),
                 gave_up=sum(p.gave_up for p in runs),
                 throughputs=tuple(p.throughput for p in runs),
+                cpu_busy=_busiest(runs),
             )
         )
     return out
+
+
+def _busiest(points: Sequence[SweepPoint]) -> float:
+    """The highest CPU use among points that measured one; NaN if none did."""
+    measured = [p.cpu_busy for p in points if not math.isnan(p.cpu_busy)]
+    return max(measured) if measured else math.nan
 
 
 def ratio_ranges(points: Sequence[SweepPoint], base: str) -> dict[int, tuple[float, float]]:
@@ -238,10 +248,12 @@ def sweep_table(points: Sequence[SweepPoint], protocols: Sequence[str]) -> list[
     vs_2pl, vs_hlc = ratios(points, "d2pl-ttc"), ratios(points, "mvto-hlc")
     range_2pl, range_hlc = ratio_ranges(points, "d2pl-ttc"), ratio_ranges(points, "mvto-hlc")
     w = 20 if range_2pl or range_hlc else 8
+    cpu = any(not math.isnan(p.cpu_busy) for p in points)
     head = (
         f"{'clients/region':>14} {'clients':>8} "
         + " ".join(f"{p[:10]:>10}" for p in protocols)
         + f" {'k2/d2pl':>{w}} {'k2/hlc':>{w}} {'k2 aborts':>10} {'worst':>6} {'gave up':>8}"
+        + (f" {'cpu busy':>8}" if cpu else "")
     )
     lines = [head]
     for n, row in rows.items():
@@ -260,6 +272,7 @@ def sweep_table(points: Sequence[SweepPoint], protocols: Sequence[str]) -> list[
                 if k2
                 else f" {'-':>10} {'-':>6} {'-':>8}"
             )
+            + (f" {_fmt_busy(_busiest(list(row.values()))):>8}" if cpu else "")
         )
     lines += [
         f"{p.protocol} at {p.clients_per_region} clients/region: FAILED: {p.error[:100]}"
@@ -275,9 +288,20 @@ def sweep_table(points: Sequence[SweepPoint], protocols: Sequence[str]) -> list[
             if len(seeds) > 1
             else ""
         )
-        + "; k2 aborts: failed attempts / attempts)"
+        + "; k2 aborts: failed attempts / attempts"
+        + (
+            "; cpu busy: the most of the machine's cores any protocol's processes kept busy, "
+            "near 100% the run measures the machine, not the protocol"
+            if cpu
+            else ""
+        )
+        + ")"
     )
     return lines
+
+
+def _fmt_busy(v: float) -> str:
+    return "-" if math.isnan(v) else f"{v:.0%}"
 
 
 def _per_protocol(

@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from k2store import evloop
+from k2store import evloop, launcher
+from k2store.bench.cpu import CpuMeter, CpuUse
 from k2store.bench.sweep import (
     SweepPoint,
     add_seed_arguments,
@@ -131,6 +132,8 @@ class TpccResult:
     rules: Counter[str] = field(default_factory=Counter)
     """Failed attempts during execution of transactions begun after the warm-up, by the rule
     that aborted them (aborts at commit are counted in the attempts but not here)."""
+    cpu: CpuUse | None = None
+    """On node processes: the CPU the nodes and the benchmark spent in the measured window."""
     error: str = ""
 
     @property
@@ -488,6 +491,7 @@ async def _run_on(cfg: ClusterConfig, protocol: str, tc: TpccConfig) -> TpccResu
     ]
     stop = asyncio.Event()
     start_ns = clock.monotonic_ns()
+    meter = CpuMeter(launcher.running_nodes(cfg), clock.monotonic_ns)
 
     def elapsed_ms() -> float:
         return (clock.monotonic_ns() - start_ns) / 1e6
@@ -496,8 +500,11 @@ async def _run_on(cfg: ClusterConfig, protocol: str, tc: TpccConfig) -> TpccResu
         asyncio.create_task(tpcc_client(c, i, stop, tc, result, elapsed_ms))
         for i, c in enumerate(clients)
     ]
-    await asyncio.sleep(tc.duration_s)
+    await asyncio.sleep(tc.warmup_s)
+    meter.start()
+    await asyncio.sleep(tc.duration_s - tc.warmup_s)
     stop.set()
+    result.cpu = meter.stop(result.committed)
     await asyncio.gather(*tasks)
     for c in clients:
         await c.close()
@@ -541,6 +548,8 @@ def format_results(results: Sequence[TpccResult]) -> str:
         if r.failures:
             top = ", ".join(f"{k} {v}" for k, v in r.failures.most_common(4))
             lines.append(f"{'':<10} gave up: {top}")
+        if r.cpu is not None:
+            lines.append(f"{'':<10} {r.cpu.describe()}")
     lines += [f"{r.protocol}: FAILED: {r.error}" for r in results if r.error]
     first = results[0]
     title = (
@@ -572,6 +581,7 @@ def _result_json(r: TpccResult) -> dict[str, Any]:
         "abort_rate_by_region": {g: r.abort_rate(g) for g in r.regions},
         "failures": dict(r.failures),
         "aborts_by_rule": dict(r.rules),
+        "cpu": None if r.cpu is None else r.cpu.to_json(),
         "error": r.error,
     }
 
@@ -849,6 +859,7 @@ def sweep_point(r: TpccResult, clients_per_region: int, seed: int | None = None)
         gave_up=sum(r.failures.values()),
         error=r.error,
         seed=seed,
+        cpu_busy=math.nan if r.cpu is None else r.cpu.busy,
     )
 
 

@@ -50,6 +50,7 @@ from typing import Any
 
 from k2store import cluster as cluster_mod
 from k2store import evloop, launcher
+from k2store.bench.cpu import CpuMeter, CpuUse
 from k2store.bench.sweep import (
     SweepPoint,
     add_seed_arguments,
@@ -363,6 +364,8 @@ class RunResult:
     """Why the run could not complete (an ablation variant that broke); empty when it ran."""
     mode: str = "processes"
     """"processes" (node processes, emulated links) or "sim" (the simulator, virtual time)."""
+    cpu: CpuUse | None = None
+    """On node processes: the CPU the nodes and the benchmark spent in the measured window."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -374,6 +377,7 @@ class RunResult:
             "regions": self.regions,
             "elapsed_s": self.elapsed_s,
             "summary": self.summary,
+            "cpu": None if self.cpu is None else self.cpu.to_json(),
             "transactions": {
                 "fields": [
                     "region",
@@ -556,6 +560,8 @@ async def run_mix(
     bc.validate()
     regions = cfg.region_names()
     bc.check_keys(len(regions))
+    # On node processes, what the window cost in CPU (k2store/bench/cpu.py).
+    meter = CpuMeter(launcher.running_nodes(cfg), now_ns) if make_client is None else None
     make_client = make_client or _process_clients(cfg)
     await _load(make_client, bc, regions)
 
@@ -635,6 +641,14 @@ async def run_mix(
             )
             bar.refresh()
 
+    async def measure_cpu() -> CpuUse | None:
+        assert meter is not None
+        await asyncio.sleep(bc.warmup_s)
+        meter.start()
+        await asyncio.sleep(max(0.0, (stop_ns - now_ns()) / 1e9))
+        warm = bc.warmup_s
+        return meter.stop(sum(1 for r in records if r.committed and r.finished_s > warm))
+
     with tqdm(
         total=bc.duration_s,
         desc=label,
@@ -645,15 +659,19 @@ async def run_mix(
         leave=False,
     ) as bar:
         ticker = asyncio.ensure_future(show_progress(bar))
+        metering = asyncio.ensure_future(measure_cpu()) if meter is not None else None
         try:
             await asyncio.gather(*(closed_loop(i, r, c) for i, (r, c) in enumerate(clients)))
+            cpu = await metering if metering is not None else None
         finally:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
+            for t in (ticker, metering):
+                if t is not None and not t.done():
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t
             await asyncio.gather(*(c.close() for _, c in clients), return_exceptions=True)
     elapsed_s = (now_ns() - start_ns) / 1e9
-    result = RunResult(label, bc, cfg.settings.txn, regions, elapsed_s, records)
+    result = RunResult(label, bc, cfg.settings.txn, regions, elapsed_s, records, cpu=cpu)
     result.summary = summarize(records, min(elapsed_s, bc.duration_s), regions, bc.warmup_s)
     return result
 
@@ -846,6 +864,8 @@ def format_run(result: RunResult) -> str:
         )
     else:
         lines.append("failed attempts by rule: none")
+    if result.cpu is not None:
+        lines.append(result.cpu.describe())
     lines.append(
         "(txn/s: commits that finished inside the window; p50/p99: end to end, retries "
         "included; att: the committed attempt alone; aborts: failed attempts / attempts)"
@@ -1186,6 +1206,7 @@ def sweep_point(run: RunResult, regions: int) -> SweepPoint:
         worst_region_abort_rate=max(v["abort_rate"] for v in run.summary["by_region"].values()),
         gave_up=g["gave_up"],
         seed=bc.seed,
+        cpu_busy=math.nan if run.cpu is None else run.cpu.busy,
     )
 
 

@@ -155,6 +155,10 @@ def test_bench_txn_quick_on_node_processes(tmp_path: Path) -> None:
     by_region = run["summary"]["by_region"]
     assert set(by_region) == {"us-east", "eu-west", "ap-southeast"}
     assert all(g["committed"] > 0 for g in by_region.values())
+    # The window's CPU: the three nodes and the benchmark did work, on this machine's cores.
+    cpu = run["cpu"]
+    assert cpu["nodes_cores"] > 0 and cpu["bench_cores"] > 0 and cpu["ms_per_commit"] > 0
+    assert cpu["busy"] <= 1.05  # /proc's 10 ms ticks can round a saturated window up a little
 
 
 @pytest.mark.slow
@@ -166,6 +170,7 @@ def test_bench_tpcc_and_visibility_quick_on_node_processes(tmp_path: Path) -> No
     rows = {r["protocol"]: r for r in json.loads(out.read_text())["results"]}
     assert set(rows) == {"k2-mvto", "d2pl-ttc", "mvto-hlc"}
     assert all(r["mode"] == "processes" and r["throughput"] > 0 for r in rows.values())
+    assert all(r["cpu"]["nodes_cores"] > 0 and r["cpu"]["commits"] > 0 for r in rows.values())
     assert main(["bench", "visibility", "--quick", "--out", str(tmp_path / "v")]) == 0
     (vout,) = (tmp_path / "v").glob("visibility-*.json")
     results = {r["policy"]: r for r in json.loads(vout.read_text())["results"]}
