@@ -126,7 +126,13 @@ class Replicator:
         self.seals_logged: dict[int, int] = {}
         """shard -> seals logged (this node leads it)."""
         self.seal_pushes = 0
-        """Push calls sent to replicas (each carries the log through a new seal)."""
+        """Push calls sent to replicas (each carries, for one replica node, the log through the
+        new seal of every shard sealed in the same step)."""
+        self._to_push: dict[int, frozenset[str]] = {}
+        """Shards whose new seal awaits this step's pushes (`_push_seals`) -> the replica nodes
+        whose pull was waiting when the seal was logged (that pull brings it)."""
+        self._parked: dict[int, set[str]] = {}
+        """shard -> replica nodes whose pull is waiting here for the log to grow."""
         self.seal_queries = 0
         """Seals calls sent to peers in this region (the visible timestamp's inputs)."""
         self.active: dict[int, dict[bytes, int]] = {}
@@ -142,6 +148,7 @@ class Replicator:
             self.sealers[sid] = Sealer(self.policy, closed=store.closed_ts, sealed=store.sealed_ts)
             self._appended[sid] = asyncio.Event()
             self._acked[sid] = {}
+            self._parked[sid] = set()
             self.seal_aborts[sid] = 0
             self.seals_logged[sid] = 0
             self.active[sid] = {}
@@ -171,28 +178,40 @@ class Replicator:
             if entry.kind != KIND_SEAL:
                 self.visibility.observe(entry.max_ts, entry.appended_ns, home)
             else:
-                self._push_seal(sid)
+                self.seals_logged[sid] += 1
+                if not self._to_push:
+                    # The step seals its other shards before yielding: push them all together.
+                    asyncio.get_running_loop().call_soon(self._push_seals)
+                # Taken now: the woken pulls leave the parked set before the pushes go out.
+                self._to_push[sid] = frozenset(self._parked[sid])
 
         return on_append
 
-    def _push_seal(self, sid: int) -> None:
-        """Send each replica the log from its last acknowledged position through the new seal
-        (see PushRequest): fire and forget; a lost push costs only latency."""
-        store = self.logs[sid]
-        shard = self.cluster.shard(sid)
-        self.seals_logged[sid] += 1
-        for region in self.cluster.regions:
-            holder = self.cluster.replica_node(shard, region.name)
-            if holder is None:
-                continue
-            acked = self._acked[sid].get(holder, 0)
-            if acked < store.first_lsn:
-                continue  # it needs a snapshot (or has not pulled yet): its pull handles it
-            entries = store.read_log_raw(acked, self.settings.pull_max_entries)
-            if not entries:
-                continue
-            req = pb.PushRequest(shard_id=sid, entries=entries)
+    def _push_seals(self) -> None:
+        """Send each replica node, in one Push, the log of every shard sealed since the last
+        call from the replica's last acknowledged position through the new seal (see
+        PushRequest): fire and forget; a lost push costs only latency. A replica whose pull is
+        waiting here gets nothing: the seal woke that pull, which carries it as soon."""
+        sealed, self._to_push = self._to_push, {}
+        by_holder: dict[str, list[pb.ShardLog]] = {}
+        for sid, pulling in sorted(sealed.items()):
+            store = self.logs[sid]
+            shard = self.cluster.shard(sid)
+            for region in self.cluster.regions:
+                holder = self.cluster.replica_node(shard, region.name)
+                if holder is None or holder in pulling:
+                    continue
+                acked = self._acked[sid].get(holder, 0)
+                if acked < store.first_lsn:
+                    continue  # it needs a snapshot (or has not pulled yet): its pull handles it
+                entries = store.read_log_raw(acked, self.settings.pull_max_entries)
+                if entries:
+                    by_holder.setdefault(holder, []).append(
+                        pb.ShardLog(shard_id=sid, entries=entries)
+                    )
+        for holder, logs in by_holder.items():
             self.seal_pushes += 1
+            req = pb.PushRequest(shards=logs)
             task = asyncio.get_running_loop().create_task(self._push(holder, req))
             self._pushes.add(task)
             task.add_done_callback(self._pushes.discard)
@@ -202,13 +221,19 @@ class Replicator:
             await self.call(holder, R + "Push", req, pb.PushResponse, self.short_timeout_s)
 
     async def push(self, req: pb.PushRequest) -> pb.PushResponse:
-        state = self.replicas.get(req.shard_id)
-        if state is None:
-            raise NotLeader(f"{self.name} holds no replica of shard {req.shard_id}")
-        entries = [decode_entry(raw) for raw in req.entries]
-        if state.applier.snapshot_lsn == 0 and entries and entries[0].lsn <= state.applier.next_lsn:
-            self._applied(state, state.applier.apply(entries))
-        return pb.PushResponse(next_lsn=state.applier.next_lsn)
+        states = [(self.replicas.get(log.shard_id), log) for log in req.shards]
+        missing = sorted({log.shard_id for state, log in states if state is None})
+        if missing:  # checked before anything is applied: a bad push changes nothing
+            raise NotLeader(f"{self.name} holds no replica of shard(s) {missing}")
+        positions: dict[int, int] = {}
+        for state, log in states:
+            assert state is not None
+            entries = [decode_entry(raw) for raw in log.entries]
+            applier = state.applier
+            if applier.snapshot_lsn == 0 and entries and entries[0].lsn <= applier.next_lsn:
+                self._applied(state, applier.apply(entries))
+            positions[log.shard_id] = applier.next_lsn
+        return pb.PushResponse(next_lsn=positions)
 
     def _applied(self, state: _ReplicaState, fresh: list[LogEntry]) -> None:
         home = state.shard.home_region
@@ -398,9 +423,15 @@ class Replicator:
             )
         if req.from_lsn >= store.next_lsn and req.wait_ms:
             event = self._appended[req.shard_id]
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(req.wait_ms / 1000):
-                    await event.wait()
+            parked = self._parked[req.shard_id]
+            if req.replica:
+                parked.add(req.replica)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(req.wait_ms / 1000):
+                        await event.wait()
+            finally:
+                parked.discard(req.replica)
         limit = req.max_entries or self.settings.pull_max_entries
         return pb.PullResponse(
             entries=store.read_log_raw(req.from_lsn, limit),

@@ -744,9 +744,11 @@ class ReplicationStatus(_message.Message):
     visible_ts: _builtins.int
     """this region's visible timestamp as this node knows it"""
     seal_pushes: _builtins.int
-    """Push calls this node sent to replicas (one per seal per replica)"""
+    """Push calls this node sent to replicas (one per replica node per"""
     seal_queries: _builtins.int
-    """Seals calls this node sent to peers in its region"""
+    """sealing step, whatever the number of shards it carries)
+    Seals calls this node sent to peers in its region
+    """
     @_builtins.property
     def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicationShardStatus]: ...
     @_builtins.property
@@ -1633,16 +1635,40 @@ class PushRequest(_message.Message):
     """A leader pushes its log from a replica's last acknowledged position to the newest seal as soon
     as it logs the seal, so the seal arrives one one-way delay later instead of waiting for the
     replica's next pull to make a round trip. Pulls remain the source of truth (a push that does
-    not continue where the replica is gets ignored).
+    not continue where the replica is gets ignored). One push carries every shard whose seal the
+    leader logged in the same step and whose replica is on the receiving node; none goes to a
+    replica whose pull is waiting at the leader (the seal wakes the pull, which brings it as soon).
     """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardLog]: ...
+    def __init__(
+        self,
+        *,
+        shards: _abc.Iterable[Global___ShardLog] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shards", b"shards"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushRequest: _TypeAlias = PushRequest  # noqa: Y015
+
+@_typing.final
+class ShardLog(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SHARD_ID_FIELD_NUMBER: _builtins.int
     ENTRIES_FIELD_NUMBER: _builtins.int
     shard_id: _builtins.int
     @_builtins.property
-    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """encoded log entries, consecutive, oldest first"""
+
     def __init__(
         self,
         *,
@@ -1655,19 +1681,41 @@ class PushRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PushRequest: _TypeAlias = PushRequest  # noqa: Y015
+Global___ShardLog: _TypeAlias = ShardLog  # noqa: Y015
 
 @_typing.final
 class PushResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class NextLsnEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NEXT_LSN_FIELD_NUMBER: _builtins.int
-    next_lsn: _builtins.int
-    """the replica's position after the push"""
+    @_builtins.property
+    def next_lsn(self) -> _containers.ScalarMap[_builtins.int, _builtins.int]:
+        """shard id -> the replica's position after the push"""
+
     def __init__(
         self,
         *,
-        next_lsn: _builtins.int = ...,
+        next_lsn: _abc.Mapping[_builtins.int, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

@@ -9,7 +9,10 @@ wide-area latency on a virtual clock.
 - a replica node killed during writes catches up, from the log or by snapshot after truncation;
 - a partitioned region serves bounded-staleness reads until the bound passes, then refuses them,
   and fails fresh reads clearly;
-- visibility delay under K2-VCR (L = 100 ms) against the closed-timestamp baseline (3 s).
+- visibility delay under K2-VCR (L = 100 ms) against the closed-timestamp baseline (3 s);
+- a leader pushes its seals to each replica node in one Push per sealing step, and not to a
+  replica whose pull is already waiting for them; a Push naming a shard the node does not hold
+  changes nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import asyncio
 import contextlib
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -32,7 +36,8 @@ from k2store.cluster import (
     ReplicationSettings,
     local_cluster,
 )
-from k2store.errors import NotVisibleYet, StalenessExceeded, TxnAborted
+from k2store.errors import NotLeader, NotVisibleYet, StalenessExceeded, TxnAborted
+from k2store.proto import k2_pb2 as pb
 from k2store.sim import SimCluster, SimNetwork, run_simulation
 from txn.storage import MAX_TS
 
@@ -233,3 +238,59 @@ def test_vcr_makes_writes_visible_everywhere_an_order_of_magnitude_before_closed
 
 def test_max_ts_sanity() -> None:
     assert MAX_TS > 2**63  # replica snapshots copy versions at any stored timestamp
+
+
+def test_seals_go_to_each_replica_node_in_one_push_and_not_to_a_waiting_pull() -> None:
+    """An idle cluster logs only seals, every 100 ms on each shard. us-east-1 leads three shards
+    with replicas on eu-west-1 (75 ms away: its pulls wait at the leader between seals, and the
+    seal wakes them) and on ap-southeast-1 (210 ms: a pull is still on its way when the next seal
+    is logged, so the push is what brings it a round trip sooner)."""
+    pushes: list[tuple[str, list[int]]] = []
+    led: list[int] = []
+
+    async def main() -> None:
+        cluster = SimCluster(config(), seed=1)
+        rep = cluster.service("us-east-1").replicator
+        assert rep is not None
+        led.extend(sorted(rep.logs))
+        await asyncio.sleep(1.0)  # past the start, when every replica pulls from scratch
+        with mock.patch.object(rep, "call", wraps=rep.call) as spy:
+            await asyncio.sleep(2.0)
+        pushes.extend(
+            (c.args[0], [log.shard_id for log in c.args[2].shards])
+            for c in spy.call_args_list
+            if c.args[1].endswith("/Push")
+        )
+
+    run_simulation(main, seed=1)
+    assert len(led) == 3
+    assert pushes and all(sorted(shards) == led for _, shards in pushes), pushes[:5]
+    to = [node for node, _ in pushes]
+    assert to.count("eu-west-1") == 0, "pushed to a replica whose pull was waiting"
+    assert to.count("ap-southeast-1") >= 15  # one per epoch
+
+
+def test_a_push_naming_a_shard_the_node_does_not_hold_applies_nothing() -> None:
+    async def main() -> None:
+        cluster = SimCluster(config(), seed=1)
+        leader = cluster.service("us-east-1").replicator
+        replica = cluster.service("eu-west-1").replicator
+        assert leader is not None and replica is not None
+        sid = min(leader.logs)
+        await asyncio.sleep(0.5)
+        cluster.partition("us-east", "eu-west")  # seals pile up at the leader
+        await asyncio.sleep(0.5)
+        state = replica.replicas[sid]
+        before = state.applier.next_lsn
+        entries = leader.logs[sid].read_log_raw(before, 100)
+        assert entries
+        held = pb.ShardLog(shard_id=sid, entries=entries)
+        stranger = pb.ShardLog(shard_id=max(leader.logs) + 100)
+        with pytest.raises(NotLeader, match="holds no replica"):
+            await replica.push(pb.PushRequest(shards=[held, stranger]))
+        assert state.applier.next_lsn == before
+        reply = await replica.push(pb.PushRequest(shards=[held]))
+        assert reply.next_lsn[sid] == state.applier.next_lsn > before
+        cluster.heal()
+
+    run_simulation(main, seed=1)
