@@ -133,6 +133,7 @@ class Replicator:
         whose pull was waiting when the seal was logged (that pull brings it)."""
         self._parked: dict[int, set[str]] = {}
         """shard -> replica nodes whose pull is waiting here for the log to grow."""
+        self._stopped = False
         self.seal_queries = 0
         """Seals calls sent to peers in this region (the visible timestamp's inputs)."""
         self.active: dict[int, dict[bytes, int]] = {}
@@ -193,6 +194,8 @@ class Replicator:
         PushRequest): fire and forget; a lost push costs only latency. A replica whose pull is
         waiting here gets nothing: the seal woke that pull, which carries it as soon."""
         sealed, self._to_push = self._to_push, {}
+        if self._stopped:
+            return
         by_holder: dict[str, list[pb.ShardLog]] = {}
         for sid, pulling in sorted(sealed.items()):
             store = self.logs[sid]
@@ -254,6 +257,7 @@ class Replicator:
             self._tasks.append(loop.create_task(self._pull_loop(sid)))
 
     async def stop(self) -> None:
+        self._stopped = True  # a push step already scheduled sends nothing
         tasks, self._tasks = self._tasks, []
         tasks += list(self._pushes)
         await stop_tasks(tasks)
