@@ -335,14 +335,16 @@ def _clients_axis(ax: Any, clients: Sequence[int]) -> None:
 
 def plot_sweep(points: Sequence[SweepPoint], path: Path, title: str) -> bool:
     """Throughput, K2-MVTO's ratios and p99 latency against the total number of clients (log
-    axes where the range calls for it). Returns False, drawing nothing, without matplotlib."""
+    axes where the range calls for it), and on node processes how busy each run kept the
+    machine's cores. Returns False, drawing nothing, without matplotlib."""
     from k2store.bench.txn import pyplot
 
     plt = pyplot()
     ok = [p for p in average_seeds(points) if not p.error]
     if plt is None or not ok:
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    cpu = any(not math.isnan(p.cpu_busy) for p in ok)
+    fig, axes = plt.subplots(1, 4 if cpu else 3, figsize=(21 if cpu else 16, 4.4))
     _per_protocol(axes[0], ok, "throughput", "committed txn/s", "throughput against concurrency")
     ax = axes[1]
     rows = by_concurrency(ok)
@@ -379,6 +381,19 @@ def plot_sweep(points: Sequence[SweepPoint], path: Path, title: str) -> bool:
         axes[2], ok, "p99_ms", "p99 end-to-end latency (ms)", "tail latency against concurrency"
     )
     axes[2].set_yscale("log")
+    if cpu:
+        from matplotlib.ticker import PercentFormatter
+
+        _per_protocol(
+            axes[3],
+            [p for p in ok if not math.isnan(p.cpu_busy)],
+            "cpu_busy",
+            "cores busy (nodes and benchmark)",
+            "CPU against concurrency",
+        )
+        axes[3].axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        axes[3].set_ylim(0, 1.1)
+        axes[3].yaxis.set_major_formatter(PercentFormatter(1.0))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

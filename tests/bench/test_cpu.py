@@ -3,6 +3,7 @@ what it reports when it cannot know."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from k2store.bench.cpu import CpuMeter, CpuUse, process_cpu_s
-from k2store.bench.sweep import SweepPoint, average_seeds, sweep_table
+from k2store.bench.sweep import SweepPoint, average_seeds, sweep_table, write_sweep
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -107,3 +108,20 @@ def test_sweep_table_shows_the_busiest_run_only_when_processes_measured_it() -> 
     # Over seeds the busiest seed stands for the point.
     (avg,) = average_seeds([pt("k2-mvto", 3, 1.0, 0.5, seed=1), pt("k2-mvto", 3, 2.0, 0.8, 2)])
     assert avg.cpu_busy == pytest.approx(0.8)
+
+
+def png_width(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk's width
+
+
+def test_a_processes_sweep_plots_cpu_beside_throughput_and_keeps_it_in_the_json(
+    tmp_path: Path,
+) -> None:
+    sim = [pt("k2-mvto", 1, 10.0), pt("d2pl-ttc", 1, 5.0)]
+    procs = [pt("k2-mvto", 1, 10.0, 0.45), pt("d2pl-ttc", 1, 5.0, 0.3)]
+    wrote_sim = write_sweep(sim, {}, tmp_path / "sim", "t")
+    wrote_procs = write_sweep(procs, {}, tmp_path / "procs", "t")
+    assert png_width(wrote_procs[1]) > png_width(wrote_sim[1])  # a fourth panel
+    doc = json.loads(wrote_procs[0].read_text())
+    assert [p["cpu_busy"] for p in doc["points"]] == [0.45, 0.3]
+    assert json.loads(wrote_sim[0].read_text())["points"][0]["cpu_busy"] is None
