@@ -275,6 +275,14 @@ def _parser() -> argparse.ArgumentParser:
     bk.add_argument("--connector", action="store_true", help="also time retrieval over WAN")
     bk.add_argument("--prefix", type=int, default=2048, help="prefix tokens for --connector")
     bk.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="times the node's read paths and Redis are measured, one after the other (default "
+        "3; 1 with --quick): the figures are the medians, each ratio's range over the rounds "
+        "is printed beside it",
+    )
+    bk.add_argument(
         "--quick", action="store_true", help="4 blocks of 64 tokens (CI smoke test, seconds)"
     )
     from k2store.bench import visibility as bench_visibility

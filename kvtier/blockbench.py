@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from k2store import evloop
+from k2store.errors import InvalidArgument
 from kvtier.blocknode import BlockNode, BlockStoreClient
 from kvtier.blocks import BlockSpec, decode_block, encode_block
 from kvtier.blockstore import BlockStore, BlockStoreConfig, MemoryBlobStore
@@ -57,7 +59,7 @@ def _rate(nbytes: int, fn: Callable[[], object], repeat: int = 5) -> float:
     return nbytes / best
 
 
-def run(tokens: int, blocks: int) -> dict[str, Any]:
+def run(tokens: int, blocks: int, rounds: int = 1) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for dtype in ("float32", "bfloat16"):
         spec = BlockSpec(tokens, 30, 3, 64, dtype)
@@ -113,9 +115,19 @@ def run(tokens: int, blocks: int) -> dict[str, Any]:
             _rate(total, lambda: [store.get(k) for k in frames], repeat=3) / 1e6
         )
         store.close()
-    out.update(evloop.run(_node_paths(frames, total)))
+    # The node's paths and Redis, one after the other, `rounds` times: on a shared machine
+    # either side's figure moves by up to 3x between runs, so each round's ratio is taken
+    # from figures measured seconds apart, and the medians and the rounds' range reported.
+    per_round: list[dict[str, float]] = []
+    for _ in range(rounds):
+        figures = evloop.run(_node_paths(frames, total))
+        figures.update(evloop.run(_redis(frames, total)))
+        per_round.append(figures)
+    for name in per_round[0]:
+        out[name] = statistics.median(r[name] for r in per_round if name in r)
+    if rounds > 1:
+        out["rounds"] = per_round
     out["memcopy_MBps"] = memcopy_MBps(frames, total)
-    out.update(evloop.run(_redis(frames, total)))
     return out
 
 
@@ -376,12 +388,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connector", action="store_true", help="also time retrieval over WAN")
     p.add_argument("--prefix", type=int, default=2048, help="prefix tokens for --connector")
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="times the node's read paths and Redis are measured, one after the other (default "
+        "3; 1 with --quick): the figures are the medians, each ratio's range over the rounds "
+        "is printed beside it",
+    )
+    p.add_argument(
         "--quick", action="store_true", help="4 blocks of 64 tokens (CI smoke test, seconds)"
     )
 
 
+def _spread(figures: dict[str, Any], ours: str, theirs: str) -> str:
+    """Over several rounds: the lowest and highest of the rounds' own ratios."""
+    each = [r[ours] / r[theirs] for r in figures.get("rounds", []) if r.get(theirs) and ours in r]
+    if len(each) < 2:
+        return ""
+    return f"; {min(each):.2f}-{max(each):.2f}x over {len(each)} rounds"
+
+
 def ratios(figures: dict[str, Any]) -> list[str]:
-    """The side-by-side lines: block store node against Redis and a memory copy."""
+    """The side-by-side lines: block store node against Redis and a memory copy (over several
+    rounds, the medians, and the range of the rounds' ratios)."""
     out = []
     mem = figures.get("memcopy_MBps")
     for mode in ("sequential", "parallel"):
@@ -389,9 +418,11 @@ def ratios(figures: dict[str, Any]) -> list[str]:
         theirs = figures.get(f"redis.get_{mode}_MBps")
         if ours is None:
             continue
+        redis_key = f"redis.get_{mode}_MBps"
         line = f"block get ({mode}): block store node over gRPC {ours:.0f} MB/s"
         if theirs:
-            line += f", Redis {theirs:.0f} MB/s ({ours / theirs:.2f}x)"
+            spread = _spread(figures, f"grpc.get_{mode}_MBps", redis_key)
+            line += f", Redis {theirs:.0f} MB/s ({ours / theirs:.2f}x{spread})"
         if mem:
             line += f", memory copy {mem:.0f} MB/s ({ours / mem:.0%} of it)"
         out.append(line)
@@ -403,7 +434,8 @@ def ratios(figures: dict[str, Any]) -> list[str]:
             if rate is not None:
                 line = f"block get ({mode}), {how}: {rate:.0f} MB/s"
                 if theirs:
-                    line += f" ({rate / theirs:.2f}x Redis)"
+                    spread = _spread(figures, f"{path}.get_{mode}_MBps", redis_key)
+                    line += f" ({rate / theirs:.2f}x Redis{spread})"
                 out.append(line)
     if not figures.get("redis.get_sequential_MBps"):
         out.append("Redis: not measured (apt-get install redis-server; pip install redis)")
@@ -413,12 +445,15 @@ def ratios(figures: dict[str, Any]) -> list[str]:
 def main_args(a: argparse.Namespace) -> int:
     """`k2 bench kvtier` and `python -m kvtier.blockbench`."""
     if a.quick:
-        a.tokens, a.blocks = 64, 4
-    figures = run(a.tokens, a.blocks)
+        a.tokens, a.blocks, a.rounds = 64, 4, 1
+    if not 1 <= a.rounds <= 50:
+        raise InvalidArgument(f"--rounds must be 1 to 50, got {a.rounds}")
+    figures = run(a.tokens, a.blocks, a.rounds)
     if a.connector:
         figures.update(evloop.run(_connector_bench(a.prefix, a.tokens)))
     for k, v in figures.items():
-        print(f"{k:32} {v:.3f}" if isinstance(v, float) else f"{k:32} {v}")
+        if k != "rounds":
+            print(f"{k:32} {v:.3f}" if isinstance(v, float) else f"{k:32} {v}")
     print()
     for line in ratios(figures):
         print(line)
