@@ -269,22 +269,9 @@ def _parser() -> argparse.ArgumentParser:
         help="block store node vs Redis vs a memory copy; frame codecs; WAN retrieval",
         description="Block-path throughput, side by side with Redis and a plain memory copy.",
     )
-    bk.add_argument("--tokens", type=int, default=256, help="tokens per block")
-    bk.add_argument("--blocks", type=int, default=16, help="blocks in the store tests")
-    bk.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    bk.add_argument("--connector", action="store_true", help="also time retrieval over WAN")
-    bk.add_argument("--prefix", type=int, default=2048, help="prefix tokens for --connector")
-    bk.add_argument(
-        "--rounds",
-        type=int,
-        default=3,
-        help="times the node's read paths and Redis are measured, one after the other (default "
-        "3; 1 with --quick): the figures are the medians, each ratio's range over the rounds "
-        "is printed beside it",
-    )
-    bk.add_argument(
-        "--quick", action="store_true", help="4 blocks of 64 tokens (CI smoke test, seconds)"
-    )
+    from k2store.bench import kvtier_options as bench_kvtier_options
+
+    bench_kvtier_options.add_arguments(bk)
     from k2store.bench import visibility as bench_visibility
 
     # kvtier (and torch) load only when the benchmark runs: its options are spelled out here,

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from k2store import evloop
+from k2store.bench.kvtier_options import add_arguments
 from k2store.errors import InvalidArgument
 from kvtier.blocknode import BlockNode, BlockStoreClient
 from kvtier.blocks import BlockSpec, decode_block, encode_block
@@ -381,25 +382,6 @@ async def _connector_bench(prefix_tokens: int, block_tokens: int) -> dict[str, A
     return res
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", type=int, default=256, help="tokens per block (default 256)")
-    p.add_argument("--blocks", type=int, default=16, help="blocks in the store tests")
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--connector", action="store_true", help="also time retrieval over WAN")
-    p.add_argument("--prefix", type=int, default=2048, help="prefix tokens for --connector")
-    p.add_argument(
-        "--rounds",
-        type=int,
-        default=3,
-        help="times the node's read paths and Redis are measured, one after the other (default "
-        "3; 1 with --quick): the figures are the medians, each ratio's range over the rounds "
-        "is printed beside it",
-    )
-    p.add_argument(
-        "--quick", action="store_true", help="4 blocks of 64 tokens (CI smoke test, seconds)"
-    )
-
-
 def _spread(figures: dict[str, Any], ours: str, theirs: str) -> str:
     """Over several rounds: the lowest and highest of the rounds' own ratios."""
     each = [r[ours] / r[theirs] for r in figures.get("rounds", []) if r.get(theirs) and ours in r]
@@ -415,10 +397,10 @@ def ratios(figures: dict[str, Any]) -> list[str]:
     mem = figures.get("memcopy_MBps")
     for mode in ("sequential", "parallel"):
         ours = figures.get(f"grpc.get_{mode}_MBps")
-        theirs = figures.get(f"redis.get_{mode}_MBps")
+        redis_key = f"redis.get_{mode}_MBps"
+        theirs = figures.get(redis_key)
         if ours is None:
             continue
-        redis_key = f"redis.get_{mode}_MBps"
         line = f"block get ({mode}): block store node over gRPC {ours:.0f} MB/s"
         if theirs:
             spread = _spread(figures, f"grpc.get_{mode}_MBps", redis_key)

@@ -646,8 +646,7 @@ async def run_mix(
         await asyncio.sleep(bc.warmup_s)
         meter.start()
         await asyncio.sleep(max(0.0, (stop_ns - now_ns()) / 1e9))
-        warm = bc.warmup_s
-        return meter.stop(sum(1 for r in records if r.committed and r.finished_s > warm))
+        return meter.stop(sum(1 for r in records if r.committed and r.finished_s > bc.warmup_s))
 
     with tqdm(
         total=bc.duration_s,
