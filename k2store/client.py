@@ -46,6 +46,7 @@ from k2store.transport import (
     cluster_transport,
     rpc_error_to_k2,
 )
+from truetime import ClockSource, SystemClock, TrueTime, UncertaintyExceeded
 
 T = TypeVar("T")
 K = "/k2.v1.K2/"
@@ -106,13 +107,26 @@ class AsyncClient:
         transport: Transport | None = None,
         rng: random.Random | None = None,
         token: str | None = None,
+        truetime: TrueTime | None = None,
     ) -> None:
         """`region`: where this client runs; its transactions are coordinated by a node there
         (default: the first region of the cluster). `transport` and `rng` (backoff jitter) are
         injectable: the deterministic simulator passes its network and a seeded generator.
         `token`: the bearer token for a secured cluster (default: K2_TOKEN, K2_TOKEN_FILE, or
-        the cluster file's `[security] client_token_file`; see k2store/security.py)."""
+        the cluster file's `[security] client_token_file`; see k2store/security.py).
+
+        `truetime`: client time, for a client whose clock is held to the cluster's bound (one
+        embedded in a serving node, on the node's host: `client_truetime(cluster)`). On a
+        K2-MVTO cluster its transactions are then stamped with the client's `now().latest` when
+        their first operation is sent, and the client waits out the commit-wait itself, so the
+        wait runs during the round trip instead of after it: a local transaction costs one
+        round trip, not one round trip plus twice the clock uncertainty. HAZARD: with this
+        clock off by more than the bound, a transaction that begins after another committed
+        can get a smaller timestamp (it misses that commit), and commits are reported before
+        their timestamp has passed. A clock whose uncertainty is above the bound is not used
+        (the coordinator stamps and waits, as without client time)."""
         self.cluster = cluster
+        self.tt = truetime
         self.region = region or cluster.regions[0].name
         self._coordinators = [n.name for n in cluster.nodes_in(self.region)]
         if not self._coordinators:
@@ -291,8 +305,39 @@ class AsyncClient:
         req = pb.BeginTxnRequest(read_only=read_only, keys=[_key(k) for k in keys])
         if inline:
             return self.transaction_type(self, node, b"", 0, read_only, begin=req)
+        self._client_time(req, stamp=False)  # begun now, used later: the coordinator stamps
         r = await self._with_retry(lambda: self._call(node, "BeginTxn", req, pb.BeginTxnResponse))
         return self.transaction_type(self, node, r.txn_id, r.ts, read_only)
+
+    def _client_time(self, req: pb.BeginTxnRequest, *, stamp: bool) -> None:
+        """With client time (see `__init__`): ask to wait out the commit-wait here, and with
+        `stamp` (the request also carries the first operations) give this clock's
+        `now().latest` as the timestamp's floor. Without it, or with this clock too uncertain,
+        clear both: the coordinator stamps and waits."""
+        req.client_ts, req.client_waits = 0, False
+        if self.tt is None:
+            return
+        try:
+            now = self.tt.checked_now()
+        except UncertaintyExceeded:
+            return
+        req.client_waits = True
+        if stamp:
+            req.client_ts = now.latest
+
+    async def _wait_out(self, wait_until: int) -> None:
+        """The commit-wait of a transaction begun with client time: return once `wait_until`
+        has certainly passed on this client's clock."""
+        if not wait_until:
+            return
+        if self.tt is None:
+            raise Unavailable(
+                "the coordinator left the commit-wait to this client, which has no clock "
+                "(a coordinator that ignores BeginTxnRequest.client_waits?)"
+            )
+        # HAZARD (client time): see __init__; with this clock beyond its bound the commit is
+        # reported before its timestamp has certainly passed.
+        await self.tt.wait_until_after(wait_until)
 
     async def read_many(self, keys: Sequence[KeyLike]) -> list[bytes | None]:
         """The values of keys (None: absent) in one consistent snapshot at a fresh timestamp: a
@@ -504,6 +549,7 @@ class AsyncTransaction:
         req = pb.TxnOpsRequest(txn_id=self.txn_id, ops=ops, commit=commit)
         if begin is not None:
             req.begin.CopyFrom(begin)
+            self._client._client_time(req.begin, stamp=True)
         try:
             r = await self._client._call(self.coordinator, "TxnOps", req, pb.TxnOpsResponse)
         except TxnAborted:
@@ -525,6 +571,7 @@ class AsyncTransaction:
         self.ts = r.ts or self.ts  # final from the first operation on (late stamping)
         if commit:
             self._ended = True
+            await self._client._wait_out(r.wait_until)
             self.commit_ts = r.commit_ts
         return list(r.results)
 
@@ -533,6 +580,7 @@ class AsyncTransaction:
         if self._begin is None:
             return
         begin, c = self._begin, self._client
+        c._client_time(begin, stamp=False)
         r = await c._with_retry(
             lambda: c._call(self.coordinator, "BeginTxn", begin, pb.BeginTxnResponse)
         )
@@ -644,6 +692,7 @@ class AsyncTransaction:
             if not e.retryable:
                 raise
             raise CommitOutcomeUnknown.of(self.txn_id, self.ts, e) from e
+        await self._client._wait_out(r.wait_until)
         self.commit_ts = r.commit_ts
         return r.commit_ts
 
@@ -706,6 +755,14 @@ def _min_end(a: bytes | None, b: bytes | None) -> bytes | None:
     if b is None:
         return a
     return min(a, b)
+
+
+def client_truetime(cluster: ClusterConfig, clock: ClockSource | None = None) -> TrueTime:
+    """Client time for `AsyncClient(truetime=...)`: `clock` (default: this host's) with the
+    cluster's uncertainty floor and bound, as the cluster's nodes read theirs. Only for a client
+    whose clock is held to that bound (see AsyncClient)."""
+    st = cluster.settings
+    return TrueTime(clock or SystemClock(), st.epsilon_us * 1000, st.max_uncertainty_us * 1000)
 
 
 async def fetch_cluster_info(

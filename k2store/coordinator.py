@@ -97,6 +97,9 @@ class _Txn:
     or with the commit."""
     decided_on: int | None = None
     """The shard that recorded the commit with its writes and resolved them itself."""
+    client_waits: bool = False
+    """The client waits out the commit-wait itself (`BeginTxnRequest.client_waits`, K2-MVTO):
+    replies carry `wait_until` instead of being held here."""
     region_local: bool = False
     """Every key named at begin, and every shard reached since, is led in this coordinator's
     region (`TxnHeader.region_local`)."""
@@ -125,9 +128,17 @@ class Coordinator:
         new_txn_id: Callable[[], bytes] = lambda: os.urandom(16),
         hlc: HybridLogicalClock | None = None,
         future_source: Callable[[], Awaitable[int]] | None = None,
+        client_source: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
+        """`future_source` / `client_source`: timestamps of the slots that future timestamps
+        and client-stamped ones are made in (only their low bits are used: see
+        `_future_timestamp`, `_client_timestamp`); without `client_source` the client's
+        timestamp is ignored and the transaction stamped on arrival."""
         self.future_source = future_source or timestamp
         self._last_future = 0
+        self.client_source = client_source
+        self._client_floor: int | None = None
+        self._last_client = 0
         self._rtt_ns: dict[str, int] = {}
         self.protocol = settings.protocol
         self.hlc = hlc
@@ -200,10 +211,14 @@ class Coordinator:
     async def begin(self, req: pb.BeginTxnRequest) -> pb.BeginTxnResponse:
         # MVTO-HLC stamps with the node's hybrid logical clock; the others with K2-TB batches
         # (d2PL-TTC uses the start timestamp only as its wound-wait priority and snapshot time).
+        client_time = self.protocol == "k2-mvto" and self.client_source is not None
+        client_stamped = client_time and bool(req.client_ts) and not req.read_ts
         if req.read_ts:
             if not req.read_only:
                 raise InvalidArgument("read_ts is only for read-only transactions")
             ts = req.read_ts
+        elif client_stamped:
+            ts = await self._client_timestamp(req.client_ts)
         else:
             ts = self._hlc_now() if self.hlc is not None else await self.timestamp()
         future = False
@@ -211,9 +226,21 @@ class Coordinator:
         if leaders and self.hlc is None and self.settings.future_ts and not req.read_ts:
             delay = max(self.one_way_ns(leader) for leader in leaders)
             if delay > LOCAL_DELAY_NS:
-                ts = await self._future_timestamp(self.tt.now().latest + delay)
+                # At least now().latest (real-time order) and ahead of true time by about the
+                # delay. With client time, from `earliest`: the farthest leader's operations
+                # then go at once (held until after(ts - delay), they wait 2 x epsilon from
+                # `latest`) and still reach it once ts has certainly passed there, and the
+                # commit-wait is 2 x epsilon shorter. Without, from `latest`, so that these
+                # timestamps stay as far ahead of the region's local ones (stamped on arrival,
+                # a batch's lead above `latest`) as with client time: 2 x epsilon closer, more
+                # local transactions stamped meanwhile fall above them (TPC-C sim, 30 clients
+                # per region: 2-3% fewer commits).
+                now = self.tt.now()
+                base = now.earliest if client_stamped else now.latest
+                ts = await self._future_timestamp(max(now.latest, base + delay))
                 future = True
         txn = _Txn(self.new_txn_id(), ts, req.read_only, aligned=future)
+        txn.client_waits = client_time and req.client_waits
         # Leaders admit a transaction that stays in this region to a key's line however long:
         # its read for update is followed by its write within local round trips.
         txn.region_local = (
@@ -228,6 +255,7 @@ class Coordinator:
             self.settings.late_stamping
             and not future
             and not req.read_ts
+            and not client_stamped
             and self.protocol != "d2pl-ttc"
         )
         txn.last_activity_ns = _now_ns()
@@ -246,6 +274,36 @@ class Coordinator:
         )
         self._last_future = aligned + low
         return self._last_future
+
+    async def _client_timestamp(self, client_ts: int) -> int:
+        """A unique timestamp >= the client's `now().latest` at its send, if that lies inside
+        this node's `now()`; otherwise >= this node's `now().latest`, as without client time
+        (a client clock ahead would only lengthen the wait; one behind by more than the bound
+        plus the request's trip cannot take the transaction below true time).
+
+        HAZARD (client time): real-time order needs the timestamp to be at least the true time
+        at which the client began, which a client clock within the bound guarantees. A client
+        clock behind by more than the bound, but not so far that its reading falls below this
+        node's `earliest`, gives a transaction that began after another committed a smaller
+        timestamp than it (a stale read); a client clock ahead of its bound ends its wait for
+        `wait_until` early and reports commits before their timestamps have passed.
+
+        Client timestamps come from a slot of their own (coordinator name + "/client"), strictly
+        increasing, so they collide with no other slot's. The slot's first timestamp after this
+        coordinator starts is at least that slot's first batch base, which the oracle issues
+        above everything it issued the slot before (a restarted coordinator cannot repeat one)."""
+        assert self.client_source is not None
+        try:
+            now = self.tt.checked_now()
+        except UncertaintyExceeded as e:
+            raise ClockUncertain(f"coordinator {self.node_name} refuses to stamp: {e}") from None
+        if self._client_floor is None:
+            self._client_floor = await self.client_source()
+        low = self._client_floor % STEP_GRANULARITY
+        target = client_ts if now.earliest <= client_ts <= now.latest else now.latest
+        floor = max(target, self._client_floor, self._last_client + 1)
+        self._last_client = -(-floor // STEP_GRANULARITY) * STEP_GRANULARITY + low
+        return self._last_client
 
     async def _commit_wait(self, ts: int) -> None:
         """Wait until ts has certainly passed (see the HAZARD notes at the call sites)."""
@@ -316,7 +374,8 @@ class Coordinator:
             # client. Errors past this point are the commit's: TxnAborted, or the outcome is
             # unknown (the record may be durable), which the client must not take for an abort.
             try:
-                r.commit_ts = (await self._commit_detached(txn)).commit_ts
+                c = await self._commit_detached(txn)
+                r.commit_ts, r.wait_until = c.commit_ts, c.wait_until
             except TxnAborted:
                 raise
             except K2Error as e:
@@ -402,12 +461,17 @@ class Coordinator:
                 # Read-only (or nothing written): no record, no intents. Wait until every version
                 # returned has certainly passed, so a later transaction sees them too.
                 # HAZARD: as commit-wait; with clock error beyond the bound the wait is too short.
-                await self._commit_wait(txn.max_version_ts)
+                if not txn.client_waits:
+                    await self._commit_wait(txn.max_version_ts)
                 self._finish(txn)
                 self.stats["committed"] += 1
                 if txn.touched:
                     self._spawn(self._resolve_all(txn, 0))  # it ended: nothing to wait for
-                return pb.CommitTxnResponse(commit_ts=txn.ts, read_only=True)
+                return pb.CommitTxnResponse(
+                    commit_ts=txn.ts,
+                    read_only=True,
+                    wait_until=txn.max_version_ts if txn.client_waits else 0,
+                )
             try:
                 if txn.buffered:
                     await self._commit_with_writes(txn)
@@ -427,7 +491,11 @@ class Coordinator:
                 # passed; real-time order rests on every reader waiting out what it returns
                 # (see the module's contracts).
                 await self._resolve_committed(txn)
-            if self.protocol != "mvto-hlc":  # HLC relies on uncertainty restarts instead
+            # A client that waits itself (client_waits) gets the reply at once, unless the
+            # versions are to show only after the wait (early_resolve off): then this wait
+            # stays, and the client's finds ts already passed.
+            client_waits = txn.client_waits and self.settings.early_resolve
+            if self.protocol != "mvto-hlc" and not client_waits:
                 # HAZARD (commit-wait): the reply waits until ts has certainly passed; every
                 # transaction that begins after the client hears back gets a larger timestamp.
                 # With clock error beyond the bound this ordering can break.
@@ -435,7 +503,9 @@ class Coordinator:
             self.stats["committed"] += 1
             if not self.settings.early_resolve:
                 await self._resolve_committed(txn)
-            return pb.CommitTxnResponse(commit_ts=txn.ts)
+            return pb.CommitTxnResponse(
+                commit_ts=txn.ts, wait_until=txn.ts if txn.client_waits else 0
+            )
 
     async def _resolve_committed(self, txn: _Txn) -> None:
         """Resolve a committed transaction's intents: in the background (`async_resolve`) or

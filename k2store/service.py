@@ -191,6 +191,14 @@ class NodeService:
             batch_size=16,
             fetch_now=(lambda n: self._issue_local(future_slot, n)) if local else None,
         )
+        # ... and client-stamped ones from another (see Coordinator._client_timestamp).
+        client_slot = self.me.name + "/client"
+        self.client_batch = BatchClient(
+            lambda n: self._fetch_batch(n, client_slot),
+            self.clock,
+            batch_size=1,
+            fetch_now=(lambda n: self._issue_local(client_slot, n)) if local else None,
+        )
         st = cluster.settings
         self.limits = Limits(st.max_key_bytes, st.max_value_bytes)
         self.timeout_s = st.request_timeout_s
@@ -224,6 +232,7 @@ class NodeService:
             st.txn,
             hlc=self.hlc,
             future_source=self._future_timestamp,
+            client_source=self._client_slot_timestamp,
             **({"new_txn_id": new_txn_id} if new_txn_id else {}),
         )
 
@@ -316,6 +325,14 @@ class NodeService:
         (a stale batch used to escape as an untyped BatchExpired: an INTERNAL error)."""
         try:
             return await self.future_batch.next_timestamp()
+        except BatchExpired as e:
+            raise Unavailable(f"node {self.me.name}: timestamp batch arrived stale: {e}") from None
+
+    async def _client_slot_timestamp(self) -> int:
+        """A timestamp of the client-stamp slot (its low bits and a floor), errors typed as in
+        `timestamp`."""
+        try:
+            return await self.client_batch.next_timestamp()
         except BatchExpired as e:
             raise Unavailable(f"node {self.me.name}: timestamp batch arrived stale: {e}") from None
 

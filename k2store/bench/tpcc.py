@@ -59,7 +59,7 @@ from k2store.bench.txn import (
     pyplot,
     replication_for,
 )
-from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
+from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy, client_truetime
 from k2store.cluster import (
     DEFAULT_REGIONS,
     TXN_PROTOCOLS,
@@ -134,6 +134,8 @@ class TpccResult:
     that aborted them (aborts at commit are counted in the attempts but not here)."""
     cpu: CpuUse | None = None
     """On node processes: the CPU the nodes and the benchmark spent in the measured window."""
+    client_time: bool = False
+    """The clients had client time (`TpccConfig.client_time`)."""
     error: str = ""
 
     @property
@@ -215,6 +217,11 @@ class TpccConfig:
     costs 2PL half its throughput here (issue 8 asks for d2PL-TTC on this schema too)."""
     off: tuple[str, ...] = ()
     """Refinements of [txn] switched off (`--ablate` runs each in turn; see cluster.TxnSettings)."""
+    client_time: bool = False
+    """Clients with client time (`AsyncClient(truetime=...)`: their clocks held to the bound,
+    as clients embedded in the serving nodes): a K2-MVTO transaction is stamped when the client
+    sends it and the client waits out the commit-wait, during the round trip. The other
+    protocols ignore it."""
     interactive: bool = False
     """Reads in one round, then writes in another (an interactive client). Default: one round
     with the reads and writes together (`AsyncTransaction.batch`), as a stored procedure would
@@ -426,12 +433,13 @@ def run_sim(protocol: str, tc: TpccConfig) -> TpccResult:
         tc.interactive,
         tc.split_schema,
         tc.warmup_s,
+        client_time=tc.client_time,
     )
 
     async def main() -> None:
         cluster = SimCluster(cfg, seed=tc.seed, clock_skew_ns=clock_offsets_ns(cfg, tc))
         clients = [
-            cluster.txn_client(r, retry=RETRY)
+            cluster.txn_client(r, retry=RETRY, client_time=tc.client_time)
             for r in regions
             for _ in range(tc.clients_per_region)
         ]
@@ -482,10 +490,16 @@ async def _run_on(cfg: ClusterConfig, protocol: str, tc: TpccConfig) -> TpccResu
         tc.interactive,
         tc.split_schema,
         tc.warmup_s,
+        client_time=tc.client_time,
     )
     clock = SystemClock()
     clients = [
-        AsyncClient(cfg, region=r, retry=RETRY)
+        AsyncClient(
+            cfg,
+            region=r,
+            retry=RETRY,
+            truetime=client_truetime(cfg) if tc.client_time else None,
+        )
         for r in cfg.region_names()
         for _ in range(tc.clients_per_region)
     ]
@@ -559,6 +573,7 @@ def format_results(results: Sequence[TpccResult]) -> str:
         f"{first.warmup_s:g} s not measured), "
         f"{'interactive' if first.interactive else 'one-shot'}"
         f"{', split schema' if first.split_schema else ''}"
+        f"{', client time' if first.client_time else ''}"
         " (aborts: failed attempts / attempts, overall then per region)"
     )
     return "\n".join([title, head, *lines])
@@ -582,6 +597,7 @@ def _result_json(r: TpccResult) -> dict[str, Any]:
         "failures": dict(r.failures),
         "aborts_by_rule": dict(r.rules),
         "cpu": None if r.cpu is None else r.cpu.to_json(),
+        "client_time": r.client_time,
         "error": r.error,
     }
 
@@ -681,6 +697,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="with --sim: real clock offsets, -US to +US across the regions (at most epsilon)",
     )
     p.add_argument(
+        "--client-time",
+        action="store_true",
+        help="clients hold time themselves (clocks within the bound, as clients embedded in the "
+        "serving nodes): K2-MVTO stamps a transaction when the client sends it and the client "
+        "waits out the commit-wait during the reply's trip",
+    )
+    p.add_argument(
         "--split-schema",
         action="store_true",
         help="payment's year-to-date columns on rows of their own (no new-order/payment "
@@ -735,6 +758,7 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed if args.seed is not None else TpccConfig.seed,
         interactive=args.interactive,
         split_schema=args.split_schema,
+        client_time=args.client_time,
         epsilon_us=args.epsilon_us,
         regions=args.regions,
         clock_offset_us=args.clock_offset_us,
@@ -907,6 +931,7 @@ def _sweep(
         f"{tc.remote_fraction:.0%} cross-region new-orders, {tc.duration_s:g} s per run, "
         f"the first {tc.warmup_s:g} s not measured"
         f"{', split schema' if tc.split_schema else ''}"
+        f"{', client time' if tc.client_time else ''}"
         + (f", seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "")
     )
     print(title)

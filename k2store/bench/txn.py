@@ -62,7 +62,7 @@ from k2store.bench.sweep import (
     sweep_table,
     write_sweep,
 )
-from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy
+from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy, client_truetime
 from k2store.cluster import (
     DEFAULT_REGIONS,
     ClusterConfig,
@@ -132,6 +132,9 @@ class BenchConfig:
     aborted (YCSB-T rmw at 33 clients per region, seeds 1 / 2: K2-MVTO 114.1 / 116.6 -> 136.0 /
     155.3 txn/s, d2PL-TTC 95.9 / 95.7 -> 93.1 / 106.2, MVTO-HLC 121.8 / 96.3 -> 121.6 / 119.4)."""
     seed: int = 1
+    client_time: bool = False
+    """Clients with client time (as `k2 bench tpcc --client-time`): K2-MVTO stamps a
+    transaction when the client sends it and the client waits out the commit-wait."""
 
     @staticmethod
     def quick(**overrides: Any) -> BenchConfig:
@@ -516,8 +519,13 @@ MakeClient = Callable[[str, RetryPolicy], _ObservingClient]
 """A client located in a region, with a retry policy (node processes or the simulator)."""
 
 
-def _process_clients(cfg: ClusterConfig) -> MakeClient:
-    return lambda region, retry: _ObservingClient(cfg, region=region, retry=retry)
+def _process_clients(cfg: ClusterConfig, client_time: bool = False) -> MakeClient:
+    return lambda region, retry: _ObservingClient(
+        cfg,
+        region=region,
+        retry=retry,
+        truetime=client_truetime(cfg) if client_time else None,
+    )
 
 
 async def _load(make_client: MakeClient, bc: BenchConfig, regions: Sequence[str]) -> None:
@@ -562,7 +570,7 @@ async def run_mix(
     bc.check_keys(len(regions))
     # On node processes, what the window cost in CPU (k2store/bench/cpu.py).
     meter = CpuMeter(launcher.running_nodes(cfg), now_ns) if make_client is None else None
-    make_client = make_client or _process_clients(cfg)
+    make_client = make_client or _process_clients(cfg, bc.client_time)
     await _load(make_client, bc, regions)
 
     retry = RetryPolicy(
@@ -705,7 +713,9 @@ def run_sim(
         cluster = SimCluster(cfg, seed=bc.seed)
 
         def make_client(region: str, retry: RetryPolicy) -> _ObservingClient:
-            c = cluster.txn_client(region, retry=retry, client_class=_ObservingClient)
+            c = cluster.txn_client(
+                region, retry=retry, client_class=_ObservingClient, client_time=bc.client_time
+            )
             assert isinstance(c, _ObservingClient)
             return c
 
@@ -1095,6 +1105,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"the workload's (and the simulator's) seed (default {d.seed})",
     )
+    p.add_argument(
+        "--client-time",
+        action="store_true",
+        help="clients hold time themselves (clocks within the bound, as clients embedded in the "
+        "serving nodes): K2-MVTO stamps a transaction when the client sends it and the client "
+        "waits out the commit-wait during the reply's trip",
+    )
     add_seed_arguments(p)
     p.add_argument(
         "--quick", action="store_true", help="a small, short run (CI smoke test, under a minute)"
@@ -1135,6 +1152,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             "max_backoff_s": args.max_backoff,
             "remote_fraction": args.remote_fraction,
             "seed": args.seed,
+            "client_time": args.client_time or None,
         }.items()
         if v is not None
     }

@@ -899,9 +899,20 @@ class BeginTxnRequest(_message.Message):
     KEYS_FIELD_NUMBER: _builtins.int
     READ_TS_FIELD_NUMBER: _builtins.int
     READ_KEYS_FIELD_NUMBER: _builtins.int
+    CLIENT_TS_FIELD_NUMBER: _builtins.int
+    CLIENT_WAITS_FIELD_NUMBER: _builtins.int
     read_only: _builtins.bool
     read_ts: _builtins.int
     """Read-only transactions only: read at this timestamp instead of a fresh one."""
+    client_ts: _builtins.int
+    """Client time (a client whose clock is held to the cluster's bound, e.g. one embedded in a
+    serving node; K2-MVTO only, ignored by the other protocols): client_ts is the client's
+    now().latest when it sent this request, and the coordinator stamps the transaction at or
+    above it (clamped into its own now() interval) instead of drawing a timestamp on arrival.
+    client_waits: the client waits out the commit-wait itself; replies carry wait_until and the
+    coordinator does not wait. Together the wait overlaps the client's round trip.
+    """
+    client_waits: _builtins.bool
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Keys the transaction will touch, when known: lets the coordinator place the record and pick
@@ -921,10 +932,12 @@ class BeginTxnRequest(_message.Message):
         keys: _abc.Iterable[_builtins.bytes] | None = ...,
         read_ts: _builtins.int = ...,
         read_keys: _abc.Iterable[_builtins.bytes] | None = ...,
+        client_ts: _builtins.int = ...,
+        client_waits: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "read_keys", b"read_keys", "read_only", b"read_only", "read_ts", b"read_ts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_ts", b"client_ts", "client_waits", b"client_waits", "keys", b"keys", "read_keys", b"read_keys", "read_only", b"read_only", "read_ts", b"read_ts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1009,12 +1022,17 @@ class TxnOpsResponse(_message.Message):
     TS_FIELD_NUMBER: _builtins.int
     TXN_ID_FIELD_NUMBER: _builtins.int
     COMMIT_TS_FIELD_NUMBER: _builtins.int
+    WAIT_UNTIL_FIELD_NUMBER: _builtins.int
     ts: _builtins.int
     """the transaction's timestamp, final from its first operation on"""
     txn_id: _builtins.bytes
     """set when the request began the transaction (begin)"""
     commit_ts: _builtins.int
     """set when the request committed it (commit)"""
+    wait_until: _builtins.int
+    """Set when the request committed a transaction begun with client_waits: the client must not
+    report the commit until its clock says this timestamp has certainly passed.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TxnOpResult]: ...
     def __init__(
@@ -1024,10 +1042,11 @@ class TxnOpsResponse(_message.Message):
         ts: _builtins.int = ...,
         txn_id: _builtins.bytes = ...,
         commit_ts: _builtins.int = ...,
+        wait_until: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_ts", b"commit_ts", "results", b"results", "ts", b"ts", "txn_id", b"txn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_ts", b"commit_ts", "results", b"results", "ts", b"ts", "txn_id", b"txn_id", "wait_until", b"wait_until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1058,17 +1077,21 @@ class CommitTxnResponse(_message.Message):
 
     COMMIT_TS_FIELD_NUMBER: _builtins.int
     READ_ONLY_FIELD_NUMBER: _builtins.int
+    WAIT_UNTIL_FIELD_NUMBER: _builtins.int
     commit_ts: _builtins.int
     read_only: _builtins.bool
+    wait_until: _builtins.int
+    """as TxnOpsResponse.wait_until"""
     def __init__(
         self,
         *,
         commit_ts: _builtins.int = ...,
         read_only: _builtins.bool = ...,
+        wait_until: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_ts", b"commit_ts", "read_only", b"read_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_ts", b"commit_ts", "read_only", b"read_only", "wait_until", b"wait_until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

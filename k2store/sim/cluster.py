@@ -290,10 +290,13 @@ class SimCluster:
         retry: RetryPolicy | None = None,
         timeout_s: float | None = None,
         client_class: type[AsyncClient] = AsyncClient,
+        client_time: bool = False,
     ) -> AsyncClient:
         """The production `AsyncClient` (transactions and all) located in `region`, talking over
         the simulated network with seeded backoff jitter. `client_class`: a subclass to build
-        instead (benchmarks that watch attempts), taking AsyncClient's arguments."""
+        instead (benchmarks that watch attempts), taking AsyncClient's arguments.
+        `client_time`: the client has client time (AsyncClient's `truetime`) on the clock of
+        its region's first node, as a client embedded in that serving node would."""
         self.config.region(region)
         self._client_count += 1
         name = f"client-{region}-{self._client_count}"
@@ -305,6 +308,9 @@ class SimCluster:
             timeout_s=timeout_s,
             transport=SimTransport(self.network, name),
             rng=random.Random(f"{self.seed}:{name}"),
+            truetime=self._truetime(self.nodes[self.config.nodes_in(region)[0].name])
+            if client_time
+            else None,
         )
 
     async def run(self, workload: Workload | Sequence[Workload], duration_s: float) -> bool:
