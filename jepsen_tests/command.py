@@ -60,6 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME=MS",
         help="skew a node's or region's clock by MS milliseconds for the whole load (repeatable)",
     )
+    p.add_argument(
+        "--client-time",
+        action="store_true",
+        help="clients hold time themselves on this host's clock (K2-MVTO stamps when they send "
+        "and they wait out the commit-wait; see README, Client time)",
+    )
     p.add_argument("--epsilon-us", type=int, help="assumed clock error (default 400)")
     p.add_argument(
         "--max-uncertainty-us", type=int, help="refuse timestamps beyond this (default 5000)"
@@ -108,6 +114,7 @@ def main(args: argparse.Namespace) -> int:
         epsilon_us=args.epsilon_us,
         max_uncertainty_us=args.max_uncertainty_us,
         skew=skew,
+        client_time=args.client_time,
     )
     try:
         opts.validate()

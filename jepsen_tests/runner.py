@@ -39,7 +39,7 @@ from jepsen_tests.nemesis import Nemesis, parse_nemesis
 from jepsen_tests.plots import plot_latency
 from jepsen_tests.workloads import WORKLOADS, Worker, Workload
 from k2store import evloop, launcher
-from k2store.client import AsyncClient, RetryPolicy
+from k2store.client import AsyncClient, RetryPolicy, client_truetime
 from k2store.cluster import (
     DEFAULT_REGIONS,
     UNSAFE_ENV,
@@ -89,6 +89,11 @@ class RunOptions:
     """Clock skews kept for the whole load, (node or region, offset in ms), written to
     clock.toml before the workload starts and removed with every fault before the final
     reads. Nodes report them in their clock error bound (see jepsen_tests.nemesis)."""
+
+    client_time: bool = False
+    """Clients with client time (`AsyncClient(truetime=client_truetime(cfg))`, the host's
+    clock): K2-MVTO stamps their transactions when they send them and they wait out the
+    commit-wait themselves. The nemesis skews the nodes' clocks, not the clients'."""
 
     def validate(self) -> None:
         if self.workload not in WORKLOADS:
@@ -280,7 +285,13 @@ async def _drive(
     workload: Workload = WORKLOADS[opts.workload](regions, random.Random(opts.seed + 1))
     retry = RetryPolicy(max_attempts=3, initial_backoff_s=0.02, max_backoff_s=0.3)
     clients = [
-        AsyncClient(cfg, region=regions[i % len(regions)], retry=retry) for i in range(opts.clients)
+        AsyncClient(
+            cfg,
+            region=regions[i % len(regions)],
+            retry=retry,
+            truetime=client_truetime(cfg) if opts.client_time else None,
+        )
+        for i in range(opts.clients)
     ]
     workers = [
         Worker(

@@ -155,6 +155,19 @@ def test_skipping_commit_wait_is_caught_as_a_realtime_anomaly(tmp_path: Path) ->
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
+def test_client_time_is_clean_with_the_same_clocks(tmp_path: Path) -> None:
+    # The clocks of the case above with every safeguard on, and clients that hold time
+    # themselves (README, Client time): their transactions are stamped from the host's clock
+    # (exact, so within any bound) where that lies inside the coordinator's now(), and they wait
+    # out the commit-wait themselves; the coordinators do not. Nothing may be stale.
+    result = _run(
+        tmp_path, "register", "none", BROKEN_S, skew=WITHIN, client_time=True, **WITHIN_CLOCKS
+    )
+    _assert_clean(result, min_ok=15)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
 def test_ignoring_read_marks_is_caught_as_g_single_or_g2(tmp_path: Path) -> None:
     # The participant's write rule skips the read-mark check, so a write below a later
     # reader's timestamp is installed under it (the reader's snapshot is no longer repeatable).
