@@ -177,28 +177,20 @@ class NodeService:
         # On the oracle's node batches are issued in-line (no round trip, and a short lifetime:
         # `oracle_local_ttl_us`), elsewhere fetched from the region's oracle.
         local = oracle is not None
-        self.batch = BatchClient(
-            self._fetch_batch,
-            self.clock,
-            batch_size=batch_size,
-            fetch_now=(lambda n: self._issue_local(self.me.name, n)) if local else None,
-        )
-        # Future timestamps come from a slot of their own (see Coordinator._future_timestamp).
-        future_slot = self.me.name + "/future"
-        self.future_batch = BatchClient(
-            lambda n: self._fetch_batch(n, future_slot),
-            self.clock,
-            batch_size=16,
-            fetch_now=(lambda n: self._issue_local(future_slot, n)) if local else None,
-        )
-        # ... and client-stamped ones from another (see Coordinator._client_timestamp).
-        client_slot = self.me.name + "/client"
-        self.client_batch = BatchClient(
-            lambda n: self._fetch_batch(n, client_slot),
-            self.clock,
-            batch_size=1,
-            fetch_now=(lambda n: self._issue_local(client_slot, n)) if local else None,
-        )
+
+        def slot_batches(slot: str, size: int) -> BatchClient:
+            return BatchClient(
+                lambda n: self._fetch_batch(n, slot),
+                self.clock,
+                batch_size=size,
+                fetch_now=(lambda n: self._issue_local(slot, n)) if local else None,
+            )
+
+        self.batch = slot_batches(self.me.name, batch_size)
+        # Future timestamps come from a slot of their own (see Coordinator._future_timestamp),
+        # client-stamped ones from another (see Coordinator._client_timestamp).
+        self.future_batch = slot_batches(self.me.name + "/future", 16)
+        self.client_batch = slot_batches(self.me.name + "/client", 1)
         st = cluster.settings
         self.limits = Limits(st.max_key_bytes, st.max_value_bytes)
         self.timeout_s = st.request_timeout_s

@@ -112,6 +112,17 @@ def add_seed_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_client_time_argument(p: argparse.ArgumentParser) -> None:
+    """`--client-time`, for the transaction benchmarks (`k2 bench tpcc`, `k2 bench txn`)."""
+    p.add_argument(
+        "--client-time",
+        action="store_true",
+        help="clients hold time themselves (clocks within the bound, as clients embedded in the "
+        "serving nodes): K2-MVTO stamps a transaction when the client sends it and the client "
+        "waits out the commit-wait during the reply's trip",
+    )
+
+
 def seeds_from_args(args: argparse.Namespace, default_seed: int) -> list[int]:
     """The seeds a run covers (`--seeds`, else `--seed` or `default_seed`), after refusing what
     does not go together: seeds or workers without a sweep, seeds beside `--seed`, workers for

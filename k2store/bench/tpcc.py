@@ -40,6 +40,7 @@ from k2store import evloop, launcher
 from k2store.bench.cpu import CpuMeter, CpuUse
 from k2store.bench.sweep import (
     SweepPoint,
+    add_client_time_argument,
     add_seed_arguments,
     parse_counts,
     seeds_from_args,
@@ -696,13 +697,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="US",
         help="with --sim: real clock offsets, -US to +US across the regions (at most epsilon)",
     )
-    p.add_argument(
-        "--client-time",
-        action="store_true",
-        help="clients hold time themselves (clocks within the bound, as clients embedded in the "
-        "serving nodes): K2-MVTO stamps a transaction when the client sends it and the client "
-        "waits out the commit-wait during the reply's trip",
-    )
+    add_client_time_argument(p)
     p.add_argument(
         "--split-schema",
         action="store_true",

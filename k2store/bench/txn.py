@@ -53,6 +53,7 @@ from k2store import evloop, launcher
 from k2store.bench.cpu import CpuMeter, CpuUse
 from k2store.bench.sweep import (
     SweepPoint,
+    add_client_time_argument,
     add_seed_arguments,
     json_safe,
     parse_counts,
@@ -1105,13 +1106,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"the workload's (and the simulator's) seed (default {d.seed})",
     )
-    p.add_argument(
-        "--client-time",
-        action="store_true",
-        help="clients hold time themselves (clocks within the bound, as clients embedded in the "
-        "serving nodes): K2-MVTO stamps a transaction when the client sends it and the client "
-        "waits out the commit-wait during the reply's trip",
-    )
+    add_client_time_argument(p)
     add_seed_arguments(p)
     p.add_argument(
         "--quick", action="store_true", help="a small, short run (CI smoke test, under a minute)"
