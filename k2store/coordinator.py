@@ -27,7 +27,9 @@ Contracts:
 - A commit, once begun, runs to its end even if the client stops waiting.
 - Commit is acknowledged only after the record is durable AND ts has certainly passed
   (commit-wait), so timestamp order agrees with real-time order. Read-only transactions need no
-  record: they wait until the newest version they returned has certainly passed.
+  record: they wait until the newest version they returned has certainly passed. A K2-MVTO
+  client with client time (`BeginTxnRequest.client_waits`) does that wait itself: the reply
+  goes at once, carrying `wait_until`, and the client reports the commit only after it.
 - A committed transaction's versions show once its record is durable (`early_resolve`), before
   ts has certainly passed: every path that hands a version to a client waits until the
   version's ts has passed first (a read-write reader commit-waits its own larger ts, a read-only
