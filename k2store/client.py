@@ -330,11 +330,10 @@ class AsyncClient:
         has certainly passed on this client's clock."""
         if not wait_until:
             return
-        if self.tt is None:
-            raise Unavailable(
-                "the coordinator left the commit-wait to this client, which has no clock "
-                "(a coordinator that ignores BeginTxnRequest.client_waits?)"
-            )
+        # Only a request that asked to wait here (client_waits, sent only with a clock) gets
+        # a wait_until back. Not an error to raise: the transaction has committed, and a
+        # retryable error would have `run` commit it again.
+        assert self.tt is not None, "wait_until in reply to a request without client_waits"
         # HAZARD (client time): see __init__; with this clock beyond its bound the commit is
         # reported before its timestamp has certainly passed.
         await self.tt.wait_until_after(wait_until)

@@ -291,9 +291,11 @@ class Coordinator:
         `wait_until` early and reports commits before their timestamps have passed.
 
         Client timestamps come from a slot of their own (coordinator name + "/client"), strictly
-        increasing, so they collide with no other slot's. The slot's first timestamp after this
-        coordinator starts is at least that slot's first batch base, which the oracle issues
-        above everything it issued the slot before (a restarted coordinator cannot repeat one)."""
+        increasing, so they collide with no other slot's. After a restart the first is at least
+        that slot's first batch base, which leads the oracle's `now().latest` then; every client
+        timestamp made before the restart was at most this node's `now().latest` at the time
+        (plus 4 us of rounding), so none is repeated unless the restart took less than the two
+        clocks' uncertainty (HAZARD: a clock beyond its bound could shorten that further)."""
         assert self.client_source is not None
         try:
             now = self.tt.checked_now()

@@ -26,6 +26,31 @@ def test_bench_tpcc_sim_quick_ranks_k2_mvto_first(tmp_path: Path) -> None:
     assert rows["k2-mvto"]["throughput"] >= rows["mvto-hlc"]["throughput"]
 
 
+def test_bench_tpcc_client_time_brings_k2_mvto_level_with_mvto_hlc_at_one_client(
+    tmp_path: Path,
+) -> None:
+    # One client per region: nothing contends and each protocol runs at one local transaction's
+    # latency. Without client time K2-MVTO adds its commit-wait to the round trip; with it the
+    # wait passes during the round trip (README, "Client time").
+    args = ["bench", "tpcc", "--sim", "--duration", "4", "--warmup", "1", "--clients-per-region",
+            "1", "--protocol", "k2-mvto", "--protocol", "mvto-hlc"]  # fmt: skip
+    p50 = {}
+    for client_time in (False, True):
+        out = tmp_path / str(client_time)
+        assert main([*args, "--out", str(out), *(["--client-time"] if client_time else [])]) == 0
+        (path,) = out.glob("tpcc-*.json")
+        rows = {r["protocol"]: r for r in json.loads(path.read_text())["results"]}
+        assert rows["k2-mvto"]["client_time"] is client_time
+        ratio = rows["k2-mvto"]["throughput"] / rows["mvto-hlc"]["throughput"]
+        p50[client_time] = rows["k2-mvto"]["p50_ms"]
+        if client_time:
+            assert ratio >= 1.0
+            assert p50[True] == rows["mvto-hlc"]["p50_ms"]  # one round trip each
+        else:
+            assert ratio < 0.95
+    assert p50[True] < p50[False]
+
+
 def test_bench_tpcc_interactive_mode_is_slower_than_one_shot() -> None:
     cfg = tpcc.TpccConfig(
         protocols=("k2-mvto",), duration_s=2.0, warmup_s=0.5, clients_per_region=5
