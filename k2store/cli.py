@@ -76,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--kv-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     sv.add_argument("--max-tokens", type=int, default=128, help="default max_tokens (128)")
     sv.add_argument(
+        "--client-time",
+        action="store_true",
+        help="this node's K2 client holds time on the host's clock (only where that clock is "
+        "held to the cluster's bound): its transactions are stamped at the send and it waits "
+        "out the commit-wait itself, a round trip's worth sooner (README, Client time)",
+    )
+    sv.add_argument(
         "--router",
         default=None,
         metavar="URL",

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from k2store import evloop
-from k2store.client import AsyncClient, RetryPolicy
+from k2store.client import AsyncClient, RetryPolicy, client_truetime
 from k2store.cluster import ClusterConfig
 from k2store.errors import InvalidArgument, K2Error, PermissionDenied
 from kvtier.blocks import block_hashes
@@ -202,12 +202,15 @@ class ServingNode:
         stores: Mapping[str, Sequence[str]] | None = None,
         connector_config: ConnectorConfig | None = None,
         token: str | None = None,
+        client_time: bool = False,
     ) -> ServingNode:
         """Connect to the cluster as a node of `region`: register the tenant (if new, and the
         token may: see `_ensure_tenant`) and the model's namespace, open the connector (block stores registered in the metadata unless
         `stores` is given) and the session store. `token`: the bearer token on a secured
         cluster (default: K2_TOKEN, K2_TOKEN_FILE or the cluster file's); the tenant's own
-        token suffices once an operator has registered the tenant."""
+        token suffices once an operator has registered the tenant. `client_time`: this node's
+        K2 client holds time on this host's clock (README, "Client time"; only where that clock
+        is held to the cluster's bound, as the nodes' are)."""
         clk: ClockSource = clock or SystemClock()
         codec: TokenCodec = (
             tokenizer if hasattr(tokenizer, "chat_ids") else HFTokenCodec(tokenizer, revision)
@@ -217,6 +220,8 @@ class ServingNode:
         # while a fresh cluster settles.
         retry = RetryPolicy(max_attempts=30, initial_backoff_s=0.02, max_backoff_s=0.5)
         client = await AsyncClient.connect(cluster, region=region, retry=retry, token=token)
+        if client_time:
+            client.tt = client_truetime(client.cluster)
         try:
             metadata = BlockMetadata(client, clock=clk)
             await _ensure_tenant(metadata, tenant)
@@ -671,7 +676,7 @@ def main(args: Any) -> int:
         node = await ServingNode.open(
             cfg, args.region, model=loaded.model, tokenizer=loaded.tokenizer,
             revision=loaded.revision, tenant=args.tenant, engine_config=engine_config,
-            model_name=loaded.name,
+            model_name=loaded.name, client_time=args.client_time,
         )  # fmt: skip
         node.config = replace(node.config, default_max_tokens=args.max_tokens)
         await node.engine.calibrate((64, 256, 512))  # the prefill cost model's first points

@@ -21,7 +21,9 @@ from kvtier.serve import ServingNode, serve_http
 
 
 @asynccontextmanager
-async def serving(env: Env, region: str, model: Any) -> AsyncIterator[tuple[ServingNode, str]]:
+async def serving(
+    env: Env, region: str, model: Any, *, client_time: bool = False
+) -> AsyncIterator[tuple[ServingNode, str]]:
     node = await ServingNode.open(
         env.cfg,
         region,
@@ -31,6 +33,7 @@ async def serving(env: Env, region: str, model: Any) -> AsyncIterator[tuple[Serv
         tenant="acme",
         engine_config=EngineConfig(block_tokens=4, kv_dtype="float32"),
         stores=env.addresses(),
+        client_time=client_time,
     )
     stop = asyncio.Event()
     port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -143,8 +146,12 @@ def test_session_follows_the_user_to_another_region(tmp_path: Path) -> None:
         async with (
             kv_env(tmp_path, tenants=()) as env,
             serving(env, "us-east", model) as (east, east_url),
-            serving(env, "eu-west", model) as (west, west_url),
+            # eu-west's node holds time itself (client time): the session it takes over from
+            # us-east, and every turn it records, go through its client-stamped transactions.
+            serving(env, "eu-west", model, client_time=True) as (west, west_url),
         ):
+            assert west.sessions is not None and west.sessions.client.tt is not None
+            assert east.sessions is not None and east.sessions.client.tt is None
             first = {"role": "system", "content": SYSTEM}
             status, _, raw = await call(east_url + "/v1/chat/completions", {
                 "messages": [first, {"role": "user", "content": "one"}],
