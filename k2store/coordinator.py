@@ -75,6 +75,12 @@ LOCAL_DELAY_NS = 5_000_000
 """One-way delays below this are a region's own: no future timestamp for them."""
 
 
+def _in_slot(floor: int, low: int) -> int:
+    """The smallest timestamp >= floor whose low bits are `low` (a slot's origin: see
+    truetime.oracle)."""
+    return -(-floor // STEP_GRANULARITY) * STEP_GRANULARITY + low
+
+
 @dataclass
 class _Txn:
     txn_id: bytes
@@ -242,7 +248,9 @@ class Coordinator:
                 ts = await self._future_timestamp(max(now.latest, base + delay))
                 future = True
         txn = _Txn(self.new_txn_id(), ts, req.read_only, aligned=future)
-        txn.client_waits = client_time and req.client_waits
+        # With early_resolve off the versions show only after the coordinator's wait, so that
+        # wait stays and the client has none.
+        txn.client_waits = client_time and req.client_waits and self.settings.early_resolve
         # Leaders admit a transaction that stays in this region to a key's line however long:
         # its read for update is followed by its write within local round trips.
         txn.region_local = (
@@ -270,11 +278,8 @@ class Coordinator:
         (coordinator name + "/future"), strictly increasing, so they can collide neither with
         each other nor with the regular batch timestamps of any coordinator."""
         base = await self.future_source()
-        low = base % STEP_GRANULARITY
-        aligned = (
-            -(-max(target, base, self._last_future + 1) // STEP_GRANULARITY) * STEP_GRANULARITY
-        )
-        self._last_future = aligned + low
+        floor = max(target, base, self._last_future + 1)
+        self._last_future = _in_slot(floor, base % STEP_GRANULARITY)
         return self._last_future
 
     async def _client_timestamp(self, client_ts: int) -> int:
@@ -303,10 +308,9 @@ class Coordinator:
             raise ClockUncertain(f"coordinator {self.node_name} refuses to stamp: {e}") from None
         if self._client_floor is None:
             self._client_floor = await self.client_source()
-        low = self._client_floor % STEP_GRANULARITY
         target = client_ts if now.earliest <= client_ts <= now.latest else now.latest
         floor = max(target, self._client_floor, self._last_client + 1)
-        self._last_client = -(-floor // STEP_GRANULARITY) * STEP_GRANULARITY + low
+        self._last_client = _in_slot(floor, self._client_floor % STEP_GRANULARITY)
         return self._last_client
 
     async def _commit_wait(self, ts: int) -> None:
@@ -495,11 +499,8 @@ class Coordinator:
                 # passed; real-time order rests on every reader waiting out what it returns
                 # (see the module's contracts).
                 await self._resolve_committed(txn)
-            # A client that waits itself (client_waits) gets the reply at once, unless the
-            # versions are to show only after the wait (early_resolve off): then this wait
-            # stays, and the client's finds ts already passed.
-            client_waits = txn.client_waits and self.settings.early_resolve
-            if self.protocol != "mvto-hlc" and not client_waits:
+            # A client that waits itself (client_waits) gets the reply at once.
+            if self.protocol != "mvto-hlc" and not txn.client_waits:
                 # HAZARD (commit-wait): the reply waits until ts has certainly passed; every
                 # transaction that begins after the client hears back gets a larger timestamp.
                 # With clock error beyond the bound this ordering can break.

@@ -223,8 +223,8 @@ class NodeService:
             self.call,
             st.txn,
             hlc=self.hlc,
-            future_source=self._future_timestamp,
-            client_source=self._client_slot_timestamp,
+            future_source=lambda: self._slot_timestamp(self.future_batch),
+            client_source=lambda: self._slot_timestamp(self.client_batch),
             **({"new_txn_id": new_txn_id} if new_txn_id else {}),
         )
 
@@ -312,19 +312,12 @@ class NodeService:
         except BatchExpired as e:
             raise Unavailable(f"node {self.me.name}: timestamp batch arrived stale: {e}") from None
 
-    async def _future_timestamp(self) -> int:
-        """A timestamp from the future-timestamp slot's batch, errors typed as in `timestamp`
-        (a stale batch used to escape as an untyped BatchExpired: an INTERNAL error)."""
+    async def _slot_timestamp(self, batch: BatchClient) -> int:
+        """A timestamp from the batch of a slot of this node's (future or client timestamps),
+        errors typed as in `timestamp` (a stale batch used to escape as an untyped
+        BatchExpired: an INTERNAL error)."""
         try:
-            return await self.future_batch.next_timestamp()
-        except BatchExpired as e:
-            raise Unavailable(f"node {self.me.name}: timestamp batch arrived stale: {e}") from None
-
-    async def _client_slot_timestamp(self) -> int:
-        """A timestamp of the client-stamp slot (its low bits and a floor), errors typed as in
-        `timestamp`."""
-        try:
-            return await self.client_batch.next_timestamp()
+            return await batch.next_timestamp()
         except BatchExpired as e:
             raise Unavailable(f"node {self.me.name}: timestamp batch arrived stale: {e}") from None
 
