@@ -73,6 +73,8 @@ CallFn = Callable[[str, str, Message, type[Any]], Awaitable[Any]]
 P = "/k2.v1.Participant/"
 LOCAL_DELAY_NS = 5_000_000
 """One-way delays below this are a region's own: no future timestamp for them."""
+CLIENT_AHEAD_WARN_S = 60.0
+"""How often at most a coordinator warns of clients whose clocks read ahead of its own."""
 
 
 def _in_slot(floor: int, low: int) -> int:
@@ -147,6 +149,7 @@ class Coordinator:
         self.client_source = client_source
         self._client_floor: int | None = None
         self._last_client = 0
+        self._client_ahead_warned_ns = -(2**62)
         self._rtt_ns: dict[str, int] = {}
         self.protocol = settings.protocol
         self.hlc = hlc
@@ -226,7 +229,9 @@ class Coordinator:
                 raise InvalidArgument("read_ts is only for read-only transactions")
             ts = req.read_ts
         elif client_stamped:
-            ts = await self._client_timestamp(req.client_ts)
+            ts, client_ahead = await self._client_timestamp(req.client_ts)
+            if client_ahead:  # its wait is not to be trusted: from here on, as without
+                client_time = client_stamped = False
         else:
             ts = self._hlc_now() if self.hlc is not None else await self.timestamp()
         future = False
@@ -282,18 +287,25 @@ class Coordinator:
         self._last_future = _in_slot(floor, base % STEP_GRANULARITY)
         return self._last_future
 
-    async def _client_timestamp(self, client_ts: int) -> int:
+    async def _client_timestamp(self, client_ts: int) -> tuple[int, bool]:
         """A unique timestamp >= the client's `now().latest` at its send, if that lies inside
         this node's `now()`; otherwise >= this node's `now().latest`, as without client time
-        (a client clock ahead would only lengthen the wait; one behind by more than the bound
-        plus the request's trip cannot take the transaction below true time).
+        (one behind by more than the bound plus the request's trip cannot take the transaction
+        below true time). With it, whether the client's reading was ahead of this node's
+        `now().latest`: its clock is then ahead of this node's by more than the request's trip,
+        perhaps beyond its bound, so the transaction's commit-wait stays here (the caller turns
+        client time off for it) and a warning names the client's lead.
 
         HAZARD (client time): real-time order needs the timestamp to be at least the true time
         at which the client began, which a client clock within the bound guarantees. A client
         clock behind by more than the bound, but not so far that its reading falls below this
         node's `earliest`, gives a transaction that began after another committed a smaller
         timestamp than it (a stale read); a client clock ahead of its bound ends its wait for
-        `wait_until` early and reports commits before their timestamps have passed.
+        `wait_until` early and reports commits before their timestamps have passed. This node
+        keeps the wait of every client whose reading is ahead of its own `now().latest`, which
+        bounds a client's lead over true time by this node's (at most epsilon) plus the
+        request's one-way trip: beyond its bound by less than that trip, a client may still
+        report a commit up to that trip early.
 
         Client timestamps come from a slot of their own (coordinator name + "/client"), strictly
         increasing, so they collide with no other slot's. After a restart the first is at least
@@ -308,10 +320,30 @@ class Coordinator:
             raise ClockUncertain(f"coordinator {self.node_name} refuses to stamp: {e}") from None
         if self._client_floor is None:
             self._client_floor = await self.client_source()
+        ahead = client_ts > now.latest
+        if ahead:
+            self.stats["client-clock-ahead"] = self.stats.get("client-clock-ahead", 0) + 1
+            self._warn_client_ahead(client_ts - now.latest)
         target = client_ts if now.earliest <= client_ts <= now.latest else now.latest
         floor = max(target, self._client_floor, self._last_client + 1)
         self._last_client = _in_slot(floor, self._client_floor % STEP_GRANULARITY)
-        return self._last_client
+        return self._last_client, ahead
+
+    def _warn_client_ahead(self, lead_ns: int) -> None:
+        """Once per `CLIENT_AHEAD_WARN_S` at most: a client's clock read ahead of this node's
+        bound (see `_client_timestamp`); an operator should look at that host's clock."""
+        now = _now_ns()
+        if now - self._client_ahead_warned_ns < CLIENT_AHEAD_WARN_S * 1_000_000_000:
+            return
+        self._client_ahead_warned_ns = now
+        log.warning(
+            "coordinator %s: a client's clock reads %.3f ms ahead of this node's now().latest "
+            "(%d such transactions so far); their commit-waits stay at this node. Check that "
+            "host's clock synchronisation.",
+            self.node_name,
+            lead_ns / 1e6,
+            self.stats["client-clock-ahead"],
+        )
 
     async def _commit_wait(self, ts: int) -> None:
         """Wait until ts has certainly passed (see the HAZARD notes at the call sites)."""

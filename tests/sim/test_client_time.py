@@ -5,7 +5,8 @@ What it buys: a local transaction costs one in-region round trip, not one round 
 commit-wait (2 x epsilon plus the batch's lead). What it must keep: real-time order (a
 transaction that begins after another's commit was reported has a larger timestamp) with every
 clock within its bound; the checker here is shown to catch a client whose clock runs ahead of
-its bound unawares, which reports commits before their timestamps have passed.
+its bound unawares, which reports commits before their timestamps have passed, and the
+coordinator to keep the wait of a client whose reading is ahead of its own clock.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 
 from k2store.client import AsyncClient, AsyncTransaction
 from k2store.cluster import DEFAULT_REGIONS, ClusterConfig, TxnSettings, local_cluster
+from k2store.coordinator import Coordinator
 from k2store.sim import SimCluster, run_simulation
 from tests.sim.conftest import QUIET
 from truetime import SkewedClock, TrueTime
@@ -106,10 +108,13 @@ class Txn:
     completed: float
 
 
-def _history(client_offset_ns: dict[str, int], seed: int = 1) -> list[Txn]:
+def _history(
+    client_offset_ns: dict[str, int], seed: int = 1, ahead_counts: list[int] | None = None
+) -> list[Txn]:
     """Two workers per region, each running read-modify-writes of registers (mostly their own
     region's) through clients with client time; `client_offset_ns`: region -> how far its
-    clients' clocks are off their node's, without knowing it (clients beyond their bound)."""
+    clients' clocks are off their node's, without knowing it (clients beyond their bound).
+    `ahead_counts` receives each coordinator's count of client readings ahead of its clock."""
     cfg = _cluster(**WIDE)
 
     async def main() -> list[Txn]:
@@ -146,6 +151,12 @@ def _history(client_offset_ns: dict[str, int], seed: int = 1) -> list[Txn]:
         )
         assert finished
         assert not cluster.network.internal_errors
+        if ahead_counts is not None:
+            ahead_counts.extend(
+                n.service.coordinator.stats.get("client-clock-ahead", 0)
+                for n in cluster.nodes.values()
+                if n.service is not None
+            )
         return out
 
     return run_simulation(main, seed=seed)
@@ -175,11 +186,32 @@ def test_client_time_keeps_real_time_order_with_clocks_within_their_bound() -> N
     assert stale_reads(txns) == []
 
 
-def test_a_client_clock_ahead_of_its_bound_is_caught() -> None:
-    # The clients believe their clocks (1 s ahead of their nodes', unreported): each commit's
-    # timestamp has "certainly passed" at once, so commits are reported before true time
-    # reaches them, and a transaction that begins after a us-east commit (stamped up to 550 ms
-    # ahead) from eu-west (up to 50 ms ahead) gets a smaller timestamp.
+def test_a_client_clock_ahead_of_its_node_keeps_the_wait_at_the_coordinator() -> None:
+    # The clients believe their clocks (1 s ahead of their nodes', unreported). Their readings
+    # lie above the coordinators' now().latest, so the coordinators stamp on arrival and keep
+    # the commit-waits themselves (and count and warn): real-time order holds.
+    counts: list[int] = []
+    txns = _history({r: 1_000_000_000 for r in DEFAULT_REGIONS}, ahead_counts=counts)
+    assert realtime_violations(txns) == []
+    assert stale_reads(txns) == []
+    assert sum(counts) >= len(txns)  # every attempt (retries too) was counted
+
+
+def test_a_client_clock_ahead_is_caught_when_the_coordinator_believes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The same clients, with the coordinator's check removed (it stamps on arrival but leaves
+    # the wait to the client, as before the check): each commit's timestamp has "certainly
+    # passed" at once on the client's clock, so commits are reported before true time reaches
+    # them, and a transaction that begins after a us-east commit (stamped up to 550 ms ahead)
+    # from eu-west (up to 50 ms ahead) gets a smaller timestamp. The checker must see it.
+    original = Coordinator._client_timestamp
+
+    async def believing(self: Coordinator, client_ts: int) -> tuple[int, bool]:
+        ts, _ = await original(self, client_ts)
+        return ts, False
+
+    monkeypatch.setattr(Coordinator, "_client_timestamp", believing)
     txns = _history({r: 1_000_000_000 for r in DEFAULT_REGIONS})
     assert realtime_violations(txns)
 
