@@ -77,10 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-tokens", type=int, default=128, help="default max_tokens (128)")
     sv.add_argument(
         "--client-time",
-        action="store_true",
-        help="this node's K2 client holds time on the host's clock (only where that clock is "
-        "held to the cluster's bound): its transactions are stamped at the send and it waits "
-        "out the commit-wait itself, a round trip's worth sooner (README, Client time)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="this node's K2 client holds time on the host's clock (default on; the host's "
+        "clock must be held to the cluster's bound, as the nodes' are): its transactions are "
+        "stamped at the send and it waits out the commit-wait itself, a round trip's worth "
+        "sooner (README, Client time). A node whose clock reads ahead of the coordinator's "
+        "keeps the wait at the coordinator and warns",
     )
     sv.add_argument(
         "--router",

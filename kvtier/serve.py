@@ -202,15 +202,16 @@ class ServingNode:
         stores: Mapping[str, Sequence[str]] | None = None,
         connector_config: ConnectorConfig | None = None,
         token: str | None = None,
-        client_time: bool = False,
+        client_time: bool = True,
     ) -> ServingNode:
         """Connect to the cluster as a node of `region`: register the tenant (if new, and the
         token may: see `_ensure_tenant`) and the model's namespace, open the connector (block stores registered in the metadata unless
         `stores` is given) and the session store. `token`: the bearer token on a secured
         cluster (default: K2_TOKEN, K2_TOKEN_FILE or the cluster file's); the tenant's own
-        token suffices once an operator has registered the tenant. `client_time`: this node's
-        K2 client holds time on this host's clock (README, "Client time"; only where that clock
-        is held to the cluster's bound, as the nodes' are)."""
+        token suffices once an operator has registered the tenant. `client_time` (default on):
+        this node's K2 client holds time on this host's clock (README, "Client time"; the
+        host's clock must be held to the cluster's bound, as the nodes' are; a coordinator that
+        reads a client's clock ahead of its own keeps that transaction's wait)."""
         clk: ClockSource = clock or SystemClock()
         codec: TokenCodec = (
             tokenizer if hasattr(tokenizer, "chat_ids") else HFTokenCodec(tokenizer, revision)

@@ -218,11 +218,12 @@ class TpccConfig:
     costs 2PL half its throughput here (issue 8 asks for d2PL-TTC on this schema too)."""
     off: tuple[str, ...] = ()
     """Refinements of [txn] switched off (`--ablate` runs each in turn; see cluster.TxnSettings)."""
-    client_time: bool = False
+    client_time: bool = True
     """Clients with client time (`AsyncClient(truetime=...)`: their clocks held to the bound,
     as clients embedded in the serving nodes): a K2-MVTO transaction is stamped when the client
     sends it and the client waits out the commit-wait, during the round trip. The other
-    protocols ignore it."""
+    protocols ignore it. On by default since session 16 (`--no-client-time`: stamped on arrival
+    at the coordinator, which holds the reply through the wait)."""
     interactive: bool = False
     """Reads in one round, then writes in another (an interactive client). Default: one round
     with the reads and writes together (`AsyncTransaction.batch`), as a stored procedure would

@@ -133,9 +133,9 @@ class BenchConfig:
     aborted (YCSB-T rmw at 33 clients per region, seeds 1 / 2: K2-MVTO 114.1 / 116.6 -> 136.0 /
     155.3 txn/s, d2PL-TTC 95.9 / 95.7 -> 93.1 / 106.2, MVTO-HLC 121.8 / 96.3 -> 121.6 / 119.4)."""
     seed: int = 1
-    client_time: bool = False
-    """Clients with client time (as `k2 bench tpcc --client-time`): K2-MVTO stamps a
-    transaction when the client sends it and the client waits out the commit-wait."""
+    client_time: bool = True
+    """Clients with client time (as `k2 bench tpcc`; `--no-client-time` turns it off): K2-MVTO
+    stamps a transaction when the client sends it and the client waits out the commit-wait."""
 
     @staticmethod
     def quick(**overrides: Any) -> BenchConfig:
@@ -1147,7 +1147,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             "max_backoff_s": args.max_backoff,
             "remote_fraction": args.remote_fraction,
             "seed": args.seed,
-            "client_time": args.client_time or None,
+            "client_time": args.client_time,
         }.items()
         if v is not None
     }

@@ -24,20 +24,22 @@ def test_bench_tpcc_sim_quick_ranks_k2_mvto_first(tmp_path: Path) -> None:
     assert all(r["throughput"] > 0 and not r["error"] for r in rows.values())
     assert rows["k2-mvto"]["throughput"] > 3 * rows["d2pl-ttc"]["throughput"]
     assert rows["k2-mvto"]["throughput"] >= rows["mvto-hlc"]["throughput"]
+    assert rows["k2-mvto"]["client_time"] is True  # the default since session 16
 
 
 def test_bench_tpcc_client_time_brings_k2_mvto_level_with_mvto_hlc_at_one_client(
     tmp_path: Path,
 ) -> None:
     # One client per region: nothing contends and each protocol runs at one local transaction's
-    # latency. Without client time K2-MVTO adds its commit-wait to the round trip; with it the
-    # wait passes during the round trip (README, "Client time").
+    # latency. Without client time K2-MVTO adds its commit-wait to the round trip; with it (the
+    # default) the wait passes during the round trip (README, "Client time").
     args = ["bench", "tpcc", "--sim", "--duration", "4", "--warmup", "1", "--clients-per-region",
             "1", "--protocol", "k2-mvto", "--protocol", "mvto-hlc"]  # fmt: skip
     p50 = {}
     for client_time in (False, True):
         out = tmp_path / str(client_time)
-        assert main([*args, "--out", str(out), *(["--client-time"] if client_time else [])]) == 0
+        flag = "--client-time" if client_time else "--no-client-time"
+        assert main([*args, "--out", str(out), flag]) == 0
         (path,) = out.glob("tpcc-*.json")
         rows = {r["protocol"]: r for r in json.loads(path.read_text())["results"]}
         assert rows["k2-mvto"]["client_time"] is client_time
