@@ -23,10 +23,12 @@ Keys
 
 Frame (little-endian)
     ``magic "K2KB" | version u8 | dtype u8 | layout u8 | flags u8 | block_tokens u32 |
-    num_layers u32 | num_kv_heads u32 | head_dim u32 | payload_len u64 | payload_crc32 u32 |
-    block_hash 32 bytes | header_crc32 u32 | payload``. The payload is the tensor's bytes in the
+    num_layers u32 | num_kv_heads u32 | head_dim u32 | payload_len u64 | payload_crc u32 |
+    block_hash 32 bytes | header_crc u32 | payload``. The payload is the tensor's bytes in the
     spec's layout, C order. Encoding is one copy (or none, with `encode_block_parts`); decoding
-    copies once into a new or caller-supplied tensor (`out=`, to reuse pooled memory).
+    copies once into a new or caller-supplied tensor (`out=`, to reuse pooled memory). Version 2
+    (written since session 16) checksums with CRC-32C, version 1 with zlib's CRC-32; both are
+    read.
 
 Invariants
     - A frame that decodes is exactly what was encoded: header and payload are checksummed, the
@@ -46,11 +48,12 @@ import re
 import struct
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import crc32c
 import numpy as np
 import torch
 
@@ -82,9 +85,13 @@ HASH_ALGORITHM = "blake2b-256-keyed/chain-v1"
 """Recorded in each namespace's metadata row; change it whenever the hashing below changes."""
 HASH_SEED = b"k2-kvtier-hash-v1"
 """The blake2b key of every block hash: fixed, so hashes agree across processes and machines."""
-CHECKSUM_ALGORITHM = "crc32"
-"""Frame checksums: zlib's crc32 (about 3.5 GB/s here against 1 GB/s for blake2b); it guards
-against corruption, not against an adversary (the block hash in the frame binds key to bytes)."""
+CHECKSUM_ALGORITHM = "crc32c"
+"""Checksums of the frames written here: CRC-32C (Castagnoli), which the `crc32c` package computes
+with the CPU's CRC instruction: 0.12 ms for a 2.4 MB block here against 0.41 ms for zlib's CRC-32
+(19.9 / 5.9 GB/s), and 1 GB/s for blake2b. Every read verifies a frame, so on a block store's
+bulk reads this was a third of the time per block. It guards against corruption, not against an
+adversary (the block hash in the frame binds key to bytes). Frames of version 1 (zlib's
+"crc32") are still read, and their checksums are recorded under that name."""
 MAX_BLOCK_BYTES = 1 << 30
 """No spec may describe a larger block; deployments set a smaller limit in the connector."""
 
@@ -335,7 +342,12 @@ def block_hashes(
 # -- frames --------------------------------------------------------------------------------------
 
 _MAGIC = b"K2KB"
-_VERSION = 1
+_VERSION = 2
+_CHECKSUMS: dict[int, tuple[str, Callable[[Any], int]]] = {
+    1: ("crc32", zlib.crc32),
+    2: (CHECKSUM_ALGORITHM, crc32c.crc32c),
+}
+"""Frame version -> (name, function) of its checksums: each version read, the last written."""
 _HEADER = struct.Struct("<4sBBBBIIIIQI32s")
 FRAME_HEADER_BYTES = _HEADER.size + 4
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
@@ -349,6 +361,8 @@ class BlockHeader:
     checksum: int
     block_hash: bytes
     """32 bytes, or all zeros when the writer did not bind the frame to a key."""
+    checksum_algorithm: str = CHECKSUM_ALGORITHM
+    """Of `checksum`: the frame version's ("crc32c"; "crc32" in version 1 frames)."""
 
 
 def _payload_view(spec: BlockSpec, kv: torch.Tensor) -> memoryview:
@@ -388,10 +402,10 @@ def encode_block_parts(
         spec.num_kv_heads,
         spec.head_dim,
         payload.nbytes,
-        zlib.crc32(payload),
+        crc32c.crc32c(payload),
         block_hash or bytes(32),
     )
-    return head + struct.pack("<I", zlib.crc32(head)), payload
+    return head + struct.pack("<I", crc32c.crc32c(head)), payload
 
 
 def encode_block(spec: BlockSpec, kv: torch.Tensor, block_hash: bytes = b"") -> bytes:
@@ -408,12 +422,16 @@ def read_header(frame: bytes | bytearray | memoryview) -> BlockHeader:
             f"block frame truncated: {mv.nbytes} bytes, header needs {FRAME_HEADER_BYTES}"
         )
     head = mv[: _HEADER.size]
-    (header_crc,) = struct.unpack_from("<I", mv, _HEADER.size)
-    if zlib.crc32(head) != header_crc:
-        raise CorruptBlock("block frame header checksum mismatch")
     magic, version, dt, lay, _flags, bt, nl, nh, hd, plen, crc, bhash = _HEADER.unpack(head)
-    if magic != _MAGIC or version != _VERSION:
-        raise CorruptBlock(f"not a version-{_VERSION} block frame (magic {magic!r}, v{version})")
+    if magic != _MAGIC or version not in _CHECKSUMS:
+        raise CorruptBlock(
+            f"not a block frame of version {', '.join(map(str, _CHECKSUMS))} (magic {magic!r}, "
+            f"v{version})"
+        )
+    algorithm, checksum = _CHECKSUMS[version]
+    (header_crc,) = struct.unpack_from("<I", mv, _HEADER.size)
+    if checksum(head) != header_crc:
+        raise CorruptBlock("block frame header checksum mismatch")
     if dt not in _CODE_DTYPES or lay not in _CODE_LAYOUTS:
         raise CorruptBlock(f"block frame names unknown dtype {dt} or layout {lay}")
     try:
@@ -425,7 +443,14 @@ def read_header(frame: bytes | bytearray | memoryview) -> BlockHeader:
             f"block frame length {mv.nbytes} does not match its header ({plen} payload bytes, "
             f"spec needs {spec.nbytes})"
         )
-    return BlockHeader(spec, plen, crc, bytes(bhash))
+    return BlockHeader(spec, plen, crc, bytes(bhash), algorithm)
+
+
+_CHECKSUM_BY_NAME = dict(_CHECKSUMS.values())
+
+
+def _checksum(h: BlockHeader) -> Callable[[Any], int]:
+    return _CHECKSUM_BY_NAME[h.checksum_algorithm]
 
 
 def verify_frame(
@@ -434,7 +459,7 @@ def verify_frame(
     """Check header, payload checksum and (if given) the key the frame was stored under."""
     h = read_header(frame)
     payload = memoryview(frame)[FRAME_HEADER_BYTES:]
-    if zlib.crc32(payload) != h.checksum:
+    if _checksum(h)(payload) != h.checksum:
         raise CorruptBlock("block payload checksum mismatch")
     if block_hash is not None and h.block_hash != bytes(32) and h.block_hash != block_hash:
         raise CorruptBlock(

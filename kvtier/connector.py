@@ -791,7 +791,7 @@ class AsyncKVConnector:
                 self.record,
                 self.ns.tenant,
                 self.config.region,
-                [PublishBlock(loc.block_hash, loc.index, len(frame), read_header(frame).checksum)],
+                [_publish_block(loc.block_hash, loc.index, frame)],
             )
             self.stats.blocks_replicated += r.published
             if self.events is not None and r.published:
@@ -869,7 +869,7 @@ class AsyncKVConnector:
             async with sem:
                 await store.put(hashes[i], frame)
             self.stats.bytes_stored += len(frame)
-            return PublishBlock(hashes[i], i, len(frame), read_header(frame).checksum)
+            return _publish_block(hashes[i], i, frame)
 
         # Phase one: every block durable here before any metadata names this region.
         puts = await asyncio.gather(*(put(i) for i in todo), return_exceptions=True)
@@ -1019,3 +1019,8 @@ class KVConnector:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _publish_block(block_hash: bytes, index: int, frame: bytes | memoryview) -> PublishBlock:
+    h = read_header(frame)
+    return PublishBlock(block_hash, index, len(frame), h.checksum, h.checksum_algorithm)

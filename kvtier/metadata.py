@@ -34,8 +34,9 @@ and the region rows)
     sweeper) can remove it; another tenant's `remove` of it is refused (PermissionDenied) and the
     stale row stays until then, which readers treat as a miss.
 
-    Block row: ``{"v": 1, "index": i, "size": frame bytes, "dtype", "layout", "checksum": crc32
-    of the payload, "checksum_algorithm", "hash_algorithm", "tenant": who pays for this copy,
+    Block row: ``{"v": 1, "index": i, "size": frame bytes, "dtype", "layout", "checksum": the
+    payload's checksum, "checksum_algorithm" (its frame's: "crc32c", or "crc32" from version-1
+    frames), "hash_algorithm", "tenant": who pays for this copy,
     "published_ns", "last_use_ns"}``. Readers ignore fields they do not know (placement adds its
     own). Reads never rewrite a block row: a copy's recent use is in its lease rows (a held
     lease's expiry, or the time a reader released it), and `last_use_ns` is refreshed only by
@@ -329,6 +330,8 @@ class PublishBlock:
     index: int
     size: int
     checksum: int
+    checksum_algorithm: str = CHECKSUM_ALGORITHM
+    """Of `checksum`: the frame's (`BlockHeader.checksum_algorithm`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -686,7 +689,12 @@ class BlockMetadata:
             for b, key, raw in zip(blocks, bkeys, raws, strict=True):
                 if raw is not None:
                     row = _load(raw, str(key))
-                    if row.get("checksum") != b.checksum or row.get("size") != b.size:
+                    # Checksums compare only under one algorithm (a copy published from a
+                    # version-1 frame has zlib's "crc32"; rows from before the field, too).
+                    same_algorithm = row.get("checksum_algorithm", "crc32") == b.checksum_algorithm
+                    if row.get("size") != b.size or (
+                        same_algorithm and row.get("checksum") != b.checksum
+                    ):
                         raise InvalidArgument(
                             f"block {b.block_hash.hex()[:16]} in namespace {rec.nsid}: the new "
                             f"bytes differ from the ones published in {region}"
@@ -701,7 +709,7 @@ class BlockMetadata:
                         "dtype": rec.fields["spec"]["dtype"],
                         "layout": rec.fields["spec"]["layout"],
                         "checksum": b.checksum,
-                        "checksum_algorithm": CHECKSUM_ALGORITHM,
+                        "checksum_algorithm": b.checksum_algorithm,
                         "hash_algorithm": HASH_ALGORITHM,
                         "tenant": tenant,
                         "published_ns": now,

@@ -7,7 +7,9 @@ import os
 import struct
 import subprocess
 import sys
+import zlib
 
+import crc32c
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from kvtier_env import SPEC, make_kv, namespace
 
 from k2store.errors import InvalidArgument
 from kvtier.blocks import (
+    CHECKSUM_ALGORITHM,
     FRAME_HEADER_BYTES,
     HASH_SEED,
     BlockSpec,
@@ -215,3 +218,38 @@ def test_corruption_is_detected() -> None:
         decode_block(frame[:10], SPEC)
     with pytest.raises(CorruptBlock, match="belongs to"):
         decode_block(frame, SPEC, block_hash=bytes(32 * [8]))
+
+
+def _as_version_1(frame: bytes) -> bytes:
+    """The frame as version 1 wrote it: zlib's CRC-32 over payload and header."""
+    head = bytearray(frame[: FRAME_HEADER_BYTES - 4])
+    head[4] = 1
+    struct.pack_into("<I", head, 32, zlib.crc32(frame[FRAME_HEADER_BYTES:]))
+    return bytes(head) + struct.pack("<I", zlib.crc32(head)) + frame[FRAME_HEADER_BYTES:]
+
+
+def test_frames_are_written_with_crc32c_and_version_1_frames_still_read() -> None:
+    h = bytes(32 * [9])
+    kv = make_kv(SPEC, 4)
+    frame = encode_block(SPEC, kv, h)
+    head = read_header(frame)
+    assert frame[4] == 2 and head.checksum_algorithm == CHECKSUM_ALGORITHM == "crc32c"
+    assert head.checksum == crc32c.crc32c(frame[FRAME_HEADER_BYTES:])
+    assert head.checksum != zlib.crc32(frame[FRAME_HEADER_BYTES:])
+    old = _as_version_1(frame)
+    assert read_header(old).checksum_algorithm == "crc32"
+    assert verify_frame(old, h).checksum == zlib.crc32(frame[FRAME_HEADER_BYTES:])
+    assert torch.equal(decode_block(old, SPEC, block_hash=h), kv)
+    bad = bytearray(old)
+    bad[-1] ^= 1
+    with pytest.raises(CorruptBlock, match="payload checksum"):
+        verify_frame(bytes(bad), h)
+    # A version-2 header carrying version 1's checksums (or the reverse) is refused.
+    mixed = bytearray(old)
+    mixed[4] = 2
+    with pytest.raises(CorruptBlock, match="header checksum"):
+        read_header(bytes(mixed))
+    unknown = bytearray(frame)
+    unknown[4] = 3
+    with pytest.raises(CorruptBlock, match="version"):
+        read_header(bytes(unknown))

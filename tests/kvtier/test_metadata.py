@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,13 @@ def test_publish_charges_the_quota_in_the_same_transaction(tmp_path: Path) -> No
                 await md.publish(
                     rec, "acme", "us-east", [PublishBlock(blk(1).block_hash, 1, 100, 7)]
                 )
+            # The same bytes from a version-1 frame (zlib's CRC-32: another checksum) are the
+            # same block, and compare by size only; a different size is still refused.
+            old = PublishBlock(blk(1).block_hash, 1, 100, 7, checksum_algorithm="crc32")
+            r = await md.publish(rec, "acme", "us-east", [old])
+            assert (r.published, r.unchanged) == (0, 1)
+            with pytest.raises(InvalidArgument, match="differ"):
+                await md.publish(rec, "acme", "us-east", [replace(old, size=99)])
             # Another tenant cannot publish into a private namespace.
             with pytest.raises(SharingNotAllowed):
                 await md.publish(rec, "globex", "us-east", [blk(5)])
