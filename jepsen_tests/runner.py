@@ -132,6 +132,10 @@ class RunResult:
     latency_ms: dict[str, float]
     duration_s: float
     files: dict[str, str] = field(default_factory=dict)
+    client_clock_ahead: dict[str, int] = field(default_factory=dict)
+    """With client time: per node, the transactions whose client's reading was ahead of the
+    node's clock (their commit-waits stayed at the node), read at the end of the run (a node
+    restarted by the kill nemesis counts from its restart)."""
 
     @property
     def valid(self) -> bool | None:
@@ -155,6 +159,7 @@ class RunResult:
             "latency_ms": self.latency_ms,
             "duration_s": self.duration_s,
             "files": self.files,
+            "client_clock_ahead": self.client_clock_ahead,
         }
 
 
@@ -366,6 +371,10 @@ async def _drive(
         await asyncio.sleep(opts.settle_s)
         say("final reads")
         unavailable = await workload.final(workers)
+        ahead = {}
+        if opts.client_time:
+            statuses = await asyncio.to_thread(launcher.status, cfg)
+            ahead = {s.name: s.client_clock_ahead for s in statuses if s.up}
     finally:
         await nemesis.heal()
         for c in clients:
@@ -400,6 +409,7 @@ async def _drive(
             "max": lat[-1] if lat else 0.0,
         },
         duration_s=history.elapsed_ns() / 1e9,
+        client_clock_ahead=ahead,
     )
     points = [p for w in workers for p in w.latencies]
     title = f"{opts.workload} / {opts.nemesis} / {opts.protocol}: latency of each operation"
@@ -422,6 +432,12 @@ def report(r: RunResult) -> str:
     lines += [
         f"  {f['start_s']:6.1f}-{f['end_s']:6.1f} s  {f['kind']:<9} {f['target']}" for f in r.faults
     ]
+    if r.client_clock_ahead:
+        lines.append(
+            "client time: transactions whose client read ahead of the node's clock (the node "
+            "kept their commit-waits): "
+            + ", ".join(f"{n} {c}" for n, c in sorted(r.client_clock_ahead.items()))
+        )
     for c in r.checks:
         verdict = {True: "VALID", False: "INVALID", None: "UNKNOWN"}[c.valid]
         lines.append(f"checker {c.checker}: {verdict}")

@@ -686,6 +686,13 @@ def _cluster(args: argparse.Namespace) -> int:
             f"{s.keys if s.up else '-':>6} {f'{s.uncertainty_us:.0f}' if s.up else '-':>7}"
             + (" oracle" if s.oracle else "")
         )
+    for s in rows:
+        if s.client_clock_ahead:
+            print(
+                f"WARNING {s.name}: {s.client_clock_ahead} transactions came from clients whose "
+                "clocks read ahead of this node's (client time); their commit-waits stayed at "
+                "the node. Check those hosts' clock synchronisation."
+            )
     _print_replication(rows)
     return 0 if all(s.up for s in rows) else 1
 

@@ -374,6 +374,8 @@ class NodeStatus:
     now_latest: int = 0
     replication: pb.ReplicationStatus | None = None
     """Seals, log positions, replica lag and visibility delays (None when down)."""
+    client_clock_ahead: int = 0
+    """Transactions whose client's clock read ahead of this node's (StatusResponse)."""
 
 
 def status(cfg: ClusterConfig, timeout_s: float = 2.0) -> list[NodeStatus]:
@@ -411,6 +413,7 @@ def status(cfg: ClusterConfig, timeout_s: float = 2.0) -> list[NodeStatus]:
                 oracle=r.is_oracle,
                 now_latest=r.now_latest,
                 replication=r.replication,
+                client_clock_ahead=r.client_clock_ahead,
             )
         )
     return out

@@ -619,6 +619,7 @@ class NodeService:
             ],
             is_oracle=self.oracle is not None,
             oracle_refusals=self.oracle.refusals if self.oracle else 0,
+            client_clock_ahead=self.coordinator.stats.get("client-clock-ahead", 0),
             data_dir=self.data_dir,
             replication=self.replicator.status()
             if self.replicator is not None

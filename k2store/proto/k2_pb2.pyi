@@ -598,6 +598,7 @@ class StatusResponse(_message.Message):
     ORACLE_REFUSALS_FIELD_NUMBER: _builtins.int
     DATA_DIR_FIELD_NUMBER: _builtins.int
     REPLICATION_FIELD_NUMBER: _builtins.int
+    CLIENT_CLOCK_AHEAD_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     region: _builtins.str
     pid: _builtins.int
@@ -607,6 +608,11 @@ class StatusResponse(_message.Message):
     is_oracle: _builtins.bool
     oracle_refusals: _builtins.int
     data_dir: _builtins.str
+    client_clock_ahead: _builtins.int
+    """Transactions whose client (with client time) sent a reading ahead of this node's
+    now().latest since it started: their commit-waits stayed here. Nonzero means a client
+    host's clock needs looking at (Coordinator._client_timestamp).
+    """
     @_builtins.property
     def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardStatus]: ...
     @_builtins.property
@@ -625,10 +631,11 @@ class StatusResponse(_message.Message):
         oracle_refusals: _builtins.int = ...,
         data_dir: _builtins.str = ...,
         replication: Global___ReplicationStatus | None = ...,
+        client_clock_ahead: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["replication", b"replication"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_dir", b"data_dir", "is_oracle", b"is_oracle", "name", b"name", "now_latest", b"now_latest", "oracle_refusals", b"oracle_refusals", "pid", b"pid", "region", b"region", "replication", b"replication", "shards", b"shards", "uncertainty_ns", b"uncertainty_ns", "uptime_s", b"uptime_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_clock_ahead", b"client_clock_ahead", "data_dir", b"data_dir", "is_oracle", b"is_oracle", "name", b"name", "now_latest", b"now_latest", "oracle_refusals", b"oracle_refusals", "pid", b"pid", "region", b"region", "replication", b"replication", "shards", b"shards", "uncertainty_ns", b"uncertainty_ns", "uptime_s", b"uptime_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

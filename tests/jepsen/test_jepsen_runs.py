@@ -159,11 +159,17 @@ def test_client_time_is_clean_with_the_same_clocks(tmp_path: Path) -> None:
     # The clocks of the case above with every safeguard on, and clients that hold time
     # themselves (README, Client time): their transactions are stamped from the host's clock
     # (exact, so within any bound) where that lies inside the coordinator's now(), and they wait
-    # out the commit-wait themselves; the coordinators do not. Nothing may be stale.
+    # out the commit-wait themselves; the coordinators do not. Nothing may be stale. Where a
+    # node's clock runs behind the host's by more than the request's trip, the clients' readings
+    # are ahead of its now().latest, and that node keeps their commit-waits and counts them.
     result = _run(
         tmp_path, "register", "none", BROKEN_S, skew=WITHIN, client_time=True, **WITHIN_CLOCKS
     )
     _assert_clean(result, min_ok=15)
+    behind = {f"{region}-1" for region, ms in WITHIN if ms < 0}  # eu-west-1
+    counts = result.client_clock_ahead
+    assert behind and set(counts) >= behind, counts
+    assert all((counts[n] > 0) == (n in behind) for n in counts), counts
 
 
 @pytest.mark.slow
