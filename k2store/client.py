@@ -343,12 +343,19 @@ class AsyncClient:
         one-shot read-only transaction, run by a coordinator in this client's region in one
         round trip (begin, read and commit there) instead of three. It waits on lower intents
         and returns only once what it read has certainly passed, like `run(..., read_only=True)`
-        reading the same keys."""
+        reading the same keys. With client time the snapshot is this client's `now().latest` at
+        the send and that last wait is this client's (BeginTxnResponse.wait_until)."""
         if not keys:
             return []
         node = self._pick_coordinator()
         req = pb.BeginTxnRequest(read_only=True, read_keys=[_key(k) for k in keys])
-        r = await self._with_retry(lambda: self._call(node, "BeginTxn", req, pb.BeginTxnResponse))
+
+        async def attempt() -> pb.BeginTxnResponse:
+            self._client_time(req, stamp=True)  # each attempt stamped at its own send
+            return await self._call(node, "BeginTxn", req, pb.BeginTxnResponse)
+
+        r = await self._with_retry(attempt)
+        await self._wait_out(r.wait_until)
         if len(r.results) != len(keys):
             raise Unavailable(
                 f"coordinator {node} answered {len(r.results)} values for {len(keys)} keys "

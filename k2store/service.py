@@ -367,18 +367,32 @@ class NodeService:
     # -- K2 ------------------------------------------------------------------------------------
 
     async def _as_txn(
-        self, ops: list[pb.TxnOp], read_only: bool, read_ts: int = 0
-    ) -> tuple[list[pb.TxnOpResult], int, int]:
+        self,
+        ops: list[pb.TxnOp],
+        read_only: bool,
+        read_ts: int = 0,
+        *,
+        client_ts: int = 0,
+        client_waits: bool = False,
+    ) -> tuple[list[pb.TxnOpResult], int, pb.CommitTxnResponse]:
         """Run single-key operations as a one-off transaction of the cluster's protocol, so
-        intents, locks and clocks govern them like any other. Returns results, ts, commit ts."""
-        b = await self.coordinator.begin(pb.BeginTxnRequest(read_only=read_only, read_ts=read_ts))
+        intents, locks and clocks govern them like any other; `client_ts` and `client_waits`
+        as in BeginTxnRequest (client time). Returns results, ts and the commit's reply."""
+        b = await self.coordinator.begin(
+            pb.BeginTxnRequest(
+                read_only=read_only,
+                read_ts=read_ts,
+                client_ts=client_ts,
+                client_waits=client_waits,
+            )
+        )
         try:
             r = await self.coordinator.ops(pb.TxnOpsRequest(txn_id=b.txn_id, ops=ops))
             c = await self.coordinator.commit(pb.CommitTxnRequest(txn_id=b.txn_id))
         except BaseException:
             await self.coordinator.abort(pb.AbortTxnRequest(txn_id=b.txn_id))
             raise
-        return list(r.results), b.ts, c.commit_ts
+        return list(r.results), b.ts, c
 
     async def get(self, request: pb.GetRequest) -> pb.GetResponse:
         """A read-only transaction of one key: it waits on lower intents like any reader, and
@@ -421,9 +435,9 @@ class NodeService:
         if self.protocol != "k2-mvto":
             self.leader_for(request.key, request.value)
             op = pb.TxnOp(kind=pb.OP_PUT, key=request.key, value=request.value)
-            _, _, commit_ts = await self._as_txn([op], False)
+            _, _, c = await self._as_txn([op], False)
             shard = self.cluster.shard_for_key(request.key)
-            return pb.PutResponse(commit_ts=commit_ts, served_by=shard.leader, shard_id=shard.id)
+            return pb.PutResponse(commit_ts=c.commit_ts, served_by=shard.leader, shard_id=shard.id)
         leader, leader_name = self.leader_for(request.key, request.value)
         if leader is None:
             resp: pb.PutResponse = await self._forward(
@@ -440,10 +454,10 @@ class NodeService:
                 pb.TxnOp(kind=pb.OP_GET, key=request.key),
                 pb.TxnOp(kind=pb.OP_DELETE, key=request.key),
             ]
-            (r, _), _, commit_ts = await self._as_txn(ops, False)
+            (r, _), _, c = await self._as_txn(ops, False)
             shard = self.cluster.shard_for_key(request.key)
             return pb.DeleteResponse(
-                commit_ts=commit_ts, existed=r.found, served_by=shard.leader, shard_id=shard.id
+                commit_ts=c.commit_ts, existed=r.found, served_by=shard.leader, shard_id=shard.id
             )
         leader, leader_name = self.leader_for(request.key)
         if leader is None:
@@ -537,8 +551,16 @@ class NodeService:
         if not request.read_only or request.keys:
             raise InvalidArgument("read_keys is for a one-shot read-only transaction")
         ops = [pb.TxnOp(kind=pb.OP_GET, key=k) for k in request.read_keys]
-        results, ts, _ = await self._as_txn(ops, True, request.read_ts)
-        return pb.BeginTxnResponse(ts=ts, coordinator=self.me.name, results=results)
+        results, ts, c = await self._as_txn(
+            ops,
+            True,
+            request.read_ts,
+            client_ts=request.client_ts,
+            client_waits=request.client_waits,
+        )
+        return pb.BeginTxnResponse(
+            ts=ts, coordinator=self.me.name, results=results, wait_until=c.wait_until
+        )
 
     async def txn_ops(self, request: pb.TxnOpsRequest) -> pb.TxnOpsResponse:
         return await self.coordinator.ops(request)

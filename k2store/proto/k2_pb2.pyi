@@ -958,9 +958,14 @@ class BeginTxnResponse(_message.Message):
     TS_FIELD_NUMBER: _builtins.int
     COORDINATOR_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
+    WAIT_UNTIL_FIELD_NUMBER: _builtins.int
     txn_id: _builtins.bytes
     ts: _builtins.int
     coordinator: _builtins.str
+    wait_until: _builtins.int
+    """With read_keys and client_waits (client time): the client returns the values only once
+    this has certainly passed on its clock (the newest version read), as CommitTxnResponse.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TxnOpResult]:
         """The values of read_keys, in order, when the request named any (the transaction has ended)."""
@@ -972,10 +977,11 @@ class BeginTxnResponse(_message.Message):
         ts: _builtins.int = ...,
         coordinator: _builtins.str = ...,
         results: _abc.Iterable[Global___TxnOpResult] | None = ...,
+        wait_until: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator", b"coordinator", "results", b"results", "ts", b"ts", "txn_id", b"txn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator", b"coordinator", "results", b"results", "ts", b"ts", "txn_id", b"txn_id", "wait_until", b"wait_until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
