@@ -348,6 +348,7 @@ _CHECKSUMS: dict[int, tuple[str, Callable[[Any], int]]] = {
     2: (CHECKSUM_ALGORITHM, crc32c.crc32c),
 }
 """Frame version -> (name, function) of its checksums: each version read, the last written."""
+_WRITE_CHECKSUM = _CHECKSUMS[_VERSION][1]
 _HEADER = struct.Struct("<4sBBBBIIIIQI32s")
 FRAME_HEADER_BYTES = _HEADER.size + 4
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
@@ -402,10 +403,10 @@ def encode_block_parts(
         spec.num_kv_heads,
         spec.head_dim,
         payload.nbytes,
-        crc32c.crc32c(payload),
+        _WRITE_CHECKSUM(payload),
         block_hash or bytes(32),
     )
-    return head + struct.pack("<I", crc32c.crc32c(head)), payload
+    return head + struct.pack("<I", _WRITE_CHECKSUM(head)), payload
 
 
 def encode_block(spec: BlockSpec, kv: torch.Tensor, block_hash: bytes = b"") -> bytes:
