@@ -136,3 +136,32 @@ def test_local_cluster_rejects_bad_region_names(tmp_path: Path) -> None:
         local_cluster(["a", "a"], [1, 2], root=tmp_path)
     with pytest.raises(ClusterFileError, match="region name"):
         local_cluster(["a/b"], [1], root=tmp_path)
+
+
+def test_cluster_status_warns_of_clients_whose_clocks_read_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A node counts the transactions whose client (with client time) sent a reading ahead of
+    # its clock (StatusResponse.client_clock_ahead); `k2 cluster status` names the node.
+    from k2store import launcher
+    from k2store.cli import main
+
+    cfg = _cfg(tmp_path)
+    path = cfg.write(tmp_path / "cluster.toml").path
+    assert path is not None
+    rows = [
+        launcher.NodeStatus(n.name, n.region, n.address, True, pid=1, client_clock_ahead=i * 7)
+        for i, n in enumerate(cfg.nodes)
+    ]
+    monkeypatch.setattr(launcher, "status", lambda cfg: rows)
+    assert main(["cluster", "status", "--cluster", str(path)]) == 0
+    out = capsys.readouterr().out
+    warned = [line for line in out.splitlines() if line.startswith("WARNING")]
+    assert warned == [
+        f"WARNING {r.name}: {r.client_clock_ahead} transactions came from clients whose clocks "
+        "read ahead of this node's (client time); their commit-waits stayed at the node. Check "
+        "those hosts' clock synchronisation."
+        for r in rows
+        if r.client_clock_ahead
+    ]
+    assert len(warned) == len(rows) - 1
