@@ -371,7 +371,7 @@ async def _drive(
         await asyncio.sleep(opts.settle_s)
         say("final reads")
         unavailable = await workload.final(workers)
-        ahead = {}
+        ahead: dict[str, int] = {}
         if opts.client_time:
             statuses = await asyncio.to_thread(launcher.status, cfg)
             ahead = {s.name: s.client_clock_ahead for s in statuses if s.up}

@@ -330,8 +330,8 @@ class Coordinator:
         return self._last_client, ahead
 
     def _warn_client_ahead(self, lead_ns: int) -> None:
-        """Once per `CLIENT_AHEAD_WARN_S` at most: a client's clock read ahead of this node's
-        bound (see `_client_timestamp`); an operator should look at that host's clock."""
+        """Once per `CLIENT_AHEAD_WARN_S` at most: a client's reading was ahead of this node's
+        `now().latest` (see `_client_timestamp`); an operator should look at that host's clock."""
         now = _now_ns()
         if now - self._client_ahead_warned_ns < CLIENT_AHEAD_WARN_S * 1_000_000_000:
             return
