@@ -173,6 +173,16 @@ class TxnSettings:
     and resolves them at once. A key written from another region is then held one round trip
     less (the Resolve that would follow the commit), and a transaction on one shard commits in
     one request (refinement; d2PL-TTC keeps its write round and two-phase commit)."""
+    restamp: bool = True
+    """K2-MVTO and MVTO-HLC: a transaction's first request, when it goes to one shard (no
+    scans), may be restamped by that shard's leader instead of aborted: where a rule would
+    abort it (read-mark, newer-version; uncertainty under MVTO-HLC) the leader drops what the
+    request laid there, takes a fresh timestamp above the conflict from its own node and runs
+    the request again, at most `MAX_RESTAMPS` times (CockroachDB's server-side retry of a
+    transaction's first batch). The client has seen nothing of the transaction yet, so this
+    is the retry it would make, without the round trip, the backoff and the loss of its
+    place. Counted apart from aborts (`restamps` in a node's counters and the benchmarks'
+    reports) (refinement; `Participant._exec`)."""
     unsafe_skip_commit_wait: bool = False
     """BREAKS real-time order, for proving the checkers (jepsen_tests) catch it: acknowledge
     commits without commit-wait. Refused unless K2_ALLOW_UNSAFE_SETTINGS=1."""

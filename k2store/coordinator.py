@@ -110,6 +110,8 @@ class _Txn:
     client_waits: bool = False
     """The client waits out the commit-wait itself (`BeginTxnRequest.client_waits`, K2-MVTO):
     replies carry `wait_until` instead of being held here."""
+    pinned: bool = False
+    """Its timestamp was given by the client (`read_ts`): never restamped."""
     region_local: bool = False
     """Every key named at begin, and every shard reached since, is led in this coordinator's
     region (`TxnHeader.region_local`)."""
@@ -252,7 +254,7 @@ class Coordinator:
                 base = now.earliest if client_stamped else now.latest
                 ts = await self._future_timestamp(max(now.latest, base + delay))
                 future = True
-        txn = _Txn(self.new_txn_id(), ts, req.read_only, aligned=future)
+        txn = _Txn(self.new_txn_id(), ts, req.read_only, aligned=future, pinned=bool(req.read_ts))
         # With early_resolve off the versions show only after the coordinator's wait, so that
         # wait stays and the client has none.
         txn.client_waits = client_time and req.client_waits and self.settings.early_resolve
@@ -286,6 +288,19 @@ class Coordinator:
         floor = max(target, base, self._last_future + 1)
         self._last_future = _in_slot(floor, base % STEP_GRANULARITY)
         return self._last_future
+
+    async def restamp_timestamp(self, floor: int) -> int:
+        """A unique timestamp >= floor for a transaction a leader here restamps
+        (`Participant.restamp_ts`): this node's next one (its hybrid clock past floor under
+        MVTO-HLC; a K2-TB batch timestamp, or a future one from this node's future slot where
+        floor lies beyond the batch, as when the conflict was a far transaction's future
+        timestamp). Above the transaction's old timestamp, so real-time order is kept: the
+        commit-wait covers the new one."""
+        if self.hlc is not None:
+            self.hlc.update(floor)
+            return self._hlc_now()
+        ts = await self.timestamp()
+        return ts if ts >= floor else await self._future_timestamp(floor)
 
     async def _client_timestamp(self, client_ts: int) -> tuple[int, bool]:
         """A unique timestamp >= the client's `now().latest` at its send, if that lies inside
@@ -588,7 +603,7 @@ class Coordinator:
         first = [(sh, [op for _, op in g]) for i, (sh, g) in enumerate(groups) if i != last]
         try:
             if len(first) == 1:
-                await self._exec(txn, *first[0])
+                await self._exec(txn, *first[0], sole=last is None)
             elif first:
                 done = await asyncio.gather(
                     *(self._exec(txn, shard, g) for shard, g in first), return_exceptions=True
@@ -605,7 +620,7 @@ class Coordinator:
             ) from e
         if last is not None:
             shard, g = groups[last]
-            await self._exec(txn, shard, [op for _, op in g], commit=True)
+            await self._exec(txn, shard, [op for _, op in g], commit=True, sole=not first)
             txn.decided_on = shard.id
         else:
             await self._record_commit(txn)
@@ -797,8 +812,25 @@ class Coordinator:
         return [(shards[sid], g) for sid, g in groups.items()]
 
     async def _exec(
-        self, txn: _Txn, shard: ShardConfig, ops: list[pb.TxnOp], *, commit: bool = False
+        self,
+        txn: _Txn,
+        shard: ShardConfig,
+        ops: list[pb.TxnOp],
+        *,
+        commit: bool = False,
+        sole: bool = False,
     ) -> pb.ExecResponse:
+        """Run ops of txn at shard's leader. `sole`: no other request of txn goes out in this
+        round (one shard, no scans); if it is also txn's first, the leader may restamp it
+        rather than abort it (`TxnSettings.restamp`, `ExecRequest.restartable`), and txn
+        carries on at the timestamp the reply names."""
+        restartable = (
+            sole
+            and self.settings.restamp
+            and self.protocol != "d2pl-ttc"
+            and not txn.touched
+            and not txn.pinned
+        )
         if not txn.read_only:
             # d2PL: these shards hold its locks; all protocols: replication counts it in flight
             # there (the seal waits for it) until a Resolve says it ended.
@@ -810,12 +842,31 @@ class Coordinator:
             # early, a future-stamped intent would sit on a hot local row and abort local
             # writers with lower timestamps in the meantime.
             await self.tt.wait_until_after(txn.ts - self.one_way_ns(shard.leader))
-        return await self._exec_call(
+        resp = await self._exec_call(
             shard.leader,
             pb.ExecRequest(
-                txn=txn.header(self.node_name), shard_id=shard.id, ops=ops, commit=commit
+                txn=txn.header(self.node_name),
+                shard_id=shard.id,
+                ops=ops,
+                commit=commit,
+                restartable=restartable,
             ),
         )
+        if resp.restamped_ts:
+            self._adopt_restamp(txn, resp.restamped_ts)
+        return resp
+
+    def _adopt_restamp(self, txn: _Txn, ts: int) -> None:
+        """The leader ran txn's first request again at ts (see `_exec`): its record, resolution
+        and commit-wait (or the client's wait_until) are at ts from here on."""
+        if ts <= txn.ts:
+            raise AssertionError(
+                f"leader restamped transaction {txn.txn_id.hex()[:12]} from {txn.ts} down to {ts}"
+            )
+        txn.ts = ts
+        if self.hlc is not None:
+            self.hlc.update(ts)
+        self.stats["restamped"] = self.stats.get("restamped", 0) + 1
 
     def _check_ops(self, txn: _Txn, ops: list[pb.TxnOp]) -> None:
         """Refuse bad input (InvalidArgument) before anything is sent."""
@@ -856,7 +907,8 @@ class Coordinator:
             if self.settings.one_shot and len(groups) == 1:
                 # One shard (most transactions): no gather, so no task and no extra loop hops.
                 shard, g = groups[0]
-                responses = [await self._exec(txn, shard, [op for _, op in g])]
+                sole = len(point) == len(ops)  # scans would follow: they are not restartable
+                responses = [await self._exec(txn, shard, [op for _, op in g], sole=sole)]
             elif self.settings.one_shot:
                 responses = await asyncio.gather(
                     *(self._exec(txn, shard, [op for _, op in g]) for shard, g in groups),

@@ -227,6 +227,7 @@ class NodeService:
             client_source=lambda: self._slot_timestamp(self.client_batch),
             **({"new_txn_id": new_txn_id} if new_txn_id else {}),
         )
+        self.participant.restamp_ts = self.coordinator.restamp_timestamp
 
     def start(self) -> None:
         """Start background work: the intent sweep and the silent-client reaper."""
@@ -636,6 +637,7 @@ class NodeService:
                     reads=ld.counters.reads,
                     writes=ld.counters.writes,
                     aborts=ld.counters.aborts,
+                    restamps=ld.counters.restamps,
                 )
                 for sid, ld in sorted(self.leaders.items())
             ],

@@ -49,6 +49,8 @@ class ShardCounters:
     reads: int = 0
     writes: int = 0
     aborts: int = 0
+    restamps: int = 0
+    """Requests restamped here instead of aborted (TxnSettings.restamp): not in `aborts`."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,7 @@ from k2store.bench.txn import (
     protocol_table,
     pyplot,
     replication_for,
+    restamps_of,
 )
 from k2store.client import AsyncClient, AsyncTransaction, RetryPolicy, client_truetime
 from k2store.cluster import (
@@ -137,6 +138,9 @@ class TpccResult:
     """On node processes: the CPU the nodes and the benchmark spent in the measured window."""
     client_time: bool = False
     """The clients had client time (`TpccConfig.client_time`)."""
+    restamps: int = 0
+    """First requests the leaders restamped instead of aborting in the measured window
+    (`TxnSettings.restamp`): retries the clients never saw, so not in the abort rates."""
     error: str = ""
 
     @property
@@ -448,8 +452,18 @@ def run_sim(protocol: str, tc: TpccConfig) -> TpccResult:
         stop = asyncio.Event()
         start_s = cluster.now_s
 
+        def restamps() -> int:
+            return sum(
+                ld.counters.restamps
+                for n in cfg.nodes
+                for ld in cluster.service(n.name).participant.leaders.values()
+            )
+
         async def stopper() -> None:
-            await asyncio.sleep(tc.duration_s)
+            await asyncio.sleep(tc.warmup_s)
+            before = restamps()
+            await asyncio.sleep(tc.duration_s - tc.warmup_s)
+            result.restamps = restamps() - before
             stop.set()
 
         def elapsed_ms() -> float:
@@ -518,9 +532,11 @@ async def _run_on(cfg: ClusterConfig, protocol: str, tc: TpccConfig) -> TpccResu
     ]
     await asyncio.sleep(tc.warmup_s)
     meter.start()
+    before = await asyncio.to_thread(restamps_of, cfg)
     await asyncio.sleep(tc.duration_s - tc.warmup_s)
     stop.set()
     result.cpu = meter.stop(result.committed)
+    result.restamps = await asyncio.to_thread(restamps_of, cfg) - before
     await asyncio.gather(*tasks)
     for c in clients:
         await c.close()
@@ -564,6 +580,12 @@ def format_results(results: Sequence[TpccResult]) -> str:
         if r.failures:
             top = ", ".join(f"{k} {v}" for k, v in r.failures.most_common(4))
             lines.append(f"{'':<10} gave up: {top}")
+        if r.restamps:
+            attempts = sum(g.attempts for g in r.regions.values())
+            share = f" ({r.restamps / attempts:.1%} of attempts)" if attempts else ""
+            lines.append(
+                f"{'':<10} restamped by their leader instead of aborted: {r.restamps:,}{share}"
+            )
         if r.cpu is not None:
             lines.append(f"{'':<10} {r.cpu.describe()}")
     lines += [f"{r.protocol}: FAILED: {r.error}" for r in results if r.error]
@@ -598,6 +620,7 @@ def _result_json(r: TpccResult) -> dict[str, Any]:
         "abort_rate_by_region": {g: r.abort_rate(g) for g in r.regions},
         "failures": dict(r.failures),
         "aborts_by_rule": dict(r.rules),
+        "restamps": r.restamps,
         "cpu": None if r.cpu is None else r.cpu.to_json(),
         "client_time": r.client_time,
         "error": r.error,

@@ -43,7 +43,7 @@ import random
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,7 @@ REFINEMENTS: tuple[str, ...] = (
     "wait_places",
     "for_update",
     "commit_with_writes",
+    "restamp",
 )
 """The `[txn]` switches that `--ablate` turns off one at a time (see cluster.TxnSettings)."""
 
@@ -560,10 +561,12 @@ async def run_mix(
     progress: bool = True,
     make_client: MakeClient | None = None,
     now_ns: Callable[[], int] = _CLOCK.monotonic_ns,
+    restamps: Callable[[], Awaitable[int]] | None = None,
 ) -> RunResult:
     """Load the keys, run the closed-loop clients for `bc.duration_s`, and summarize.
-    `make_client` and `now_ns`: where clients come from and what clock times the run (default:
-    `cfg`'s node processes and the OS clock; `run_sim` passes the simulator's)."""
+    `make_client`, `now_ns` and `restamps`: where clients come from, what clock times the run
+    and how many requests the leaders have restamped so far (default: `cfg`'s node processes,
+    the OS clock and the nodes' Status; `run_sim` passes the simulator's)."""
     from tqdm import tqdm
 
     bc.validate()
@@ -572,6 +575,11 @@ async def run_mix(
     # On node processes, what the window cost in CPU (k2store/bench/cpu.py).
     meter = CpuMeter(launcher.running_nodes(cfg), now_ns) if make_client is None else None
     make_client = make_client or _process_clients(cfg, bc.client_time)
+    if restamps is None:
+
+        async def restamps() -> int:
+            return await asyncio.to_thread(restamps_of, cfg)
+
     await _load(make_client, bc, regions)
 
     retry = RetryPolicy(
@@ -650,6 +658,14 @@ async def run_mix(
             )
             bar.refresh()
 
+    async def count_restamps() -> int:
+        """Requests restamped by their leaders in the measured window (not aborts)."""
+        assert restamps is not None
+        await asyncio.sleep(bc.warmup_s)
+        before = await restamps()
+        await asyncio.sleep(max(0.0, (stop_ns - now_ns()) / 1e9))
+        return await restamps() - before
+
     async def measure_cpu() -> CpuUse | None:
         assert meter is not None
         await asyncio.sleep(bc.warmup_s)
@@ -668,11 +684,13 @@ async def run_mix(
     ) as bar:
         ticker = asyncio.ensure_future(show_progress(bar))
         metering = asyncio.ensure_future(measure_cpu()) if meter is not None else None
+        counting = asyncio.ensure_future(count_restamps())
         try:
             await asyncio.gather(*(closed_loop(i, r, c) for i, (r, c) in enumerate(clients)))
             cpu = await metering if metering is not None else None
+            restamped = await counting
         finally:
-            for t in (ticker, metering):
+            for t in (ticker, metering, counting):
                 if t is not None and not t.done():
                     t.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -681,7 +699,14 @@ async def run_mix(
     elapsed_s = (now_ns() - start_ns) / 1e9
     result = RunResult(label, bc, cfg.settings.txn, regions, elapsed_s, records, cpu=cpu)
     result.summary = summarize(records, min(elapsed_s, bc.duration_s), regions, bc.warmup_s)
+    result.summary["restamps"] = restamped
     return result
+
+
+def restamps_of(cfg: ClusterConfig) -> int:
+    """Requests the cluster's leaders have restamped since they started (their Status;
+    `TxnSettings.restamp`)."""
+    return sum(s.restamps for s in launcher.status(cfg))
 
 
 def run_sim(
@@ -720,6 +745,13 @@ def run_sim(
             assert isinstance(c, _ObservingClient)
             return c
 
+        async def restamps() -> int:
+            return sum(
+                ld.counters.restamps
+                for n in cfg.nodes
+                for ld in cluster.service(n.name).participant.leaders.values()
+            )
+
         async def job() -> None:
             out.append(
                 await run_mix(
@@ -729,6 +761,7 @@ def run_sim(
                     progress=False,
                     make_client=make_client,
                     now_ns=lambda: int(cluster.now_s * 1e9),
+                    restamps=restamps,
                 )
             )
 
@@ -874,6 +907,10 @@ def format_run(result: RunResult) -> str:
         )
     else:
         lines.append("failed attempts by rule: none")
+    if s.get("restamps"):
+        lines.append(
+            f"restamped by their leader instead of aborted (not failed attempts): {s['restamps']:,}"
+        )
     if result.cpu is not None:
         lines.append(result.cpu.describe())
     lines.append(

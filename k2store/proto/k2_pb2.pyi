@@ -559,12 +559,15 @@ class ShardStatus(_message.Message):
     READS_FIELD_NUMBER: _builtins.int
     WRITES_FIELD_NUMBER: _builtins.int
     ABORTS_FIELD_NUMBER: _builtins.int
+    RESTAMPS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     keys_estimate: _builtins.int
     horizon: _builtins.int
     reads: _builtins.int
     writes: _builtins.int
     aborts: _builtins.int
+    restamps: _builtins.int
+    """Requests restamped by this leader instead of aborted (TxnSettings.restamp); not in aborts."""
     def __init__(
         self,
         *,
@@ -574,10 +577,11 @@ class ShardStatus(_message.Message):
         reads: _builtins.int = ...,
         writes: _builtins.int = ...,
         aborts: _builtins.int = ...,
+        restamps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aborts", b"aborts", "horizon", b"horizon", "id", b"id", "keys_estimate", b"keys_estimate", "reads", b"reads", "writes", b"writes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aborts", b"aborts", "horizon", b"horizon", "id", b"id", "keys_estimate", b"keys_estimate", "reads", b"reads", "restamps", b"restamps", "writes", b"writes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1152,11 +1156,18 @@ class ExecRequest(_message.Message):
     SHARD_ID_FIELD_NUMBER: _builtins.int
     OPS_FIELD_NUMBER: _builtins.int
     COMMIT_FIELD_NUMBER: _builtins.int
+    RESTARTABLE_FIELD_NUMBER: _builtins.int
     shard_id: _builtins.int
     commit: _builtins.bool
     """The transaction's last writes, sent once all its other writes are in place, to the shard
     that holds its record (K2-MVTO, MVTO-HLC): lay them, record the commit, resolve them here.
     Only writes; the transaction must have no earlier intents on this shard.
+    """
+    restartable: _builtins.bool
+    """This is the transaction's first request anywhere and the only one of its round (one shard,
+    no scans): the client has seen nothing of it. A leader whose rules would abort it (read-mark,
+    newer-version; uncertainty under MVTO-HLC) may instead drop what it laid here, take a fresh
+    timestamp above the conflict from its node and run the request again (TxnSettings.restamp).
     """
     @_builtins.property
     def txn(self) -> Global___TxnHeader: ...
@@ -1169,10 +1180,11 @@ class ExecRequest(_message.Message):
         shard_id: _builtins.int = ...,
         ops: _abc.Iterable[Global___TxnOp] | None = ...,
         commit: _builtins.bool = ...,
+        restartable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["txn", b"txn"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "ops", b"ops", "shard_id", b"shard_id", "txn", b"txn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "ops", b"ops", "restartable", b"restartable", "shard_id", b"shard_id", "txn", b"txn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1184,10 +1196,15 @@ class ExecResponse(_message.Message):
 
     RESULTS_FIELD_NUMBER: _builtins.int
     HELD_NS_FIELD_NUMBER: _builtins.int
+    RESTAMPED_TS_FIELD_NUMBER: _builtins.int
     held_ns: _builtins.int
     """Nanoseconds the leader held the request (waiting in lines and for intents, syncs,
     commit-wait): the coordinator leaves it out of the round trips it learns one-way delays
     from, which choose future timestamps.
+    """
+    restamped_ts: _builtins.int
+    """Nonzero: the leader restamped the transaction (ExecRequest.restartable) and ran the request
+    at this timestamp; the coordinator carries on at it (record, commit-wait, resolution).
     """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TxnOpResult]: ...
@@ -1196,10 +1213,11 @@ class ExecResponse(_message.Message):
         *,
         results: _abc.Iterable[Global___TxnOpResult] | None = ...,
         held_ns: _builtins.int = ...,
+        restamped_ts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_ns", b"held_ns", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_ns", b"held_ns", "restamped_ts", b"restamped_ts", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -167,8 +167,8 @@ def test_tpcc_ablation_in_the_simulator(tmp_path: Path, capsys: pytest.CaptureFi
     assert main([*argv, "--ablate"]) == 0
     (out,) = tmp_path.glob("tpcc-ablation-*.json")
     variants = {v["label"]: v for v in json.loads(out.read_text())["variants"]}
-    assert len(variants) == 11 and variants["default"]["vs_default"] == 1.0
-    assert {"no commit_with_writes", "no early_resolve"} <= set(variants)
+    assert len(variants) == 12 and variants["default"]["vs_default"] == 1.0
+    assert {"no commit_with_writes", "no early_resolve", "no restamp"} <= set(variants)
     assert {v["protocol"] for v in variants.values()} == {"k2-mvto"}
     assert variants["no future_ts"]["throughput"] < 0.8 * variants["default"]["throughput"]
     assert variants["no wait_for_lower"]["aborts_by_rule"].get("intent", 0) > 0

@@ -133,11 +133,38 @@ def test_write_under_a_later_read_aborts_by_read_mark(tmp_path: Path) -> None:
             t1 = await c.begin()
             t2 = await c.begin()
             assert t1.ts < t2.ts
+            # t1 has run a request already: it can no longer be restamped (TxnSettings.restamp).
+            assert await t1.get("us-east/other") is None
             assert await t2.get("us-east/k") is None
             with pytest.raises(TxnAborted) as e:
                 await t1.put("us-east/k", b"late")
             assert e.value.rule == "read-mark" and "us-east/k" in str(e.value)
             await t2.commit()
+
+    run(body)
+
+
+def test_a_first_request_under_a_later_read_is_restamped_by_its_leader(tmp_path: Path) -> None:
+    """The same conflict on t1's first request: its leader runs it again above t2's read
+    instead of aborting it, and t1 commits at the new timestamp, after t2 in the serial order
+    (t2 read nothing, and a read at t2's timestamp still reads nothing)."""
+
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            t1 = await c.begin()
+            t2 = await c.begin()
+            old = t1.ts
+            assert old < t2.ts
+            assert await t2.get("us-east/k") is None
+            await t1.put("us-east/k", b"late")
+            assert t1.ts > t2.ts
+            assert await t1.commit() == t1.ts
+            await t2.commit()
+            assert await c.get("us-east/k", at_ts=t2.ts) is None
+            r = await c.get_versioned("us-east/k")
+            assert (r.value, r.version_ts) == (b"late", t1.ts)
+            leader = nodes["us-east-1"].leaders[cfg.shard_for_key(b"us-east/k").id]
+            assert (leader.counters.restamps, leader.counters.aborts) == (1, 0)
 
     run(body)
 
@@ -165,6 +192,7 @@ def test_write_under_a_newer_committed_version_aborts(tmp_path: Path) -> None:
         async with cluster(tmp_path) as (cfg, nodes, c):
             t1 = await c.begin()
             t2 = await c.begin()
+            assert await t1.get("eu-west/other") is None  # not its first request: no restamp
             await t2.put("eu-west/k", b"t2")
             await t2.commit()
             with pytest.raises(TxnAborted) as e:
@@ -250,6 +278,7 @@ def test_bare_with_block_says_how_to_retry(tmp_path: Path) -> None:
         async with cluster(tmp_path) as (cfg, nodes, c):
             with pytest.raises(TransactionRetry, match=r"client\.run") as e:
                 async with c.transaction() as t1:
+                    assert await t1.get("us-east/other") is None  # no restamp from here on
                     t3 = await c.begin()  # newer than t1
                     await t3.put("us-east/k", b"t3")
                     await t3.commit()
@@ -349,13 +378,17 @@ def test_random_transactions_equal_a_replay_in_timestamp_order(
         state.update(writes)
 
 
-def test_mvto_hlc_restarts_reads_within_the_uncertainty_window(tmp_path: Path) -> None:
+@pytest.mark.parametrize("restamp", [True, False])
+def test_mvto_hlc_restarts_reads_within_the_uncertainty_window(
+    tmp_path: Path, restamp: bool
+) -> None:
     """us-east's clock runs 300 us ahead, eu-west's 300 us behind (each within the 400 us bound):
     a read that begins at eu-west after a write at us-east finished gets a LOWER HLC timestamp.
-    Without the uncertainty restart it would return the old value."""
+    Without the uncertainty restart it would return the old value. The restart is made by the
+    leader (a restamp) when the read is the transaction's first request, else by the client."""
     from truetime import SkewedClock
 
-    cfg = make_cluster(tmp_path, replace(FAST, protocol="mvto-hlc"))
+    cfg = make_cluster(tmp_path, replace(FAST, protocol="mvto-hlc", restamp=restamp))
     base = ManualClock()
     skew = {"us-east-1": 300_000, "eu-west-1": -300_000, "ap-southeast-1": 0}
 
@@ -376,7 +409,13 @@ def test_mvto_hlc_restarts_reads_within_the_uncertainty_window(tmp_path: Path) -
             r = await c.get_versioned("us-east/k", via="eu-west-1")
             assert r.value == b"new" and r.version_ts == w.commit_ts
             participant = nodes["us-east-1"].service.participant  # type: ignore[union-attr]
-            assert participant.counters.get("abort:uncertainty", 0) >= 1
+            restarts = {
+                k: participant.counters.get(f"{k}:uncertainty", 0) for k in ("abort", "restamp")
+            }
+            if restamp:
+                assert restarts["restamp"] >= 1 and restarts["abort"] == 0
+            else:
+                assert restarts["abort"] >= 1 and restarts["restamp"] == 0
         finally:
             await c.close()
             for node in nodes.values():
@@ -653,11 +692,11 @@ def test_a_commit_runs_to_its_end_when_the_client_stops_waiting(tmp_path: Path) 
             entered, release = asyncio.Event(), asyncio.Event()
             real_exec = coord._exec
 
-            async def held_exec(*args: Any, commit: bool = False) -> pb.ExecResponse:
+            async def held_exec(*args: Any, commit: bool = False, **kw: Any) -> pb.ExecResponse:
                 if commit:
                     entered.set()
                     await release.wait()
-                return await real_exec(*args, commit=commit)
+                return await real_exec(*args, commit=commit, **kw)
 
             with mock.patch.object(coord, "_exec", held_exec):
                 call = asyncio.ensure_future(coord.commit(pb.CommitTxnRequest(txn_id=tx.txn_id)))
