@@ -100,7 +100,7 @@ class _Txn:
     done: bool = False
     aligned: bool = False
     """A future timestamp was chosen: dispatch each operation to arrive at about ts."""
-    restamp: bool = False
+    stamp_late: bool = False
     """Take a fresh timestamp when the first operation is dispatched (late stamping)."""
     buffered: list[pb.TxnOp] = field(default_factory=list)
     """Writes not sent yet (`TxnSettings.commit_with_writes`): they go before the next read,
@@ -268,7 +268,7 @@ class Coordinator:
         # stamped earlier but arriving after a later read of its key aborts by rule read-mark.
         # Not for future timestamps (their dispatch is aligned to them), given read timestamps,
         # or d2PL-TTC (its start timestamp is its wound-wait priority).
-        txn.restamp = (
+        txn.stamp_late = (
             self.settings.late_stamping
             and not future
             and not req.read_ts
@@ -415,7 +415,7 @@ class Coordinator:
                 )
             begun = await self.begin(req.begin)
             txn = self.txns[begun.txn_id]
-            txn.restamp = False  # its timestamp was drawn just now: nothing for late stamping
+            txn.stamp_late = False  # its timestamp was drawn just now: nothing for late stamping
             try:
                 r = await self._request_ops(txn, req)
             except BaseException:
@@ -460,8 +460,8 @@ class Coordinator:
 
     async def _ops(self, txn: _Txn, req: pb.TxnOpsRequest) -> pb.TxnOpsResponse:
         async with txn.lock:
-            if txn.restamp:
-                txn.restamp = False
+            if txn.stamp_late:
+                txn.stamp_late = False
                 txn.ts = self._hlc_now() if self.hlc is not None else await self.timestamp()
             ops = list(req.ops)
             try:
