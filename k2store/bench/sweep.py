@@ -64,6 +64,10 @@ class SweepPoint:
     cpu_busy: float = math.nan
     """On node processes: the fraction of the machine's cores the run's processes (nodes and
     benchmark) kept busy in the window (`k2store.bench.cpu`); NaN in the simulator."""
+    restamps: int = 0
+    """First requests the leaders restamped instead of aborting in the window
+    (`TxnSettings.restamp`; not in the abort rates); summed over the seeds of an averaged
+    point, like `gave_up`."""
 
 
 def parse_counts(text: str, option: str = "--sweep") -> list[int]:
@@ -196,6 +200,7 @@ def average_seeds(points: Sequence[SweepPoint]) -> list[SweepPoint]:
                 worst_region_abort_rate=max(p.worst_region_abort_rate for p in runs),
                 gave_up=sum(p.gave_up for p in runs),
                 throughputs=tuple(p.throughput for p in runs),
+                restamps=sum(p.restamps for p in runs),
                 cpu_busy=_busiest(runs),
             )
         )

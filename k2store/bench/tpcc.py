@@ -903,6 +903,7 @@ def sweep_point(r: TpccResult, clients_per_region: int, seed: int | None = None)
         error=r.error,
         seed=seed,
         cpu_busy=math.nan if r.cpu is None else r.cpu.busy,
+        restamps=r.restamps,
     )
 
 

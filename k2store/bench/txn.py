@@ -1256,6 +1256,7 @@ def sweep_point(run: RunResult, regions: int) -> SweepPoint:
         gave_up=g["gave_up"],
         seed=bc.seed,
         cpu_busy=math.nan if run.cpu is None else run.cpu.busy,
+        restamps=run.summary.get("restamps", 0),
     )
 
 

@@ -86,6 +86,11 @@ def test_tpcc_sweep_in_the_simulator(tmp_path: Path, capsys: pytest.CaptureFixtu
     }
     k2 = [r["throughput"] for r in doc["runs"] if r["protocol"] == "k2-mvto"]
     assert k2[0] != k2[1] and doc["points"][0]["throughput"] == pytest.approx(sum(k2) / 2)
+    # Restamps (not aborts) are kept per run and summed on the averaged point.
+    point = next(p for p in doc["points"] if p["protocol"] == "k2-mvto")
+    assert point["restamps"] == sum(
+        r["restamps"] for r in doc["runs"] if r["protocol"] == "k2-mvto"
+    )
     assert main([*argv, "--seeds", "1,2"]) == 2  # seeds belong to a sweep
     assert main(["bench", "tpcc", "--quick", "--sweep", "2", "--jobs", "2"]) == 2  # processes
 
@@ -172,6 +177,7 @@ def test_tpcc_ablation_in_the_simulator(tmp_path: Path, capsys: pytest.CaptureFi
     assert {v["protocol"] for v in variants.values()} == {"k2-mvto"}
     assert variants["no future_ts"]["throughput"] < 0.8 * variants["default"]["throughput"]
     assert variants["no wait_for_lower"]["aborts_by_rule"].get("intent", 0) > 0
+    assert variants["no restamp"]["restamps"] == 0 and variants["default"]["restamps"] >= 0
     assert "ablation (each row one refinement off" in capsys.readouterr().out
     # Only the MVTO protocols have the refinements, and one protocol at a time.
     assert main([*argv, "--ablate", "--protocol", "d2pl-ttc"]) == 2
