@@ -452,18 +452,11 @@ def run_sim(protocol: str, tc: TpccConfig) -> TpccResult:
         stop = asyncio.Event()
         start_s = cluster.now_s
 
-        def restamps() -> int:
-            return sum(
-                ld.counters.restamps
-                for n in cfg.nodes
-                for ld in cluster.service(n.name).participant.leaders.values()
-            )
-
         async def stopper() -> None:
             await asyncio.sleep(tc.warmup_s)
-            before = restamps()
+            before = cluster.restamps()
             await asyncio.sleep(tc.duration_s - tc.warmup_s)
-            result.restamps = restamps() - before
+            result.restamps = cluster.restamps() - before
             stop.set()
 
         def elapsed_ms() -> float:

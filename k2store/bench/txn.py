@@ -746,11 +746,7 @@ def run_sim(
             return c
 
         async def restamps() -> int:
-            return sum(
-                ld.counters.restamps
-                for n in cfg.nodes
-                for ld in cluster.service(n.name).participant.leaders.values()
-            )
+            return cluster.restamps()
 
         async def job() -> None:
             out.append(

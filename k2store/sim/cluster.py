@@ -176,6 +176,16 @@ class SimCluster:
             raise RuntimeError(f"node {name!r} is down")
         return svc
 
+    def restamps(self) -> int:
+        """Requests the leaders of the running nodes restamped instead of aborting
+        (`TxnSettings.restamp`), as their Status would sum them."""
+        return sum(
+            ld.counters.restamps
+            for node in self.nodes.values()
+            if node.service is not None
+            for ld in node.service.participant.leaders.values()
+        )
+
     def _truetime(self, node: SimNode) -> TrueTime:
         st = self.config.settings
         return TrueTime(node.clock, st.epsilon_us * 1000, st.max_uncertainty_us * 1000)

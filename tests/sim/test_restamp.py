@@ -120,11 +120,7 @@ def _run(cfg: ClusterConfig, seed: int) -> tuple[list[Committed], int, int]:
         committed.append((ts, dict(zip([*HOT, COLD], vals, strict=True)), {}))
         for cl in [*clients, reader]:
             await cl.close()
-        return sum(
-            ld.counters.restamps
-            for n in cfg.nodes
-            for ld in cluster.service(n.name).participant.leaders.values()
-        )
+        return cluster.restamps()
 
     restamps = run_simulation(main, seed=seed)
     return committed, restamps, failed
