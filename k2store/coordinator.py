@@ -112,6 +112,9 @@ class _Txn:
     replies carry `wait_until` instead of being held here."""
     pinned: bool = False
     """Its timestamp was given by the client (`read_ts`): never restamped."""
+    sent: bool = False
+    """A request of it has gone to a leader (read-only ones too, which `touched` leaves out):
+    from then on none is restartable."""
     region_local: bool = False
     """Every key named at begin, and every shard reached since, is led in this coordinator's
     region (`TxnHeader.region_local`)."""
@@ -828,9 +831,10 @@ class Coordinator:
             sole
             and self.settings.restamp
             and self.protocol != "d2pl-ttc"
-            and not txn.touched
+            and not txn.sent
             and not txn.pinned
         )
+        txn.sent = True
         if not txn.read_only:
             # d2PL: these shards hold its locks; all protocols: replication counts it in flight
             # there (the seal waits for it) until a Resolve says it ended.
