@@ -870,7 +870,6 @@ class Coordinator:
         txn.ts = ts
         if self.hlc is not None:
             self.hlc.update(ts)
-        self.stats["restamped"] = self.stats.get("restamped", 0) + 1
 
     def _check_ops(self, txn: _Txn, ops: list[pb.TxnOp]) -> None:
         """Refuse bad input (InvalidArgument) before anything is sent."""

@@ -376,8 +376,6 @@ class NodeStatus:
     """Seals, log positions, replica lag and visibility delays (None when down)."""
     client_clock_ahead: int = 0
     """Transactions whose client's clock read ahead of this node's (StatusResponse)."""
-    aborts: int = 0
-    """Requests its shards aborted by a rule, since it started."""
     restamps: int = 0
     """Requests its shards restamped instead of aborting (TxnSettings.restamp)."""
 
@@ -418,7 +416,6 @@ def status(cfg: ClusterConfig, timeout_s: float = 2.0) -> list[NodeStatus]:
                 now_latest=r.now_latest,
                 replication=r.replication,
                 client_clock_ahead=r.client_clock_ahead,
-                aborts=sum(s.aborts for s in r.shards),
                 restamps=sum(s.restamps for s in r.shards),
             )
         )

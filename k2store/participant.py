@@ -304,8 +304,7 @@ class Participant:
                 resp = await self._run(leader, rules, req, txn, restartable=restamps < MAX_RESTAMPS)
             except _Restamp as r:
                 restamps += 1
-                leader.counters.restamps += 1
-                self._count("restamps")
+                leader.counters.restamps += 1  # by rule in the node's counters
                 self._count(f"restamp:{r.rule}")
                 ts = await self.restamp_ts(r.floor)
                 req = _with_ts(req, ts)
