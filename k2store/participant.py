@@ -497,7 +497,9 @@ class Participant:
             floor = txn.ts + self.max_offset_ns() + 1
         else:
             floor = _above_versions(leader.store, key)
-        return _Restamp(rule, floor)
+        # The conflict was above txn.ts, so floor already is; kept explicit, as real-time
+        # order rests on it (a transaction's timestamp only ever moves up).
+        return _Restamp(rule, max(floor, txn.ts + 1))
 
     async def _commit_here(
         self, leader: ShardLeader, rules: MvtoRules, req: pb.ExecRequest, keys: list[bytes]

@@ -188,9 +188,11 @@ class NodeService:
 
         self.batch = slot_batches(self.me.name, batch_size)
         # Future timestamps come from a slot of their own (see Coordinator._future_timestamp),
-        # client-stamped ones from another (see Coordinator._client_timestamp).
+        # client-stamped ones from another (see Coordinator._client_timestamp), restamps from
+        # a third (see Coordinator.restamp_timestamp).
         self.future_batch = slot_batches(self.me.name + "/future", 16)
         self.client_batch = slot_batches(self.me.name + "/client", 1)
+        self.restamp_batch = slot_batches(self.me.name + "/restamp", 1)
         st = cluster.settings
         self.limits = Limits(st.max_key_bytes, st.max_value_bytes)
         self.timeout_s = st.request_timeout_s
@@ -225,6 +227,7 @@ class NodeService:
             hlc=self.hlc,
             future_source=lambda: self._slot_timestamp(self.future_batch),
             client_source=lambda: self._slot_timestamp(self.client_batch),
+            restamp_source=lambda: self._slot_timestamp(self.restamp_batch),
             **({"new_txn_id": new_txn_id} if new_txn_id else {}),
         )
         self.participant.restamp_ts = self.coordinator.restamp_timestamp

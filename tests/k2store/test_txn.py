@@ -32,7 +32,7 @@ from k2store.errors import (
 from k2store.launcher import free_ports
 from k2store.node import Node
 from k2store.proto import k2_pb2 as pb
-from truetime import ManualClock
+from truetime import ManualClock, timestamp_origin
 from txn.records import TxnRecord, TxnStatus
 
 REGIONS = ["us-east", "eu-west", "ap-southeast"]
@@ -165,6 +165,53 @@ def test_a_first_request_under_a_later_read_is_restamped_by_its_leader(tmp_path:
             assert (r.value, r.version_ts) == (b"late", t1.ts)
             leader = nodes["us-east-1"].leaders[cfg.shard_for_key(b"us-east/k").id]
             assert (leader.counters.restamps, leader.counters.aborts) == (1, 0)
+
+    run(body)
+
+
+def test_a_restamp_lands_just_above_the_conflict_not_behind_later_transactions(
+    tmp_path: Path,
+) -> None:
+    """K2-MVTO restamps from a slot of their own just above the conflict: t1, doomed by t2's
+    read, lands between t2 and t3 (begun after t2), not above t3 as the node's next timestamp
+    would put it; so t3, next in the key's line, still writes above t1. A second restamp at
+    the same conflict gets a larger timestamp (the slot's timestamps never repeat)."""
+
+    async def body() -> None:
+        async with cluster(tmp_path) as (cfg, nodes, c):
+            # The first restamp after a start is above the restamp slot's first batch, which
+            # leads the clock: make it, then let the (manual) clock pass that batch.
+            w1, w2 = await c.begin(), await c.begin()
+            assert await w2.get("us-east/w") is None
+            await w1.put("us-east/w", b"w")
+            await w1.commit()
+            await w2.commit()
+            clock = nodes["us-east-1"].clock
+            clock.advance(10_000_000)  # type: ignore[attr-defined]
+            t1 = await c.begin()
+            t0 = await c.begin()
+            t2 = await c.begin()
+            clock.advance(1_000_000)  # type: ignore[attr-defined]  # (timestamps 4 us apart)
+            t3 = await c.begin()
+            assert t1.ts < t0.ts < t2.ts < t3.ts
+            assert await t2.get_many(["us-east/k", "us-east/j"]) == [None, None]
+            await t1.put("us-east/k", b"t1")
+            assert t2.ts < t1.ts < t3.ts
+            oracle = nodes["us-east-1"].service.oracle  # type: ignore[union-attr]
+            restamp_slot = (oracle.oracle_id, oracle.register("us-east-1/restamp"))
+            assert timestamp_origin(t1.ts) == restamp_slot != timestamp_origin(t3.ts)
+            await t0.put("us-east/j", b"t0")  # the same floor (t2's reads): above t1 all the same
+            assert t1.ts < t0.ts < t3.ts and timestamp_origin(t0.ts) == restamp_slot
+            await t1.commit()
+            await t0.commit()
+            await t2.commit()
+            await t3.put_many({"us-east/k": b"t3", "us-east/j": b"t3"})
+            assert await t3.commit() == t3.ts
+            at_t0 = [await c.get(k, at_ts=t0.ts) for k in ("us-east/k", "us-east/j")]
+            assert at_t0 == [b"t1", b"t0"]
+            assert await c.read_many(["us-east/k", "us-east/j"]) == [b"t3", b"t3"]
+            leader = nodes["us-east-1"].leaders[cfg.shard_for_key(b"us-east/k").id]
+            assert (leader.counters.restamps, leader.counters.aborts) == (3, 0)
 
     run(body)
 
