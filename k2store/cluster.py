@@ -180,10 +180,10 @@ class TxnSettings:
     request laid there, takes a fresh timestamp above the conflict from its own node (K2-MVTO:
     just above it, from the node's restamp slot; MVTO-HLC: its clock's next; see
     `Coordinator.restamp_timestamp`) and runs the request again, at most `MAX_RESTAMPS` times
-    (CockroachDB's server-side retry of a transaction's first batch). The client has seen nothing of the transaction yet, so this
-    is the retry it would make, without the round trip, the backoff and the loss of its
-    place. Counted apart from aborts (`restamps` in a node's counters and the benchmarks'
-    reports) (refinement; `Participant._exec`)."""
+    (CockroachDB's server-side retry of a transaction's first batch). The client has seen
+    nothing of the transaction yet, so this is the retry it would make, without the round
+    trip, the backoff and the loss of its place. Counted apart from aborts (`restamps` in a
+    node's counters and the benchmarks' reports) (refinement; `Participant._exec`)."""
     unsafe_skip_commit_wait: bool = False
     """BREAKS real-time order, for proving the checkers (jepsen_tests) catch it: acknowledge
     commits without commit-wait. Refused unless K2_ALLOW_UNSAFE_SETTINGS=1."""
