@@ -83,6 +83,28 @@ def _in_slot(floor: int, low: int) -> int:
     return -(-floor // STEP_GRANULARITY) * STEP_GRANULARITY + low
 
 
+class _SlotSequence:
+    """Strictly increasing timestamps of one K2-TB slot of this node's, each the smallest above
+    the last at or above a target: unique (the slot is this node's alone) wherever the targets
+    lie, not only at the clock's reading. The first is also at least the slot's first batch
+    base (fetched from `source` on first use) plus `lead_ns`: after a restart, above every
+    timestamp the sequence gave before as long as those were at most `now().latest` plus
+    `lead_ns` when given (see `Coordinator._client_timestamp`, `restamp_timestamp`)."""
+
+    def __init__(self, source: Callable[[], Awaitable[int]], lead_ns: int = 0) -> None:
+        self.source = source
+        self.lead_ns = lead_ns
+        self._base: int | None = None
+        self._last = 0
+
+    async def next(self, target: int) -> int:
+        if self._base is None:
+            self._base = await self.source()
+        floor = max(target, self._base + self.lead_ns, self._last + 1)
+        self._last = _in_slot(floor, self._base % STEP_GRANULARITY)
+        return self._last
+
+
 @dataclass
 class _Txn:
     txn_id: bytes
@@ -154,13 +176,13 @@ class Coordinator:
         node's next timestamp."""
         self.future_source = future_source or timestamp
         self._last_future = 0
-        self.restamp_source = restamp_source
-        self._restamp_floor: int | None = None
-        self._restamp_low = 0
-        self._last_restamp = 0
+        # A restamp's floor may lead now().latest by a K2-TB batch's lead (see restamp_timestamp).
+        self._restamp_lead_ns = cluster.settings.oracle_ttl_us * 1000
+        self._restamps = (
+            _SlotSequence(restamp_source, self._restamp_lead_ns) if restamp_source else None
+        )
         self.client_source = client_source
-        self._client_floor: int | None = None
-        self._last_client = 0
+        self._client_stamps = _SlotSequence(client_source) if client_source else None
         self._client_ahead_warned_ns = -(2**62)
         self._rtt_ns: dict[str, int] = {}
         self.protocol = settings.protocol
@@ -327,15 +349,8 @@ class Coordinator:
         if self.hlc is not None:
             self.hlc.update(floor)
             return self._hlc_now()
-        lead = self.cluster.settings.oracle_ttl_us * 1000
-        if self.restamp_source is not None and floor <= self.tt.now().latest + lead:
-            if self._restamp_floor is None:
-                base = await self.restamp_source()
-                self._restamp_low = base % STEP_GRANULARITY  # the slot's origin
-                self._restamp_floor = base + lead
-            ts = max(floor, self._restamp_floor, self._last_restamp + 1)
-            self._last_restamp = _in_slot(ts, self._restamp_low)
-            return self._last_restamp
+        if self._restamps is not None and floor <= self.tt.now().latest + self._restamp_lead_ns:
+            return await self._restamps.next(floor)
         ts = await self.timestamp()
         return ts if ts >= floor else await self._future_timestamp(floor)
 
@@ -365,21 +380,17 @@ class Coordinator:
         timestamp made before the restart was at most this node's `now().latest` at the time
         (plus 4 us of rounding), so none is repeated unless the restart took less than the two
         clocks' uncertainty (HAZARD: a clock beyond its bound could shorten that further)."""
-        assert self.client_source is not None
+        assert self._client_stamps is not None
         try:
             now = self.tt.checked_now()
         except UncertaintyExceeded as e:
             raise ClockUncertain(f"coordinator {self.node_name} refuses to stamp: {e}") from None
-        if self._client_floor is None:
-            self._client_floor = await self.client_source()
         ahead = client_ts > now.latest
         if ahead:
             self.stats["client-clock-ahead"] = self.stats.get("client-clock-ahead", 0) + 1
             self._warn_client_ahead(client_ts - now.latest)
         target = client_ts if now.earliest <= client_ts <= now.latest else now.latest
-        floor = max(target, self._client_floor, self._last_client + 1)
-        self._last_client = _in_slot(floor, self._client_floor % STEP_GRANULARITY)
-        return self._last_client, ahead
+        return await self._client_stamps.next(target), ahead
 
     def _warn_client_ahead(self, lead_ns: int) -> None:
         """Once per `CLIENT_AHEAD_WARN_S` at most: a client's reading was ahead of this node's
