@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import fcntl
+import json
 import os
 import threading
 from pathlib import Path
@@ -120,3 +121,51 @@ class DurableCeiling:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+class DurableSlots:
+    """The oracle's coordinator slot assignments (name -> slot), kept across crashes.
+
+    A coordinator makes timestamps of its own in its slot above the bases of the batches it
+    was given (future timestamps, client timestamps, restamps: `Coordinator`), some of them
+    beyond anything the oracle's ceiling covers; only its own memory keeps those unique. Were
+    slots handed out afresh after an oracle restart, another coordinator could get that slot and
+    repeat one of them exactly. `record` writes the whole map (small: at most 256 names) and
+    fsyncs before returning, so an assignment is durable before the first batch of its slot
+    leaves; it happens once per coordinator name, ever.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.writes = 0
+        try:
+            raw = json.loads(path.read_text() or "{}")
+        except FileNotFoundError:
+            raw = {}
+        except ValueError:
+            raise DataDirLockedError(
+                f"{path} is corrupt; it keeps each coordinator's timestamp slot across "
+                "restarts, so it is not silently reset: remove it only if the node never served"
+            ) from None
+        if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) for k, v in raw.items()
+        ):
+            raise DataDirLockedError(
+                f"{path} does not hold a map of coordinator names to slots; it is not "
+                "silently reset: remove it only if the node never served"
+            )
+        self.slots: dict[str, int] = dict(raw)
+
+    def record(self, slots: dict[str, int]) -> None:
+        """Persist `slots` (a superset of what is recorded) before returning."""
+        if slots == self.slots:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(slots, f, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+        self.slots = dict(slots)
+        self.writes += 1

@@ -35,7 +35,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from k2store.certs import server_credentials
 from k2store.cluster import ClusterConfig, NodeConfig
-from k2store.datadir import DataDirLock, DurableCeiling
+from k2store.datadir import DataDirLock, DurableCeiling, DurableSlots
 from k2store.errors import ERROR_METADATA_KEY, K2Error, Unavailable
 from k2store.filewatch import FileWatch
 from k2store.groupcommit import DurableTransport, GroupCommit
@@ -144,7 +144,8 @@ class Node:
             if wait_ns:
                 log.info("waiting %.1f ms for earlier timestamps to pass", wait_ns / 1e6)
                 await self.tt.wait_until_after(ceiling)
-            oracle = self._open_oracle(ceiling)
+            oracle_slots = DurableSlots(self.me.data_dir / "oracle.slots")
+            oracle = self._open_oracle(ceiling, oracle_slots.slots)
             self._open_engines()
             self.service = NodeService(
                 self.cluster,
@@ -158,6 +159,7 @@ class Node:
                 leaders=self._leaders,
                 oracle=oracle,
                 oracle_ceiling=oracle_ceiling,
+                oracle_slots=oracle_slots,
                 read_ceiling=read_ceiling,
                 batch_size=self.options.batch_size,
                 data_dir=str(self.me.data_dir),
@@ -202,7 +204,7 @@ class Node:
             "; region oracle" if oracle else "",
         )
 
-    def _open_oracle(self, resume_after: int) -> TimestampOracle | None:
+    def _open_oracle(self, resume_after: int, slots: dict[str, int]) -> TimestampOracle | None:
         if self.cluster.region(self.me.region).oracle != self.me.name:
             return None
         return TimestampOracle(
@@ -210,6 +212,7 @@ class Node:
             self.tt,
             ttl_ns=self.cluster.settings.oracle_ttl_us * 1000,
             resume_after=resume_after or None,
+            slots=slots,
         )
 
     def _open_engines(self) -> None:

@@ -76,6 +76,24 @@ class Ceiling(Protocol):
     def cover(self, t: int) -> None: ...
 
 
+class SlotBook(Protocol):
+    """The oracle's coordinator slots, kept across restarts (see DurableSlots)."""
+
+    slots: dict[str, int]
+
+    def record(self, slots: dict[str, int]) -> None: ...
+
+
+class MemorySlots:
+    """A SlotBook for the simulator and tests: 'survives' a restart as memory does."""
+
+    def __init__(self) -> None:
+        self.slots: dict[str, int] = {}
+
+    def record(self, slots: dict[str, int]) -> None:
+        self.slots = dict(slots)
+
+
 class MemoryCeiling:
     """A Ceiling for the simulator and tests, where nothing survives a 'restart' but memory."""
 
@@ -155,6 +173,7 @@ class NodeService:
         leaders: dict[int, ShardLeader],
         oracle: TimestampOracle | None,
         oracle_ceiling: Ceiling | None = None,
+        oracle_slots: SlotBook | None = None,
         read_ceiling: Ceiling | None = None,
         batch_size: int = 256,
         data_dir: str = "",
@@ -173,6 +192,7 @@ class NodeService:
         self.leaders = leaders
         self.oracle = oracle
         self.oracle_ceiling: Ceiling = oracle_ceiling or MemoryCeiling()
+        self.oracle_slots: SlotBook = oracle_slots or MemorySlots()
         self.read_ceiling: Ceiling = read_ceiling or MemoryCeiling()
         # On the oracle's node batches are issued in-line (no round trip, and a short lifetime:
         # `oracle_local_ttl_us`), elsewhere fetched from the region's oracle.
@@ -298,7 +318,11 @@ class NodeService:
     def _issue(self, coordinator: str, count: int, ttl_ns: int | None = None) -> TimestampBatch:
         assert self.oracle is not None
         try:
-            batch = self.oracle.issue(self.oracle.register(coordinator), count, ttl_ns=ttl_ns)
+            slot = self.oracle.slot_of(coordinator)
+            if slot is None:
+                slot = self.oracle.register(coordinator)
+                self.oracle_slots.record(self.oracle.slots)  # durable before its first batch
+            batch = self.oracle.issue(slot, count, ttl_ns=ttl_ns)
         except UncertaintyExceeded as e:
             raise ClockUncertain(f"oracle {self.me.name}: {e}") from None
         except ValueError as e:

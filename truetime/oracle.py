@@ -21,6 +21,7 @@ Spanner would give; commit-wait then turns that into real-time order.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from truetime.errors import SlotsExhausted, UncertaintyExceeded
@@ -121,6 +122,13 @@ class TimestampOracle:
     from a batch whose end still lies in the future; the service keeps uniqueness across
     restarts by persisting `high_water` and passing it back here.
 
+    `slots`: the coordinator slots an earlier incarnation assigned (`slots` of that one,
+    persisted by the service before any batch of a new slot left). A coordinator keeps its slot
+    across restarts: its slot's timestamps need not stay below the high water (a coordinator
+    makes future timestamps, client timestamps and restamps above its batches' bases, up to a
+    one-way delay ahead of the clock), so a slot handed to another coordinator after a restart
+    could repeat one of them exactly.
+
     Metrics (plain counters, read by the service): `refusals` (requests refused because the
     uncertainty exceeded the bound), `batches_issued`, `timestamps_issued`.
     """
@@ -134,6 +142,7 @@ class TimestampOracle:
         max_batch: int = 10_000,
         *,
         resume_after: Timestamp | None = None,
+        slots: Mapping[str, int] | None = None,
     ) -> None:
         if not 0 <= oracle_id < MAX_ORACLES:
             raise ValueError(f"oracle_id must be in [0, {MAX_ORACLES}), got {oracle_id}")
@@ -156,6 +165,14 @@ class TimestampOracle:
         self._resume_after = resume_after
         self._high_water = resume_after
         self._slots: dict[str, int] = {}
+        for name, slot in (slots or {}).items():
+            if not 0 <= slot < MAX_SLOTS_PER_ORACLE:
+                raise ValueError(
+                    f"slot of {name!r} must be in [0, {MAX_SLOTS_PER_ORACLE}), got {slot}"
+                )
+            if slot in self._slots.values():
+                raise ValueError(f"slot {slot} is assigned twice (to {name!r} among others)")
+            self._slots[name] = slot
         self._last_issued: dict[int, Timestamp] = {}
 
     @property
@@ -163,12 +180,23 @@ class TimestampOracle:
         """The largest timestamp issued (or `resume_after`); None before either exists."""
         return self._high_water
 
+    @property
+    def slots(self) -> dict[str, int]:
+        """Coordinator name -> slot, as assigned so far (a copy, for the service to persist)."""
+        return dict(self._slots)
+
+    def slot_of(self, coordinator: str) -> int | None:
+        """`coordinator`'s slot if it has one (no assignment)."""
+        return self._slots.get(coordinator)
+
     def register(self, coordinator: str) -> int:
-        """The slot for `coordinator`: the same one every time it asks, for this oracle's life.
+        """The slot for `coordinator`: the same one every time it asks, for this oracle's life
+        and, with `slots` passed back, across restarts; a new coordinator gets the lowest free.
 
         Raises `SlotsExhausted` (a `TrueTimeError`) when all `MAX_SLOTS_PER_ORACLE` are taken.
-        Slots spread coordinators over the low bits; uniqueness does not depend on each
-        coordinator having its own slot, because batches within a slot never overlap.
+        Two coordinators never share a slot: a slot's batches never overlap, but a coordinator
+        makes timestamps of its own in its slot above a batch's base (see `slots` in the class
+        docstring), which only its own memory keeps unique.
         """
         slot = self._slots.get(coordinator)
         if slot is not None:
@@ -178,7 +206,8 @@ class TimestampOracle:
                 f"oracle {self.oracle_id} has no free coordinator slot for {coordinator!r}: "
                 f"all {MAX_SLOTS_PER_ORACLE} are registered"
             )
-        slot = len(self._slots)
+        taken = set(self._slots.values())
+        slot = next(s for s in range(MAX_SLOTS_PER_ORACLE) if s not in taken)
         self._slots[coordinator] = slot
         return slot
 

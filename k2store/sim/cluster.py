@@ -46,7 +46,7 @@ from k2store.cluster import ClusterConfig
 from k2store.errors import InvalidArgument, K2Error
 from k2store.memengine import MemoryEngine
 from k2store.proto import k2_pb2 as pb
-from k2store.service import MemoryCeiling, NodeService
+from k2store.service import MemoryCeiling, MemorySlots, NodeService
 from k2store.shard import Limits, ShardLeader
 from k2store.sim.loop import SimEventLoop, VirtualClock, current_sim_loop
 from k2store.sim.network import SimNetwork, SimTransport
@@ -75,6 +75,8 @@ class SimNode:
     replica_engines: dict[int, MemoryEngine] = field(default_factory=dict)
     """Shard id -> engine of the replica this node holds (kept across crashes too)."""
     oracle_ceiling: MemoryCeiling = field(default_factory=MemoryCeiling)
+    oracle_slots: MemorySlots = field(default_factory=MemorySlots)
+    """The oracle's coordinator slots (its node's 'disk', kept across crashes)."""
     read_ceiling: MemoryCeiling = field(default_factory=MemoryCeiling)
     service: NodeService | None = None
     """The running process's handlers; None while crashed."""
@@ -202,6 +204,7 @@ class SimCluster:
                 tt,
                 ttl_ns=st.oracle_ttl_us * 1000,
                 resume_after=resume_after or None,
+                slots=node.oracle_slots.slots,
             )
         limits = Limits(st.max_key_bytes, st.max_value_bytes)
         hashed = st.partitioning == "hash"
@@ -223,6 +226,7 @@ class SimCluster:
             leaders=leaders,
             oracle=oracle,
             oracle_ceiling=node.oracle_ceiling,
+            oracle_slots=node.oracle_slots,
             read_ceiling=node.read_ceiling,
             batch_size=self.batch_size,
             data_dir=f"sim:{node.name}",

@@ -1,12 +1,16 @@
 """DurableCeiling: once `cover(t)` returns, the file holds a value >= t, even with writes run
-ahead in the worker thread; steady use waits for almost no fsync of its own."""
+ahead in the worker thread; steady use waits for almost no fsync of its own. DurableSlots: the
+oracle's slot assignments survive a restart, and a damaged file is refused, not reset."""
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
 
-from k2store.datadir import DurableCeiling
+import pytest
+
+from k2store.datadir import DurableCeiling, DurableSlots
+from k2store.errors import DataDirLockedError
 
 STEP = 1000
 
@@ -59,3 +63,17 @@ def test_every_return_is_durable_under_concurrent_callers(tmp_path: Path) -> Non
     c.close()
     assert bad == []
     assert c.value == on_disk(path) >= 299 * 97
+
+
+def test_slot_assignments_survive_a_restart_and_a_damaged_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "oracle.slots"
+    book = DurableSlots(path)
+    assert book.slots == {}
+    book.record({"a": 0, "a/future": 1})
+    book.record({"a": 0, "a/future": 1})  # unchanged: not written again
+    assert book.writes == 1
+    assert DurableSlots(path).slots == {"a": 0, "a/future": 1}  # what a restart reads
+    for damaged in ("{not json", '["a", 0]', '{"a": "zero"}'):
+        path.write_text(damaged)
+        with pytest.raises(DataDirLockedError, match="not silently reset"):
+            DurableSlots(path)

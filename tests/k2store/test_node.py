@@ -163,12 +163,19 @@ def test_restart_recovers_data_and_refuses_writes_below_earlier_reads(tmp_path: 
     cfg = make_cluster(tmp_path)
     clock = ManualClock()
 
+    oracle = cfg.region("ap-southeast").oracle
+
     async def main() -> None:
-        async with running(cfg, clock):
+        async with running(cfg, clock) as nodes:
             c = AsyncClient(cfg, timeout_s=5)
             w = await c.put("ap-southeast/s", b"kept")
             r0 = await c.get_versioned("ap-southeast/s")
             await c.close()
+            service = nodes[oracle].service
+            assert service is not None and service.oracle is not None
+            service._issue("us-east-1/future", 1)  # a coordinator of another node registers
+            slots = service.oracle.slots
+            assert len(slots) == 2
         # The restarted oracle must not repeat or undercut what it issued, even if the clock now
         # reads earlier (stepped back 10 ms): it resumes above its persisted ceiling.
         clock.set(clock.now_ns() - 10_000_000)
@@ -182,6 +189,12 @@ def test_restart_recovers_data_and_refuses_writes_below_earlier_reads(tmp_path: 
             w2 = await c.put("ap-southeast/t", b"later")
             assert w2.commit_ts > w.commit_ts
             await c.close()
+            # Every coordinator keeps its slot (its own future, client and restamp timestamps
+            # lie above its batches' bases, beyond the ceiling); a newcomer gets a free one.
+            service = nodes[oracle].service
+            assert service is not None and service.oracle is not None
+            assert slots.items() <= service.oracle.slots.items()
+            assert service._issue("newcomer", 1).slot not in slots.values()
 
     asyncio.run(main())
 

@@ -153,3 +153,28 @@ def test_crashed_oracle_stalls_its_region_until_restart(cfg2: ClusterConfig) -> 
         assert await client.get(b"us-east/a") == b"3"
 
     run_simulation(main, seed=0)
+
+
+def test_a_restarted_oracle_gives_every_coordinator_its_old_slot(cfg2: ClusterConfig) -> None:
+    """Coordinators make timestamps of their own above their batches' bases (future, client,
+    restamp), beyond the oracle's ceiling: after an oracle restart no other coordinator may get
+    their slot, whatever order they ask in."""
+
+    async def main() -> None:
+        cluster = SimCluster(cfg2)
+        client = cluster.client("us-east", retry=ONCE, timeout_s=30)
+        await client.put(b"us-east/a", b"1")
+        before = cluster.node("us-east-1").service
+        assert before is not None and before.oracle is not None
+        before._issue("us-east-2/future", 1)
+        slots = before.oracle.slots
+        assert set(slots) == {"us-east-2", "us-east-2/future"}
+        cluster.crash("us-east-1")
+        await cluster.restart("us-east-1")
+        after = cluster.node("us-east-1").service
+        assert after is not None and after.oracle is not None
+        assert after._issue("a-newcomer", 1).slot not in slots.values()  # asks first
+        await client.put(b"us-east/a", b"2")
+        assert slots.items() <= after.oracle.slots.items()
+
+    run_simulation(main, seed=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from truetime import (
@@ -27,7 +29,7 @@ START = 1_700_000_000_000_000_000
 
 
 def make_oracle(
-    oracle_id: int = 0, start: int = START, **kwargs: int
+    oracle_id: int = 0, start: int = START, **kwargs: Any
 ) -> tuple[ManualClock, TimestampOracle]:
     clock = ManualClock(start)
     tt = TrueTime(clock, epsilon_ns=EPS, max_uncertainty_ns=MAX_U)
@@ -182,6 +184,30 @@ def test_resume_after_keeps_a_restarted_oracle_above_its_high_water() -> None:
         assert restarted.issue(slot, 1).first > big.last
     fresh = TimestampOracle(0, oracle.truetime, ttl_ns=TTL)
     assert fresh.high_water is None
+
+
+def test_a_restarted_oracle_keeps_each_coordinators_slot_whatever_order_they_ask_in() -> None:
+    _, oracle = make_oracle()
+    first = {name: oracle.register(name) for name in ("a", "a/future", "b", "b/client")}
+    restarted = TimestampOracle(0, oracle.truetime, ttl_ns=TTL, slots=oracle.slots)
+    # After the restart b asks first: without the old assignments it would get a's slot, and
+    # its client timestamps could repeat one of a's future timestamps (both above the bases).
+    for name in ("b/client", "b", "a/future", "a"):
+        assert restarted.register(name) == first[name]
+    newcomer = restarted.register("c")
+    assert newcomer not in first.values()
+    assert restarted.slots == {**first, "c": newcomer}
+    assert restarted.slot_of("d") is None and restarted.slot_of("c") == newcomer
+
+
+def test_a_freed_gap_in_restored_slots_is_reused_and_bad_restored_slots_are_refused() -> None:
+    _, oracle = make_oracle(slots={"x": 0, "y": 2})
+    assert oracle.register("z") == 1  # the lowest free, not len(slots)
+    assert oracle.register("w") == 3
+    with pytest.raises(ValueError, match="twice"):
+        make_oracle(slots={"x": 4, "y": 4})
+    with pytest.raises(ValueError, match="slot of 'x'"):
+        make_oracle(slots={"x": MAX_SLOTS_PER_ORACLE})
 
 
 @pytest.mark.parametrize(
