@@ -1075,9 +1075,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--protocol",
+        action="append",
+        choices=PROTOCOLS,
         default=None,
-        help=f"one of {', '.join(PROTOCOLS)} (default: {d.protocol}; with --sim, all three "
-        "side by side)",
+        help=f"repeatable (default: {d.protocol} on node processes; with --sim or --sweep, all "
+        "three side by side); each is run in turn, with the first as the others' baseline only "
+        "where it is named so",
     )
     p.add_argument(
         "--sim",
@@ -1169,7 +1172,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     overrides = {
         k: v
         for k, v in {
-            "protocol": args.protocol,
+            "protocol": args.protocol[0] if args.protocol else None,
             "mix": args.mix,
             "theta": args.theta,
             "keys": args.keys,
@@ -1265,6 +1268,11 @@ def _sweep_run(bc: BenchConfig, regions: int, label: str) -> RunResult:
         return RunResult(label, bc, TxnSettings(protocol=bc.protocol), [], 0.0, error=str(e))
 
 
+def _protocols(args: argparse.Namespace) -> list[str]:
+    """The protocols `--protocol` names, each once, in order; every one without it."""
+    return list(dict.fromkeys(args.protocol)) if args.protocol else list(PROTOCOLS)
+
+
 def _sweep(args: argparse.Namespace, bc: BenchConfig, seeds: Sequence[int]) -> int:
     """`--sweep`: every protocol (or --protocol's) at each concurrency and each of `--seeds`, in
     the simulator (`--jobs` at a time) or each on a fresh local cluster; the per-run tables as
@@ -1275,7 +1283,7 @@ def _sweep(args: argparse.Namespace, bc: BenchConfig, seeds: Sequence[int]) -> i
         raise InvalidArgument("--sweep runs fresh clusters with each protocol's defaults; drop "
                               "--ablate and --cluster")  # fmt: skip
     per_region = parse_counts(args.sweep)
-    protocols = [args.protocol] if args.protocol else list(PROTOCOLS)
+    protocols = _protocols(args)
     regions = args.regions or 3
     n_regions = regions if args.sim else len(DEFAULT_REGIONS)
     plan = [
@@ -1349,6 +1357,8 @@ def main(args: argparse.Namespace) -> int:
             "--ablate needs fresh local clusters (it changes each one's [txn] table); "
             "drop --cluster"
         )
+    if (args.ablate or args.cluster is not None) and len(set(args.protocol or ())) > 1:
+        raise InvalidArgument("--ablate and --cluster run one protocol: give --protocol once")
     progress = sys.stderr.isatty()
     results: list[RunResult] = []
     if args.regions is not None and not args.sim:
@@ -1356,10 +1366,7 @@ def main(args: argparse.Namespace) -> int:
     if args.sim:
         if args.cluster is not None:
             raise InvalidArgument("--sim builds its own simulated cluster; drop --cluster")
-        if args.ablate:
-            protocols = [bc.protocol]
-        else:
-            protocols = [args.protocol] if args.protocol else list(PROTOCOLS)
+        protocols = [bc.protocol] if args.ablate else _protocols(args)
         for proto in protocols:
             for label, txn in variants(proto, args.ablate):
                 print(f"[{proto} {label}] simulating ...", file=sys.stderr, flush=True)
@@ -1382,17 +1389,22 @@ def main(args: argparse.Namespace) -> int:
         print(format_run(results[-1]), flush=True)
     else:
         bc.check_keys(len(DEFAULT_REGIONS))
+        protocols = [bc.protocol] if args.ablate or not args.protocol else _protocols(args)
         with tempfile.TemporaryDirectory(prefix="k2-bench-") as tmp:
-            for i, (label, txn) in enumerate(variants(bc.protocol, args.ablate)):
+            plan = [(p, v) for p in protocols for v in variants(p, args.ablate)]
+            for i, (proto, (label, txn)) in enumerate(plan):
+                run_bc = replace(bc, protocol=proto)
                 try:
-                    run = run_local(bc, Path(tmp) / f"run{i}", txn=txn, label=label)
+                    run = run_local(run_bc, Path(tmp) / f"run{i}", txn=txn, label=label)
                 except K2Error as e:
                     if i == 0:
                         raise  # without the default run there is nothing to compare with
                     # A variant that breaks is a finding, not a reason to lose the others.
-                    run = RunResult(label, bc, txn, list(DEFAULT_REGIONS), 0.0, error=str(e))
+                    run = RunResult(label, run_bc, txn, list(DEFAULT_REGIONS), 0.0, error=str(e))
                 results.append(run)
                 print(format_run(run) + "\n", flush=True)
+        if len(protocols) > 1:
+            print(format_side_by_side(results), flush=True)
     if args.ablate and len(results) > 1:
         print(format_ablation(results), flush=True)
     json_path, png_path = write_results(

@@ -108,6 +108,17 @@ def test_txn_sweep_in_the_simulator(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert doc["k2_vs_d2pl"] == {}  # no baseline ran
     printed = capsys.readouterr().out
     assert "clients/region" in printed and "k2/d2pl" in printed
+    # --protocol is repeatable, as in `k2 bench tpcc` (it used to keep only the last).
+    two = tmp_path / "two"
+    argv2 = [*argv[:-1], str(two), "--protocol", "k2-mvto", "--protocol", "mvto-hlc"]
+    assert main([*argv2, "--sweep", "1"]) == 0
+    (out,) = two.glob("txn-sweep-*.json")
+    doc = json.loads(out.read_text())
+    assert [p["protocol"] for p in doc["points"]] == ["k2-mvto", "mvto-hlc"]
+    assert set(doc["k2_vs_hlc"]) and doc["k2_vs_d2pl"] == {}
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error
+        main([*argv, "--protocol", "no-such"])
+    assert exit_info.value.code == 2
     assert main([*argv, "--sweep", "2", "--ablate"]) == 2
 
 
