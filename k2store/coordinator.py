@@ -315,7 +315,16 @@ class Coordinator:
     async def _future_timestamp(self, target: int) -> int:
         """A unique timestamp >= target. Future timestamps come from a slot of their own
         (coordinator name + "/future"), strictly increasing, so they can collide neither with
-        each other nor with the regular batch timestamps of any coordinator."""
+        each other nor with the regular batch timestamps of any coordinator (the oracle keeps
+        each coordinator's slots across its restarts: `DurableSlots`).
+
+        HAZARD: across a restart of this node only the clock keeps them unique. Each was at
+        most `now().latest` plus the farthest leader's one-way delay when given, and after the
+        restart each is at least `now().latest`: a restart faster than that delay (tens to
+        hundreds of milliseconds; a node process takes longer to start, and waits out its
+        durable ceilings) could give one again. Starting the slot's sequence a delay ahead,
+        as `_SlotSequence` does for restamps, would close it at the price of longer
+        commit-waits for that long after a start."""
         base = await self.future_source()
         floor = max(target, base, self._last_future + 1)
         self._last_future = _in_slot(floor, base % STEP_GRANULARITY)
