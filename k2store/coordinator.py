@@ -167,13 +167,18 @@ class Coordinator:
         future_source: Callable[[], Awaitable[int]] | None = None,
         client_source: Callable[[], Awaitable[int]] | None = None,
         restamp_source: Callable[[], Awaitable[int]] | None = None,
+        cover: Callable[[int], None] | None = None,
     ) -> None:
         """`future_source` / `client_source` / `restamp_source`: timestamps of the slots that
         future timestamps, client-stamped ones and restamps are made in (only their low bits
         and first base are used: see `_future_timestamp`, `_client_timestamp`,
         `restamp_timestamp`); without `client_source` the client's timestamp is ignored and
         the transaction stamped on arrival; without `restamp_source` a restamp takes this
-        node's next timestamp."""
+        node's next timestamp. `cover(t)`: make t durable in a ceiling that a restarted node
+        waits out (`NodeService.read_ceiling`) before a timestamp this coordinator made itself,
+        in one of those slots, is used: the batches' high water does not cover them, and only
+        the ceiling keeps the next incarnation's from repeating one."""
+        self._cover = cover or (lambda t: None)
         self.future_source = future_source or timestamp
         self._last_future = 0
         # A restamp's floor may lead now().latest by a K2-TB batch's lead (see restamp_timestamp).
@@ -318,16 +323,14 @@ class Coordinator:
         each other nor with the regular batch timestamps of any coordinator (the oracle keeps
         each coordinator's slots across its restarts: `DurableSlots`).
 
-        HAZARD: across a restart of this node only the clock keeps them unique. Each was at
-        most `now().latest` plus the farthest leader's one-way delay when given, and after the
-        restart each is at least `now().latest`: a restart faster than that delay (tens to
-        hundreds of milliseconds; a node process takes longer to start, and waits out its
-        durable ceilings) could give one again. Starting the slot's sequence a delay ahead,
-        as `_SlotSequence` does for restamps, would close it at the price of longer
-        commit-waits for that long after a start."""
+        Across a restart of this node: each is covered by the node's durable ceiling before
+        it is used (`cover`), and a restarted node waits until its ceilings have certainly
+        passed, so every one made after is above it. (Each is up to the farthest leader's
+        one-way delay ahead of the clock, beyond the batches' high water.)"""
         base = await self.future_source()
         floor = max(target, base, self._last_future + 1)
         self._last_future = _in_slot(floor, base % STEP_GRANULARITY)
+        self._cover(self._last_future)
         return self._last_future
 
     async def restamp_timestamp(self, floor: int) -> int:
@@ -348,10 +351,10 @@ class Coordinator:
         restamp slot never runs further ahead of the clock than that lead. Uniqueness: the
         slot's timestamps here strictly increase, and after a restart start at the slot's
         first batch base plus that lead, while every restamp made before was at most this
-        node's `now().latest` at the time plus the lead (and 4 us of rounding): none repeats
-        unless the restart took less than the two clocks' uncertainty (as for client
-        timestamps, `_client_timestamp`). The first restamps after a start, within that lead
-        of it, wait out up to that lead in their commit-wait.
+        node's `now().latest` at the time plus the lead (and 4 us of rounding), and is
+        covered by the node's durable ceiling, which a restarted node waits out: none repeats
+        (as for client timestamps, `_client_timestamp`). The first restamps after a start,
+        within that lead of it, wait out up to that lead in their commit-wait.
 
         MVTO-HLC: this node's hybrid clock past floor. A node's unique HLC timestamps come
         from its one clock, so the transaction goes to the back of the line."""
@@ -359,7 +362,9 @@ class Coordinator:
             self.hlc.update(floor)
             return self._hlc_now()
         if self._restamps is not None and floor <= self.tt.now().latest + self._restamp_lead_ns:
-            return await self._restamps.next(floor)
+            ts = await self._restamps.next(floor)
+            self._cover(ts)
+            return ts
         ts = await self.timestamp()
         return ts if ts >= floor else await self._future_timestamp(floor)
 
@@ -387,8 +392,8 @@ class Coordinator:
         increasing, so they collide with no other slot's. After a restart the first is at least
         that slot's first batch base, which leads the oracle's `now().latest` then; every client
         timestamp made before the restart was at most this node's `now().latest` at the time
-        (plus 4 us of rounding), so none is repeated unless the restart took less than the two
-        clocks' uncertainty (HAZARD: a clock beyond its bound could shorten that further)."""
+        (plus 4 us of rounding), and is covered by the node's durable ceiling before it is
+        used, which a restarted node waits out: none is repeated."""
         assert self._client_stamps is not None
         try:
             now = self.tt.checked_now()
@@ -399,7 +404,9 @@ class Coordinator:
             self.stats["client-clock-ahead"] = self.stats.get("client-clock-ahead", 0) + 1
             self._warn_client_ahead(client_ts - now.latest)
         target = client_ts if now.earliest <= client_ts <= now.latest else now.latest
-        return await self._client_stamps.next(target), ahead
+        ts = await self._client_stamps.next(target)
+        self._cover(ts)
+        return ts, ahead
 
     def _warn_client_ahead(self, lead_ns: int) -> None:
         """Once per `CLIENT_AHEAD_WARN_S` at most: a client's reading was ahead of this node's

@@ -51,8 +51,9 @@ class DurableCeiling:
     """A number that only grows and survives crashes, written ahead of use in coarse steps.
 
     Used for what a restarted node must stay above although it was never logged item by item:
-    the oracle's issued timestamps and the shard reads' timestamps (whose read marks live in
-    memory). `cover(t)` returns once the persisted value is >= t. When t passes the recorded
+    the oracle's issued timestamps, and the shard reads' timestamps (whose read marks live in
+    memory) with the timestamps the node's coordinator made itself in its slots (future, client
+    and restamp timestamps, which run ahead of the oracle's high water). `cover(t)` returns once the persisted value is >= t. When t passes the recorded
     ceiling it writes t + step and fsyncs, on the caller's thread; before that, once t comes
     within half a step of the ceiling, it extends the ceiling by a step in a worker thread, so
     steady use seldom waits for an fsync (on a node's event loop an fsync of a few ms delays the

@@ -248,6 +248,7 @@ class NodeService:
             future_source=lambda: self._slot_timestamp(self.future_batch),
             client_source=lambda: self._slot_timestamp(self.client_batch),
             restamp_source=lambda: self._slot_timestamp(self.restamp_batch),
+            cover=self.read_ceiling.cover,
             **({"new_txn_id": new_txn_id} if new_txn_id else {}),
         )
         self.participant.restamp_ts = self.coordinator.restamp_timestamp

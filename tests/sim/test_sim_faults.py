@@ -178,3 +178,29 @@ def test_a_restarted_oracle_gives_every_coordinator_its_old_slot(cfg2: ClusterCo
         assert slots.items() <= after.oracle.slots.items()
 
     run_simulation(main, seed=0)
+
+
+def test_a_restarted_coordinator_makes_no_timestamp_below_one_it_made_before(
+    cfg: ClusterConfig,
+) -> None:
+    """A coordinator's future timestamps run up to a one-way delay ahead of its clock, beyond
+    the oracle's high water: the node's durable ceiling covers each before it is used, and a
+    restarted node waits it out, so a quick restart cannot give a timestamp again."""
+
+    async def main() -> None:
+        cluster = SimCluster(cfg)
+        client = cluster.client("us-east", retry=ONCE, timeout_s=30)
+        await client.put(b"us-east/a", b"1")
+        service = cluster.node("us-east-1").service
+        assert service is not None
+        far = await service.coordinator._future_timestamp(service.tt.now().latest + 100_000_000)
+        cluster.crash("us-east-1")
+        await cluster.restart("us-east-1")
+        service = cluster.node("us-east-1").service
+        assert service is not None
+        assert service.tt.now().earliest > far  # the restart waited until it had passed
+        near = await service.coordinator._future_timestamp(service.tt.now().latest + 1_000_000)
+        assert near > far
+        assert await client.get(b"us-east/a") == b"1"
+
+    run_simulation(main, seed=0)
