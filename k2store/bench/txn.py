@@ -23,6 +23,9 @@ every failed attempt, the latency of the committed attempt and end to end (first
 `client.run` does the retrying; a subclass of AsyncClient only observes each attempt's begin and
 commit, so aborts at commit are counted as well as aborts during execution.
 
+Without `--cluster` every protocol of `--protocol` (all three unless given) runs in turn on a
+fresh local cluster, and the runs are printed side by side with their ratios.
+
 `--ablate` runs the same mix once with every refinement on and once with each switched off in turn
 (the cluster file's `[txn]` table), each on a fresh local cluster, and prints ratios to the default.
 
@@ -1078,9 +1081,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         choices=PROTOCOLS,
         default=None,
-        help=f"repeatable (default: {d.protocol} on node processes; with --sim or --sweep, all "
-        "three side by side); each is run in turn, with the first as the others' baseline only "
-        "where it is named so",
+        help="repeatable (default: all three side by side, each on a fresh cluster; with "
+        f"--ablate or --cluster, {d.protocol})",
     )
     p.add_argument(
         "--sim",
@@ -1389,7 +1391,7 @@ def main(args: argparse.Namespace) -> int:
         print(format_run(results[-1]), flush=True)
     else:
         bc.check_keys(len(DEFAULT_REGIONS))
-        protocols = [bc.protocol] if args.ablate or not args.protocol else _protocols(args)
+        protocols = [bc.protocol] if args.ablate else _protocols(args)
         with tempfile.TemporaryDirectory(prefix="k2-bench-") as tmp:
             plan = [(p, v) for p in protocols for v in variants(p, args.ablate)]
             for i, (proto, (label, txn)) in enumerate(plan):

@@ -173,19 +173,22 @@ def test_clock_offsets_reach_the_simulated_nodes() -> None:
 
 @pytest.mark.slow
 def test_bench_txn_quick_on_node_processes(tmp_path: Path) -> None:
-    """`k2 bench txn --quick` as CI's smoke test: a local cluster of node processes, the
-    read-modify-write mix, and a result that committed transactions in every region."""
+    """`k2 bench txn --quick` as CI's smoke test: local clusters of node processes, the
+    read-modify-write mix under the three protocols side by side, each with a result that
+    committed transactions in every region."""
     assert main(["bench", "txn", "--quick", "--out", str(tmp_path)]) == 0
     (out,) = tmp_path.glob("txn-*.json")
-    (run,) = json.loads(out.read_text())["runs"]
-    assert run["mode"] == "processes" and run["protocol"] == "k2-mvto"
-    by_region = run["summary"]["by_region"]
-    assert set(by_region) == {"us-east", "eu-west", "ap-southeast"}
-    assert all(g["committed"] > 0 for g in by_region.values())
-    # The window's CPU: the three nodes and the benchmark did work, on this machine's cores.
-    cpu = run["cpu"]
-    assert cpu["nodes_cores"] > 0 and cpu["bench_cores"] > 0 and cpu["ms_per_commit"] > 0
-    assert cpu["busy"] <= 1.05  # /proc's 10 ms ticks can round a saturated window up a little
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["protocol"] for r in runs] == ["k2-mvto", "d2pl-ttc", "mvto-hlc"]
+    for run in runs:
+        assert run["mode"] == "processes"
+        by_region = run["summary"]["by_region"]
+        assert set(by_region) == {"us-east", "eu-west", "ap-southeast"}
+        assert all(g["committed"] > 0 for g in by_region.values())
+        # The window's CPU: the three nodes and the benchmark did work, on this machine's cores.
+        cpu = run["cpu"]
+        assert cpu["nodes_cores"] > 0 and cpu["bench_cores"] > 0 and cpu["ms_per_commit"] > 0
+        assert cpu["busy"] <= 1.05  # /proc's 10 ms ticks can round a saturated window up a little
 
 
 @pytest.mark.slow
