@@ -53,11 +53,12 @@ class DurableCeiling:
     Used for what a restarted node must stay above although it was never logged item by item:
     the oracle's issued timestamps, and the shard reads' timestamps (whose read marks live in
     memory) with the timestamps the node's coordinator made itself in its slots (future, client
-    and restamp timestamps, which run ahead of the oracle's high water). `cover(t)` returns once the persisted value is >= t. When t passes the recorded
-    ceiling it writes t + step and fsyncs, on the caller's thread; before that, once t comes
-    within half a step of the ceiling, it extends the ceiling by a step in a worker thread, so
-    steady use seldom waits for an fsync (on a node's event loop an fsync of a few ms delays the
-    request that crossed the ceiling, and can make a fresh timestamp batch arrive stale).
+    and restamp timestamps, which run ahead of the oracle's high water). `cover(t)` returns
+    once the persisted value is >= t. When t passes the recorded ceiling it writes t + step and
+    fsyncs, on the caller's thread; before that, once t comes within half a step of the ceiling,
+    it extends the ceiling by a step in a worker thread, so steady use seldom waits for an fsync
+    (on a node's event loop an fsync of a few ms delays the request that crossed the ceiling,
+    and can make a fresh timestamp batch arrive stale).
     """
 
     def __init__(self, path: Path, step: int) -> None:
@@ -149,7 +150,7 @@ class DurableSlots:
                 "restarts, so it is not silently reset: remove it only if the node never served"
             ) from None
         if not isinstance(raw, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) for k, v in raw.items()
+            isinstance(k, str) and type(v) is int for k, v in raw.items()
         ):
             raise DataDirLockedError(
                 f"{path} does not hold a map of coordinator names to slots; it is not "

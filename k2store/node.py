@@ -135,10 +135,10 @@ class Node:
             oracle_ceiling = DurableCeiling(self.me.data_dir / "oracle.ceiling", CEILING_STEP_NS)
             read_ceiling = DurableCeiling(self.me.data_dir / "read.ceiling", CEILING_STEP_NS)
             # A previous incarnation may have issued timestamps, made them in its coordinator's
-            # slots or served reads up to these ceilings. Waiting until they have certainly passed puts every timestamp from here on
-            # above them, with no special cases: normally at most CEILING_STEP_NS; after the clock
-            # was stepped back, as long as the step (the node would rather not serve than order
-            # new writes below old reads).
+            # slots or served reads up to these ceilings. Waiting until they have certainly
+            # passed puts every timestamp from here on above them, with no special cases:
+            # normally at most CEILING_STEP_NS; after the clock was stepped back, as long as the
+            # step (the node would rather not serve than order new writes below old reads).
             ceiling = max(oracle_ceiling.value, read_ceiling.value)
             wait_ns = self.tt.wait_needed_ns(ceiling)
             if wait_ns:

@@ -319,10 +319,11 @@ class NodeService:
     def _issue(self, coordinator: str, count: int, ttl_ns: int | None = None) -> TimestampBatch:
         assert self.oracle is not None
         try:
-            slot = self.oracle.slot_of(coordinator)
-            if slot is None:
-                slot = self.oracle.register(coordinator)
-                self.oracle_slots.record(self.oracle.slots)  # durable before its first batch
+            slot = self.oracle.register(coordinator)
+            if self.oracle_slots.slots.get(coordinator) != slot:
+                # Durable before the slot's first batch leaves (and again on the next request
+                # if this write failed: the assignment in memory alone does not count).
+                self.oracle_slots.record(self.oracle.slots)
             batch = self.oracle.issue(slot, count, ttl_ns=ttl_ns)
         except UncertaintyExceeded as e:
             raise ClockUncertain(f"oracle {self.me.name}: {e}") from None
