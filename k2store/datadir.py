@@ -47,6 +47,18 @@ class DataDirLock:
             self._fd = None
 
 
+def _replace_durably(path: Path, text: str) -> None:
+    """Replace path's contents with text, fsynced: a crash leaves the old file or the new one.
+    The temporary file is path's name plus ".tmp": `with_suffix` would give oracle.ceiling and
+    oracle.slots the same one, written from two threads."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
 class DurableCeiling:
     """A number that only grows and survives crashes, written ahead of use in coarse steps.
 
@@ -108,12 +120,7 @@ class DurableCeiling:
 
     def _write(self, ceiling: int) -> None:
         """Persist ceiling (the caller holds _write_lock); the value rises only once durable."""
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(f"{ceiling}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
+        _replace_durably(self.path, f"{ceiling}\n")
         with self._lock:
             self.value = max(self.value, ceiling)
             self.writes += 1
@@ -162,12 +169,6 @@ class DurableSlots:
         """Persist `slots` (a superset of what is recorded) before returning."""
         if slots == self.slots:
             return
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(slots, f, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
+        _replace_durably(self.path, json.dumps(slots, sort_keys=True) + "\n")
         self.slots = dict(slots)
         self.writes += 1

@@ -73,6 +73,12 @@ def test_slot_assignments_survive_a_restart_and_a_damaged_file_is_refused(tmp_pa
     book.record({"a": 0, "a/future": 1})  # unchanged: not written again
     assert book.writes == 1
     assert DurableSlots(path).slots == {"a": 0, "a/future": 1}  # what a restart reads
+    # The oracle's ceiling and its slots are written from different threads: their temporary
+    # files must differ (oracle.tmp here stands for the ceiling's, in the middle of a write).
+    (tmp_path / "oracle.tmp").mkdir()
+    DurableCeiling(tmp_path / "oracle.ceiling", STEP).cover(5)
+    book.record({"a": 0, "a/future": 1, "b": 2})
+    assert DurableSlots(path).slots["b"] == 2
     for damaged in ("{not json", '["a", 0]', '{"a": "zero"}'):
         path.write_text(damaged)
         with pytest.raises(DataDirLockedError, match="not silently reset"):
