@@ -89,11 +89,18 @@ class _SlotSequence:
     lie, not only at the clock's reading. The first is also at least the slot's first batch
     base (fetched from `source` on first use) plus `lead_ns`: after a restart, above every
     timestamp the sequence gave before as long as those were at most `now().latest` plus
-    `lead_ns` when given (see `Coordinator._client_timestamp`, `restamp_timestamp`)."""
+    `lead_ns` when given (see `Coordinator._client_timestamp`, `restamp_timestamp`). Each is
+    passed to `cover` (the node's durable ceiling) before it is returned for use."""
 
-    def __init__(self, source: Callable[[], Awaitable[int]], lead_ns: int = 0) -> None:
+    def __init__(
+        self,
+        source: Callable[[], Awaitable[int]],
+        lead_ns: int = 0,
+        cover: Callable[[int], None] = lambda t: None,
+    ) -> None:
         self.source = source
         self.lead_ns = lead_ns
+        self.cover = cover
         self._base: int | None = None
         self._last = 0
 
@@ -102,6 +109,7 @@ class _SlotSequence:
             self._base = await self.source()
         floor = max(target, self._base + self.lead_ns, self._last + 1)
         self._last = _in_slot(floor, self._base % STEP_GRANULARITY)
+        self.cover(self._last)
         return self._last
 
 
@@ -182,12 +190,14 @@ class Coordinator:
         self.future_source = future_source or timestamp
         self._last_future = 0
         # A restamp's floor may lead now().latest by a K2-TB batch's lead (see restamp_timestamp).
-        self._restamp_lead_ns = cluster.settings.oracle_ttl_us * 1000
         self._restamps = (
-            _SlotSequence(restamp_source, self._restamp_lead_ns) if restamp_source else None
+            _SlotSequence(restamp_source, cluster.settings.oracle_ttl_us * 1000, self._cover)
+            if restamp_source
+            else None
         )
-        self.client_source = client_source
-        self._client_stamps = _SlotSequence(client_source) if client_source else None
+        self._client_stamps = (
+            _SlotSequence(client_source, cover=self._cover) if client_source else None
+        )
         self._client_ahead_warned_ns = -(2**62)
         self._rtt_ns: dict[str, int] = {}
         self.protocol = settings.protocol
@@ -261,7 +271,7 @@ class Coordinator:
     async def begin(self, req: pb.BeginTxnRequest) -> pb.BeginTxnResponse:
         # MVTO-HLC stamps with the node's hybrid logical clock; the others with K2-TB batches
         # (d2PL-TTC uses the start timestamp only as its wound-wait priority and snapshot time).
-        client_time = self.protocol == "k2-mvto" and self.client_source is not None
+        client_time = self.protocol == "k2-mvto" and self._client_stamps is not None
         client_stamped = client_time and bool(req.client_ts) and not req.read_ts
         if req.read_ts:
             if not req.read_only:
@@ -321,7 +331,9 @@ class Coordinator:
         """A unique timestamp >= target. Future timestamps come from a slot of their own
         (coordinator name + "/future"), strictly increasing, so they can collide neither with
         each other nor with the regular batch timestamps of any coordinator (the oracle keeps
-        each coordinator's slots across its restarts: `DurableSlots`).
+        each coordinator's slots across its restarts: `DurableSlots`). Unlike `_SlotSequence`
+        it takes a fresh batch timestamp from its slot every time (a floor that is live on the
+        oracle's clock), so they stop with the region's oracle as regular timestamps do.
 
         Across a restart of this node: each is covered by the node's durable ceiling before
         it is used (`cover`), and a restarted node waits until its ceilings have certainly
@@ -361,10 +373,9 @@ class Coordinator:
         if self.hlc is not None:
             self.hlc.update(floor)
             return self._hlc_now()
-        if self._restamps is not None and floor <= self.tt.now().latest + self._restamp_lead_ns:
-            ts = await self._restamps.next(floor)
-            self._cover(ts)
-            return ts
+        restamps = self._restamps
+        if restamps is not None and floor <= self.tt.now().latest + restamps.lead_ns:
+            return await restamps.next(floor)
         ts = await self.timestamp()
         return ts if ts >= floor else await self._future_timestamp(floor)
 
@@ -404,9 +415,7 @@ class Coordinator:
             self.stats["client-clock-ahead"] = self.stats.get("client-clock-ahead", 0) + 1
             self._warn_client_ahead(client_ts - now.latest)
         target = client_ts if now.earliest <= client_ts <= now.latest else now.latest
-        ts = await self._client_stamps.next(target)
-        self._cover(ts)
-        return ts, ahead
+        return await self._client_stamps.next(target), ahead
 
     def _warn_client_ahead(self, lead_ns: int) -> None:
         """Once per `CLIENT_AHEAD_WARN_S` at most: a client's reading was ahead of this node's

@@ -185,10 +185,6 @@ class TimestampOracle:
         """Coordinator name -> slot, as assigned so far (a copy, for the service to persist)."""
         return dict(self._slots)
 
-    def slot_of(self, coordinator: str) -> int | None:
-        """`coordinator`'s slot if it has one (no assignment)."""
-        return self._slots.get(coordinator)
-
     def register(self, coordinator: str) -> int:
         """The slot for `coordinator`: the same one every time it asks, for this oracle's life
         and, with `slots` passed back, across restarts; a new coordinator gets the lowest free.

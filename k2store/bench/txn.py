@@ -1363,12 +1363,12 @@ def main(args: argparse.Namespace) -> int:
         raise InvalidArgument("--ablate and --cluster run one protocol: give --protocol once")
     progress = sys.stderr.isatty()
     results: list[RunResult] = []
+    protocols = [bc.protocol] if args.ablate else _protocols(args)
     if args.regions is not None and not args.sim:
         raise InvalidArgument("--regions needs --sim (node-process runs use three regions)")
     if args.sim:
         if args.cluster is not None:
             raise InvalidArgument("--sim builds its own simulated cluster; drop --cluster")
-        protocols = [bc.protocol] if args.ablate else _protocols(args)
         for proto in protocols:
             for label, txn in variants(proto, args.ablate):
                 print(f"[{proto} {label}] simulating ...", file=sys.stderr, flush=True)
@@ -1391,7 +1391,6 @@ def main(args: argparse.Namespace) -> int:
         print(format_run(results[-1]), flush=True)
     else:
         bc.check_keys(len(DEFAULT_REGIONS))
-        protocols = [bc.protocol] if args.ablate else _protocols(args)
         with tempfile.TemporaryDirectory(prefix="k2-bench-") as tmp:
             plan = [(p, v) for p in protocols for v in variants(p, args.ablate)]
             for i, (proto, (label, txn)) in enumerate(plan):

@@ -197,7 +197,7 @@ def test_a_restarted_oracle_keeps_each_coordinators_slot_whatever_order_they_ask
     newcomer = restarted.register("c")
     assert newcomer not in first.values()
     assert restarted.slots == {**first, "c": newcomer}
-    assert restarted.slot_of("d") is None and restarted.slot_of("c") == newcomer
+    assert "d" not in restarted.slots and restarted.slots["c"] == newcomer
 
 
 def test_a_freed_gap_in_restored_slots_is_reused_and_bad_restored_slots_are_refused() -> None:
