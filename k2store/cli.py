@@ -295,7 +295,19 @@ def _parser() -> argparse.ArgumentParser:
     eb.add_argument("--quick", action="store_true", help="256, 1024 and 2048 tokens, 2 reps")
     eb.add_argument("--sizes", default=None, help="comma-separated prefix lengths")
     eb.add_argument("--reps", type=int, default=None, help="requests per hit measurement (3)")
-    eb.add_argument("--model", default=None, help="model directory or GGUF (default SmolLM2)")
+    which = eb.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None, help="model directory or GGUF (default SmolLM2)")
+    which.add_argument(
+        "--architecture", default=None,
+        choices=["smollm2-135m", "llama-1b", "llama-8b"],
+        help="instead of a model: random weights in this model's shape (TTFT depends on the "
+        "shape, not the weights; measures a larger model or a GPU with nothing to download)",
+    )  # fmt: skip
+    eb.add_argument(
+        "--device", default=None,
+        help="torch device for the model: cpu, cuda, cuda:1 ... (default: cuda when torch "
+        "sees one, else cpu)",
+    )  # fmt: skip
     eb.add_argument("--block-tokens", type=int, default=64)
     eb.add_argument("--kv-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     eb.add_argument(

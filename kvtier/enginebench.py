@@ -63,14 +63,25 @@ def main(args: argparse.Namespace) -> int:
     result = run_bench(
         sizes,
         reps=reps,
-        model_path=args.model,
         block_tokens=args.block_tokens,
         kv_dtype=args.kv_dtype,
         data=args.data,
+        loaded=_load(args),
         remote_codec=args.remote_codec,
     )
     _write(out, result, plot)
     return 0 if result["targets_met"] in (True, None) else 1
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """The model the options name: --architecture (random weights), else --model (or the
+    default), on --device."""
+    from kvtier.models import load_model, random_model
+
+    device = getattr(args, "device", None)
+    if getattr(args, "architecture", None):
+        return random_model(args.architecture, device=device, progress=_say)
+    return load_model(args.model, device=device, progress=_say)
 
 
 def _output(args: argparse.Namespace, default: str) -> Path:
@@ -98,7 +109,7 @@ def _main_crossover(args: argparse.Namespace) -> int:
         sizes,
         rtts,
         reps=args.reps or 2,
-        model_path=args.model,
+        loaded=_load(args),
         block_tokens=args.block_tokens,
         kv_dtype=args.kv_dtype,
         data=args.data,
@@ -308,6 +319,7 @@ async def _run(
     return {
         "benchmark": "engine-ttft",
         "model": loaded.revision,
+        "device": device_name(loaded.model),
         "regions": {"local": "us-east", "remote": "eu-west -> us-east"},
         "suffix_tokens": SUFFIX_TOKENS,
         "block_tokens": block_tokens,
@@ -459,6 +471,7 @@ async def _crossover(
     return {
         "benchmark": "engine-crossover",
         "model": loaded.revision,
+        "device": device_name(loaded.model),
         "link": "us-east -> eu-west",
         "suffix_tokens": SUFFIX_TOKENS,
         "block_tokens": block_tokens,
@@ -529,7 +542,10 @@ def plot_crossover(result: dict[str, Any], path: Path) -> bool:
         ax.set_ylabel("time to first token in eu-west (s)")
         ax.set_title(f"{n}-token prefix cached in us-east", fontsize=9)
         ax.legend(fontsize="x-small")
-    fig.suptitle(f"{result['model']}: fetch across regions or recompute?", fontsize=10)
+    fig.suptitle(
+        f"{result['model']} on {result.get('device', 'cpu')}: fetch across regions or recompute?",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -573,7 +589,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     ax.set_ylabel("time to first token (s)")
     targets = result["targets"]
     ax.set_title(
-        f"{result['model']}: TTFT (targets at {TARGET_TOKENS}: local <= {targets['local']}x, "
+        f"{result['model']} on {result.get('device', 'cpu')}: TTFT (targets at {TARGET_TOKENS}: local <= {targets['local']}x, "
         f"remote <= {targets['remote']}x)",
         fontsize=9,
     )
@@ -601,6 +617,16 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def device_name(model: Any) -> str:
+    """Where the model runs, in words: "cpu (N threads)" or the GPU's name."""
+    import torch
+
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return f"{dev} ({_torch_threads()} threads)"
 
 
 def _breakdown(m: Any) -> dict[str, float]:

@@ -13,6 +13,11 @@ Sources
       takes ~15 s here, so the result is saved once (safetensors) under the cache directory
       (``$K2_CACHE`` or ``~/.cache/k2``) and later loads take ~0.2 s.
     - A path: a Hugging Face model directory (config.json, weights, tokenizer), or a GGUF file.
+    - `random_model(architecture)`: randomly initialised weights in the shape of a known model
+      (`ARCHITECTURES`: SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B) with a byte-level tokenizer.
+      Time to first token and block sizes depend on the shape, not the weights, so
+      `k2 bench engine --architecture` measures a larger model, or a GPU, without downloading
+      or carrying weights (outputs are noise; only timings and equality checks mean anything).
 
 The revision is ``<name>@<digest>``; the digest is blake2b over the GGUF's bytes, or over a
 directory's config.json and its weight files' names and sizes (hashing gigabytes of weights at
@@ -42,13 +47,16 @@ from typing import Any
 from k2store.errors import InvalidArgument
 
 __all__ = [
+    "ARCHITECTURES",
     "DEFAULT_GGUF",
     "DEFAULT_MODEL_NAME",
+    "ByteTokens",
     "LoadedModel",
     "ModelNotFound",
     "cache_dir",
     "default_gguf_path",
     "load_model",
+    "random_model",
 ]
 
 log = logging.getLogger("kvtier.models")
@@ -237,3 +245,107 @@ def _dequantize(gguf: Path, target: Path, say: Callable[[str], None]) -> Path:
     except OSError as e:
         log.warning("could not cache the dequantized model in %s: %s", target, e)
         return gguf
+
+
+# -- random weights in a known model's shape ----------------------------------------------------
+
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    # The published configs' shapes (transformers LlamaConfig fields).
+    "smollm2-135m": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, vocab_size=49152, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
+    ),
+    "llama-1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0,
+        max_position_embeddings=131072, tie_word_embeddings=True, rms_norm_eps=1e-5,
+    ),
+    "llama-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
+        max_position_embeddings=131072, tie_word_embeddings=False, rms_norm_eps=1e-5,
+    ),
+}  # fmt: skip
+"""Shapes `random_model` builds: SmolLM2-135M (the default model), Llama-3.2-1B, Llama-3.1-8B."""
+
+
+class ByteTokens:
+    """A byte-level TokenCodec for models with random weights: UTF-8 bytes are ids 3-258, with
+    BOS 1, EOS 2 and a ChatML-like template (role and content between ids 259 and 260)."""
+
+    BOS, EOS, START, END, OFFSET = 1, 2, 259, 260, 3
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.eos_ids = frozenset({self.EOS, self.END})
+
+    def chat_ids(self, messages: Any) -> list[int]:
+        ids = [self.BOS]
+        for m in messages:
+            ids += [self.START, *self.encode(m["role"] + "\n"), *self.encode(m["content"])]
+            ids.append(self.END)
+        return [*ids, self.START, *self.encode("assistant\n")]
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.OFFSET for b in text.encode()]
+
+    def decode(self, ids: Any) -> str:
+        off = self.OFFSET
+        return bytes(i - off for i in ids if off <= i < off + 256).decode(errors="replace")
+
+
+def random_model(
+    architecture: str,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> LoadedModel:
+    """A causal LM in the shape of `architecture` (a key of ARCHITECTURES) with random weights,
+    built directly on `device` (default: cuda when torch sees one). `dtype`: the weights'
+    ("float32", "bfloat16", "float16"; default float32 on CPU, bfloat16 on CUDA, as served).
+    Its revision names the shape, dtype and seed, so its blocks never mix with a real model's."""
+    if architecture not in ARCHITECTURES:
+        raise InvalidArgument(
+            f"unknown architecture {architecture!r}: one of {', '.join(ARCHITECTURES)}"
+        )
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        raise InvalidArgument(f"unknown dtype {dtype!r}: float32, bfloat16 or float16")
+    from kvtier import torchthread
+
+    return torchthread.run(_random_model, architecture, device, dtype, seed, progress)
+
+
+def _random_model(
+    architecture: str,
+    device: str | None,
+    dtype: str | None,
+    seed: int,
+    progress: Callable[[str], None] | None,
+) -> LoadedModel:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from truetime import SystemClock
+
+    clock = SystemClock()
+    t0 = clock.monotonic_ns()
+    _quiet_transformers()
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dt = dtype or ("bfloat16" if torch.device(dev).type == "cuda" else "float32")
+    say = progress or (lambda _msg: None)
+    say(f"building {architecture} with random weights ({dt}) on {dev} ...")
+    cfg = LlamaConfig(bos_token_id=ByteTokens.BOS, eos_token_id=ByteTokens.EOS,
+                      pad_token_id=ByteTokens.EOS, **ARCHITECTURES[architecture])  # fmt: skip
+    torch.manual_seed(seed)
+    with torch.device(dev):
+        model = LlamaForCausalLM(cfg).to(getattr(torch, dt))
+    model.config.dtype = getattr(torch, dt)
+    model.eval()
+    name = f"random-{architecture}"
+    revision = f"{name}-{dt}@seed{seed}"
+    load_s = (clock.monotonic_ns() - t0) / 1e9
+    say(f"model {revision} ready on {dev} in {load_s:.1f} s")
+    return LoadedModel(model, ByteTokens(f"bytes@{revision}"), name, revision, dev, load_s, False)

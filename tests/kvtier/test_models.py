@@ -1,0 +1,83 @@
+"""Random weights in a known model's shape (`kvtier.models.random_model`, `k2 bench engine
+--architecture`): the shape is the published one, the revision keeps its blocks apart from any
+other model's, and the engine serves it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from k2store import cli
+from k2store.errors import InvalidArgument
+from kvtier.engine import Engine, EngineConfig, SamplingParams, block_spec_for
+from kvtier.models import ARCHITECTURES, ByteTokens, random_model
+
+
+def test_random_smollm2_has_the_published_shape_and_size() -> None:
+    loaded = random_model("smollm2-135m", device="cpu")
+    model = loaded.model
+    spec = block_spec_for(model.config, block_tokens=64, dtype="float16")
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim) == (30, 3, 64)
+    # SmolLM2-135M's parameter count (embeddings tied to the output layer).
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert next(model.parameters()).dtype == torch.float32 and loaded.device == "cpu"
+    assert loaded.revision == "random-smollm2-135m-float32@seed0"
+    assert not model.training
+
+
+def test_the_revision_names_dtype_and_seed_and_the_seed_fixes_the_weights() -> None:
+    a = random_model("smollm2-135m", device="cpu", seed=1)
+    b = random_model("smollm2-135m", device="cpu", seed=1)
+    c = random_model("smollm2-135m", device="cpu", seed=2, dtype="bfloat16")
+    wa, wb, wc = (next(m.model.parameters()) for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc.float())
+    assert a.revision == b.revision != c.revision
+    assert c.revision == "random-smollm2-135m-bfloat16@seed2" and wc.dtype == torch.bfloat16
+
+
+def test_unknown_architecture_or_dtype_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match=r"unknown architecture 'gpt-5'.*smollm2-135m"):
+        random_model("gpt-5", device="cpu")
+    with pytest.raises(InvalidArgument, match="unknown dtype 'int8'"):
+        random_model("smollm2-135m", device="cpu", dtype="int8")
+    # The CLI: one of --model and --architecture, and only known shapes.
+    parser = cli._parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "engine", "--model", "x", "--architecture", "llama-1b"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "engine", "--architecture", "gpt-5"])
+    args = parser.parse_args(["bench", "engine", "--architecture", "llama-8b", "--device", "cpu"])
+    assert args.architecture == "llama-8b" and args.device == "cpu"
+    assert set(ARCHITECTURES) == {"smollm2-135m", "llama-1b", "llama-8b"}
+
+
+def test_byte_tokens_round_trip_and_template() -> None:
+    t = ByteTokens("bytes@x")
+    text = "naïve café ✓"
+    assert t.decode(t.encode(text)) == text
+    assert all(3 <= i < 259 for i in t.encode(text))
+    ids = t.chat_ids([{"role": "user", "content": "hi"}])
+    assert ids[0] == ByteTokens.BOS and ids.count(ByteTokens.START) == 2
+    assert ids.count(ByteTokens.END) == 1 and t.eos_ids == {ByteTokens.EOS, ByteTokens.END}
+    assert t.decode(ids).endswith("assistant\n")
+
+
+def test_the_engine_serves_a_random_model() -> None:
+    """No tier: greedy decoding is repeatable and the logits cover the vocabulary, finite (the
+    engine's cache handling on this shape: 30 layers, 3 KV heads, 9 query heads)."""
+    loaded = random_model("smollm2-135m", device="cpu")
+    eng = Engine(loaded.model, loaded.tokenizer, None, config=EngineConfig(block_tokens=16))
+    prompt = loaded.tokenizer.encode("the quick brown fox jumps over the lazy dog")
+
+    async def body() -> None:
+        greedy = SamplingParams(max_tokens=4, stop_at_eos=False)
+        a = await eng.complete(prompt, greedy)
+        b = await eng.complete(prompt, greedy)
+        assert a.token_ids == b.token_ids and len(a.token_ids) == 4
+        full = await eng.prefill(prompt, all_logits=True, use_tier=False)
+        assert full.logits.shape == (len(prompt), 49152)
+        assert torch.isfinite(full.logits).all()
+
+    asyncio.run(body())
