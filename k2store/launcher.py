@@ -197,6 +197,7 @@ def up(
     secure: bool = False,
     tenants: Sequence[str] = (),
     with_parent: bool = False,
+    blockstore_memory_mb: int | None = None,
 ) -> ClusterConfig:
     """Start a local cluster in data; `settings` (e.g. the [txn] protocol) go into its file.
 
@@ -205,7 +206,8 @@ def up(
     (net.toml) of an earlier cluster in `data` are removed.
 
     `blockstores`: also start one KV-cache block store per region (`k2 blockstore`, see
-    `start_blockstores`) once the nodes are healthy.
+    `start_blockstores`) once the nodes are healthy, each with a memory tier of
+    `blockstore_memory_mb` (default: `k2 blockstore`'s).
 
     `secure`: mutual TLS and client tokens (`k2store/certs.py`): a fresh CA, node and client
     certificates and tokens under ``<data>/certs`` (an ``operator`` admin, one principal per name
@@ -244,7 +246,9 @@ def up(
             procs[n.name] = start_node(cfg, n, with_parent=with_parent)
         wait_healthy(cfg, procs, timeout_s, progress)
         if blockstores:
-            start_blockstores(cfg, timeout_s=timeout_s, with_parent=with_parent)
+            start_blockstores(
+                cfg, timeout_s=timeout_s, with_parent=with_parent, memory_mb=blockstore_memory_mb
+            )
     except BaseException:
         for p in procs.values():
             with contextlib.suppress(ProcessLookupError):
@@ -500,10 +504,13 @@ BLOCKSTORES_FILE = "blockstores.json"
 _BLOCKSTORE_STATS = "/k2.kvtier.v1.BlockStore/Stats"
 
 
-def blockstore_command(cluster_file: Path, region: str, port: int, data_dir: Path) -> list[str]:
+def blockstore_command(
+    cluster_file: Path, region: str, port: int, data_dir: Path, memory_mb: int | None = None
+) -> list[str]:
     return [
         *(sys.executable, "-m", "k2store", "blockstore", "--cluster", str(cluster_file)),
         *("--region", region, "--port", str(port), "--data", str(data_dir)),
+        *(("--memory-mb", str(memory_mb)) if memory_mb is not None else ()),
     ]
 
 
@@ -531,7 +538,11 @@ def _blockstore_answers(cfg: ClusterConfig, address: str, timeout_s: float = 0.5
 
 
 def start_blockstores(
-    cfg: ClusterConfig, *, timeout_s: float = 60.0, with_parent: bool = False
+    cfg: ClusterConfig,
+    *,
+    timeout_s: float = 60.0,
+    with_parent: bool = False,
+    memory_mb: int | None = None,
 ) -> dict[str, str]:
     """Start one block store process per region (data in <data>/blockstore-<region>, output in
     its blockstore.log) and wait until each answers. A block store registers its address in its
@@ -547,7 +558,7 @@ def start_blockstores(
             d.mkdir(parents=True, exist_ok=True)
             with open(d / "blockstore.log", "ab") as log:
                 proc = subprocess.Popen(
-                    blockstore_command(cfg.path, region, port, d),
+                    blockstore_command(cfg.path, region, port, d, memory_mb),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

@@ -52,9 +52,11 @@ Contracts
       block reloaded from another region); otherwise it is computed again on what verified.
 
 Devices
-    CPU by default, CUDA when torch sees one: blocks travel tier -> pinned host buffer (pooled,
-    reused across blocks and requests) -> device with a non-blocking copy; stored blocks come
-    back layer by layer into one host tensor.
+    CPU by default, CUDA when torch sees one: blocks are put into a pinned host mirror of the
+    cache buffer (pooled across requests), and each layer goes to the device in one
+    non-blocking copy once every block's part of it is in (before that layer runs), not a
+    staged copy and a wait per block; stored blocks come back layer by layer into one host
+    tensor.
 
 Time
     Durations come from the injected `ClockSource.monotonic_ns` (default `SystemClock`).
@@ -68,8 +70,7 @@ import functools
 import logging
 import math
 import queue
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -159,6 +160,9 @@ class RequestMetrics:
     lookup_s: float = 0.0
     load_s: float = 0.0
     """Lookup done to the last block in (the pass runs meanwhile: see `prefill_s`)."""
+    convert_s: float = 0.0
+    """Of the load, the torch thread's time putting blocks into the cache (dtype and layout
+    conversion; on a GPU, into pinned host memory, and each layer's copy to the device)."""
     prefill_s: float = 0.0
     """The prompt's pass, or after a load the part of it that the load did not hide (it runs
     while the blocks arrive, each layer once its part of every block is in; a pass thrown
@@ -366,33 +370,6 @@ class PrefillCostModel:
 # -- buffers ------------------------------------------------------------------------------------
 
 
-class _PinnedPool:
-    """Pinned host buffers reused across blocks and requests (CUDA only): pinning is slow, and
-    fresh pageable memory would make every host-to-device copy synchronous and page-fault its
-    way through each block. Thread-safe: the cache builder stages blocks from worker threads."""
-
-    def __init__(self) -> None:
-        self._free: list[torch.Tensor] = []
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def staged(self, t: torch.Tensor) -> Iterator[torch.Tensor]:
-        """A pinned copy of t, valid inside the block (then its buffer goes back to the pool)."""
-        nbytes = t.numel() * t.element_size()
-        with self._lock:
-            i = next((i for i, b in enumerate(self._free) if b.numel() >= nbytes), None)
-            buf = self._free.pop(i) if i is not None else None
-        if buf is None:
-            buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=True)
-        try:
-            view = buf[:nbytes].view(t.dtype).view(t.shape)
-            view.copy_(t)
-            yield view
-        finally:
-            with self._lock:
-                self._free.append(buf)
-
-
 class _CacheBuilder:
     """The model's KV cache, built from tier blocks as they arrive, in any order: each block is
     converted (dtype and layout) once, straight into the buffers the cache will attend over,
@@ -418,7 +395,18 @@ class _CacheBuilder:
         else:
             self.buf = torch.empty(shape, dtype=engine.model_dtype, device=engine.device)
         self.device = engine.device
-        self.pinned = engine._pinned
+        self.host_flat: torch.Tensor | None = None
+        """On a GPU: a pinned host mirror of `buf` (from `Engine._lease_host`) that blocks are
+        put into, each layer then copied to the device in one transfer (`upload`), instead of
+        one staged copy and a wait per block. The engine takes it back (`_return_host`) once
+        the request's pass has run: every upload precedes that pass on the same stream."""
+        self._dirty: set[int] = set()
+        """Layers put into the host mirror since their last upload."""
+        if self.device.type == "cuda":
+            self.host_flat = engine._lease_host(numel)
+            self.host = self.host_flat[:numel].view(shape)
+        self.convert_ns = 0
+        self._clock = engine.clock
 
     def put(self, index: int, block: torch.Tensor, first_layer: int = 0) -> None:
         """Write block `index` (the tier's spec: dtype, layout), or its layers [first_layer,
@@ -426,20 +414,29 @@ class _CacheBuilder:
         bt = self.spec.block_tokens
         if self.spec.layout is Layout.LKTHD:
             block = block.permute(0, 1, 3, 2, 4)
+        t0 = self._clock.monotonic_ns()
         layers = slice(first_layer, first_layer + block.shape[0])
-        dst = self.buf[layers, :, 0, :, index * bt : (index + 1) * bt, :]
-        if self.pinned is None:
-            dst.copy_(block)
+        into = self.buf if self.host_flat is None else self.host
+        into[layers, :, 0, :, index * bt : (index + 1) * bt, :].copy_(block)
+        if self.host_flat is not None:
+            self._dirty.update(range(layers.start, layers.stop))
+        self.convert_ns += self._clock.monotonic_ns() - t0
+
+    def upload(self, layers: Iterable[int] | None = None) -> None:
+        """Copy these layers (default: every one put since its last upload) from the host
+        mirror to the device, asynchronously: work queued after it on the stream sees them."""
+        if self.host_flat is None:
             return
-        # CUDA: block -> pinned host buffer -> device (asynchronous from pinned memory), then
-        # wait, since the host buffer goes back to the pool and the view dies with this call.
-        with self.pinned.staged(block.contiguous()) as host:
-            dst.copy_(host.to(self.device, non_blocking=True))
-            torch.cuda.current_stream(self.device).synchronize()
+        t0 = self._clock.monotonic_ns()
+        for i in sorted(self._dirty if layers is None else self._dirty.intersection(layers)):
+            self.buf[i].copy_(self.host[i], non_blocking=True)
+            self._dirty.discard(i)
+        self.convert_ns += self._clock.monotonic_ns() - t0
 
     def finish(self, filled: int) -> Any:
         """A new cache holding the first `filled` tokens (again after a pass thrown away: a
         pass appends to the cache it was given)."""
+        self.upload()
         cache = self._new_cache()
         for i, layer in enumerate(cache.layers):
             k, v = self.buf[i, 0], self.buf[i, 1]
@@ -516,6 +513,7 @@ class _LayerFeed:
             if self.closed:
                 raise _PrefixShort(f"layer {layer}: {self._have[layer]} of {self._blocks} blocks")
             self._take()
+        self._builder.upload((layer,))
 
     def drain(self) -> None:
         while not self.closed:
@@ -567,7 +565,8 @@ class Engine:
         self.prefill_cost = PrefillCostModel()
         self._lock = asyncio.Lock()
         self._stores: set[asyncio.Task[None]] = set()
-        self._pinned = _PinnedPool() if self.device.type == "cuda" else None
+        self._hosts: list[torch.Tensor] = []
+        """Free pinned host mirrors for `_CacheBuilder` on a GPU (see `_lease_host`)."""
         self._buffers: list[torch.Tensor] = []
         """Free flat KV buffers for `_CacheBuilder` (see `_lease_buffer`)."""
         # Every torch call runs on the process's one torch thread (kvtier/torchthread.py:
@@ -591,6 +590,28 @@ class Engine:
             self._buffers.remove(best)
             return best
         return torch.empty(numel, dtype=self.model_dtype, device=self.device)
+
+    def _lease_host(self, numel: int) -> torch.Tensor:
+        """A pinned host buffer of at least numel elements (model dtype) for a cache built on a
+        GPU: a freed one when one is large enough, else newly pinned memory (pinning is slow,
+        hence the pool; copies from pageable memory would not overlap with anything)."""
+        fits = [b for b in self._hosts if b.numel() >= numel]
+        if fits:
+            best = min(fits, key=lambda b: b.numel())
+            self._hosts.remove(best)
+            return best
+        return torch.empty(numel, dtype=self.model_dtype, pin_memory=True)
+
+    def _return_host(self, builder: _CacheBuilder | None) -> None:
+        """Take a builder's host mirror back once the request's pass has run: the pass follows
+        every upload from it on the stream and ends by reading its logits (a synchronisation),
+        so no copy from it is still in flight (at most two kept)."""
+        if builder is None or builder.host_flat is None:
+            return
+        flat, builder.host_flat = builder.host_flat, None
+        self._hosts.append(flat)
+        self._hosts.sort(key=lambda b: b.numel(), reverse=True)
+        del self._hosts[2:]
 
     def _return_buffer(self, flat: torch.Tensor) -> None:
         """Take a buffer back once nothing reads the cache built in it (at most two kept)."""
@@ -756,6 +777,7 @@ class Engine:
         self.requests += 1
         m.recompute_estimate_s = self.prefill_cost.estimate(len(ids))
         built: _CacheBuilder | None = None
+        builder: _CacheBuilder | None = None
         cached = 0
         fed: tuple[Any, torch.Tensor, int] | None = None
         if self.connector is not None and use_tier:
@@ -817,6 +839,10 @@ class Engine:
             t3 = t2
         cache, logits, computed = fed
         m.prefill_s = (self._now() - t3) / 1e9
+        if builder is not None:
+            m.convert_s = builder.convert_ns / 1e9
+            if builder.host_flat is not None:  # on the torch thread, where it is leased
+                await self._in_torch(self._return_host, builder)
         m.computed_tokens = computed
         if built is None:  # a clean measurement of prefill alone (no cache to build)
             self._observe_prefill(computed, m.prefill_s)

@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -138,6 +139,7 @@ def run_bench(
     return _on_cluster(
         data,
         lambda cfg: _run(cfg, loaded, sizes, reps, block_tokens, kv_dtype, remote_codec),
+        memory_mb=_store_memory_mb(loaded, sizes, block_tokens, kv_dtype),
     )
 
 
@@ -145,11 +147,27 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _store_memory_mb(loaded: Any, sizes: list[int], block_tokens: int, kv_dtype: str) -> int:
+    """A memory tier for each block store that holds every block the run stores (each prefix,
+    and each request's question and reply on top), at least `k2 blockstore`'s 256 MB: a hit
+    measured here is a memory hit (a Llama-3.1-8B-shaped 2,048-token prefix, 268 MB, spilled
+    to disk with the default)."""
+    from kvtier.engine import block_spec_for
+
+    spec = block_spec_for(loaded.model.config, block_tokens=block_tokens, dtype=kv_dtype)
+    per_token = spec.nbytes / spec.block_tokens
+    tokens = sum(n + 32 * (SUFFIX_TOKENS + 1) for n in sizes)
+    return max(256, math.ceil(2 * tokens * per_token / (1 << 20)))
+
+
 def _on_cluster(
-    data: Path | None, fn: Callable[[Any], Coroutine[Any, Any, dict[str, Any]]]
+    data: Path | None,
+    fn: Callable[[Any], Coroutine[Any, Any, dict[str, Any]]],
+    *,
+    memory_mb: int | None = None,
 ) -> dict[str, Any]:
     """Run `fn(cluster)` on a fresh local three-region cluster with block stores (in `data`, or
-    a temporary directory), stopped afterwards."""
+    a temporary directory; `memory_mb`: their memory tiers), stopped afterwards."""
     from k2store import launcher
 
     tmp = None
@@ -157,7 +175,9 @@ def _on_cluster(
         tmp = tempfile.TemporaryDirectory(prefix="k2-bench-engine-")
         data = Path(tmp.name)
     _say("starting a local three-region cluster with block stores ...")
-    cfg = launcher.up(data, progress=False, blockstores=True, with_parent=True)
+    cfg = launcher.up(
+        data, progress=False, blockstores=True, with_parent=True, blockstore_memory_mb=memory_mb
+    )
     try:
         return evloop.run(fn(cfg))
     finally:
@@ -227,7 +247,7 @@ async def _run(
         await east.engine.flush()
         print(
             f"{'prefix':>7} {'recompute':>10} {'local':>9} {'remote':>9} {'whole':>9} "
-            f"{'local/rc':>9} {'remote/rc':>10} {'gain':>6} {'moved MB':>9}  choice"
+            f"{'local/rc':>9} {'remote/rc':>10} {'gain':>6} {'moved MB':>9} {'shm':>5}  choice"
         )
         for n in sizes:
             n = max(block_tokens, n // block_tokens * block_tokens)
@@ -247,11 +267,14 @@ async def _run(
             # cache that long (0.43 s against 0.21 s at 2,048 tokens).
             await east.engine.complete(prefix + tokens(SUFFIX_TOKENS), one)
             local = []
+            gets0 = _local_gets(east.engine)
             for _ in range(reps):
                 c = await east.engine.complete(prefix + tokens(SUFFIX_TOKENS), one)
                 assert c.metrics.cached_tokens == n, c.metrics
                 local.append(c.metrics.ttft_s)
                 local_m = c.metrics
+            gets, shared = (b - a for a, b in zip(gets0, _local_gets(east.engine), strict=True))
+            shared_fraction = shared / gets if gets else None
             remote: list[float] = []
             whole: list[float] = []
             moved = 0
@@ -278,6 +301,9 @@ async def _run(
                 "local_hit_ttft_s": statistics.median(local),
                 "remote_hit_ttft_s": statistics.median(remote),
                 "local_ratio": statistics.median(local) / rc,
+                # Local blocks received through shared memory rather than streamed over gRPC
+                # (kvtier/shm.py; below 1 when the arena had no free slot, or another host).
+                "local_shared_fraction": shared_fraction,
                 "remote_ratio": statistics.median(remote) / rc,
                 "remote_whole_ttft_s": statistics.median(whole),
                 "remote_whole_ratio": statistics.median(whole) / rc,
@@ -298,7 +324,8 @@ async def _run(
                 f"{n:>7} {rc:>9.3f}s {row['local_hit_ttft_s']:>8.3f}s "
                 f"{row['remote_hit_ttft_s']:>8.3f}s {row['remote_whole_ttft_s']:>8.3f}s "
                 f"{row['local_ratio']:>9.3f} {row['remote_ratio']:>10.3f} "
-                f"{row['layerwise_gain']:>5.2f}x {moved / 1e6:>9.1f}  {choice}",
+                f"{row['layerwise_gain']:>5.2f}x {moved / 1e6:>9.1f} {_pct(shared_fraction)}"
+                f"  {choice}",
                 flush=True,
             )
     finally:
@@ -619,6 +646,18 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def _pct(fraction: float | None) -> str:
+    return f"{'-':>5}" if fraction is None else f"{fraction:>5.0%}"
+
+
+def _local_gets(engine: Any) -> tuple[int, int]:
+    """Gets, and gets through shared memory, of the engine's clients of its own region's block
+    stores so far."""
+    conn = engine.connector
+    clients = conn.stores.get(conn.config.region, []) if conn is not None else []
+    return sum(c.stats.gets for c in clients), sum(c.stats.shared_gets for c in clients)
+
+
 def device_name(model: Any) -> str:
     """Where the model runs, in words: "cpu (N threads)" or the GPU's name."""
     import torch
@@ -631,7 +670,13 @@ def device_name(model: Any) -> str:
 
 def _breakdown(m: Any) -> dict[str, float]:
     """Where one request's TTFT went."""
-    return {"lookup": m.lookup_s, "load": m.load_s, "prefill": m.prefill_s, "ttft": m.ttft_s}
+    return {
+        "lookup": m.lookup_s,
+        "load": m.load_s,
+        "convert": m.convert_s,  # part of load: the torch thread putting blocks into the cache
+        "prefill": m.prefill_s,
+        "ttft": m.ttft_s,
+    }
 
 
 def _torch_threads() -> int:

@@ -23,7 +23,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi -L || true
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
 status=0
-timeout 150 python3 -m pytest -q -p no:cacheprovider -W default -o addopts="-ra" \
+timeout 120 python3 -m pytest -q -p no:cacheprovider -W default -o addopts="-ra" \
     tests/kvtier/test_engine_cuda.py tests/kvtier/test_models.py 2>&1 | tee "$out/pytest.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 # shape, prefix lengths, repetitions, seconds allowed
@@ -35,8 +35,8 @@ while read -r shape sizes reps limit; do
     rc=${PIPESTATUS[0]}
     [ "$rc" = 0 ] || [ "$rc" = 1 ] || status=1
 done << 'EOF'
-smollm2-135m 256,1024,2048,4096 3 130
-llama-1b 1024,4096 2 100
-llama-8b 512,2048 2 140
+smollm2-135m 256,1024,2048,4096 3 110
+llama-1b 1024,4096 2 90
+llama-8b 512,2048,8192 2 200
 EOF
 exit $status
