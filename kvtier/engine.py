@@ -396,40 +396,57 @@ class _CacheBuilder:
             self.buf = torch.empty(shape, dtype=engine.model_dtype, device=engine.device)
         self.device = engine.device
         self.host_flat: torch.Tensor | None = None
-        """On a GPU: a pinned host mirror of `buf` (from `Engine._lease_host`) that blocks are
-        put into, each layer then copied to the device in one transfer (`upload`), instead of
-        one staged copy and a wait per block. The engine takes it back (`_return_host`) once
+        """On a GPU: a pinned host mirror of `buf` in the tier's dtype and layout (from
+        `Engine._lease_host`). Blocks are put into it with plain copies (each block's layer is
+        one run of memory there), and each layer goes to the device in one transfer
+        (`upload`), where the GPU converts dtype and layout: no staged copy and no wait per
+        block, no strided conversion on the CPU. The engine takes it back (`_return_host`) once
         the request's pass has run: every upload precedes that pass on the same stream."""
         self._dirty: set[int] = set()
         """Layers put into the host mirror since their last upload."""
-        if self.device.type == "cuda":
-            self.host_flat = engine._lease_host(numel)
-            self.host = self.host_flat[:numel].view(shape)
+        self._stage: torch.Tensor | None = None
+        """One layer of the host mirror on the device (reused: uploads queue on one stream)."""
+        if engine._host_mirror:
+            t, heads, dim = num_tokens + room, spec.num_kv_heads, spec.head_dim
+            tier = (2, t, heads, dim) if spec.layout is Layout.LKTHD else (2, heads, t, dim)
+            self.host_flat = engine._lease_host(spec.num_layers * math.prod(tier))
+            self.host = self.host_flat[: spec.num_layers * math.prod(tier)]
+            self.host = self.host.view(spec.num_layers, *tier)
         self.convert_ns = 0
         self._clock = engine.clock
 
     def put(self, index: int, block: torch.Tensor, first_layer: int = 0) -> None:
         """Write block `index` (the tier's spec: dtype, layout), or its layers [first_layer,
         first_layer + len(block)), into its token range."""
-        bt = self.spec.block_tokens
-        if self.spec.layout is Layout.LKTHD:
-            block = block.permute(0, 1, 3, 2, 4)
         t0 = self._clock.monotonic_ns()
+        bt = self.spec.block_tokens
         layers = slice(first_layer, first_layer + block.shape[0])
-        into = self.buf if self.host_flat is None else self.host
-        into[layers, :, 0, :, index * bt : (index + 1) * bt, :].copy_(block)
-        if self.host_flat is not None:
+        tokens = slice(index * bt, (index + 1) * bt)
+        lkthd = self.spec.layout is Layout.LKTHD
+        if self.host_flat is not None:  # as it is: the GPU converts it in `upload`
+            (self.host[layers, :, tokens] if lkthd else self.host[layers, :, :, tokens]).copy_(
+                block
+            )
             self._dirty.update(range(layers.start, layers.stop))
+        else:
+            if lkthd:
+                block = block.permute(0, 1, 3, 2, 4)
+            self.buf[layers, :, 0, :, tokens, :].copy_(block)
         self.convert_ns += self._clock.monotonic_ns() - t0
 
     def upload(self, layers: Iterable[int] | None = None) -> None:
         """Copy these layers (default: every one put since its last upload) from the host
-        mirror to the device, asynchronously: work queued after it on the stream sees them."""
+        mirror to the device and convert them into the cache there, asynchronously: work queued
+        after it on the stream sees them."""
         if self.host_flat is None:
             return
         t0 = self._clock.monotonic_ns()
         for i in sorted(self._dirty if layers is None else self._dirty.intersection(layers)):
-            self.buf[i].copy_(self.host[i], non_blocking=True)
+            if self._stage is None:
+                self._stage = torch.empty_like(self.host[i], device=self.device)
+            self._stage.copy_(self.host[i], non_blocking=True)
+            lkthd = self.spec.layout is Layout.LKTHD
+            self.buf[i, :, 0].copy_(self._stage.permute(0, 2, 1, 3) if lkthd else self._stage)
             self._dirty.discard(i)
         self.convert_ns += self._clock.monotonic_ns() - t0
 
@@ -565,8 +582,11 @@ class Engine:
         self.prefill_cost = PrefillCostModel()
         self._lock = asyncio.Lock()
         self._stores: set[asyncio.Task[None]] = set()
+        self._host_mirror = self.device.type == "cuda"
+        """Build loaded caches through a host mirror (`_CacheBuilder.host`): on a GPU (tests
+        also switch it on for a CPU engine, where the mirror is not pinned)."""
         self._hosts: list[torch.Tensor] = []
-        """Free pinned host mirrors for `_CacheBuilder` on a GPU (see `_lease_host`)."""
+        """Free host mirrors for `_CacheBuilder` (pinned on a GPU; see `_lease_host`)."""
         self._buffers: list[torch.Tensor] = []
         """Free flat KV buffers for `_CacheBuilder` (see `_lease_buffer`)."""
         # Every torch call runs on the process's one torch thread (kvtier/torchthread.py:
@@ -592,7 +612,7 @@ class Engine:
         return torch.empty(numel, dtype=self.model_dtype, device=self.device)
 
     def _lease_host(self, numel: int) -> torch.Tensor:
-        """A pinned host buffer of at least numel elements (model dtype) for a cache built on a
+        """A pinned host buffer of at least numel elements (tier dtype) for a cache built on a
         GPU: a freed one when one is large enough, else newly pinned memory (pinning is slow,
         hence the pool; copies from pageable memory would not overlap with anything)."""
         fits = [b for b in self._hosts if b.numel() >= numel]
@@ -600,7 +620,8 @@ class Engine:
             best = min(fits, key=lambda b: b.numel())
             self._hosts.remove(best)
             return best
-        return torch.empty(numel, dtype=self.model_dtype, pin_memory=True)
+        pin = self.device.type == "cuda"
+        return torch.empty(numel, dtype=self.spec.torch_dtype, pin_memory=pin)
 
     def _return_host(self, builder: _CacheBuilder | None) -> None:
         """Take a builder's host mirror back once the request's pass has run: the pass follows

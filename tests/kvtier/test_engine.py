@@ -5,6 +5,7 @@ tokens are reused by the next turn; the cost-aware choice skips slow remote copi
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from engine_env import ByteCodec, tiny_model
 from kvtier_env import Env, PartLog, kv_env, run
 
-from kvtier.blocks import Namespace, block_hashes
+from kvtier.blocks import Layout, Namespace, block_hashes
 from kvtier.engine import (
     Engine,
     EngineConfig,
@@ -27,10 +28,17 @@ PROMPT = [5, 17, 99, 3, 250, 31, 7, 64, 128, 200, 11, 12, 13, 14, 15, 16, 42]  #
 
 
 async def engine_in(
-    env: Env, region: str, *, dtype: str = "float32", model: object = None, **cfg: object
+    env: Env,
+    region: str,
+    *,
+    dtype: str = "float32",
+    model: object = None,
+    layout: Layout = Layout.LKHTD,
+    **cfg: object,
 ) -> tuple[Engine, Namespace]:
     model = model if model is not None else tiny_model()
     spec = block_spec_for(model.config, block_tokens=BT, dtype=dtype)  # type: ignore[attr-defined]
+    spec = replace(spec, layout=layout)
     ns = namespace_for("tiny-llama@0", "bytes-v1", spec, "acme", tenant_salt=b"s")
     await env.metadata.register_namespace(ns)
     conn = await env.connector(ns, region)
@@ -290,5 +298,45 @@ def test_a_pass_on_a_part_that_fails_its_checksum_is_not_kept(
             assert m.cached_tokens == (16 if len(copies) == 2 else 8)
             n = m.computed_tokens
             torch.testing.assert_close(hit.logits, full.logits[-n:], atol=2e-2, rtol=1e-2)
+
+    run(body)
+
+
+@pytest.mark.parametrize("layout", [Layout.LKHTD, Layout.LKTHD])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_gpu_host_mirror_path_gives_the_recompute(
+    tmp_path: Path, layout: Layout, dtype: str
+) -> None:
+    """The GPU path of cache building, run on the CPU (`_host_mirror`; on a GPU the mirror is
+    pinned): blocks are put as they are into a host mirror in the tier's layout and dtype, and
+    each layer is converted into the cache by `upload` before it runs. Local hits (the pass
+    waiting per layer, or after every block) and a cross-region layer-wise hit (parts, the
+    pass running meanwhile) give the logits of a recompute, in both layouts; the mirror goes
+    back to the pool."""
+
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            model = tiny_model()
+            east, _ = await engine_in(env, "us-east", dtype=dtype, model=model, layout=layout)
+            west, _ = await engine_in(env, "eu-west", dtype=dtype, model=model, layout=layout)
+            # (and one that loads every block before the pass: `finish` uploads)
+            whole, _ = await engine_in(
+                env, "us-east", dtype=dtype, model=model, layout=layout, layerwise=False
+            )
+            for eng in (east, west, whole):
+                eng._host_mirror = True
+            await east.complete(PROMPT, SamplingParams(max_tokens=1))
+            await east.flush()
+            tol = 1e-5 if dtype == "float32" else 2e-2
+            for eng, choice in ((east, "local"), (west, "remote"), (whole, "local")):
+                hit = await eng.prefill(PROMPT, all_logits=True)
+                full = await eng.prefill(PROMPT, all_logits=True, use_tier=False)
+                assert hit.metrics.cached_tokens == 16 and hit.metrics.choice == choice
+                assert hit.metrics.convert_s > 0
+                torch.testing.assert_close(hit.logits, full.logits[-1:], atol=tol, rtol=tol)
+                for a, b in zip(hit.cache.layers, full.cache.layers, strict=True):
+                    torch.testing.assert_close(a.keys, b.keys, atol=tol, rtol=tol)
+                    torch.testing.assert_close(a.values, b.values, atol=tol, rtol=tol)
+                assert len(eng._hosts) == 1 and eng._hosts[0].dtype == eng.spec.torch_dtype
 
     run(body)
