@@ -615,17 +615,24 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     ax.set_xlabel("cached prefix (tokens) + a 16-token question")
     ax.set_ylabel("time to first token (s)")
     targets = result["targets"]
+    fig.suptitle(f"{result['model']} on {result.get('device', 'cpu')}", fontsize=10)
     ax.set_title(
-        f"{result['model']} on {result.get('device', 'cpu')}: TTFT (targets at {TARGET_TOKENS}: local <= {targets['local']}x, "
+        f"TTFT (targets at {TARGET_TOKENS}: local <= {targets['local']}x, "
         f"remote <= {targets['remote']}x)",
         fontsize=9,
     )
     ax.legend(fontsize="small")
-    parts = ("lookup", "load", "prefill")
+
+    def part_s(r: dict[str, Any], kind: str, part: str) -> float:
+        b = r[f"{kind}_breakdown_s"]
+        convert = b.get("convert", 0.0)  # (older result files have none)
+        return float(b["load"] - convert if part == "load" else b.get(part, 0.0))
+
+    parts = ("lookup", "load", "convert", "prefill")
     for j, kind in enumerate(("local", "remote")):
         bottom = [0.0] * len(rows)
         for part in parts:
-            vals = [r[f"{kind}_breakdown_s"][part] for r in rows]
+            vals = [part_s(r, kind, part) for r in rows]
             bx.bar(
                 [x + (j - 0.5) * 0.4 for x in xs], vals, 0.38, bottom=bottom,
                 label=f"{kind}: {part}", alpha=1.0 if kind == "local" else 0.6,
@@ -635,8 +642,8 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     bx.set_xlabel("cached prefix (tokens)")
     bx.set_ylabel("seconds (one hit request)")
     bx.set_title(
-        "where a hit's TTFT goes (left: local; right: cross-region, its pass running during the "
-        "load: prefill is what is left after it)",
+        "where a hit's TTFT goes (left: local; right: cross-region, its pass running during\n"
+        "the load: prefill is what is left after it; convert: blocks put into the cache)",
         fontsize=8,
     )
     bx.legend(fontsize="x-small", ncol=2)
