@@ -377,7 +377,7 @@ class _CacheBuilder:
     values, with `room` tokens to spare for the rest of the prompt and the reply, so the cache
     grows in place.
 
-    `put` runs in worker threads (several at once: blocks cover disjoint token ranges)."""
+    Everything runs on the engine's torch thread (`put` through `_LayerFeed`)."""
 
     def __init__(
         self, engine: Engine, num_tokens: int, room: int = 256, *, pooled: bool = False

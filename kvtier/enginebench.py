@@ -148,16 +148,15 @@ def _say(msg: str) -> None:
 
 
 def _store_memory_mb(loaded: Any, sizes: list[int], block_tokens: int, kv_dtype: str) -> int:
-    """A memory tier for each block store that holds every block the run stores (each prefix,
-    and each request's question and reply on top), at least `k2 blockstore`'s 256 MB: a hit
-    measured here is a memory hit (a Llama-3.1-8B-shaped 2,048-token prefix, 268 MB, spilled
-    to disk with the default)."""
+    """A memory tier for each block store that holds every block the run stores twice over
+    (each prefix, a block of each request's question and reply, the warm-up), at least
+    `k2 blockstore`'s 256 MB: a hit measured here is a memory hit (with the default, a
+    Llama-3.1-8B-shaped 2,048-token prefix, 268 MB, was partly a disk hit)."""
     from kvtier.engine import block_spec_for
 
     spec = block_spec_for(loaded.model.config, block_tokens=block_tokens, dtype=kv_dtype)
-    per_token = spec.nbytes / spec.block_tokens
-    tokens = sum(n + 32 * (SUFFIX_TOKENS + 1) for n in sizes)
-    return max(256, math.ceil(2 * tokens * per_token / (1 << 20)))
+    tokens = sum(sizes) + block_tokens * (len(sizes) + 1)
+    return max(256, math.ceil(2 * tokens * spec.nbytes / spec.block_tokens / (1 << 20)))
 
 
 def _on_cluster(

@@ -5,12 +5,16 @@ other model's, and the engine serves it."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
-from k2store import cli
+from k2store import cli, launcher
 from k2store.errors import InvalidArgument
+from kvtier import enginebench
 from kvtier.engine import Engine, EngineConfig, SamplingParams, block_spec_for
 from kvtier.models import ARCHITECTURES, ByteTokens, random_model
 
@@ -81,3 +85,19 @@ def test_the_engine_serves_a_random_model() -> None:
         assert torch.isfinite(full.logits).all()
 
     asyncio.run(body())
+
+
+def test_the_engine_benchmark_sizes_its_block_stores_to_hold_what_it_stores() -> None:
+    """A hit `k2 bench engine` measures is a memory hit: the block stores' memory tier holds
+    the run's blocks (the default 256 MB held a third less than a Llama-3.1-8B-shaped 2,048-token
+    prefix), passed to each `k2 blockstore` as --memory-mb."""
+    big = SimpleNamespace(model=SimpleNamespace(config=LlamaConfig(**ARCHITECTURES["llama-8b"])))
+    small = SimpleNamespace(
+        model=SimpleNamespace(config=LlamaConfig(**ARCHITECTURES["smollm2-135m"]))
+    )
+    mb = enginebench._store_memory_mb(big, [2048], 64, "bfloat16")
+    assert mb * (1 << 20) >= 2 * 2048 * 131072  # 128 KiB per token, twice over
+    assert enginebench._store_memory_mb(small, [256], 64, "float16") == 256  # the floor
+    cmd = launcher.blockstore_command(Path("c.toml"), "us-east", 1, Path("d"), mb)
+    assert cmd[-2:] == ["--memory-mb", str(mb)]
+    assert "--memory-mb" not in launcher.blockstore_command(Path("c.toml"), "us-east", 1, Path("d"))
