@@ -13,7 +13,13 @@ import torch
 from kvtier_env import SPEC, Env, PartLog, kv_env, make_kv, namespace, run
 
 from kvtier.blocks import FRAME_HEADER_BYTES, BlockSpec, Layout, Namespace, block_hashes
-from kvtier.connector import AsyncKVConnector, BlockLocation, ConnectorConfig, KVConnector
+from kvtier.connector import (
+    AsyncKVConnector,
+    BlockLocation,
+    ConnectorConfig,
+    KVConnector,
+    arena_bytes,
+)
 from kvtier.errors import (
     BlockSpecMismatch,
     BlockTooLarge,
@@ -553,5 +559,26 @@ def test_a_layered_block_gone_from_its_store_is_a_miss_and_forgotten(tmp_path: P
             assert west.stats.metadata_cleanups == 1
             assert await west.metadata.block(west.record, h[1]) is None
             assert (await west.lookup(TOKENS)).num_tokens == 4
+
+    run(body)
+
+
+def test_the_shared_memory_arena_holds_a_frame_for_every_load_in_flight(tmp_path: Path) -> None:
+    """A load that finds no free slot in the arena is streamed over gRPC at a fifth of the
+    speed: the arena holds a frame per load retrieve may have in flight, whatever the block
+    size (64 MiB held seven of a Llama-3.1-8B-shaped model's 8.4 MB blocks)."""
+    cfg = ConnectorConfig("us-east")
+    big = BlockSpec(64, 32, 8, 128, "bfloat16")  # Llama-3.1-8B's shape: 8.4 MB a block
+    size = arena_bytes(cfg, big)
+    assert size >= cfg.max_parallel_loads * (FRAME_HEADER_BYTES + big.nbytes)
+    assert arena_bytes(cfg, SPEC) == cfg.shared_memory_bytes  # tiny blocks: the configured size
+    assert arena_bytes(replace(cfg, shared_memory_bytes=size * 2), big) == size * 2
+
+    async def body() -> None:
+        async with kv_env(tmp_path) as env:
+            ns = namespace()
+            await env.metadata.register_namespace(ns)
+            conn = await env.connector(ns, "us-east")
+            assert conn.arena is not None and conn.arena.capacity == arena_bytes(conn.config, SPEC)
 
     run(body)
