@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -232,44 +233,48 @@ def test_layerwise_prefill_computes_first_layers_while_the_last_are_on_the_wire(
 
     async def body() -> None:
         async with kv_env(tmp_path) as env:
-            model = tiny_model()
-            east, _ = await engine_in(env, "us-east", dtype="float16", model=model)
-            await east.complete(PROMPT, SamplingParams(max_tokens=1))
-            await east.flush()
-            west, _ = await engine_in(env, "eu-west", dtype="float16", model=model)
-            assert west.connector is not None
-            loop = asyncio.get_running_loop()
-            layer0_ran = asyncio.Event()
-            held: list[bool] = []
-
-            def ran(*_: object) -> None:  # (a forward hook that returns something replaces
-                loop.call_soon_threadsafe(layer0_ran.set)  # the layer's output)
-
-            hook = model.model.layers[0].register_forward_hook(ran)
-            for c in west.connector.stores["us-east"]:
-                real = c.get_range
-
-                async def get_range(key: bytes, start: int, length: int, real=real):  # type: ignore[no-untyped-def]
-                    if start > 0:  # layer 1's part
-                        try:
-                            await asyncio.wait_for(layer0_ran.wait(), 10)
-                        except TimeoutError:
-                            held.append(False)
-                        else:
-                            held.append(True)
-                    return await real(key, start, length)
-
-                c.get_range = get_range  # type: ignore[method-assign]
-            try:
-                hit = await west.prefill(PROMPT, all_logits=True)
-            finally:
-                hook.remove()
-            assert held == [True] * 4
-            full = await west.prefill(PROMPT, all_logits=True, use_tier=False)
-            assert hit.metrics.cached_tokens == 16 and hit.metrics.choice == "remote"
-            torch.testing.assert_close(hit.logits, full.logits[-1:], atol=2e-2, rtol=1e-2)
+            await check_layerwise_hit(env, tiny_model())
 
     run(body)
+
+
+async def check_layerwise_hit(env: Env, model: Any) -> None:
+    """The layer-wise test's body, for any tiny model (test_engine_cuda runs it on a GPU)."""
+    east, _ = await engine_in(env, "us-east", dtype="float16", model=model)
+    await east.complete(PROMPT, SamplingParams(max_tokens=1))
+    await east.flush()
+    west, _ = await engine_in(env, "eu-west", dtype="float16", model=model)
+    assert west.connector is not None
+    loop = asyncio.get_running_loop()
+    layer0_ran = asyncio.Event()
+    held: list[bool] = []
+
+    def ran(*_: object) -> None:  # (a forward hook that returns something replaces
+        loop.call_soon_threadsafe(layer0_ran.set)  # the layer's output)
+
+    hook = model.model.layers[0].register_forward_hook(ran)
+    for c in west.connector.stores["us-east"]:
+        real = c.get_range
+
+        async def get_range(key: bytes, start: int, length: int, real=real):  # type: ignore[no-untyped-def]
+            if start > 0:  # layer 1's part
+                try:
+                    await asyncio.wait_for(layer0_ran.wait(), 10)
+                except TimeoutError:
+                    held.append(False)
+                else:
+                    held.append(True)
+            return await real(key, start, length)
+
+        c.get_range = get_range  # type: ignore[method-assign]
+    try:
+        hit = await west.prefill(PROMPT, all_logits=True)
+    finally:
+        hook.remove()
+    assert held == [True] * 4
+    full = await west.prefill(PROMPT, all_logits=True, use_tier=False)
+    assert hit.metrics.cached_tokens == 16 and hit.metrics.choice == "remote"
+    torch.testing.assert_close(hit.logits, full.logits[-1:], atol=2e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("copies", [("us-east",), ("us-east", "ap-southeast")])

@@ -7,7 +7,6 @@ buffers are reused."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 from engine_env import tiny_model
 from kvtier_env import kv_env, run
-from test_engine import PROMPT, engine_in
+from test_engine import PROMPT, check_layerwise_hit, engine_in
 
 from kvtier.engine import SamplingParams
 
@@ -87,47 +86,12 @@ def test_blocks_cross_between_a_cpu_engine_and_a_gpu_engine(tmp_path: Path, stor
 def test_layerwise_load_runs_the_first_layers_on_the_device_while_the_rest_arrive(
     tmp_path: Path,
 ) -> None:
-    """As test_engine's layer-wise test, with the pass on the device: layer 1's parts are held
+    """test_engine's layer-wise test with the pass on the device: layer 1's parts are held
     until decoder layer 0 has run on the GPU."""
 
     async def body() -> None:
         async with kv_env(tmp_path) as env:
-            model = on_cuda()
-            east, _ = await engine_in(env, "us-east", dtype="float16", model=model)
-            await east.complete(PROMPT, SamplingParams(max_tokens=1))
-            await east.flush()
-            west, _ = await engine_in(env, "eu-west", dtype="float16", model=model)
-            assert west.connector is not None
-            loop = asyncio.get_running_loop()
-            layer0_ran = asyncio.Event()
-            held: list[bool] = []
-
-            def ran(*_: object) -> None:
-                loop.call_soon_threadsafe(layer0_ran.set)
-
-            hook = model.model.layers[0].register_forward_hook(ran)
-            for c in west.connector.stores["us-east"]:
-                real = c.get_range
-
-                async def get_range(key: bytes, start: int, length: int, real=real):  # type: ignore[no-untyped-def]
-                    if start > 0:
-                        try:
-                            await asyncio.wait_for(layer0_ran.wait(), 10)
-                        except TimeoutError:
-                            held.append(False)
-                        else:
-                            held.append(True)
-                    return await real(key, start, length)
-
-                c.get_range = get_range  # type: ignore[method-assign]
-            try:
-                hit = await west.prefill(PROMPT, all_logits=True)
-            finally:
-                hook.remove()
-            assert held == [True] * 4
-            full = await west.prefill(PROMPT, all_logits=True, use_tier=False)
-            assert hit.metrics.cached_tokens == 16 and hit.metrics.choice == "remote"
-            torch.testing.assert_close(hit.logits, full.logits[-1:], atol=2e-2, rtol=1e-2)
+            await check_layerwise_hit(env, on_cuda())
 
     run(body)
 
