@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from k2store.bench.cpu import CpuMeter, CpuUse, process_cpu_s
+from k2store.bench.cpu import CpuMeter, CpuUse, machine_cpu_s, process_cpu_s
 from k2store.bench.sweep import SweepPoint, average_seeds, sweep_table, write_sweep
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -71,6 +71,43 @@ def test_meter_reports_cores_busy_and_cpu_per_commit_over_its_window(tmp_path: P
         "cpu: nodes 1.50 + benchmark 0.50 of 2 cores (100% busy), 2.0 ms per commit"
     )
     assert use.to_json()["busy"] == pytest.approx(1.0)
+
+
+def write_machine(proc: Path, busy: int, idle: int, steal: int = 0) -> None:
+    """/proc/stat's first line: user nice system idle iowait irq softirq steal guest guest_nice
+    (busy ticks spread over user, system and irq; guest time is inside user)."""
+    u, sy, irq = busy // 2, busy // 4, busy - busy // 2 - busy // 4
+    (proc / "stat").write_text(
+        f"cpu  {u} 0 {sy} {idle} 7 {irq} 0 {steal} 5 0\ncpu0 1 2 3 4 5 6 7 8 9 10\nintr 1\n"
+    )
+
+
+def test_meter_reports_other_work_on_the_machine_beside_the_run(tmp_path: Path) -> None:
+    """Work the run's processes do not account for (another job, a noisy neighbour's stolen
+    time) is reported beside the figures, which it makes lower than the protocol allows."""
+    clock, mine = ManualClock(), [0.0]
+    write_stat(tmp_path, 1, 0, 0)
+    write_machine(tmp_path, busy=1000 * TICK, idle=50 * TICK)
+    assert machine_cpu_s(tmp_path) == pytest.approx(1000.0)
+    meter = CpuMeter({"a": 1}, clock, self_cpu_s=lambda: mine[0], proc=tmp_path, cores=2)
+    meter.start()
+    clock.ns += 2_000_000_000
+    write_stat(tmp_path, 1, 2 * TICK, 0)  # the node: 1 core
+    mine[0] = 0.4  # the benchmark: 0.2 cores
+    # The machine: 3 s busy (1.5 cores) of which 0.4 s stolen by the hypervisor.
+    write_machine(tmp_path, busy=1002 * TICK + TICK * 3 // 5, idle=51 * TICK, steal=TICK * 2 // 5)
+    use = meter.stop(commits=100)
+    assert use is not None and use.machine_cores is not None
+    assert use.machine_cores == pytest.approx(1.5, abs=0.02)
+    assert use.other_cores == pytest.approx(0.3, abs=0.02)
+    assert use.describe().endswith("; other work 0.30 cores")
+    assert use.to_json()["other_cores"] == pytest.approx(0.3, abs=0.02)
+    # A quiet machine (the run's own work only) says nothing more; unreadable, neither.
+    quiet = CpuUse(2.0, 1.0, 0.2, 2, 100, machine_cores=1.22)
+    assert "other work" not in quiet.describe() and quiet.other_cores == pytest.approx(0.02)
+    assert CpuUse(2.0, 1.0, 0.2, 2, 100).other_cores is None
+    (tmp_path / "stat").write_text("intr 1 2 3\n")
+    assert machine_cpu_s(tmp_path) is None
 
 
 def test_meter_reports_nothing_when_a_node_vanished_or_there_are_none(tmp_path: Path) -> None:
