@@ -366,6 +366,18 @@ class PrefillCostModel:
         a, b, c = self._fit()
         return float(a * new + b * new * (past + new / 2) / 1000.0 + c)
 
+    def marginal(self, tokens: int) -> float | None:
+        """Seconds that `tokens` cached tokens at the front of a prompt save its pass: the fit
+        without its per-pass constant, which the pass over the rest of the prompt pays either
+        way (recomputing n + q tokens against q after n loaded differs by a*n + b*n^2/2). On a
+        GPU that constant (kernel launches) is most of a short prefill, and a rate taken from
+        whole prefills (tokens / seconds) makes every long prefix look dear to recompute.
+        None until `ready`."""
+        if not self.ready or tokens <= 0:
+            return None
+        a, b, _c = self._fit()
+        return float(a * tokens + b * tokens * (tokens / 2) / 1000.0)
+
 
 # -- buffers ------------------------------------------------------------------------------------
 
@@ -580,6 +592,8 @@ class Engine:
             )
         )
         self.prefill_cost = PrefillCostModel()
+        if connector is not None:  # the connector weighs fetches against this engine's passes
+            connector.cost.prefill_model = self.prefill_cost.marginal
         self._lock = asyncio.Lock()
         self._stores: set[asyncio.Task[None]] = set()
         self._host_mirror = self.device.type == "cuda"

@@ -102,6 +102,10 @@ class CostModel:
         }
         self.links.setdefault(local_region, LinkEstimate(0.001, local_bytes_per_s))
         self.prefill_tokens_per_s = prefill_tokens_per_s
+        self.prefill_model: Callable[[int], float | None] | None = None
+        """The engine's estimate of what recomputing n leading tokens costs its pass
+        (`PrefillCostModel.marginal`), used by `recompute_s` once it answers; before that, and
+        without an engine, the measured rate `prefill_tokens_per_s`."""
 
     def link(self, region: str) -> LinkEstimate:
         est = self.links.get(region)
@@ -142,6 +146,10 @@ class CostModel:
         return est.rtt_s + nbytes / est.bytes_per_s
 
     def recompute_s(self, tokens: int) -> float:
+        if self.prefill_model is not None:
+            est = self.prefill_model(tokens)
+            if est is not None and est > 0:
+                return est
         return tokens / self.prefill_tokens_per_s
 
     def plan(self, blocks: Sequence[Mapping[str, int]], block_tokens: int) -> PlacementPlan:

@@ -23,6 +23,7 @@ from kvtier.engine import (
     block_spec_for,
     namespace_for,
 )
+from kvtier.placement import CostModel
 
 BT = 4
 PROMPT = [5, 17, 99, 3, 250, 31, 7, 64, 128, 200, 11, 12, 13, 14, 15, 16, 42]  # 17 tokens
@@ -168,6 +169,13 @@ def test_cost_model_skips_remote_blocks_slower_than_recompute(tmp_path: Path) ->
             r = await west.prefill(PROMPT)
             assert r.metrics.choice == "recompute" and r.metrics.cached_tokens == 0
             assert r.metrics.offered_tokens == 16 and r.metrics.bytes_moved == 0
+            # Once the engine has measured passes, the connector weighs fetches against the
+            # engine's fit (without its per-pass constant), not the rate.
+            west._observe_prefill(64, 0.010)
+            west._observe_prefill(256, 0.020)
+            m = west.prefill_cost.marginal(256)
+            assert m is not None and m > 0
+            assert west.connector.cost.recompute_s(256) == m
 
     run(body)
 
@@ -182,6 +190,35 @@ def test_prefill_cost_model_fits_measurements() -> None:
     assert cm.estimate(64, past=4096) == pytest.approx(
         1e-3 * 64 + 1e-7 * 64 * (4096 + 32), rel=1e-2
     )
+
+
+def test_the_cost_model_weighs_a_fetch_against_what_recomputing_the_prefix_adds_to_a_pass() -> None:
+    """On a GPU a pass costs ~20 ms whatever its length (kernel launches), plus little per token:
+    an 8B-shaped model's 8,192 tokens prefill in 0.25 s, while loading their 1.07 GB from this
+    region's store takes 0.47 s (session 20, H200). A rate from whole prefills (tokens /
+    seconds of the calibration's short passes) made every long prefix look dear to recompute,
+    so the connector loaded it; the engine's fit without its per-pass constant recomputes."""
+    fit = PrefillCostModel()
+    assert fit.marginal(1024) is None  # nothing measured yet
+    gpu = CostModel("us-east", local_bytes_per_s=2.3e9)
+    for n in (64, 256, 512):  # what `k2 serve` calibrates with, GPU-like timings
+        t = 0.020 + 25e-6 * n
+        fit.observe(0, n, t)
+        gpu.observe_prefill(n, t)
+    block = 131072 * 64  # one 64-token block of the 8B shape, bfloat16
+    blocks = [{"us-east": block}] * 128  # 8,192 tokens
+    assert gpu.plan(blocks, 64).num_blocks == 128  # the rate: 8,192 tokens look like 1.1 s
+    gpu.prefill_model = fit.marginal
+    m = fit.marginal(8192)
+    assert m is not None and m == pytest.approx(25e-6 * 8192, rel=0.05)  # no 20 ms in it
+    assert gpu.recompute_s(8192) == m
+    assert gpu.plan(blocks, 64).num_blocks == 0  # 0.47 s to load against 0.2 s: recompute
+    # Where loading is the cheaper (a slow pass: the CPU), the fit keeps loading.
+    cpu = PrefillCostModel()
+    for n in (64, 256, 512):
+        cpu.observe(0, n, 0.002 + 1.5e-3 * n)
+    gpu.prefill_model = cpu.marginal
+    assert gpu.plan(blocks, 64).num_blocks == 128
 
 
 def test_pooled_cache_buffers_are_reused_only_after_the_store_read_them(tmp_path: Path) -> None:
