@@ -54,6 +54,7 @@ __all__ = [
     "LoadedModel",
     "ModelNotFound",
     "cache_dir",
+    "check_device",
     "default_gguf_path",
     "load_model",
     "random_model",
@@ -147,7 +148,29 @@ def load_model(
     torch thread (kvtier/torchthread.py), where the engine will run the model."""
     from kvtier import torchthread
 
+    check_device(device)
     return torchthread.run(_load_model, path, device, cache, progress)
+
+
+def check_device(device: str | None) -> None:
+    """`InvalidArgument` for a device torch cannot name or use here (None: the default, always
+    fine): "gpu", or "cuda" where torch sees no CUDA device, or "cuda:3" on a one-GPU box."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise InvalidArgument(f"unknown device {device!r}: cpu, cuda, cuda:N, ... ({e})") from e
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InvalidArgument(
+                f"device {device!r}: torch {torch.__version__} sees no CUDA device here"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise InvalidArgument(f"device {device!r}: torch sees {count} CUDA device(s)")
 
 
 def _load_model(
@@ -313,6 +336,7 @@ def random_model(
         )
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise InvalidArgument(f"unknown dtype {dtype!r}: float32, bfloat16 or float16")
+    check_device(device)
     from kvtier import torchthread
 
     return torchthread.run(_random_model, architecture, device, dtype, seed, progress)

@@ -16,7 +16,7 @@ from k2store import cli, launcher
 from k2store.errors import InvalidArgument
 from kvtier import enginebench
 from kvtier.engine import Engine, EngineConfig, SamplingParams, block_spec_for
-from kvtier.models import ARCHITECTURES, ByteTokens, random_model
+from kvtier.models import ARCHITECTURES, ByteTokens, check_device, load_model, random_model
 
 
 def test_random_smollm2_has_the_published_shape_and_size() -> None:
@@ -55,6 +55,18 @@ def test_unknown_architecture_or_dtype_is_refused() -> None:
     args = parser.parse_args(["bench", "engine", "--architecture", "llama-8b", "--device", "cpu"])
     assert args.architecture == "llama-8b" and args.device == "cpu"
     assert set(ARCHITECTURES) == {"smollm2-135m", "llama-1b", "llama-8b"}
+
+
+def test_a_device_torch_cannot_use_is_refused_before_anything_loads() -> None:
+    with pytest.raises(InvalidArgument, match="unknown device 'gpu'"):
+        random_model("smollm2-135m", device="gpu")
+    with pytest.raises(InvalidArgument, match="cuda:99"):
+        random_model("smollm2-135m", device="cuda:99")
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidArgument, match="sees no CUDA device"):
+            load_model(device="cuda")
+    check_device(None)
+    check_device("cpu")
 
 
 def test_byte_tokens_round_trip_and_template() -> None:
