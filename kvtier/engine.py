@@ -382,6 +382,28 @@ class PrefillCostModel:
 # -- buffers ------------------------------------------------------------------------------------
 
 
+class _BufferPool(list[torch.Tensor]):
+    """Freed flat buffers kept for reuse, largest first (at most `keep`); `lease` hands out the
+    smallest that fits, else a new one from `make`. Used on one thread at a time."""
+
+    def __init__(self, make: Callable[[int], torch.Tensor], keep: int = 2) -> None:
+        super().__init__()
+        self._make = make
+        self._keep = keep
+
+    def lease(self, numel: int) -> torch.Tensor:
+        fits = [i for i, b in enumerate(self) if b.numel() >= numel]
+        if not fits:
+            return self._make(numel)
+        # By position: list.remove would compare tensors with ==, element by element.
+        return self.pop(min(fits, key=lambda i: self[i].numel()))
+
+    def give_back(self, flat: torch.Tensor) -> None:
+        self.append(flat)
+        self.sort(key=lambda b: b.numel(), reverse=True)
+        del self[self._keep :]
+
+
 class _CacheBuilder:
     """The model's KV cache, built from tier blocks as they arrive, in any order: each block is
     converted (dtype and layout) once, straight into the buffers the cache will attend over,
@@ -409,7 +431,7 @@ class _CacheBuilder:
         self.device = engine.device
         self.host_flat: torch.Tensor | None = None
         """On a GPU: a pinned host mirror of `buf` in the tier's dtype and layout (from
-        `Engine._lease_host`). Blocks are put into it with plain copies (each block's layer is
+        `Engine._hosts`). Blocks are put into it with plain copies (each block's layer is
         one run of memory there), and each layer goes to the device in one transfer
         (`upload`), where the GPU converts dtype and layout: no staged copy and no wait per
         block, no strided conversion on the CPU. The engine takes it back (`_return_host`) once
@@ -421,7 +443,7 @@ class _CacheBuilder:
         if engine._host_mirror:
             t, heads, dim = num_tokens + room, spec.num_kv_heads, spec.head_dim
             tier = (2, t, heads, dim) if spec.layout is Layout.LKTHD else (2, heads, t, dim)
-            self.host_flat = engine._lease_host(spec.num_layers * math.prod(tier))
+            self.host_flat = engine._hosts.lease(spec.num_layers * math.prod(tier))
             self.host = self.host_flat[: spec.num_layers * math.prod(tier)]
             self.host = self.host.view(spec.num_layers, *tier)
         self.convert_ns = 0
@@ -599,10 +621,18 @@ class Engine:
         self._host_mirror = self.device.type == "cuda"
         """Build loaded caches through a host mirror (`_CacheBuilder.host`): on a GPU (tests
         also switch it on for a CPU engine, where the mirror is not pinned)."""
-        self._hosts: list[torch.Tensor] = []
-        """Free host mirrors for `_CacheBuilder` (pinned on a GPU; see `_lease_host`)."""
-        self._buffers: list[torch.Tensor] = []
-        """Free flat KV buffers for `_CacheBuilder` (see `_lease_buffer`)."""
+        self._buffers = _BufferPool(
+            lambda n: torch.empty(n, dtype=self.model_dtype, device=self.device)
+        )
+        """Free flat KV buffers for `_CacheBuilder`. A fresh 100 MB buffer costs its page faults
+        on every request (~25 ms here, on the thread converting blocks into it), since the
+        allocator hands memory that large back to the system when it is freed."""
+        pin = self.device.type == "cuda"
+        self._hosts = _BufferPool(
+            lambda n: torch.empty(n, dtype=self.spec.torch_dtype, pin_memory=pin)
+        )
+        """Free host mirrors for `_CacheBuilder`, in the tier's dtype; pinned on a GPU (pinning is
+        slow, hence the pool; copies from pageable memory would not overlap with anything)."""
         # Every torch call runs on the process's one torch thread (kvtier/torchthread.py:
         # a second thread that runs parallel operators makes every forward pass slower).
         self._torch = torchthread.executor()
@@ -614,45 +644,21 @@ class Engine:
         return self.clock.monotonic_ns()
 
     def _lease_buffer(self, numel: int) -> torch.Tensor:
-        """A flat buffer of at least numel elements for a cache built from the tier: a freed
-        one when one is large enough, else new memory. A fresh 100 MB buffer costs its page
-        faults on every request (~25 ms here, on the thread converting blocks into it), since
-        the allocator hands memory that large back to the system when it is freed."""
-        fits = [b for b in self._buffers if b.numel() >= numel]
-        if fits:
-            best = min(fits, key=lambda b: b.numel())
-            self._buffers.remove(best)
-            return best
-        return torch.empty(numel, dtype=self.model_dtype, device=self.device)
+        """A flat buffer of at least numel elements for a cache built from the tier (see
+        `_buffers`; tests wrap this to watch which buffer a request got)."""
+        return self._buffers.lease(numel)
 
-    def _lease_host(self, numel: int) -> torch.Tensor:
-        """A pinned host buffer of at least numel elements (tier dtype) for a cache built on a
-        GPU: a freed one when one is large enough, else newly pinned memory (pinning is slow,
-        hence the pool; copies from pageable memory would not overlap with anything)."""
-        fits = [b for b in self._hosts if b.numel() >= numel]
-        if fits:
-            best = min(fits, key=lambda b: b.numel())
-            self._hosts.remove(best)
-            return best
-        pin = self.device.type == "cuda"
-        return torch.empty(numel, dtype=self.spec.torch_dtype, pin_memory=pin)
-
-    def _return_host(self, builder: _CacheBuilder | None) -> None:
+    def _return_host(self, builder: _CacheBuilder) -> None:
         """Take a builder's host mirror back once the request's pass has run: the pass follows
         every upload from it on the stream and ends by reading its logits (a synchronisation),
-        so no copy from it is still in flight (at most two kept)."""
-        if builder is None or builder.host_flat is None:
-            return
-        flat, builder.host_flat = builder.host_flat, None
-        self._hosts.append(flat)
-        self._hosts.sort(key=lambda b: b.numel(), reverse=True)
-        del self._hosts[2:]
+        so no copy from it is still in flight."""
+        assert builder.host_flat is not None
+        self._hosts.give_back(builder.host_flat)
+        builder.host_flat = None
 
     def _return_buffer(self, flat: torch.Tensor) -> None:
-        """Take a buffer back once nothing reads the cache built in it (at most two kept)."""
-        self._buffers.append(flat)
-        self._buffers.sort(key=lambda b: b.numel(), reverse=True)
-        del self._buffers[2:]
+        """Take a buffer back once nothing reads the cache built in it."""
+        self._buffers.give_back(flat)
 
     async def _in_torch(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) on the engine's torch thread (see `_torch`)."""

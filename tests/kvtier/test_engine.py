@@ -20,6 +20,7 @@ from kvtier.engine import (
     EngineConfig,
     PrefillCostModel,
     SamplingParams,
+    _BufferPool,
     block_spec_for,
     namespace_for,
 )
@@ -382,3 +383,21 @@ def test_the_gpu_host_mirror_path_gives_the_recompute(
                 assert len(eng._hosts) == 1 and eng._hosts[0].dtype == eng.spec.torch_dtype
 
     run(body)
+
+
+def test_buffer_pool_hands_out_the_smallest_that_fits_and_keeps_two() -> None:
+    """Two freed buffers of different sizes, the smaller one leased: `list.remove` compared
+    the larger with it element by element and raised; the pool takes it by position."""
+    made: list[int] = []
+
+    def make(n: int) -> torch.Tensor:
+        made.append(n)
+        return torch.zeros(n)
+
+    pool = _BufferPool(make)
+    a, b, c = pool.lease(10), pool.lease(20), pool.lease(30)
+    for t in (a, b, c):
+        pool.give_back(t)
+    assert [t.numel() for t in pool] == [30, 20]  # the two largest kept
+    assert pool.lease(5) is b and pool.lease(25) is c and len(pool) == 0
+    assert pool.lease(1).numel() == 1 and made == [10, 20, 30, 1]
