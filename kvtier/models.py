@@ -295,13 +295,25 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 
 class ByteTokens:
     """A byte-level TokenCodec for models with random weights: UTF-8 bytes are ids 3-258, with
-    BOS 1, EOS 2 and a ChatML-like template (role and content between ids 259 and 260)."""
+    BOS 1, EOS 2 and a ChatML-like template (role and content between ids 259 and 260). The
+    ids can be placed elsewhere (the tests' tiny models put bytes at 0-255 and the special
+    ids after them)."""
 
     BOS, EOS, START, END, OFFSET = 1, 2, 259, 260, 3
 
-    def __init__(self, name: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        bos: int = BOS,
+        eos: int = EOS,
+        start: int = START,
+        end: int = END,
+        offset: int = OFFSET,
+    ) -> None:
         self.name = name
-        self.eos_ids = frozenset({self.EOS, self.END})
+        self.BOS, self.EOS, self.START, self.END, self.OFFSET = bos, eos, start, end, offset
+        self.eos_ids = frozenset({eos, end})
 
     def chat_ids(self, messages: Any) -> list[int]:
         ids = [self.BOS]

@@ -4,10 +4,11 @@ template, so the tests run in seconds without any downloaded model."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+
+from kvtier.models import ByteTokens
 
 BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
 VOCAB = 300
@@ -35,20 +36,6 @@ def tiny_model(seed: int = 0) -> Any:
     return model
 
 
-class ByteCodec:
-    """UTF-8 bytes as token ids; a ChatML-like template with special ids."""
-
-    name = "bytes-v1"
-    eos_ids = frozenset({EOS, IM_END})
-
-    def chat_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        ids = [BOS]
-        for m in messages:
-            ids += [IM_START, *self.encode(m["role"] + "\n"), *self.encode(m["content"]), IM_END]
-        return [*ids, IM_START, *self.encode("assistant\n")]
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode())
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode(errors="replace")
+def ByteCodec() -> ByteTokens:
+    """UTF-8 bytes as token ids 0-255; a ChatML-like template with the special ids above."""
+    return ByteTokens("bytes-v1", bos=BOS, eos=EOS, start=IM_START, end=IM_END, offset=0)
