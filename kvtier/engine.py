@@ -475,11 +475,11 @@ class _CacheBuilder:
         if self.host_flat is None:
             return
         t0 = self._clock.monotonic_ns()
+        lkthd = self.spec.layout is Layout.LKTHD
         for i in sorted(self._dirty if layers is None else self._dirty.intersection(layers)):
             if self._stage is None:
                 self._stage = torch.empty_like(self.host[i], device=self.device)
             self._stage.copy_(self.host[i], non_blocking=True)
-            lkthd = self.spec.layout is Layout.LKTHD
             self.buf[i, :, 0].copy_(self._stage.permute(0, 2, 1, 3) if lkthd else self._stage)
             self._dirty.discard(i)
         self.convert_ns += self._clock.monotonic_ns() - t0

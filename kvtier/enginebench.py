@@ -79,10 +79,9 @@ def _load(args: argparse.Namespace) -> Any:
     default), on --device."""
     from kvtier.models import load_model, random_model
 
-    device = getattr(args, "device", None)
-    if getattr(args, "architecture", None):
-        return random_model(args.architecture, device=device, progress=_say)
-    return load_model(args.model, device=device, progress=_say)
+    if args.architecture:
+        return random_model(args.architecture, device=args.device, progress=_say)
+    return load_model(args.model, device=args.device, progress=_say)
 
 
 def _output(args: argparse.Namespace, default: str) -> Path:
